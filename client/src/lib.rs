@@ -1,0 +1,3 @@
+//! The failback client: the program inside the appliance ISO. It pairs with the DR service,
+//! maps local disks to the recovery instance's volumes, pulls the blocks that differ and
+//! finalizes the failback.

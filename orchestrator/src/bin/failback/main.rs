@@ -1,0 +1,33 @@
+//! `failback`: the admin CLI. One module per command group (`*_cmd.rs`), each owning its
+//! clap types and a `run` function; this file only dispatches and maps errors to exit codes.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "failback",
+    version,
+    about = "Failback admin CLI: DR service, vCenter, ISOs, mass failback"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the version of every wire format this build speaks.
+    Version,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("failback {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Mass failback orchestration and the library behind the `failback` admin CLI.
