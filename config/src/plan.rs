@@ -1,0 +1,748 @@
+//! Mass-failback plan files (`failback mass plan` writes them, `failback mass run` reads them).
+//!
+//! A plan has one `[[vm]]` entry per vCenter VM: which recovery instance it receives, how its
+//! appliance reaches the network, an optional device mapping, and per-VM options (protective
+//! snapshot, launch mode, timeouts per phase). TOML or JSON, chosen by file extension
+//! (`.json` = JSON, anything else = TOML). Every struct denies unknown fields, and
+//! [`Plan::validate`] checks the whole plan before anything runs, collecting *every* problem
+//! with the VM and the field it concerns, so an admin fixes a 300-VM plan in one pass.
+//!
+//! ```toml
+//! version = 1
+//! unmatched_instances = ["ri-0042"]     # instances no VM matched (reported as skipped)
+//!
+//! [[vm]]
+//! recovery_instance = "ri-0001"         # omit: no instance for this VM (reported as skipped)
+//! matched_by = "bios_uuid"              # informational, written by `plan --one-click`
+//! [vm.target]
+//! name = "web-01"
+//! moref = "vm-63"
+//! bios_uuid = "4216a1b2-..."
+//! [vm.network]
+//! mode = "static"
+//! address = "192.168.10.21/24"
+//! gateway = "192.168.10.1"
+//! dns = ["192.168.10.2"]
+//! proxy = "http://proxy.example:3128"
+//! [vm.options]
+//! protective_snapshot = true
+//! launch = "auto"
+//! [vm.options.timeouts]
+//! boot_secs = 900
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+
+/// The plan format version this build reads and writes.
+pub const PLAN_VERSION: u32 = 1;
+
+/// A whole mass-failback plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Format version; must be [`PLAN_VERSION`].
+    pub version: u32,
+    /// Recovery instances that no VM matched; kept so the results report them as skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmatched_instances: Vec<String>,
+    /// One entry per VM.
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmPlan>,
+}
+
+/// What to do with one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmPlan {
+    /// The recovery instance whose disks this VM receives. `None`: nothing matched this VM;
+    /// the run reports it as skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_instance: Option<String>,
+    /// How the one-click matcher found this pair (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_by: Option<MatchedBy>,
+    /// The vCenter VM. A different VM than the original is allowed (the client then does a
+    /// full sync because nothing matches).
+    pub target: VmTarget,
+    #[serde(default)]
+    pub network: Network,
+    /// Disk mapping passed to the appliance; empty = let the DR service suggest one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_mapping: Vec<DeviceMap>,
+    #[serde(default)]
+    pub options: VmOptions,
+}
+
+/// How a VM was matched to its recovery instance, in the order the matcher tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchedBy {
+    BiosUuid,
+    InstanceUuid,
+    Mac,
+    /// Written by hand.
+    Manual,
+}
+
+/// Identifies the vCenter VM. At least one field must be set; when several are set the run
+/// checks they all agree (so a stale moref cannot silently hit another VM).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Managed object id, e.g. `vm-63` (opaque: never parsed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moref: Option<String>,
+    /// VMware BIOS UUID (`config.uuid`, the guest's SMBIOS UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bios_uuid: Option<String>,
+    /// vCenter instance UUID (`config.instanceUuid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_uuid: Option<String>,
+}
+
+impl VmTarget {
+    /// A label for messages: the name, else the moref, else a UUID.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.moref.clone())
+            .or_else(|| self.bios_uuid.clone())
+            .or_else(|| self.instance_uuid.clone())
+            .unwrap_or_else(|| "<unnamed VM>".to_string())
+    }
+}
+
+/// How the appliance configures its network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    #[default]
+    Dhcp,
+    Static,
+}
+
+/// Appliance network settings (written into the VM's seed ISO).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// `ADDRESS/PREFIX` (IPv4 or IPv6); required for static.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    /// HTTP(S) proxy URL for reaching the DR service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+}
+
+/// One entry of a device mapping: recovery-instance volume -> local disk of the VM.
+/// `local = "EXCLUDE"` leaves that remote volume out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMap {
+    pub remote: String,
+    pub local: String,
+}
+
+/// When the failback is launched once the client is ready.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchMode {
+    /// The orchestrator launches as soon as the client reports ready.
+    #[default]
+    Auto,
+    /// The admin launches (`failback launch`); the orchestrator waits for completion.
+    Manual,
+}
+
+/// Per-VM options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmOptions {
+    /// Take a vCenter snapshot of the VM before its disks are overwritten.
+    #[serde(default)]
+    pub protective_snapshot: bool,
+    #[serde(default)]
+    pub launch: LaunchMode,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            protective_snapshot: false,
+            launch: LaunchMode::Auto,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Time limits per phase, in seconds. A phase that runs out fails that VM (only that VM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// Guest shutdown before a hard power-off.
+    #[serde(default = "default_shutdown")]
+    pub shutdown_secs: u64,
+    /// Power-on of the appliance until the client has paired with the DR service.
+    #[serde(default = "default_pair")]
+    pub pair_secs: u64,
+    /// Paired until `FAILBACK_READY_FOR_LAUNCH` (initial sync).
+    #[serde(default = "default_sync")]
+    pub sync_secs: u64,
+    /// Launch until `FAILBACK_COMPLETED` (with `launch = "manual"` this includes the wait for
+    /// the admin).
+    #[serde(default = "default_complete")]
+    pub complete_secs: u64,
+    /// Each vCenter task (power, reconfigure, snapshot) and each upload.
+    #[serde(default = "default_vcenter")]
+    pub vcenter_secs: u64,
+}
+
+fn default_shutdown() -> u64 {
+    120
+}
+fn default_pair() -> u64 {
+    900
+}
+fn default_sync() -> u64 {
+    24 * 3600
+}
+fn default_complete() -> u64 {
+    4 * 3600
+}
+fn default_vcenter() -> u64 {
+    600
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            shutdown_secs: default_shutdown(),
+            pair_secs: default_pair(),
+            sync_secs: default_sync(),
+            complete_secs: default_complete(),
+            vcenter_secs: default_vcenter(),
+        }
+    }
+}
+
+/// One problem found in a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanIssue {
+    /// The VM label (name, moref or UUID), or `plan` for plan-wide fields.
+    pub vm: String,
+    /// Dotted field path, e.g. `vm[3].network.address`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for PlanIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VM {}: {}: {}", self.vm, self.field, self.message)
+    }
+}
+
+/// Errors reading or validating a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("cannot read plan {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plan {path} is not valid TOML: {source}")]
+    Toml {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("plan {path} is not valid JSON: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode plan: {0}")]
+    Encode(String),
+    #[error("plan has {} problem(s):\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<PlanIssue>),
+}
+
+/// Plan file encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanFormat {
+    Toml,
+    Json,
+}
+
+impl PlanFormat {
+    /// `.json` is JSON; everything else is TOML.
+    pub fn from_path(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("json") => PlanFormat::Json,
+            _ => PlanFormat::Toml,
+        }
+    }
+}
+
+impl Plan {
+    /// Parse a plan from text (not yet validated).
+    pub fn parse(text: &str, format: PlanFormat, path_for_errors: &str) -> Result<Self, PlanError> {
+        match format {
+            PlanFormat::Toml => toml::from_str(text).map_err(|source| PlanError::Toml {
+                path: path_for_errors.to_string(),
+                source,
+            }),
+            PlanFormat::Json => serde_json::from_str(text).map_err(|source| PlanError::Json {
+                path: path_for_errors.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Read, parse and validate a plan file.
+    pub fn load(path: &Path) -> Result<Self, PlanError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let plan = Self::parse(&text, PlanFormat::from_path(path), &shown)?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// Encode in the given format.
+    pub fn encode(&self, format: PlanFormat) -> Result<String, PlanError> {
+        match format {
+            PlanFormat::Toml => {
+                toml::to_string_pretty(self).map_err(|e| PlanError::Encode(e.to_string()))
+            }
+            PlanFormat::Json => {
+                serde_json::to_string_pretty(self).map_err(|e| PlanError::Encode(e.to_string()))
+            }
+        }
+    }
+
+    /// Check the whole plan; returns every problem found.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let mut issues = Vec::new();
+        let mut push = |vm: &str, field: String, message: String| {
+            issues.push(PlanIssue {
+                vm: vm.to_string(),
+                field,
+                message,
+            })
+        };
+        if self.version != PLAN_VERSION {
+            push(
+                "plan",
+                "version".into(),
+                format!(
+                    "unsupported plan version {} (this build reads {PLAN_VERSION})",
+                    self.version
+                ),
+            );
+        }
+        let mut instances: HashMap<&str, String> = HashMap::new();
+        let mut targets: HashMap<String, String> = HashMap::new();
+        for (i, vm) in self.vms.iter().enumerate() {
+            let label = vm.target.label();
+            let f = |name: &str| format!("vm[{i}].{name}");
+            if let Some(ri) = &vm.recovery_instance {
+                if ri.trim().is_empty() {
+                    push(
+                        &label,
+                        f("recovery_instance"),
+                        "is empty (omit the field for a VM without an instance)".into(),
+                    );
+                } else if let Some(other) = instances.insert(ri, label.clone()) {
+                    push(
+                        &label,
+                        f("recovery_instance"),
+                        format!("recovery instance {ri} is also planned for VM {other}"),
+                    );
+                }
+                if self.unmatched_instances.iter().any(|u| u == ri) {
+                    push(
+                        &label,
+                        f("recovery_instance"),
+                        format!("{ri} is also listed in unmatched_instances"),
+                    );
+                }
+            }
+            let t = &vm.target;
+            let ids = [
+                ("name", &t.name),
+                ("moref", &t.moref),
+                ("bios_uuid", &t.bios_uuid),
+                ("instance_uuid", &t.instance_uuid),
+            ];
+            if ids.iter().all(|(_, v)| v.is_none()) {
+                push(
+                    &label,
+                    f("target"),
+                    "names no VM: set name, moref, bios_uuid or instance_uuid".into(),
+                );
+            }
+            for (key, value) in ids {
+                let Some(v) = value else { continue };
+                if v.trim().is_empty() {
+                    push(&label, f(&format!("target.{key}")), "is empty".into());
+                    continue;
+                }
+                if (key == "bios_uuid" || key == "instance_uuid") && !is_uuid(v) {
+                    push(
+                        &label,
+                        f(&format!("target.{key}")),
+                        format!("{v:?} is not a UUID (8-4-4-4-12 hex digits)"),
+                    );
+                }
+                let k = format!("{key}={}", v.to_ascii_lowercase());
+                if let Some(other) = targets.insert(k, label.clone()) {
+                    push(
+                        &label,
+                        f(&format!("target.{key}")),
+                        format!("{v} is also the target of the entry for VM {other}"),
+                    );
+                }
+            }
+            validate_network(&vm.network, &label, i, &mut push);
+            let mut remotes = HashMap::new();
+            let mut locals = HashMap::new();
+            for (j, m) in vm.device_mapping.iter().enumerate() {
+                let field = f(&format!("device_mapping[{j}]"));
+                if m.remote.trim().is_empty() || m.local.trim().is_empty() {
+                    push(
+                        &label,
+                        field.clone(),
+                        "remote and local must both be set".into(),
+                    );
+                }
+                if remotes.insert(m.remote.as_str(), j).is_some() {
+                    push(
+                        &label,
+                        field.clone(),
+                        format!("remote volume {} is mapped twice", m.remote),
+                    );
+                }
+                if m.local != "EXCLUDE" && locals.insert(m.local.as_str(), j).is_some() {
+                    push(
+                        &label,
+                        field,
+                        format!("local disk {} receives two volumes", m.local),
+                    );
+                }
+            }
+            let to = &vm.options.timeouts;
+            for (name, v) in [
+                ("shutdown_secs", to.shutdown_secs),
+                ("pair_secs", to.pair_secs),
+                ("sync_secs", to.sync_secs),
+                ("complete_secs", to.complete_secs),
+                ("vcenter_secs", to.vcenter_secs),
+            ] {
+                if v == 0 {
+                    push(
+                        &label,
+                        f(&format!("options.timeouts.{name}")),
+                        "must be at least 1 second".into(),
+                    );
+                }
+            }
+        }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(PlanError::Invalid(issues))
+        }
+    }
+}
+
+fn validate_network(
+    n: &Network,
+    label: &str,
+    i: usize,
+    push: &mut impl FnMut(&str, String, String),
+) {
+    let f = |name: &str| format!("vm[{i}].network.{name}");
+    match n.mode {
+        NetworkMode::Dhcp => {
+            // DRSFA keeps IP fields in DHCP entries and ignores them; we do the same but still
+            // check their syntax so a later switch to static does not surprise.
+        }
+        NetworkMode::Static => {
+            if n.address.is_none() {
+                push(
+                    label,
+                    f("address"),
+                    "is required when mode = \"static\"".into(),
+                );
+            }
+        }
+    }
+    if let Some(a) = &n.address {
+        if parse_cidr(a).is_none() {
+            push(
+                label,
+                f("address"),
+                format!("{a:?} is not ADDRESS/PREFIX (e.g. 192.168.1.10/24 or fd00::5/64)"),
+            );
+        }
+    }
+    if let Some(g) = &n.gateway {
+        match g.parse::<IpAddr>() {
+            Err(_) => push(label, f("gateway"), format!("{g:?} is not an IP address")),
+            Ok(gw) => {
+                if let Some((addr, _)) = n.address.as_deref().and_then(parse_cidr) {
+                    if addr.is_ipv4() != gw.is_ipv4() {
+                        push(
+                            label,
+                            f("gateway"),
+                            format!("{g} is not the same IP family as the address"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    for (j, d) in n.dns.iter().enumerate() {
+        if d.parse::<IpAddr>().is_err() {
+            push(
+                label,
+                f(&format!("dns[{j}]")),
+                format!("{d:?} is not an IP address"),
+            );
+        }
+    }
+    if let Some(p) = &n.proxy {
+        let ok = (p.starts_with("http://") || p.starts_with("https://"))
+            && p.split("://").nth(1).is_some_and(|h| !h.is_empty());
+        if !ok {
+            push(
+                label,
+                f("proxy"),
+                format!("{p:?} is not an http:// or https:// URL"),
+            );
+        }
+    }
+}
+
+/// `ADDRESS/PREFIX` with a prefix that fits the family.
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, p) = s.split_once('/')?;
+    let addr: IpAddr = a.parse().ok()?;
+    let prefix: u8 = p.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (prefix <= max).then_some((addr, prefix))
+}
+
+/// 8-4-4-4-12 hex digits, any case.
+pub fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, ri: Option<&str>) -> VmPlan {
+        VmPlan {
+            recovery_instance: ri.map(str::to_string),
+            matched_by: Some(MatchedBy::Manual),
+            target: VmTarget {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            network: Network::default(),
+            device_mapping: vec![],
+            options: VmOptions::default(),
+        }
+    }
+
+    fn plan(vms: Vec<VmPlan>) -> Plan {
+        Plan {
+            version: PLAN_VERSION,
+            unmatched_instances: vec![],
+            vms,
+        }
+    }
+
+    fn issues(p: &Plan) -> Vec<PlanIssue> {
+        match p.validate() {
+            Err(PlanError::Invalid(v)) => v,
+            other => panic!("expected invalid plan, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_plan_round_trips_in_toml_and_json() {
+        let mut a = vm("web-01", Some("ri-1"));
+        a.target.bios_uuid = Some("4216A1B2-0000-1111-2222-333344445555".into());
+        a.network = Network {
+            mode: NetworkMode::Static,
+            address: Some("192.168.1.10/24".into()),
+            gateway: Some("192.168.1.1".into()),
+            dns: vec!["192.168.1.2".into(), "fd00::53".into()],
+            proxy: Some("http://proxy:3128".into()),
+        };
+        a.device_mapping = vec![DeviceMap {
+            remote: "vol-1".into(),
+            local: "/dev/sda".into(),
+        }];
+        a.options.launch = LaunchMode::Manual;
+        a.options.protective_snapshot = true;
+        let p = Plan {
+            version: 1,
+            unmatched_instances: vec!["ri-9".into()],
+            vms: vec![a, vm("db-01", None)],
+        };
+        p.validate().unwrap();
+        for fmt in [PlanFormat::Toml, PlanFormat::Json] {
+            let text = p.encode(fmt).unwrap();
+            let back = Plan::parse(&text, fmt, "mem").unwrap();
+            assert_eq!(back, p, "{fmt:?} round trip:\n{text}");
+        }
+    }
+
+    #[test]
+    fn minimal_toml_gets_defaults() {
+        let p = Plan::parse(
+            "version = 1\n[[vm]]\nrecovery_instance = \"ri-1\"\n[vm.target]\nname = \"a\"\n",
+            PlanFormat::Toml,
+            "mem",
+        )
+        .unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.vms[0].network.mode, NetworkMode::Dhcp);
+        assert_eq!(p.vms[0].options.timeouts, Timeouts::default());
+        assert_eq!(p.vms[0].options.launch, LaunchMode::Auto);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Plan::parse(
+            "version = 1\n[[vm]]\n[vm.target]\nname = \"a\"\n[vm.options]\nsnapshot = true\n",
+            PlanFormat::Toml,
+            "p.toml",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("p.toml") && msg.contains("snapshot"), "{msg}");
+        let err = Plan::parse(
+            r#"{"version":1,"vm":[{"target":{"name":"a","nmae":"b"}}]}"#,
+            PlanFormat::Json,
+            "p.json",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("nmae"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_vm_and_field_and_all_are_reported() {
+        let mut a = vm("web-01", Some("ri-1"));
+        a.network.mode = NetworkMode::Static; // no address
+        a.network.dns = vec!["not-an-ip".into()];
+        a.network.proxy = Some("proxy:3128".into());
+        a.options.timeouts.pair_secs = 0;
+        let mut b = vm("web-02", Some("ri-1")); // duplicate instance
+        b.target.bios_uuid = Some("xyz".into());
+        b.device_mapping = vec![
+            DeviceMap {
+                remote: "v1".into(),
+                local: "/dev/sda".into(),
+            },
+            DeviceMap {
+                remote: "v2".into(),
+                local: "/dev/sda".into(),
+            },
+        ];
+        let c = VmPlan {
+            target: VmTarget::default(),
+            ..vm("x", Some("ri-3"))
+        };
+        let mut p = plan(vec![a, b, c]);
+        p.version = 7;
+        let got = issues(&p);
+        let has = |vm: &str, field: &str| got.iter().any(|i| i.vm == vm && i.field == field);
+        assert!(has("plan", "version"), "{got:#?}");
+        assert!(has("web-01", "vm[0].network.address"), "{got:#?}");
+        assert!(has("web-01", "vm[0].network.dns[0]"), "{got:#?}");
+        assert!(has("web-01", "vm[0].network.proxy"), "{got:#?}");
+        assert!(
+            has("web-01", "vm[0].options.timeouts.pair_secs"),
+            "{got:#?}"
+        );
+        assert!(has("web-02", "vm[1].recovery_instance"), "{got:#?}");
+        assert!(has("web-02", "vm[1].target.bios_uuid"), "{got:#?}");
+        assert!(has("web-02", "vm[1].device_mapping[1]"), "{got:#?}");
+        assert!(has("<unnamed VM>", "vm[2].target"), "{got:#?}");
+        let text = PlanError::Invalid(got).to_string();
+        assert!(
+            text.contains("VM web-02: vm[1].recovery_instance"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn same_vm_twice_is_refused() {
+        let a = vm("web-01", Some("ri-1"));
+        let b = vm("WEB-01", Some("ri-2"));
+        let got = issues(&plan(vec![a, b]));
+        assert!(
+            got.iter().any(|i| i.field == "vm[1].target.name"),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn gateway_family_must_match_address() {
+        let mut a = vm("a", Some("ri-1"));
+        a.network.mode = NetworkMode::Static;
+        a.network.address = Some("10.0.0.5/33".into());
+        let got = issues(&plan(vec![a.clone()]));
+        assert!(got.iter().any(|i| i.field == "vm[0].network.address"));
+        a.network.address = Some("10.0.0.5/24".into());
+        a.network.gateway = Some("fd00::1".into());
+        let got = issues(&plan(vec![a]));
+        assert!(got.iter().any(|i| i.field == "vm[0].network.gateway"));
+    }
+
+    #[test]
+    fn load_picks_format_by_extension_and_validates() {
+        let dir = std::env::temp_dir().join(format!("plan-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = plan(vec![vm("a", Some("ri-1"))]);
+        let j = dir.join("p.json");
+        std::fs::write(&j, p.encode(PlanFormat::Json).unwrap()).unwrap();
+        assert_eq!(Plan::load(&j).unwrap(), p);
+        let t = dir.join("p.toml");
+        std::fs::write(&t, p.encode(PlanFormat::Toml).unwrap()).unwrap();
+        assert_eq!(Plan::load(&t).unwrap(), p);
+        let bad = plan(vec![vm("a", Some("ri-1")), vm("b", Some("ri-1"))]);
+        std::fs::write(&t, bad.encode(PlanFormat::Toml).unwrap()).unwrap();
+        assert!(matches!(Plan::load(&t), Err(PlanError::Invalid(_))));
+        let missing = dir.join("nope.toml");
+        let err = Plan::load(&missing).unwrap_err().to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
