@@ -1,0 +1,816 @@
+//! Every JSON body of the DR-service HTTP API, shared by the service (`failback-server`), the
+//! client (`failback-client run`), the agent (`failback-agent serve --server`) and the admin CLI
+//! (`failback`). Request bodies use `deny_unknown_fields` so that a typo is a 400 naming the
+//! field, never a silently ignored setting.
+//!
+//! State names are those of AWS DRS (`FAILBACK_NOT_STARTED`, `CONTINUOUS`, `AGENT_NOT_SEEN`, ...)
+//! so that operators who know DRS read our output without a glossary.
+//!
+//! Times are Unix seconds (UTC) as `u64`; `None` means "never".
+//!
+//! Routes (all under `https://SERVER/v1`):
+//! - `POST /agent/enroll` (agent token in the body) -> [`AgentEnrollResponse`]
+//! - `POST /agent/heartbeat` (bearer agent secret) [`AgentHeartbeat`] -> [`AgentHeartbeatResponse`]
+//! - `POST /pair` [`PairRequest`] -> [`PairResponse`]
+//! - `POST /client/heartbeat` (bearer client secret) [`ClientReport`] -> [`ClientCommandResponse`]
+//! - `POST /client/log` (bearer client secret, text body) -> [`LogUploadResponse`]
+//! - admin (bearer admin token): `GET /admin/instances`, `GET /admin/instances/{id}`,
+//!   `PUT /admin/instances/{id}/hints`, `POST /admin/tokens`, `POST /admin/launch`,
+//!   `POST /admin/instances/{id}/stop`, `GET|PUT /admin/instances/{id}/config`,
+//!   `GET /admin/events?instance=ID&after=SEQ&limit=N`, `GET /admin/instances/{id}/logs`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// API version path prefix; bump on an incompatible change.
+pub const API_PREFIX: &str = "/v1";
+
+/// Failback state of a recovery instance (AWS `FailbackState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailbackState {
+    #[default]
+    FailbackNotStarted,
+    FailbackInProgress,
+    FailbackReadyForLaunch,
+    FailbackCompleted,
+    FailbackError,
+    FailbackNotReadyForLaunch,
+}
+
+/// Data replication state (AWS `dataReplicationState`, failback subset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReplicationState {
+    #[default]
+    NotStarted,
+    Stopped,
+    Initiating,
+    InitialSync,
+    Rescan,
+    Continuous,
+    Backlog,
+    Stalled,
+    Disconnected,
+}
+
+/// Replication errors (AWS `FailbackReplicationError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReplicationError {
+    AgentNotSeen,
+    FailbackClientNotSeen,
+    NotConverging,
+    UnstableNetwork,
+    FailedToEstablishRecoveryInstanceCommunication,
+    FailedToPairAgentWithReplicationSoftware,
+    FailedToEstablishAgentReplicatorSoftwareCommunication,
+    VerificationFailed,
+}
+
+macro_rules! display_as_serde {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match serde_json::to_value(self) {
+                    Ok(serde_json::Value::String(s)) => f.write_str(&s),
+                    _ => write!(f, "{self:?}"),
+                }
+            }
+        }
+    )*};
+}
+display_as_serde!(
+    FailbackState,
+    ReplicationState,
+    ReplicationError,
+    InitiationStepName,
+    StepStatus,
+    TokenKind,
+    ClientCommand
+);
+
+/// Initiation steps on the failback path (AWS `RecoveryInstanceDataReplicationInitiationStepName`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InitiationStepName {
+    LinkFailbackClientWithRecoveryInstance,
+    CompleteVolumeMapping,
+    EstablishRecoveryInstanceCommunication,
+    ConfigureReplicationSoftware,
+    PairAgentWithReplicationSoftware,
+    EstablishAgentReplicatorSoftwareCommunication,
+}
+
+impl InitiationStepName {
+    /// The steps in the order they happen.
+    pub const ALL: [InitiationStepName; 6] = [
+        Self::LinkFailbackClientWithRecoveryInstance,
+        Self::CompleteVolumeMapping,
+        Self::EstablishRecoveryInstanceCommunication,
+        Self::ConfigureReplicationSoftware,
+        Self::PairAgentWithReplicationSoftware,
+        Self::EstablishAgentReplicatorSoftwareCommunication,
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    #[default]
+    NotStarted,
+    InProgress,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitiationStep {
+    pub name: InitiationStepName,
+    pub status: StepStatus,
+}
+
+/// Per-disk progress (AWS `totalStorageBytes`, `replicatedStorageBytes`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DiskProgress {
+    /// Volume id on the recovery instance (as reported by the agent).
+    pub remote_id: String,
+    /// Local device on the failback client.
+    pub local_path: String,
+    pub total_bytes: u64,
+    /// Bytes verified equal to the recovery volume in the current round.
+    pub replicated_bytes: u64,
+    /// Bytes compared (hashed) in the current round.
+    pub rescanned_bytes: u64,
+    /// Bytes known to differ and not yet written.
+    pub backlog_bytes: u64,
+}
+
+/// Identification hints of the original source server (AWS `IdentificationHints`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentificationHints {
+    /// VMware BIOS UUID (== SMBIOS UUID seen by the guest), lower-case with dashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmware_uuid: Option<String>,
+    /// vCenter instance UUID of the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mac_addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<String>,
+}
+
+/// Normalises an SMBIOS / VMware BIOS UUID for comparison (lower case, dashes kept).
+pub fn normalize_uuid(s: &str) -> String {
+    s.trim().to_ascii_lowercase()
+}
+
+// ---------------------------------------------------------------- hardware inventory
+
+/// Hardware inventory of the machine running the failback client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Inventory {
+    /// SMBIOS system UUID (`/sys/class/dmi/id/product_uuid`); on VMware the BIOS UUID.
+    #[serde(default)]
+    pub smbios_uuid: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub mac_addresses: Vec<String>,
+    #[serde(default)]
+    pub disks: Vec<InventoryDisk>,
+    #[serde(default)]
+    pub cpus: Vec<InventoryCpu>,
+    #[serde(default)]
+    pub ram_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryDisk {
+    /// Device path, e.g. `/dev/sda` (or a plain file in tests).
+    pub path: String,
+    pub size_bytes: u64,
+    #[serde(default = "default_sector")]
+    pub logical_sector_size: u32,
+    #[serde(default)]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub wwn: Option<String>,
+    /// `/dev/disk/by-path/...` link naming this disk, if any (stable across boots).
+    #[serde(default)]
+    pub by_path: Option<String>,
+}
+
+fn default_sector() -> u32 {
+    512
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryCpu {
+    pub model: String,
+    pub cores: u32,
+}
+
+// ---------------------------------------------------------------- device mapping
+
+/// One mapping entry: a recovery-instance volume to a local device, or `EXCLUDE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMapping {
+    /// Volume id on the recovery instance.
+    pub remote: String,
+    /// Local device path, or [`EXCLUDE`].
+    pub local: String,
+}
+
+/// Marker for a recovery volume that must not be replicated.
+pub const EXCLUDE: &str = "EXCLUDE";
+
+impl DeviceMapping {
+    pub fn is_excluded(&self) -> bool {
+        self.local.eq_ignore_ascii_case(EXCLUDE)
+    }
+}
+
+/// Mapping override error: names the entry that failed to parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MappingParseError {
+    #[error("device mapping entry {entry:?}: expected REMOTE=LOCAL (or REMOTE=EXCLUDE)")]
+    BadEntry { entry: String },
+    #[error("device mapping: remote volume {remote:?} is mapped twice")]
+    DuplicateRemote { remote: String },
+    #[error("device mapping: local device {local:?} is the target of two volumes")]
+    DuplicateLocal { local: String },
+    #[error("device mapping JSON: {0}")]
+    Json(String),
+}
+
+/// Parses a device mapping in any of the three formats the AWS client accepts:
+/// - CSV: `remote=local,remote2=EXCLUDE`
+/// - JSON object: `{"remote": "local", "remote2": "EXCLUDE"}`
+/// - API list: `[{"remote": "...", "local": "..."}, ...]` (also accepts AWS-style
+///   `recoveryInstanceDevice` / `failbackClientDevice` keys)
+pub fn parse_device_mapping(s: &str) -> Result<Vec<DeviceMapping>, MappingParseError> {
+    let t = s.trim();
+    let list: Vec<DeviceMapping> = if t.starts_with('{') {
+        let m: BTreeMap<String, String> =
+            serde_json::from_str(t).map_err(|e| MappingParseError::Json(e.to_string()))?;
+        m.into_iter()
+            .map(|(remote, local)| DeviceMapping { remote, local })
+            .collect()
+    } else if t.starts_with('[') {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Entry {
+            #[serde(alias = "recoveryInstanceDevice", alias = "remote_id")]
+            remote: String,
+            #[serde(alias = "failbackClientDevice", alias = "local_path")]
+            local: String,
+        }
+        let v: Vec<Entry> =
+            serde_json::from_str(t).map_err(|e| MappingParseError::Json(e.to_string()))?;
+        v.into_iter()
+            .map(|e| DeviceMapping {
+                remote: e.remote,
+                local: e.local,
+            })
+            .collect()
+    } else {
+        let mut out = Vec::new();
+        for entry in t.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (r, l) = entry
+                .split_once('=')
+                .ok_or_else(|| MappingParseError::BadEntry {
+                    entry: entry.to_string(),
+                })?;
+            let (r, l) = (r.trim(), l.trim());
+            if r.is_empty() || l.is_empty() {
+                return Err(MappingParseError::BadEntry {
+                    entry: entry.to_string(),
+                });
+            }
+            out.push(DeviceMapping {
+                remote: r.to_string(),
+                local: l.to_string(),
+            });
+        }
+        out
+    };
+    validate_mapping(&list)?;
+    Ok(list)
+}
+
+/// Checks that no remote volume and no local device appears twice.
+pub fn validate_mapping(list: &[DeviceMapping]) -> Result<(), MappingParseError> {
+    let mut remotes = std::collections::BTreeSet::new();
+    let mut locals = std::collections::BTreeSet::new();
+    for m in list {
+        if m.remote.is_empty() || m.local.is_empty() {
+            return Err(MappingParseError::BadEntry {
+                entry: format!("{}={}", m.remote, m.local),
+            });
+        }
+        if !remotes.insert(m.remote.clone()) {
+            return Err(MappingParseError::DuplicateRemote {
+                remote: m.remote.clone(),
+            });
+        }
+        if !m.is_excluded() && !locals.insert(m.local.clone()) {
+            return Err(MappingParseError::DuplicateLocal {
+                local: m.local.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- pairing
+
+/// `POST /v1/pair`: the client presents a one-time pairing token and its inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairRequest {
+    pub token: String,
+    pub inventory: Inventory,
+    /// Recovery instance the operator chose (`--instance`); must match the token's scope.
+    #[serde(default)]
+    pub recovery_instance_id: Option<String>,
+    /// Mapping override (`--map`); replaces the suggestion entirely.
+    #[serde(default)]
+    pub device_mapping: Option<Vec<DeviceMapping>>,
+    /// Client software version, for the event log.
+    #[serde(default)]
+    pub client_version: Option<String>,
+}
+
+/// How the service chose the recovery instance for a pairing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MatchReason {
+    /// The token was scoped to this instance.
+    TokenScope,
+    /// SMBIOS UUID of the client equals the VMware BIOS UUID of the source server.
+    SmbiosUuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairResponse {
+    pub recovery_instance_id: String,
+    pub client_id: String,
+    /// Bearer secret for `/v1/client/*` calls (shown once; the service keeps only a hash).
+    pub client_secret: String,
+    pub matched_by: MatchReason,
+    /// True when the client is the original source server (identity mapping, rescan).
+    pub failback_to_original_server: bool,
+    /// `host:port` of the recovery agent's replication endpoint.
+    pub agent_address: String,
+    /// CA that signed the agent certificate (PEM); pin it, never system roots.
+    pub ca_pem: String,
+    /// Client certificate naming `urn:failback:instance:<id>` (PEM).
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    pub device_mapping: Vec<DeviceMapping>,
+    /// Volumes of the recovery instance (for display and size checks).
+    pub remote_disks: Vec<AgentDisk>,
+    pub block_size: u64,
+    /// Bandwidth limit in Mbit/s (`None` = unlimited).
+    pub bandwidth_limit_mbps: Option<u64>,
+    pub heartbeat_interval_secs: u64,
+}
+
+// ---------------------------------------------------------------- client reports and commands
+
+/// What the client is doing right now; the service derives the replication state from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ClientPhase {
+    /// Connecting to the agent.
+    Connecting,
+    /// A sync round is running (`round` 1 = initial sync / rescan).
+    Syncing,
+    /// Between delta rounds, disks equal as of the last round.
+    Idle,
+    /// Cannot reach the agent.
+    AgentUnreachable,
+    /// Launch: final round and verification running.
+    Finalizing,
+    /// Launch finished; digests in `digests`.
+    Completed,
+    /// Gave up with an error (`error`).
+    Failed,
+    /// Stopped on operator request.
+    Stopped,
+}
+
+/// One whole-disk digest pair after the final round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskDigest {
+    pub remote_id: String,
+    pub local_path: String,
+    /// BLAKE3 (hex) of the local disk after the final round.
+    pub local_digest: String,
+    /// BLAKE3 (hex) of the recovery volume as computed by the agent.
+    pub agent_digest: String,
+}
+
+/// `POST /v1/client/heartbeat` body: heartbeat + progress report in one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientReport {
+    pub phase: ClientPhase,
+    /// 1-based sync round number (0 before the first round).
+    #[serde(default)]
+    pub round: u64,
+    #[serde(default)]
+    pub disks: Vec<DiskProgress>,
+    /// Bytes that differed in the last finished round.
+    #[serde(default)]
+    pub last_round_differing_bytes: Option<u64>,
+    /// Duration of the last finished round in seconds.
+    #[serde(default)]
+    pub last_round_secs: Option<f64>,
+    /// Unix time at which the disks were last equal to the recovery volumes.
+    #[serde(default)]
+    pub last_consistent_at: Option<u64>,
+    #[serde(default)]
+    pub digests: Vec<DiskDigest>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// What the service asks the client to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ClientCommand {
+    /// Keep replicating.
+    Continue,
+    /// Final round, verify, report `COMPLETED`, exit 0.
+    Launch,
+    /// Stop cleanly (exit 8).
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCommandResponse {
+    pub command: ClientCommand,
+    pub failback_state: FailbackState,
+    pub replication_state: ReplicationState,
+    /// Current agent address (it may change when the agent restarts).
+    pub agent_address: Option<String>,
+    pub bandwidth_limit_mbps: Option<u64>,
+    pub heartbeat_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogUploadResponse {
+    pub stored_as: String,
+    pub bytes: u64,
+}
+
+// ---------------------------------------------------------------- agent
+
+/// A volume served by the recovery agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDisk {
+    /// Volume id as the agent names it in its replication manifest.
+    pub id: String,
+    pub size_bytes: u64,
+    #[serde(default = "default_sector")]
+    pub logical_sector_size: u32,
+    /// Device name on the recovery instance, e.g. `/dev/xvdb`.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// `POST /v1/agent/enroll`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEnrollRequest {
+    pub token: String,
+    /// `host:port` clients should dial for replication.
+    pub address: String,
+    /// Private address, used when the instance's config says `use_private_ip`.
+    #[serde(default)]
+    pub private_address: Option<String>,
+    pub disks: Vec<AgentDisk>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Identification hints of the source server this instance was recovered from.
+    #[serde(default)]
+    pub source_hints: Option<IdentificationHints>,
+    /// Extra IPs / DNS names for the agent certificate.
+    #[serde(default)]
+    pub cert_sans: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEnrollResponse {
+    pub recovery_instance_id: String,
+    /// Bearer secret for `/v1/agent/*` calls.
+    pub agent_secret: String,
+    pub ca_pem: String,
+    /// Agent server certificate (DNS SAN `failback-agent`).
+    pub agent_cert_pem: String,
+    pub agent_key_pem: String,
+    pub heartbeat_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHeartbeat {
+    pub address: String,
+    #[serde(default)]
+    pub private_address: Option<String>,
+    /// Present when the disks changed since enrollment.
+    #[serde(default)]
+    pub disks: Option<Vec<AgentDisk>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHeartbeatResponse {
+    pub recovery_instance_id: String,
+    pub heartbeat_interval_secs: u64,
+}
+
+// ---------------------------------------------------------------- admin
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// One-time token a failback client pairs with.
+    Pairing,
+    /// One-time token a recovery agent enrolls with.
+    Agent,
+}
+
+/// `POST /v1/admin/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    pub kind: TokenKind,
+    /// Pairing: scope to this instance (`None` = auto-match by SMBIOS UUID).
+    /// Agent: enroll as this (existing or new) instance id (`None` = new id).
+    #[serde(default)]
+    pub recovery_instance_id: Option<String>,
+    /// Lifetime in seconds (default 3600, max 30 days).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenResponse {
+    /// The token; shown once, the service stores only its hash.
+    pub token: String,
+    pub kind: TokenKind,
+    pub recovery_instance_id: Option<String>,
+    pub expires_at: u64,
+}
+
+/// Failback replication configuration (AWS `Get/UpdateFailbackReplicationConfiguration`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Outbound limit in Mbit/s; 0 = unlimited.
+    #[serde(default)]
+    pub bandwidth_throttling_mbps: u64,
+    /// Clients dial the agent's private address.
+    #[serde(default)]
+    pub use_private_ip: bool,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `PUT /v1/admin/instances/{id}/config`: fields left out keep their value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateReplicationConfig {
+    #[serde(default)]
+    pub bandwidth_throttling_mbps: Option<u64>,
+    #[serde(default)]
+    pub use_private_ip: Option<bool>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/admin/launch` (AWS `StartFailbackLaunch`): 1..=200 ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRequest {
+    pub recovery_instance_ids: Vec<String>,
+}
+
+/// Per-instance result of a launch request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchResult {
+    pub recovery_instance_id: String,
+    pub accepted: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchResponse {
+    pub job_id: String,
+    pub results: Vec<LaunchResult>,
+}
+
+/// The agent side of a recovery instance as the service last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStatus {
+    pub address: Option<String>,
+    #[serde(default)]
+    pub private_address: Option<String>,
+    pub disks: Vec<AgentDisk>,
+    pub last_seen_at: Option<u64>,
+    pub enrolled_at: Option<u64>,
+}
+
+/// The failback side (AWS `RecoveryInstanceFailback`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FailbackStatus {
+    pub state: FailbackState,
+    pub replication_state: ReplicationState,
+    pub client_id: Option<String>,
+    pub client_last_seen_at: Option<u64>,
+    pub initiated_at: Option<u64>,
+    pub failback_to_original_server: bool,
+    pub launch_requested_at: Option<u64>,
+    pub launch_job_id: Option<String>,
+    pub completed_at: Option<u64>,
+    pub first_byte_at: Option<u64>,
+    pub steps: Vec<InitiationStep>,
+    pub disks: Vec<DiskProgress>,
+    pub device_mapping: Vec<DeviceMapping>,
+    pub round: u64,
+    /// Seconds since the disks were last consistent with the recovery volumes.
+    pub lag_secs: Option<u64>,
+    /// Estimated completion of the current round (Unix seconds).
+    pub eta_at: Option<u64>,
+    pub last_consistent_at: Option<u64>,
+    pub errors: Vec<ReplicationError>,
+    pub last_error_message: Option<String>,
+    pub digests: Vec<DiskDigest>,
+    /// Client hardware as presented at pairing.
+    pub client_inventory: Option<Inventory>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryInstance {
+    pub recovery_instance_id: String,
+    pub hostname: Option<String>,
+    pub source_hints: IdentificationHints,
+    pub agent: AgentStatus,
+    pub failback: FailbackStatus,
+    pub config: ReplicationConfig,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceList {
+    pub items: Vec<RecoveryInstance>,
+}
+
+/// One entry of the event log (every state transition and admin action).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub seq: u64,
+    pub at: u64,
+    pub recovery_instance_id: Option<String>,
+    /// Short machine-readable kind, e.g. `FAILBACK_STATE`, `REPLICATION_STATE`, `PAIRED`.
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventList {
+    pub items: Vec<Event>,
+}
+
+/// `PUT /v1/admin/instances/{id}/hints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetHintsRequest {
+    pub source_hints: IdentificationHints,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogList {
+    pub items: Vec<LogEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub uploaded_at: u64,
+}
+
+/// Error body of every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiError {
+    /// Machine-readable code, e.g. `BAD_REQUEST`, `TOKEN_INVALID`, `NOT_FOUND`.
+    pub error: String,
+    /// Human message naming the field / instance / token involved.
+    pub message: String,
+    /// Offending field, when the error is about one.
+    #[serde(default)]
+    pub field: Option<String>,
+}
+
+/// Checks an AWS-style recovery instance id (`i-` + 8..=32 hex digits; we also accept our own
+/// generated ids of that form).
+pub fn valid_instance_id(id: &str) -> bool {
+    id.strip_prefix("i-").is_some_and(|h| {
+        (8..=32).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_three_formats_agree() {
+        let csv = parse_device_mapping("vol-a=/dev/sda, vol-b=EXCLUDE").unwrap();
+        let obj = parse_device_mapping(r#"{"vol-a":"/dev/sda","vol-b":"EXCLUDE"}"#).unwrap();
+        let list = parse_device_mapping(
+            r#"[{"recoveryInstanceDevice":"vol-a","failbackClientDevice":"/dev/sda"},{"remote":"vol-b","local":"EXCLUDE"}]"#,
+        )
+        .unwrap();
+        assert_eq!(csv, obj);
+        assert_eq!(csv, list);
+        assert!(csv[1].is_excluded());
+    }
+
+    #[test]
+    fn mapping_errors_name_entry() {
+        let e = parse_device_mapping("vol-a/dev/sda").unwrap_err();
+        assert!(e.to_string().contains("vol-a/dev/sda"));
+        let e = parse_device_mapping("a=/dev/x,b=/dev/x").unwrap_err();
+        assert_eq!(
+            e,
+            MappingParseError::DuplicateLocal {
+                local: "/dev/x".into()
+            }
+        );
+        assert!(parse_device_mapping("a=EXCLUDE,b=EXCLUDE").is_ok());
+    }
+
+    #[test]
+    fn state_names_are_aws_names() {
+        assert_eq!(
+            serde_json::to_string(&FailbackState::FailbackReadyForLaunch).unwrap(),
+            "\"FAILBACK_READY_FOR_LAUNCH\""
+        );
+        assert_eq!(ReplicationState::InitialSync.to_string(), "INITIAL_SYNC");
+        assert_eq!(ReplicationError::AgentNotSeen.to_string(), "AGENT_NOT_SEEN");
+        assert_eq!(
+            InitiationStepName::LinkFailbackClientWithRecoveryInstance.to_string(),
+            "LINK_FAILBACK_CLIENT_WITH_RECOVERY_INSTANCE"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_refused_and_named() {
+        let e = serde_json::from_str::<LaunchRequest>(r#"{"recovery_instance_idz":[]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("recovery_instance_idz"), "{e}");
+    }
+
+    #[test]
+    fn instance_ids() {
+        assert!(valid_instance_id("i-0123456789abcdef"));
+        assert!(!valid_instance_id("i-xyz"));
+        assert!(!valid_instance_id("0123456789"));
+    }
+}
