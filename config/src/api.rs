@@ -749,9 +749,8 @@ pub struct ApiError {
 /// Checks an AWS-style recovery instance id (`i-` + 8..=32 hex digits; we also accept our own
 /// generated ids of that form).
 pub fn valid_instance_id(id: &str) -> bool {
-    id.strip_prefix("i-").is_some_and(|h| {
-        (8..=32).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit())
-    })
+    id.strip_prefix("i-")
+        .is_some_and(|h| (8..=32).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

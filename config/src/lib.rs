@@ -4,6 +4,5 @@
 //! plans, DR-service API bodies) lives here, so that the client never has to link server-only
 //! code. All structs use `deny_unknown_fields`: a typo in a config is an error, not a silent
 //! default.
-pub mod plan;
-pub mod plan;
 pub mod api;
+pub mod plan;
