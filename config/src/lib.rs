@@ -6,3 +6,4 @@
 //! default.
 pub mod api;
 pub mod plan;
+pub mod seed;
