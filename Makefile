@@ -13,8 +13,14 @@ APT_PACKAGES := qemu-system-x86 qemu-utils/bookworm ovmf golang-go golang-github
 VCSIM := target/vcsim/vcsim
 
 .PHONY: setup demo test bench iso clean fmt lint
-setup: target/.setup-apt $(VCSIM)
+setup: target/.setup-apt $(VCSIM) iso-inputs
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
+
+# Debian packages the appliance ISO is built from (iso-builder/packages.lock), unpacked into
+# target/iso-inputs so that ISO builds and tests need no network.
+.PHONY: iso-inputs
+iso-inputs:
+	@bash iso-builder/fetch-inputs.sh target/iso-inputs
 
 target/.setup-apt: Makefile
 	@mkdir -p target
