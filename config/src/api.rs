@@ -664,6 +664,12 @@ pub struct FailbackStatus {
     pub disks: Vec<DiskProgress>,
     pub device_mapping: Vec<DeviceMapping>,
     pub round: u64,
+    /// Start of the current (or last) sync round.
+    #[serde(default)]
+    pub round_started_at: Option<u64>,
+    /// Differing bytes of the last few finished rounds (oldest first), for `NOT_CONVERGING`.
+    #[serde(default)]
+    pub recent_round_differing_bytes: Vec<u64>,
     /// Seconds since the disks were last consistent with the recovery volumes.
     pub lag_secs: Option<u64>,
     /// Estimated completion of the current round (Unix seconds).

@@ -1,12 +1,170 @@
-//! `failback-server`: The DR service. Thin: parse arguments, set up logging, call the library, map errors to
-//! exit codes.
+//! `failback-server`: the DR service. Thin: parse arguments, set up logging, call the
+//! library, map errors to exit codes (0 ok, 1 internal, 2 usage/config, 4 network).
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use failback_server::{bench, ServerConfig, Settings};
 
 #[derive(Parser, Debug)]
-#[command(name = "failback-server", version, about = "The DR service")]
-struct Cli {}
+#[command(name = "failback-server", version, about = "The failback DR service")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the HTTPS API (state, CA and admin token in --data-dir).
+    Serve(ServeArgs),
+    /// Start an in-process service and N simulated clients heartbeating; print latency.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Directory for failback.db, ca.pem, ca-key.pem, admin-token and uploaded logs.
+    #[arg(
+        long,
+        env = "FAILBACK_DATA_DIR",
+        default_value = "/var/lib/failback-server"
+    )]
+    data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Extra subject alternative name (IP or DNS) for the HTTPS certificate; repeatable.
+    /// QEMU guests reach the host as 10.0.2.2.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Admin token (default: read data-dir/admin-token, created on first start).
+    #[arg(long, env = "FAILBACK_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Heartbeat interval handed to clients and agents (seconds).
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// Raise AGENT_NOT_SEEN after this many seconds without an agent heartbeat.
+    #[arg(long, default_value_t = 60)]
+    agent_timeout_secs: u64,
+    /// Raise FAILBACK_CLIENT_NOT_SEEN after this many seconds without a client heartbeat.
+    #[arg(long, default_value_t = 60)]
+    client_timeout_secs: u64,
+    /// Sync block size handed to clients (bytes, multiple of 4096).
+    #[arg(long, default_value_t = 4 << 20)]
+    block_size: u64,
+    /// Write the bound address (host:port) to this file once listening (for scripts/tests).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Simulated clients.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Measurement duration in seconds (after a warm-up).
+    #[arg(long, default_value_t = 20)]
+    secs: u64,
+    /// Output JSON instead of a table line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async {
+        match cli.command {
+            Command::Serve(a) => serve(a).await,
+            Command::Bench(a) => match bench::run(a.clients, a.secs).await {
+                Ok(r) => {
+                    if a.json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        println!("{r}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            },
+        }
+    })
+}
+
+async fn serve(a: ServeArgs) -> ExitCode {
+    if a.block_size == 0 || !a.block_size.is_multiple_of(4096) {
+        eprintln!(
+            "error: --block-size {} is not a positive multiple of 4096",
+            a.block_size
+        );
+        return ExitCode::from(2);
+    }
+    let cfg = ServerConfig {
+        data_dir: a.data_dir.clone(),
+        listen: a.listen,
+        sans: a.sans,
+        admin_token: a.admin_token,
+        settings: Settings {
+            heartbeat_secs: a.heartbeat_secs.max(1),
+            agent_timeout_secs: a.agent_timeout_secs.max(1),
+            client_timeout_secs: a.client_timeout_secs.max(1),
+            block_size: a.block_size,
+            ..Settings::default()
+        },
+    };
+    let server = match failback_server::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return match e {
+                failback_server::ServerError::Listen { .. } => ExitCode::from(4),
+                failback_server::ServerError::DataDir { .. } => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            };
+        }
+    };
+    eprintln!(
+        "failback-server: listening on https://{} (CA {}/ca.pem, admin token {}/admin-token)",
+        server.addr,
+        a.data_dir.display(),
+        a.data_dir.display()
+    );
+    if let Some(f) = &a.addr_file {
+        let tmp = f.with_extension("tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, server.addr.to_string()).and_then(|_| std::fs::rename(&tmp, f))
+        {
+            eprintln!("error: writing {}: {e}", f.display());
+            return ExitCode::from(2);
+        }
+    }
+    let stop = server.shutdown_sender();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        let _ = stop.send(true);
+    });
+    server.wait().await;
+    ExitCode::SUCCESS
 }

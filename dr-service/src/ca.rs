@@ -1,0 +1,288 @@
+//! The service's private certificate authority (rcgen). Created on first start in the data
+//! directory (`ca.pem`, `ca-key.pem`, mode 0600 for the key) and reused afterwards, so that
+//! agents and clients that pinned the CA keep trusting the service across restarts.
+//!
+//! It issues: the service's own HTTPS certificate (DNS `localhost`, IP 127.0.0.1, `--san`
+//! extras), agent server certificates (DNS `failback-agent` + the agent's addresses) and client
+//! certificates scoped to one recovery instance (URI SAN `urn:failback:instance:<ID>`).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+
+/// DNS name every agent certificate carries (the client verifies against it).
+pub const AGENT_SERVER_NAME: &str = "failback-agent";
+/// Prefix of the client certificate's URI SAN.
+pub const INSTANCE_URI_PREFIX: &str = "urn:failback:instance:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("CA file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CA key {path} is not a valid PEM key: {source}")]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("certificate generation ({what}): {source}")]
+    Generate {
+        what: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("invalid subject alternative name {0:?}")]
+    BadSan(String),
+}
+
+/// A PEM certificate + key pair as issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub struct Ca {
+    key: KeyPair,
+    cert: Certificate,
+    ca_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ca")
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn gen(what: &str) -> impl FnOnce(rcgen::Error) -> CaError + '_ {
+    move |source| CaError::Generate {
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "failback private CA");
+    dn.push(DnType::OrganizationName, "failback");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(3650);
+    p
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = [0u8; 16];
+    crate::util::fill_random(&mut b);
+    b[0] &= 0x7f; // positive
+    SerialNumber::from_slice(&b)
+}
+
+fn write_private(path: &Path, data: &str) -> Result<(), CaError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o.open(path).map_err(io(path))?;
+    f.write_all(data.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+impl Ca {
+    /// Loads `ca.pem` + `ca-key.pem` from `dir`, creating them on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Ca, CaError> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca-key.pem");
+        if key_path.exists() && cert_path.exists() {
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            let ca_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::BadKey {
+                path: key_path.clone(),
+                source,
+            })?;
+            // rcgen needs an issuer `Certificate` object; only its subject DN and key
+            // identifier are used when signing, both derived from the same params and key as
+            // the stored ca.pem, so certificates issued now chain to the pinned ca.pem.
+            let cert = ca_params().self_signed(&key).map_err(gen("CA"))?;
+            return Ok(Ca { key, cert, ca_pem });
+        }
+        let key = KeyPair::generate().map_err(gen("CA key"))?;
+        let mut params = ca_params();
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key).map_err(gen("CA"))?;
+        let ca_pem = cert.pem();
+        write_private(&key_path, &key.serialize_pem())?;
+        std::fs::write(&cert_path, &ca_pem).map_err(io(&cert_path))?;
+        Ok(Ca { key, cert, ca_pem })
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    fn issue(
+        &self,
+        what: &str,
+        cn: &str,
+        sans: Vec<SanType>,
+        eku: ExtendedKeyUsagePurpose,
+        days: i64,
+    ) -> Result<Issued, CaError> {
+        let key = KeyPair::generate().map_err(gen(what))?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.subject_alt_names = sans;
+        p.extended_key_usages = vec![eku];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial());
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(days);
+        let cert = p
+            .signed_by(&key, &self.cert, &self.key)
+            .map_err(gen(what))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The service's HTTPS certificate: `localhost`, 127.0.0.1, ::1 and `extra` (IPs or DNS).
+    pub fn server_cert(&self, extra: &[String]) -> Result<Issued, CaError> {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+        names.extend(extra.iter().cloned());
+        let sans = sans_from(&names)?;
+        self.issue(
+            "service certificate",
+            "failback DR service",
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            825,
+        )
+    }
+
+    /// An agent server certificate: DNS `failback-agent` plus the agent's addresses.
+    pub fn agent_cert(&self, instance_id: &str, extra: &[String]) -> Result<Issued, CaError> {
+        let mut names = vec![AGENT_SERVER_NAME.to_string()];
+        names.extend(extra.iter().cloned());
+        let sans = sans_from(&names)?;
+        self.issue(
+            "agent certificate",
+            &format!("failback-agent {instance_id}"),
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            365,
+        )
+    }
+
+    /// A client certificate that names exactly one recovery instance.
+    pub fn client_cert(&self, instance_id: &str, client_id: &str) -> Result<Issued, CaError> {
+        let uri = format!("{INSTANCE_URI_PREFIX}{instance_id}");
+        let uri = uri
+            .clone()
+            .try_into()
+            .map_err(|_| CaError::BadSan(uri.clone()))?;
+        self.issue(
+            "client certificate",
+            &format!("failback-client {client_id}"),
+            vec![SanType::URI(uri)],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            30,
+        )
+    }
+}
+
+/// Turns `host` / `host:port` / IP strings into SANs (ports are dropped, duplicates removed).
+fn sans_from(names: &[String]) -> Result<Vec<SanType>, CaError> {
+    let mut out: Vec<SanType> = Vec::new();
+    for n in names {
+        let host = strip_port(n);
+        if host.is_empty() {
+            continue;
+        }
+        let san = if let Ok(ip) = host.parse::<IpAddr>() {
+            SanType::IpAddress(ip)
+        } else {
+            SanType::DnsName(
+                host.to_string()
+                    .try_into()
+                    .map_err(|_| CaError::BadSan(n.clone()))?,
+            )
+        };
+        if !out.contains(&san) {
+            out.push(san);
+        }
+    }
+    Ok(out)
+}
+
+/// `1.2.3.4:55` -> `1.2.3.4`, `[::1]:5` -> `::1`, `host:5` -> `host`, `::1` -> `::1`.
+pub fn strip_port(s: &str) -> &str {
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return s;
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_survives_reload_and_issues() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Ca::load_or_create(d.path()).unwrap();
+        let b = Ca::load_or_create(d.path()).unwrap();
+        assert_eq!(a.ca_pem(), b.ca_pem());
+        let c = b.client_cert("i-0123456789abcdef", "fc-1").unwrap();
+        assert!(c.cert_pem.contains("BEGIN CERTIFICATE"));
+        b.agent_cert("i-0123456789abcdef", &["10.0.0.5:1500".into()])
+            .unwrap();
+        b.server_cert(&["10.0.2.2".into(), "svc.example".into()])
+            .unwrap();
+    }
+
+    #[test]
+    fn ports_stripped() {
+        assert_eq!(strip_port("1.2.3.4:55"), "1.2.3.4");
+        assert_eq!(strip_port("[::1]:5"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("host:7"), "host");
+    }
+}

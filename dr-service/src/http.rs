@@ -1,0 +1,503 @@
+//! HTTPS transport: axum routes over hyper + tokio-rustls (ring provider). Bodies are parsed
+//! with `serde_path_to_error`, so a malformed request answers 400 with the JSON path of the
+//! offending field (`inventory.disks[0].size_bytes`), before anything is stored.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use failback_config::api::*;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::ca::Ca;
+use crate::service::{ApiFailure, Service, Settings};
+use crate::store::SqliteStore;
+use crate::util::{random_hex, secret_hash};
+
+/// How to run the service.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Extra subject alternative names for the HTTPS certificate (IPs or DNS names).
+    pub sans: Vec<String>,
+    /// Admin token; `None` = read `data_dir/admin-token`, creating it on first start.
+    pub admin_token: Option<String>,
+    pub settings: Settings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running service (in-process): its address, CA and admin token, and a shutdown handle.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub admin_token: String,
+    pub service: Arc<Service>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Stops accepting, ends the monitor, waits for the accept loop to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Resolves when the server stops (Ctrl-C handling is the binary's job).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    pub fn shutdown_sender(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+struct AppState {
+    service: Arc<Service>,
+    admin_hash: String,
+}
+
+type St = State<Arc<AppState>>;
+
+fn failure_response(e: ApiFailure) -> Response {
+    let (status, code, field) = match &e {
+        ApiFailure::BadRequest { field, .. } => {
+            (StatusCode::BAD_REQUEST, "BAD_REQUEST", Some(field.clone()))
+        }
+        ApiFailure::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", None),
+        ApiFailure::Token { code, .. } => {
+            let s = if *code == "TOKEN_SCOPE" {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            (s, *code, Some("token".to_string()))
+        }
+        ApiFailure::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND", None),
+        ApiFailure::Conflict { code, .. } => (StatusCode::CONFLICT, *code, None),
+        ApiFailure::Store(_) | ApiFailure::Ca(_) | ApiFailure::Internal(_) => {
+            tracing::error!("internal error: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", None)
+        }
+    };
+    (
+        status,
+        Json(ApiError {
+            error: code.to_string(),
+            message: e.to_string(),
+            field,
+        }),
+    )
+        .into_response()
+}
+
+fn reply<T: serde::Serialize>(r: Result<T, ApiFailure>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => failure_response(e),
+    }
+}
+
+/// Parses a JSON body, naming the offending field path on error.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiFailure> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        // serde names unknown/missing fields in the message itself (path is the parent).
+        let field = extract_field(&inner)
+            .map(|f| {
+                if path == "." || path.is_empty() {
+                    f
+                } else {
+                    format!("{path}.{f}")
+                }
+            })
+            .unwrap_or_else(|| {
+                if path.is_empty() {
+                    ".".into()
+                } else {
+                    path.clone()
+                }
+            });
+        ApiFailure::bad(
+            field.clone(),
+            format!("invalid request body at field {field}: {inner}"),
+        )
+    })
+}
+
+fn extract_field(msg: &str) -> Option<String> {
+    for pre in ["unknown field `", "missing field `"] {
+        if let Some(i) = msg.find(pre) {
+            let rest = &msg[i + pre.len()..];
+            return rest.split('`').next().map(str::to_string);
+        }
+    }
+    None
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    h.get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn admin(st: &AppState, h: &HeaderMap) -> Result<(), ApiFailure> {
+    match bearer(h) {
+        // Compare hashes: equal-length strings, so no early-exit length leak.
+        Some(t) if secret_hash(t) == st.admin_hash => Ok(()),
+        Some(_) => Err(ApiFailure::Unauthorized(
+            "admin token not recognised".into(),
+        )),
+        None => Err(ApiFailure::Unauthorized(
+            "missing Authorization: Bearer <admin token>".into(),
+        )),
+    }
+}
+
+fn need_bearer(h: &HeaderMap, what: &str) -> Result<String, ApiFailure> {
+    bearer(h)
+        .map(str::to_string)
+        .ok_or_else(|| ApiFailure::Unauthorized(format!("missing Authorization: Bearer <{what}>")))
+}
+
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+async fn enroll(State(st): St, body: Bytes) -> Response {
+    reply(parse(&body).and_then(|r| st.service.enroll_agent(r)))
+}
+
+async fn agent_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
+    reply((|| {
+        let s = need_bearer(&h, "agent secret")?;
+        st.service.agent_heartbeat(&s, parse(&body)?)
+    })())
+}
+
+async fn pair(State(st): St, body: Bytes) -> Response {
+    reply(parse(&body).and_then(|r| st.service.pair(r)))
+}
+
+async fn client_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
+    reply((|| {
+        let s = need_bearer(&h, "client secret")?;
+        st.service.client_heartbeat(&s, parse(&body)?)
+    })())
+}
+
+async fn client_log(State(st): St, h: HeaderMap, body: Bytes) -> Response {
+    reply((|| {
+        let s = need_bearer(&h, "client secret")?;
+        st.service.upload_log(&s, &body)
+    })())
+}
+
+async fn list(State(st): St, h: HeaderMap) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.list()))
+}
+
+async fn describe(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.describe(&id)))
+}
+
+async fn set_hints(State(st): St, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.set_hints(&id, parse(&body)?)))
+}
+
+async fn stop(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.stop(&id)))
+}
+
+async fn get_config(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.get_config(&id)))
+}
+
+async fn put_config(State(st): St, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.update_config(&id, parse(&body)?)))
+}
+
+async fn logs(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.list_logs(&id)))
+}
+
+async fn log_get(
+    State(st): St,
+    h: HeaderMap,
+    Path((id, name)): Path<(String, String)>,
+) -> Response {
+    match admin(&st, &h).and_then(|_| st.service.read_log(&id, &name)) {
+        Ok(b) => b.into_response(),
+        Err(e) => failure_response(e),
+    }
+}
+
+async fn tokens(State(st): St, h: HeaderMap, body: Bytes) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.create_token(parse(&body)?)))
+}
+
+async fn launch(State(st): St, h: HeaderMap, body: Bytes) -> Response {
+    reply(admin(&st, &h).and_then(|_| st.service.launch(parse(&body)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    instance: Option<String>,
+    #[serde(default)]
+    after: u64,
+    limit: Option<u64>,
+}
+
+async fn events(
+    State(st): St,
+    h: HeaderMap,
+    q: Result<Query<EventQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return failure_response(ApiFailure::bad("query", format!("query string: {e}"))),
+    };
+    reply(admin(&st, &h).and_then(|_| {
+        st.service
+            .events(q.instance.as_deref(), q.after, q.limit.unwrap_or(1000))
+    }))
+}
+
+async fn fallback() -> Response {
+    failure_response(ApiFailure::NotFound("no such API route".into()))
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/agent/enroll", post(enroll))
+        .route("/v1/agent/heartbeat", post(agent_hb))
+        .route("/v1/pair", post(pair))
+        .route("/v1/client/heartbeat", post(client_hb))
+        .route("/v1/client/log", post(client_log))
+        .route("/v1/admin/instances", get(list))
+        .route("/v1/admin/instances/{id}", get(describe))
+        .route(
+            "/v1/admin/instances/{id}/hints",
+            axum::routing::put(set_hints),
+        )
+        .route("/v1/admin/instances/{id}/stop", post(stop))
+        .route(
+            "/v1/admin/instances/{id}/config",
+            get(get_config).put(put_config),
+        )
+        .route("/v1/admin/instances/{id}/logs", get(logs))
+        .route("/v1/admin/instances/{id}/logs/{name}", get(log_get))
+        .route("/v1/admin/tokens", post(tokens))
+        .route("/v1/admin/launch", post(launch))
+        .route("/v1/admin/events", get(events))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(32 << 20))
+        .with_state(state)
+}
+
+fn admin_token(cfg: &ServerConfig) -> Result<String, ServerError> {
+    if let Some(t) = &cfg.admin_token {
+        return Ok(t.trim().to_string());
+    }
+    let path = cfg.data_dir.join("admin-token");
+    let dd = |source| ServerError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    if path.exists() {
+        return Ok(std::fs::read_to_string(&path)
+            .map_err(dd)?
+            .trim()
+            .to_string());
+    }
+    let t = format!("fbadm_{}", random_hex(24));
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o.open(&path).map_err(dd)?;
+    f.write_all(format!("{t}\n").as_bytes()).map_err(dd)?;
+    Ok(t)
+}
+
+fn tls_config(ca: &Ca, sans: &[String]) -> Result<rustls::ServerConfig, ServerError> {
+    let issued = ca.server_cert(sans)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut issued.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let key = rustls_pemfile::private_key(&mut issued.key_pem.as_bytes())
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .ok_or_else(|| ServerError::Tls("no key generated".into()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Opens the data directory (SQLite, CA, admin token), binds and serves until shutdown.
+pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServerError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let store = Arc::new(SqliteStore::open(&cfg.data_dir.join("failback.db"))?);
+    let ca = Ca::load_or_create(&cfg.data_dir)?;
+    let tls = Arc::new(tls_config(&ca, &cfg.sans)?);
+    let token = admin_token(&cfg)?;
+    let mut settings = cfg.settings.clone();
+    if settings.log_dir.is_relative() {
+        settings.log_dir = cfg.data_dir.join(&settings.log_dir);
+    }
+    let service = Arc::new(Service::new(store, ca, settings));
+    let state = Arc::new(AppState {
+        service: service.clone(),
+        admin_hash: secret_hash(&token),
+    });
+    let app = router(state);
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let (tx, rx) = watch::channel(false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let monitor_service = service.clone();
+    let tick_ms = (cfg
+        .settings
+        .agent_timeout_secs
+        .min(cfg.settings.client_timeout_secs)
+        * 1000
+        / 4)
+    .clamp(200, 5000);
+    let mut monitor_rx = rx.clone();
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(std::time::Duration::from_millis(tick_ms));
+        loop {
+            tokio::select! {
+                _ = iv.tick() => {
+                    let s = monitor_service.clone();
+                    match tokio::task::spawn_blocking(move || s.monitor_tick()).await {
+                        Ok(Err(e)) => tracing::error!("monitor: {e}"),
+                        Err(e) => tracing::error!("monitor task: {e}"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                _ = monitor_rx.changed() => break,
+            }
+        }
+    });
+    let mut accept_rx = rx;
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("accept on {addr}: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = accept_rx.changed() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            let mut conn_rx = accept_rx.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!("TLS handshake from {peer}: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!("connection from {peer}: {e}");
+                        }
+                    }
+                    _ = conn_rx.changed() => {}
+                }
+            });
+        }
+    });
+    tracing::info!("DR service listening on https://{addr}");
+    Ok(RunningServer {
+        addr,
+        ca_pem: service.ca_pem().to_string(),
+        admin_token: token,
+        service,
+        shutdown: tx,
+        task,
+    })
+}
