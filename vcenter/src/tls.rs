@@ -1,0 +1,183 @@
+//! How the vCenter certificate is checked.
+
+use crate::error::{Error, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Certificate policy. The default verifies against the public web PKI roots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Verify the chain and host name against the built-in web PKI roots.
+    #[default]
+    Verify,
+    /// Verify the chain and host name against these CA certificates (PEM) only.
+    CaFile(PathBuf),
+    /// Accept exactly the server certificate whose SHA-256 (of its DER) is this, whatever
+    /// its chain or names (what govc's `--thumbprint` does, with SHA-256).
+    Thumbprint(String),
+    /// Accept any certificate. Only with an explicit switch (`--insecure`,
+    /// `DISABLE_SSL_VERIFICATION=true`).
+    Insecure,
+}
+
+/// Normalises a SHA-256 thumbprint: hex with or without `:`, any case -> 64 lowercase hex.
+pub fn normalize_thumbprint(s: &str) -> Result<String> {
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::Config(format!(
+            "thumbprint '{s}' is not a SHA-256 (64 hex digits, colons allowed)"
+        )));
+    }
+    Ok(hex)
+}
+
+/// SHA-256 thumbprint (lowercase hex) of a DER certificate.
+pub fn thumbprint_of(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    // Explicit ring provider: never depend on the process-wide default (another crate in
+    // the build could enable aws-lc-rs, which would make the implicit choice ambiguous).
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Applies the mode to a reqwest builder.
+pub(crate) fn configure(
+    builder: reqwest::ClientBuilder,
+    mode: &TlsMode,
+) -> Result<reqwest::ClientBuilder> {
+    Ok(match mode {
+        TlsMode::Verify => builder,
+        TlsMode::Insecure => builder.danger_accept_invalid_certs(true),
+        TlsMode::CaFile(path) => {
+            let pem = std::fs::read(path).map_err(|source| Error::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            let mut n = 0;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|source| Error::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                roots.add(cert).map_err(|e| {
+                    Error::Config(format!("CA file {}: bad certificate: {e}", path.display()))
+                })?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(Error::Config(format!(
+                    "CA file {} holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            builder.use_preconfigured_tls(cfg)
+        }
+        TlsMode::Thumbprint(tp) => {
+            let expected = normalize_thumbprint(tp)?;
+            let verifier = Arc::new(PinnedCert {
+                expected,
+                provider: provider(),
+            });
+            let cfg = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth();
+            builder.use_preconfigured_tls(cfg)
+        }
+    })
+}
+
+/// Accepts only the certificate with the pinned SHA-256; handshake signatures are still
+/// verified, so the peer must hold the pinned certificate's private key.
+#[derive(Debug)]
+struct PinnedCert {
+    expected: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = thumbprint_of(end_entity.as_ref());
+        if got == self.expected {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server certificate SHA-256 {got} does not match pinned thumbprint {}",
+                self.expected
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thumbprint_forms() {
+        let h = "AB:".repeat(31) + "AB";
+        assert_eq!(normalize_thumbprint(&h).unwrap(), "ab".repeat(32));
+        assert!(normalize_thumbprint("abcd").is_err());
+        assert!(normalize_thumbprint(&"zz".repeat(32)).is_err());
+    }
+}
