@@ -1,0 +1,124 @@
+//! The results file of a run (JSON): per VM the recovery instance, VM name and UUIDs, status
+//! `succeeded | skipped | failed`, failed step and message, timings, bytes and whole-disk
+//! digests; plus the exact settings and plan used (DRSFA keeps these in a separate
+//! `failback_hosts_settings.json`; one file is easier to archive).
+
+use super::state::{RunState, Step, VmStatus};
+use failback_config::api::DiskDigest;
+use failback_config::plan::Plan;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmResult {
+    pub vm: String,
+    pub recovery_instance: Option<String>,
+    pub vm_name: Option<String>,
+    pub vm_moref: Option<String>,
+    /// vCenter BIOS UUID of the VM failed back to.
+    pub vm_bios_uuid: Option<String>,
+    pub vm_instance_uuid: Option<String>,
+    /// BIOS UUID of the original source server (from the instance's hints).
+    pub source_bios_uuid: Option<String>,
+    pub status: VmStatus,
+    pub failed_step: Option<Step>,
+    pub message: Option<String>,
+    pub last_completed_step: Option<Step>,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub step_secs: BTreeMap<String, f64>,
+    pub disk_bytes: u64,
+    pub replicated_bytes: u64,
+    pub digests: Vec<DiskDigest>,
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub total: usize,
+    pub succeeded: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    /// Not finished (only in a results file written while the run is going).
+    pub unfinished: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResults {
+    pub run_id: String,
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    pub settings: serde_json::Value,
+    pub plan: Plan,
+    pub summary: Summary,
+    pub vms: Vec<VmResult>,
+}
+
+impl RunResults {
+    pub fn build(
+        state: &RunState,
+        plan: &Plan,
+        settings: serde_json::Value,
+        started_at: u64,
+        finished_at: Option<u64>,
+    ) -> Self {
+        let mut summary = Summary {
+            total: state.vms.len(),
+            ..Default::default()
+        };
+        let vms = state
+            .vms
+            .iter()
+            .map(|v| {
+                match v.status {
+                    VmStatus::Succeeded => summary.succeeded += 1,
+                    VmStatus::Skipped => summary.skipped += 1,
+                    VmStatus::Failed => summary.failed += 1,
+                    VmStatus::Pending | VmStatus::Running => summary.unfinished += 1,
+                }
+                VmResult {
+                    vm: v.vm.clone(),
+                    recovery_instance: v.recovery_instance.clone(),
+                    vm_name: v.vm_name.clone(),
+                    vm_moref: v.moref.clone(),
+                    vm_bios_uuid: v.bios_uuid.clone(),
+                    vm_instance_uuid: v.instance_uuid.clone(),
+                    source_bios_uuid: v.source_bios_uuid.clone(),
+                    status: v.status,
+                    failed_step: v.failed_step,
+                    message: v.message.clone(),
+                    last_completed_step: v.last_completed,
+                    started_at: v.started_at,
+                    finished_at: v.finished_at,
+                    step_secs: v.step_secs.clone(),
+                    disk_bytes: v.disk_bytes,
+                    replicated_bytes: v.replicated_bytes,
+                    digests: v.digests.clone(),
+                    snapshot: v.snapshot.clone(),
+                }
+            })
+            .collect();
+        Self {
+            run_id: state.header.run_id.clone(),
+            started_at,
+            finished_at,
+            settings,
+            plan: plan.clone(),
+            summary,
+            vms,
+        }
+    }
+
+    /// Write atomically (temp + rename) so readers never see half a file.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d)?;
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let data = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, path)
+    }
+}
