@@ -1,2 +1,94 @@
 //! The recovery agent: runs on the recovery instance and serves its disks read-only to a
-//! paired failback client.
+//! paired failback client over the replication protocol (mutual TLS, see
+//! `failback_replication::server`).
+
+use std::path::{Path, PathBuf};
+
+pub use failback_replication::server::ServeOptions as AgentOptions;
+use failback_replication::server::SourceDisk;
+pub use failback_replication::tls::DevCerts;
+use failback_replication::ServerTls;
+use tokio::net::TcpListener;
+
+/// Agent errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A `--disk` argument is not `NAME=PATH`.
+    #[error("invalid --disk {0:?}: expected NAME=PATH (e.g. disk0=/dev/nvme1n1)")]
+    DiskSpec(String),
+    /// Two disks share a name.
+    #[error("disk name {0:?} given twice")]
+    DuplicateDisk(String),
+    /// No disks to serve.
+    #[error("no disks to serve: give at least one --disk NAME=PATH")]
+    NoDisks,
+    /// Opening a disk or loading TLS material failed.
+    #[error(transparent)]
+    Replication(#[from] failback_replication::Error),
+    /// Binding or accepting failed.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Parses `NAME=PATH`.
+pub fn parse_disk_spec(spec: &str) -> Result<(String, PathBuf), AgentError> {
+    match spec.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err(AgentError::DiskSpec(spec.to_owned())),
+    }
+}
+
+/// Opens every disk read-only (refusing duplicate names).
+pub fn open_disks(specs: &[(String, PathBuf)]) -> Result<Vec<SourceDisk>, AgentError> {
+    if specs.is_empty() {
+        return Err(AgentError::NoDisks);
+    }
+    let mut out: Vec<SourceDisk> = Vec::new();
+    for (name, path) in specs {
+        if out.iter().any(|d| &d.info.id == name) {
+            return Err(AgentError::DuplicateDisk(name.clone()));
+        }
+        out.push(SourceDisk::open(name, path)?);
+    }
+    Ok(out)
+}
+
+/// Serves `disks` on `listener` until the listener fails (connections are independent).
+pub async fn serve(
+    listener: TcpListener,
+    disks: Vec<SourceDisk>,
+    tls: ServerTls,
+    opts: AgentOptions,
+) -> Result<(), AgentError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    for d in &disks {
+        tracing::info!(
+            disk = %d.info.id,
+            path = %d.path.display(),
+            size = d.info.size,
+            sector = d.info.logical_sector_size,
+            "serving read-only"
+        );
+    }
+    failback_replication::serve(listener, disks, tls, opts)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })
+}
+
+/// Writes a development CA, agent and client certificates into `dir` (client for `instance`).
+pub fn write_dev_certs(dir: &Path, instance: &str) -> Result<(), AgentError> {
+    let certs = DevCerts::generate(instance).map_err(failback_replication::Error::from)?;
+    certs
+        .write_to(dir)
+        .map_err(failback_replication::Error::from)?;
+    Ok(())
+}

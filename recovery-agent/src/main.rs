@@ -1,12 +1,139 @@
-//! `failback-agent`: The recovery agent. Thin: parse arguments, set up logging, call the library, map errors to
-//! exit codes.
+//! `failback-agent`: the recovery agent. Thin: parse arguments, set up logging, call the
+//! library, map errors to exit codes.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use failback_agent::{AgentError, AgentOptions};
+use failback_replication::{ServerTls, TlsFiles};
 
 #[derive(Parser, Debug)]
-#[command(name = "failback-agent", version, about = "The recovery agent")]
-struct Cli {}
+#[command(
+    name = "failback-agent",
+    version,
+    about = "The recovery agent: serves this instance's disks read-only to a failback client"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve disks (block devices or image files) read-only over mutual TLS.
+    Serve(ServeArgs),
+    /// Write a development CA plus agent and client certificates (client for instance `dev`).
+    DevCerts {
+        /// Directory for ca.pem ca-key.pem agent.pem agent-key.pem client.pem client-key.pem.
+        dir: PathBuf,
+        /// Instance id named in the client certificate.
+        #[arg(long, default_value = "dev")]
+        instance: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on, e.g. 0.0.0.0:1740 (port 0 picks a free port; the bound address is
+    /// printed on stdout as `listening on ADDR`).
+    #[arg(long)]
+    listen: String,
+    /// Disk to serve as NAME=PATH (repeatable).
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    disks: Vec<String>,
+    /// CA certificate (PEM) that must have signed client certificates.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Agent certificate (PEM), with DNS SAN `failback-agent`.
+    #[arg(long)]
+    cert: PathBuf,
+    /// Agent private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// Serve only clients whose certificate names this recovery instance
+    /// (URI SAN urn:failback:instance:ID).
+    #[arg(long)]
+    instance: Option<String>,
+    /// Shell command run when the client asks to quiesce (before the final round).
+    #[arg(long)]
+    quiesce_cmd: Option<String>,
+    /// Shell command run when the client asks to thaw.
+    #[arg(long)]
+    thaw_cmd: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let res = match cli.command {
+        Command::DevCerts { dir, instance } => failback_agent::write_dev_certs(&dir, &instance)
+            .map(|()| println!("wrote development certificates to {}", dir.display())),
+        Command::Serve(args) => serve(args),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("failback-agent: error: {e}");
+            let code = match e {
+                AgentError::DiskSpec(_) | AgentError::DuplicateDisk(_) | AgentError::NoDisks => 2,
+                AgentError::Replication(ref r)
+                    if r.class() == failback_replication::ErrorClass::Usage =>
+                {
+                    2
+                }
+                AgentError::Listen { .. } => 4,
+                AgentError::Replication(_) => 1,
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), AgentError> {
+    let specs = args
+        .disks
+        .iter()
+        .map(|s| failback_agent::parse_disk_spec(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let disks = failback_agent::open_disks(&specs)?;
+    let tls = ServerTls::from_files(
+        &TlsFiles {
+            ca: args.ca,
+            cert: args.cert,
+            key: args.key,
+        },
+        args.instance,
+    )
+    .map_err(failback_replication::Error::from)?;
+    let opts = AgentOptions {
+        quiesce_cmd: args.quiesce_cmd,
+        thaw_cmd: args.thaw_cmd,
+        ..Default::default()
+    }
+    .with_fault_env();
+    let rt = tokio::runtime::Runtime::new().map_err(|source| AgentError::Listen {
+        addr: args.listen.clone(),
+        source,
+    })?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: args.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| AgentError::Listen {
+            addr: args.listen.clone(),
+            source,
+        })?;
+        println!("listening on {addr}");
+        failback_agent::serve(listener, disks, tls, opts).await
+    })
 }

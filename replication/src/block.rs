@@ -1,0 +1,358 @@
+//! Block hashing, encoding for the wire, and verification of received blocks.
+//!
+//! Bytes from the network become a [`VerifiedRun`] only through [`verify_run`], which checks each
+//! block against the agent's BLAKE3 hash; the disk writer accepts nothing else.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::wire::{Encoding, Hash, WireBlock};
+
+/// Smallest block size.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+/// Largest block size.
+pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
+/// Default block size.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// Bytes read per I/O when hashing (large reads, few syscalls).
+pub const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Checks a block size: power of two in 4 KiB..=4 MiB.
+pub fn validate_block_size(bs: u32) -> Result<(), String> {
+    if bs.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        Ok(())
+    } else {
+        Err(format!(
+            "block size {bs} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+        ))
+    }
+}
+
+/// Number of blocks of `block_size` covering `size` bytes (the last one may be short).
+pub fn block_count(size: u64, block_size: u32) -> u64 {
+    size.div_ceil(u64::from(block_size))
+}
+
+/// Length of block `index` of a disk of `size` bytes.
+pub fn block_len(size: u64, block_size: u32, index: u64) -> u64 {
+    let start = index * u64::from(block_size);
+    size.saturating_sub(start).min(u64::from(block_size))
+}
+
+/// True when every byte is zero. Compares in u64-sized chunks (vectorises well).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (chunks, rest) = buf.split_at(buf.len() - buf.len() % 8);
+    rest.iter().all(|&b| b == 0)
+        && chunks
+            .chunks_exact(8)
+            .all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
+}
+
+/// Hash of `len` zero bytes, precomputed once per length (full blocks and the tail).
+#[derive(Debug, Clone)]
+pub struct ZeroHashes {
+    full: Hash,
+    full_len: usize,
+    tail: Hash,
+    tail_len: usize,
+}
+
+impl ZeroHashes {
+    /// For a disk of `size` bytes cut in `block_size` blocks.
+    pub fn new(size: u64, block_size: u32) -> Self {
+        let full_len = usize::try_from(block_size).unwrap_or(usize::MAX);
+        let tail_len = usize::try_from(size % u64::from(block_size)).unwrap_or(0);
+        let z = vec![0u8; full_len];
+        ZeroHashes {
+            full: *blake3::hash(&z).as_bytes(),
+            full_len,
+            tail: *blake3::hash(&z[..tail_len]).as_bytes(),
+            tail_len,
+        }
+    }
+
+    /// Hash of a zero block of `len` bytes.
+    pub fn get(&self, len: usize) -> Hash {
+        if len == self.full_len {
+            self.full
+        } else if len == self.tail_len {
+            self.tail
+        } else {
+            *blake3::hash(&vec![0u8; len]).as_bytes()
+        }
+    }
+}
+
+/// Hash of one block: zero blocks use the precomputed hash (a zero check is far cheaper).
+pub fn hash_block(buf: &[u8], zeros: &ZeroHashes) -> (Hash, bool) {
+    if is_zero(buf) {
+        (zeros.get(buf.len()), true)
+    } else {
+        (*blake3::hash(buf).as_bytes(), false)
+    }
+}
+
+/// Hashes every block of `buf` (consecutive blocks, the last may be short) in parallel on the
+/// rayon pool (bounded by its thread count).
+pub fn hash_blocks(buf: &[u8], block_size: u32, zeros: &ZeroHashes) -> Vec<(Hash, bool)> {
+    let bs = usize::try_from(block_size).unwrap_or(usize::MAX);
+    buf.par_chunks(bs).map(|b| hash_block(b, zeros)).collect()
+}
+
+/// Whole-disk digest: BLAKE3 over the ordered block hashes.
+#[derive(Debug, Default, Clone)]
+pub struct DiskDigest {
+    hasher: blake3::Hasher,
+    blocks: u64,
+}
+
+impl DiskDigest {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Feeds the next block hash (in disk order).
+    pub fn push(&mut self, h: &Hash) {
+        self.hasher.update(h);
+        self.blocks += 1;
+    }
+    /// Number of hashes fed.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+    /// The digest.
+    pub fn finish(&self) -> Hash {
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// zstd level: fast (1); the link is usually faster than a higher level would compress.
+const ZSTD_LEVEL: i32 = 1;
+/// Bytes of a block compressed first to decide whether compressing the whole is worth it.
+const SAMPLE: usize = 4096;
+
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let comp = c.as_mut()?;
+        comp.compress(data).ok()
+    })
+}
+
+/// Encodes a non-identical block for the wire: zero marker, zstd if it shrinks, else raw.
+/// Incompressible data is detected on a 4 KiB sample so random data costs almost nothing.
+pub fn encode_block(data: &[u8], hash: Hash, zero: bool) -> WireBlock {
+    if zero {
+        return WireBlock {
+            encoding: Encoding::Zero,
+            hash,
+            payload: Vec::new(),
+        };
+    }
+    let worth_trying = if data.len() > SAMPLE * 2 {
+        compress(&data[..SAMPLE]).is_some_and(|s| s.len() < SAMPLE * 7 / 8)
+    } else {
+        true
+    };
+    if worth_trying {
+        if let Some(z) = compress(data) {
+            if z.len() < data.len() - data.len() / 32 {
+                return WireBlock {
+                    encoding: Encoding::Zstd,
+                    hash,
+                    payload: z,
+                };
+            }
+        }
+    }
+    WireBlock {
+        encoding: Encoding::Raw,
+        hash,
+        payload: data.to_vec(),
+    }
+}
+
+/// Consecutive blocks whose content matched the agent's hashes. Only [`verify_run`] creates
+/// one, so holding a `VerifiedRun` proves the bytes were checked.
+#[derive(Debug)]
+pub struct VerifiedRun {
+    offset: u64,
+    data: Vec<u8>,
+    hashes: Vec<Hash>,
+    first_block: u64,
+}
+
+impl VerifiedRun {
+    /// Byte offset on the disk.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// The verified bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+    /// Index of the first block.
+    pub fn first_block(&self) -> u64 {
+        self.first_block
+    }
+    /// The verified hashes, one per block.
+    pub fn hashes(&self) -> &[Hash] {
+        &self.hashes
+    }
+}
+
+/// A block of a received run that failed verification.
+#[derive(Debug, Clone)]
+pub struct BadBlock {
+    pub block: u64,
+    pub reason: String,
+}
+
+/// Decodes and verifies a received run starting at `first_block` of a disk of `size` bytes.
+/// Returns the verified sub-runs (consecutive good blocks) and the blocks that failed.
+pub fn verify_run(
+    first_block: u64,
+    blocks: Vec<WireBlock>,
+    size: u64,
+    block_size: u32,
+    zeros: &ZeroHashes,
+) -> (Vec<VerifiedRun>, Vec<BadBlock>) {
+    let bs = u64::from(block_size);
+    let decoded: Vec<Result<(Vec<u8>, Hash), String>> = blocks
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let index = first_block + i as u64;
+            let len = block_len(size, block_size, index);
+            let len = usize::try_from(len).map_err(|_| "block length".to_string())?;
+            if len == 0 {
+                return Err(format!("block {index} lies beyond the end of the disk"));
+            }
+            let data = match b.encoding {
+                Encoding::Zero => {
+                    if b.hash != zeros.get(len) {
+                        return Err("zero marker with a non-zero hash".into());
+                    }
+                    return Ok((vec![0u8; len], b.hash));
+                }
+                Encoding::Raw => b.payload,
+                Encoding::Zstd => zstd::bulk::decompress(&b.payload, len)
+                    .map_err(|e| format!("zstd payload does not decode: {e}"))?,
+            };
+            if data.len() != len {
+                return Err(format!(
+                    "payload decodes to {} bytes, expected {len}",
+                    data.len()
+                ));
+            }
+            let got = *blake3::hash(&data).as_bytes();
+            if got != b.hash {
+                return Err("BLAKE3 hash mismatch (corrupted in transit)".into());
+            }
+            Ok((data, b.hash))
+        })
+        .collect();
+
+    let mut runs = Vec::new();
+    let mut bad = Vec::new();
+    let mut cur: Option<VerifiedRun> = None;
+    for (i, r) in decoded.into_iter().enumerate() {
+        let index = first_block + i as u64;
+        match r {
+            Ok((data, hash)) => match cur.as_mut() {
+                Some(run) => {
+                    run.data.extend_from_slice(&data);
+                    run.hashes.push(hash);
+                }
+                None => {
+                    cur = Some(VerifiedRun {
+                        offset: index * bs,
+                        data,
+                        hashes: vec![hash],
+                        first_block: index,
+                    })
+                }
+            },
+            Err(reason) => {
+                if let Some(run) = cur.take() {
+                    runs.push(run);
+                }
+                bad.push(BadBlock {
+                    block: index,
+                    reason,
+                });
+            }
+        }
+    }
+    if let Some(run) = cur.take() {
+        runs.push(run);
+    }
+    (runs, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_math() {
+        assert!(validate_block_size(65536).is_ok());
+        assert!(validate_block_size(4096).is_ok());
+        assert!(validate_block_size(4 << 20).is_ok());
+        assert!(validate_block_size(2048).is_err());
+        assert!(validate_block_size(8 << 20).is_err());
+        assert!(validate_block_size(65535).is_err());
+        assert_eq!(block_count(10, 4096), 1);
+        assert_eq!(block_count(8192, 4096), 2);
+        assert_eq!(block_len(10000, 4096, 2), 10000 - 8192);
+    }
+
+    #[test]
+    fn zero_detection_and_hashes() {
+        let z = ZeroHashes::new(10000, 4096);
+        let mut b = vec![0u8; 4096];
+        assert!(is_zero(&b));
+        assert_eq!(hash_block(&b, &z).0, *blake3::hash(&b).as_bytes());
+        b[4095] = 1;
+        assert!(!is_zero(&b));
+        assert_eq!(z.get(10000 - 8192), *blake3::hash(&[0u8; 1808]).as_bytes());
+    }
+
+    #[test]
+    fn encode_then_verify_and_detect_corruption() {
+        let size = 3 * 4096 + 100;
+        let zeros = ZeroHashes::new(size, 4096);
+        let text: Vec<u8> = b"hello block ".iter().cycle().take(4096).copied().collect();
+        let random: Vec<u8> = (0..4096u32)
+            .map(|i| i.wrapping_mul(2654435761).to_le_bytes()[1])
+            .collect();
+        let zero = vec![0u8; 4096];
+        let tail: Vec<u8> = vec![7u8; 100];
+        let mut wire = Vec::new();
+        for d in [&text, &random, &zero, &tail] {
+            let (h, z) = hash_block(d, &zeros);
+            wire.push(encode_block(d, h, z));
+        }
+        assert_eq!(wire[0].encoding, Encoding::Zstd);
+        assert_eq!(wire[2].encoding, Encoding::Zero);
+        let (runs, bad) = verify_run(0, wire.clone(), size, 4096, &zeros);
+        assert!(bad.is_empty());
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].data().len() as u64, size);
+        assert_eq!(&runs[0].data()[4096..8192], &random[..]);
+
+        wire[1].payload[10] ^= 0xff;
+        let (runs, bad) = verify_run(0, wire, size, 4096, &zeros);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].block, 1);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[1].offset(), 8192);
+    }
+}

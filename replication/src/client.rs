@@ -1,0 +1,912 @@
+//! Client side: [`Session::connect`] (TLS, handshake, manifest) and [`Session::sync`] (one
+//! delta round over any number of disks in parallel).
+//!
+//! Per disk: a hashing thread reads the local target in large batches and hashes blocks in
+//! parallel; the disk task sends hash windows (a bounded number outstanding), verifies the
+//! blocks the agent returns and hands [`VerifiedRun`]s to the disk's single writer thread.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+
+use crate::block::{self, DiskDigest, VerifiedRun, ZeroHashes};
+use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::report::{DiskReport, SyncReport};
+use crate::tls::{ClientTls, AGENT_SERVER_NAME};
+use crate::wire::{DiskInfo, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION};
+use crate::writer::Target;
+
+/// Timeout for TCP connect, TLS handshake and hello.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A disk sync fails if the agent sends nothing for this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bytes of disk covered by one hash window.
+const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
+/// Hash windows in flight per disk (bounds memory and keeps the agent busy).
+const MAX_OUTSTANDING: usize = 6;
+/// Wait for quiesce/thaw commands.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One remote disk to pull into one local target.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mapping {
+    /// The agent's disk id (from the manifest).
+    pub remote: String,
+    /// Local block device or image file.
+    pub local: PathBuf,
+}
+
+/// Options of one sync round.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncOptions {
+    /// Block size: power of two, 4 KiB..=4 MiB.
+    pub block_size: u32,
+    /// Receive-rate limit in Mbit/s for the whole session (None = unlimited).
+    pub bandwidth_limit_mbps: Option<u64>,
+    /// Only compare hashes and report what would be fetched; write nothing.
+    pub estimate_only: bool,
+    /// How often one block may fail verification and be fetched again before giving up.
+    pub max_block_retries: u32,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            block_size: block::DEFAULT_BLOCK_SIZE,
+            bandwidth_limit_mbps: None,
+            estimate_only: false,
+            max_block_retries: 3,
+        }
+    }
+}
+
+type Route = mpsc::Sender<(Message, usize)>;
+
+/// Simple receive-side rate limiter (TCP back-pressure throttles the agent).
+#[derive(Debug, Default)]
+struct RateLimiter {
+    state: Mutex<Option<(u64, Instant, u64)>>,
+}
+
+impl RateLimiter {
+    fn set(&self, mbps: Option<u64>) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *s = mbps
+            .filter(|m| *m > 0)
+            .map(|m| (m.saturating_mul(1_000_000) / 8, Instant::now(), 0));
+    }
+    fn delay_for(&self, bytes: usize) -> Option<Duration> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (rate, start, used) = s.as_mut()?;
+        *used += bytes as u64;
+        let due = Duration::from_secs_f64(*used as f64 / *rate as f64);
+        due.checked_sub(start.elapsed())
+    }
+}
+
+struct Inner {
+    peer: String,
+    out: FrameSender,
+    routes: Mutex<HashMap<u32, Route>>,
+    control: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    dead: DeadSlot,
+    dead_err: Mutex<Option<DeadReason>>,
+    next_stream: AtomicU32,
+    limiter: RateLimiter,
+}
+
+#[derive(Debug, Clone)]
+enum DeadReason {
+    Frame(crate::wire::FrameError),
+    Remote(ErrorCode, String),
+    Lost(String),
+}
+
+impl Inner {
+    fn dead_error(&self) -> Error {
+        let reason = self
+            .dead_err
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match reason {
+            Some(DeadReason::Frame(source)) => Error::Frame {
+                peer: self.peer.clone(),
+                source,
+            },
+            Some(DeadReason::Remote(code, message)) => Error::Remote {
+                peer: format!("agent {}", self.peer),
+                code,
+                message,
+            },
+            Some(DeadReason::Lost(reason)) => Error::ConnectionLost {
+                peer: self.peer.clone(),
+                reason,
+            },
+            None => Error::ConnectionLost {
+                peer: self.peer.clone(),
+                reason: self
+                    .dead
+                    .get()
+                    .unwrap_or_else(|| "closed by the agent".into()),
+            },
+        }
+    }
+}
+
+/// A connection to one agent. Cheap to keep open between delta rounds; after an error, drop it
+/// and connect again.
+pub struct Session {
+    inner: Arc<Inner>,
+    manifest: Vec<DiskInfo>,
+    agent_software: String,
+    agent_instance: Option<String>,
+    reader: tokio::task::JoinHandle<()>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("agent", &self.inner.peer)
+            .field("manifest", &self.manifest)
+            .finish()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Session {
+    /// Connects to the agent at `addr` (host:port), runs the TLS handshake (verifying the agent
+    /// as [`AGENT_SERVER_NAME`] against the pinned CA), the protocol handshake, and reads the
+    /// manifest.
+    pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Session> {
+        Self::connect_with_version(addr, tls, PROTOCOL_VERSION).await
+    }
+
+    /// Like [`connect`](Self::connect) but announcing another protocol version (tests of the
+    /// version-mismatch path only).
+    #[doc(hidden)]
+    pub async fn connect_with_version(
+        addr: &str,
+        tls: &ClientTls,
+        version: u16,
+    ) -> Result<Session> {
+        let peer = addr.to_owned();
+        let timeout = |what: &'static str| Error::Timeout {
+            peer: peer.clone(),
+            what,
+            secs: CONNECT_TIMEOUT.as_secs(),
+        };
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| timeout("TCP connect"))?
+            .map_err(|source| Error::Connect {
+                addr: peer.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(AGENT_SERVER_NAME)
+            .map_err(|e| Error::Usage(format!("server name: {e}")))?;
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TlsConnector::from(tls.config.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| timeout("TLS handshake"))?
+        .map_err(|source| Error::Handshake {
+            peer: peer.clone(),
+            source,
+        })?;
+        let (r, w) = tokio::io::split(stream);
+        let dead = DeadSlot::default();
+        let (out, writer) = spawn_writer(w, dead.clone());
+        let mut reader = FrameReader::new(r, peer.clone());
+        out.send(&Message::ClientHello { version }).await;
+
+        let (agent_software, agent_instance) = match read_handshake(&mut reader, &peer).await? {
+            Message::AgentHello {
+                version: v,
+                software,
+                instance,
+            } => {
+                if v != version {
+                    return Err(Error::VersionMismatch {
+                        agent: v,
+                        client: version,
+                    });
+                }
+                (software, instance)
+            }
+            Message::Error { code, message, .. } => {
+                return Err(Error::Remote {
+                    peer: format!("agent {peer}"),
+                    code,
+                    message,
+                })
+            }
+            other => {
+                return Err(Error::Protocol {
+                    peer,
+                    message: format!("expected AgentHello, got {}", other.name()),
+                })
+            }
+        };
+        let manifest = match read_handshake(&mut reader, &peer).await? {
+            Message::Manifest { disks } => disks,
+            other => {
+                return Err(Error::Protocol {
+                    peer,
+                    message: format!("expected Manifest, got {}", other.name()),
+                })
+            }
+        };
+
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let inner = Arc::new(Inner {
+            peer: peer.clone(),
+            out,
+            routes: Mutex::new(HashMap::new()),
+            control: tokio::sync::Mutex::new(control_rx),
+            dead,
+            dead_err: Mutex::new(None),
+            next_stream: AtomicU32::new(1),
+            limiter: RateLimiter::default(),
+        });
+        let reader = tokio::spawn(read_loop(reader, inner.clone(), control_tx));
+        Ok(Session {
+            inner,
+            manifest,
+            agent_software,
+            agent_instance,
+            reader,
+            writer: Some(writer),
+        })
+    }
+
+    /// The disks the agent serves.
+    pub fn manifest(&self) -> &[DiskInfo] {
+        &self.manifest
+    }
+
+    /// The agent's software version.
+    pub fn agent_software(&self) -> &str {
+        &self.agent_software
+    }
+
+    /// The instance the agent is scoped to, if any.
+    pub fn agent_instance(&self) -> Option<&str> {
+        self.agent_instance.as_deref()
+    }
+
+    /// The agent address.
+    pub fn peer(&self) -> &str {
+        &self.inner.peer
+    }
+
+    /// Runs the agent's quiesce command; returns its output.
+    pub async fn quiesce(&self) -> Result<String> {
+        self.command(Message::Quiesce).await
+    }
+
+    /// Runs the agent's thaw command; returns its output.
+    pub async fn thaw(&self) -> Result<String> {
+        self.command(Message::Thaw).await
+    }
+
+    async fn command(&self, m: Message) -> Result<String> {
+        let mut control = self.inner.control.lock().await;
+        if !self.inner.out.send(&m).await {
+            return Err(self.inner.dead_error());
+        }
+        match tokio::time::timeout(COMMAND_TIMEOUT, control.recv()).await {
+            Err(_) => Err(Error::Timeout {
+                peer: self.inner.peer.clone(),
+                what: "quiesce/thaw result",
+                secs: COMMAND_TIMEOUT.as_secs(),
+            }),
+            Ok(None) => Err(self.inner.dead_error()),
+            Ok(Some(Message::CommandDone { message })) => Ok(message),
+            Ok(Some(Message::Error { code, message, .. })) => Err(Error::Remote {
+                peer: format!("agent {}", self.inner.peer),
+                code,
+                message,
+            }),
+            Ok(Some(other)) => Err(Error::Protocol {
+                peer: self.inner.peer.clone(),
+                message: format!("unexpected {} in reply to a command", other.name()),
+            }),
+        }
+    }
+
+    /// Checks mappings against the manifest: every remote disk exists, no local target twice.
+    pub fn check_mappings(&self, mappings: &[Mapping]) -> Result<Vec<DiskInfo>> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for m in mappings {
+            let Some(d) = self.manifest.iter().find(|d| d.id == m.remote) else {
+                let ids: Vec<_> = self.manifest.iter().map(|d| d.id.as_str()).collect();
+                return Err(Error::Usage(format!(
+                    "agent {} serves no disk {:?} (it serves: {})",
+                    self.inner.peer,
+                    m.remote,
+                    ids.join(", ")
+                )));
+            };
+            if !seen.insert(m.local.clone()) {
+                return Err(Error::Usage(format!(
+                    "local target {} is mapped twice",
+                    m.local.display()
+                )));
+            }
+            out.push(d.clone());
+        }
+        Ok(out)
+    }
+
+    /// One sync round: every mapping in parallel. On error the first failure is returned and
+    /// the other disks stop; targets keep what was written (the next round resumes), but the
+    /// first MiB of an unfinished disk is not written.
+    pub async fn sync(
+        &self,
+        mappings: &[Mapping],
+        opts: &SyncOptions,
+        progress: Arc<dyn Progress>,
+    ) -> Result<SyncReport> {
+        block::validate_block_size(opts.block_size).map_err(Error::Usage)?;
+        let disks = self.check_mappings(mappings)?;
+        if let Some(reason) = self.inner.dead.get() {
+            return Err(Error::ConnectionLost {
+                peer: self.inner.peer.clone(),
+                reason,
+            });
+        }
+        self.inner.limiter.set(opts.bandwidth_limit_mbps);
+        let started = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, (m, d)) in mappings.iter().zip(disks).enumerate() {
+            let stream = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+            let job = DiskJob {
+                inner: self.inner.clone(),
+                stream,
+                disk: d,
+                local: m.local.clone(),
+                opts: opts.clone(),
+                progress: progress.clone(),
+            };
+            set.spawn(async move { (i, job.run().await) });
+        }
+        let mut reports: Vec<Option<DiskReport>> = vec![None; mappings.len()];
+        while let Some(joined) = set.join_next().await {
+            let (i, res) = joined.map_err(|e| Error::Usage(format!("sync task failed: {e}")))?;
+            match res {
+                Ok(r) => reports[i] = Some(r),
+                Err(e) => {
+                    set.abort_all();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(SyncReport {
+            agent: self.inner.peer.clone(),
+            disks: reports.into_iter().flatten().collect(),
+            duration_secs: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Closes the connection cleanly.
+    pub async fn close(mut self) {
+        self.reader.abort();
+        let writer = self.writer.take();
+        drop(self);
+        if let Some(w) = writer {
+            let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+        }
+    }
+}
+
+/// Reads one handshake message. In TLS 1.3 the agent checks our certificate after our side of
+/// the handshake is done, so a refused certificate shows up here as an alert.
+async fn read_handshake<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    peer: &str,
+) -> Result<Message> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, reader.read()).await {
+        Err(_) => Err(Error::Timeout {
+            peer: peer.to_owned(),
+            what: "hello",
+            secs: CONNECT_TIMEOUT.as_secs(),
+        }),
+        Ok(Err(Error::ConnectionLost { peer, reason })) => Err(Error::Handshake {
+            peer,
+            source: std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("agent refused the connection: {reason} (is the client certificate signed by the agent's CA?)"),
+            ),
+        }),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(None)) => Err(Error::ConnectionLost {
+            peer: peer.to_owned(),
+            reason: "agent closed the connection during the handshake".into(),
+        }),
+        Ok(Ok(Some((m, _)))) => Ok(m),
+    }
+}
+
+fn stream_of(m: &Message) -> Option<u32> {
+    match m {
+        Message::Blocks { stream, .. }
+        | Message::WindowDone { stream, .. }
+        | Message::SyncDone { stream, .. } => Some(*stream),
+        Message::Error { stream, .. } if *stream != CONNECTION_STREAM => Some(*stream),
+        _ => None,
+    }
+}
+
+async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
+    mut reader: FrameReader<R>,
+    inner: Arc<Inner>,
+    control: mpsc::Sender<Message>,
+) {
+    let reason = loop {
+        let (msg, len) = match reader.read().await {
+            Ok(Some(x)) => x,
+            Ok(None) => break DeadReason::Lost("agent closed the connection".into()),
+            Err(Error::Frame { source, .. }) => break DeadReason::Frame(source),
+            Err(e) => break DeadReason::Lost(e.to_string()),
+        };
+        if let Some(d) = inner.limiter.delay_for(len) {
+            tokio::time::sleep(d).await;
+        }
+        if let Some(stream) = stream_of(&msg) {
+            let route = inner
+                .routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&stream)
+                .cloned();
+            match route {
+                Some(tx) => {
+                    let _ = tx.send((msg, len)).await;
+                }
+                None => tracing::debug!("dropping {} for finished stream {stream}", msg.name()),
+            }
+            continue;
+        }
+        match msg {
+            Message::CommandDone { .. } => {
+                let _ = control.send(msg).await;
+            }
+            Message::Error { code, message, .. } => {
+                if code == ErrorCode::CommandFailed {
+                    let _ = control
+                        .send(Message::Error {
+                            stream: CONNECTION_STREAM,
+                            code,
+                            message,
+                        })
+                        .await;
+                } else {
+                    break DeadReason::Remote(code, message);
+                }
+            }
+            other => {
+                break DeadReason::Frame(crate::wire::FrameError::Malformed(format!(
+                    "unexpected {} from agent",
+                    other.name()
+                )))
+            }
+        }
+    };
+    tracing::debug!("agent connection ended: {reason:?}");
+    let text = match &reason {
+        DeadReason::Frame(e) => e.to_string(),
+        DeadReason::Remote(c, m) => format!("{c}: {m}"),
+        DeadReason::Lost(s) => s.clone(),
+    };
+    *inner.dead_err.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    inner.dead.set(text);
+    inner
+        .routes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+}
+
+struct DiskJob {
+    inner: Arc<Inner>,
+    stream: u32,
+    disk: DiskInfo,
+    local: PathBuf,
+    opts: SyncOptions,
+    progress: Arc<dyn Progress>,
+}
+
+struct Window {
+    hashes: Vec<Hash>,
+    received: Vec<bool>,
+    arrived: u32,
+    verified: u32,
+    done: Option<u32>,
+}
+
+/// Removes the stream's route when the job ends, however it ends.
+struct RouteGuard(Arc<Inner>, u32);
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        self.0
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+impl DiskJob {
+    fn protocol(&self, message: String) -> Error {
+        Error::Protocol {
+            peer: format!("agent {}", self.inner.peer),
+            message,
+        }
+    }
+
+    async fn run(self) -> Result<DiskReport> {
+        let started = Instant::now();
+        let size = self.disk.size;
+        let bs = self.opts.block_size;
+        let bs64 = u64::from(bs);
+        let nblocks = block::block_count(size, bs);
+        let estimate = self.opts.estimate_only;
+        let id = self.disk.id.clone();
+
+        let local = self.local.clone();
+        let target = tokio::task::spawn_blocking(move || Target::open(&local, size, !estimate))
+            .await
+            .map_err(|e| Error::Usage(format!("open task: {e}")))??;
+        let target = Arc::new(target);
+
+        let (route_tx, mut rx) = mpsc::channel(64);
+        self.inner
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.stream, route_tx);
+        let _guard = RouteGuard(self.inner.clone(), self.stream);
+        let mut wire_bytes = 0u64;
+        let send = |m: Message, wire_bytes: &mut u64| {
+            let f = m.encode();
+            *wire_bytes += f.len() as u64;
+            let out = self.inner.out.clone();
+            async move { out.send_raw(f).await }
+        };
+        if !send(
+            Message::SyncStart {
+                stream: self.stream,
+                disk: id.clone(),
+                block_size: bs,
+                estimate,
+            },
+            &mut wire_bytes,
+        )
+        .await
+        {
+            return Err(self.inner.dead_error());
+        }
+        self.progress.disk_started(&id, size);
+
+        // Hashing thread: local target -> windows of hashes.
+        let window_blocks = (WINDOW_BYTES / bs64).max(1);
+        let (htx, mut hrx) = mpsc::channel::<Result<(u64, Vec<Hash>)>>(2);
+        let zeros = Arc::new(ZeroHashes::new(size, bs));
+        {
+            let target = target.clone();
+            let zeros = zeros.clone();
+            tokio::task::spawn_blocking(move || {
+                hash_local(&target, size, bs, window_blocks, &zeros, &htx)
+            });
+        }
+
+        // Writer thread: verified runs -> disk; head last.
+        let (wtx, mut wrx) = mpsc::channel::<VerifiedRun>(8);
+        let writer = if estimate {
+            None
+        } else {
+            let mut w = target.writer()?;
+            Some(tokio::task::spawn_blocking(move || -> Result<u64> {
+                while let Some(run) = wrx.blocking_recv() {
+                    w.write(run)?;
+                }
+                w.finish()
+            }))
+        };
+
+        let mut windows: BTreeMap<u64, Window> = BTreeMap::new();
+        let mut pending: HashSet<u64> = HashSet::new();
+        let mut attempts: HashMap<u64, u32> = HashMap::new();
+        let mut digest = DiskDigest::new();
+        let mut hashing_done = false;
+        let mut sent_end = false;
+        let mut blocks_differing = 0u64;
+        let mut bytes_differing = 0u64;
+        let mut bytes_fetched = 0u64;
+        let mut refetched = 0u64;
+        let agent_digest: Hash;
+
+        loop {
+            tokio::select! {
+                w = hrx.recv(), if !hashing_done && windows.len() < MAX_OUTSTANDING => match w {
+                    Some(Ok((first, hashes))) => {
+                        let count = hashes.len();
+                        windows.insert(first, Window {
+                            hashes: hashes.clone(),
+                            received: vec![false; count],
+                            arrived: 0,
+                            verified: 0,
+                            done: None,
+                        });
+                        if !send(Message::Hashes { stream: self.stream, first_block: first, hashes }, &mut wire_bytes).await {
+                            return Err(self.inner.dead_error());
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => hashing_done = true,
+                },
+                m = tokio::time::timeout(IDLE_TIMEOUT, rx.recv()) => {
+                    let (msg, len) = match m {
+                        Err(_) => return Err(Error::Timeout { peer: self.inner.peer.clone(), what: "blocks", secs: IDLE_TIMEOUT.as_secs() }),
+                        Ok(None) => return Err(self.inner.dead_error()),
+                        Ok(Some(x)) => x,
+                    };
+                    wire_bytes += len as u64;
+                    match msg {
+                        Message::Blocks { first_block, blocks, .. } => {
+                            if estimate {
+                                return Err(self.protocol(format!("agent sent blocks of disk {id} while only estimating")));
+                            }
+                            // Every block must have been asked for: in an open window and not
+                            // yet received, or awaiting a refetch.
+                            for i in 0..blocks.len() as u64 {
+                                let idx = first_block.checked_add(i).ok_or_else(|| self.protocol("block index overflow".into()))?;
+                                let asked = pending.contains(&idx) || match windows.range(..=idx).next_back() {
+                                    Some((&wf, w)) => idx - wf < w.received.len() as u64
+                                        && w.done.is_none()
+                                        && !w.received[usize::try_from(idx - wf).unwrap_or(usize::MAX)]
+                                        && !attempts.contains_key(&idx),
+                                    None => false,
+                                };
+                                if !asked {
+                                    return Err(self.protocol(format!(
+                                        "agent sent block {idx} (offset {}) of disk {id}, which was not asked for; nothing of it was written",
+                                        idx * bs64
+                                    )));
+                                }
+                            }
+                            let payload: u64 = blocks.iter().map(|b| b.payload.len() as u64).sum();
+                            let count = blocks.len() as u64;
+                            for i in 0..count {
+                                let idx = first_block + i;
+                                if !pending.contains(&idx) {
+                                    if let Some((_, w)) = windows.range_mut(..=idx).next_back() {
+                                        w.arrived += 1;
+                                    }
+                                }
+                            }
+                            let z = zeros.clone();
+                            let (runs, bad) = tokio::task::spawn_blocking(move || block::verify_run(first_block, blocks, size, bs, &z))
+                                .await
+                                .map_err(|e| Error::Usage(format!("verify task: {e}")))?;
+                            bytes_fetched += payload;
+                            for run in runs {
+                                let mut fetched = 0u64;
+                                for (k, h) in run.hashes().iter().enumerate() {
+                                    let idx = run.first_block() + k as u64;
+                                    pending.remove(&idx);
+                                    if let Some((&wf, w)) = windows.range_mut(..=idx).next_back() {
+                                        let j = usize::try_from(idx - wf).unwrap_or(usize::MAX);
+                                        if !w.received[j] {
+                                            w.received[j] = true;
+                                            w.verified += 1;
+                                        }
+                                        w.hashes[j] = *h;
+                                    }
+                                    fetched += block::block_len(size, bs, idx);
+                                }
+                                self.progress.disk_advanced(&id, 0, fetched);
+                                if let Some(w) = writer.as_ref() {
+                                    let _ = w;
+                                    if wtx.send(run).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            for b in bad {
+                                let n = attempts.entry(b.block).or_insert(0);
+                                *n += 1;
+                                if *n > self.opts.max_block_retries {
+                                    return Err(Error::Verification {
+                                        disk: id.clone(),
+                                        path: self.local.clone(),
+                                        block: b.block,
+                                        offset: b.block * bs64,
+                                        attempts: *n,
+                                        reason: b.reason,
+                                    });
+                                }
+                                refetched += 1;
+                                tracing::warn!(disk = %id, block = b.block, "block failed verification ({}); fetching it again", b.reason);
+                                self.progress.message(&format!(
+                                    "disk {id}: block {} (offset {}) failed verification ({}); fetching it again (attempt {})",
+                                    b.block, b.block * bs64, b.reason, *n + 1
+                                ));
+                                pending.insert(b.block);
+                                if !send(Message::Refetch { stream: self.stream, first_block: b.block, count: 1 }, &mut wire_bytes).await {
+                                    return Err(self.inner.dead_error());
+                                }
+                            }
+                        }
+                        Message::WindowDone { first_block, count, differing, differing_bytes, .. } => {
+                            let Some(w) = windows.get_mut(&first_block) else {
+                                return Err(self.protocol(format!("WindowDone for unknown window at block {first_block} of disk {id}")));
+                            };
+                            if w.done.is_some() || w.hashes.len() as u64 != u64::from(count) {
+                                return Err(self.protocol(format!("bad WindowDone for window at block {first_block} of disk {id}")));
+                            }
+                            let expect_arrived = if estimate { 0 } else { differing };
+                            if w.arrived != expect_arrived {
+                                return Err(self.protocol(format!(
+                                    "agent announced {differing} differing blocks in window at block {first_block} of disk {id} but sent {}",
+                                    w.arrived
+                                )));
+                            }
+                            w.done = Some(differing);
+                            blocks_differing += u64::from(differing);
+                            bytes_differing += differing_bytes;
+                        }
+                        Message::SyncDone { blocks, digest: theirs, .. } => {
+                            if !sent_end || blocks != nblocks {
+                                return Err(self.protocol(format!("premature SyncDone for disk {id}")));
+                            }
+                            agent_digest = theirs;
+                            break;
+                        }
+                        Message::Error { code, message, .. } => {
+                            return Err(Error::Remote { peer: format!("agent {}", self.inner.peer), code, message });
+                        }
+                        other => return Err(self.protocol(format!("unexpected {} for disk {id}", other.name()))),
+                    }
+                }
+            }
+
+            // Retire complete windows in disk order.
+            while let Some(entry) = windows.first_entry() {
+                let w = entry.get();
+                let complete = match w.done {
+                    Some(d) => estimate || w.verified == d,
+                    None => false,
+                };
+                if !complete {
+                    break;
+                }
+                let first = *entry.key();
+                let w = entry.remove();
+                for h in &w.hashes {
+                    digest.push(h);
+                }
+                let end = ((first + w.hashes.len() as u64) * bs64).min(size);
+                self.progress.disk_advanced(&id, end - first * bs64, 0);
+            }
+            if hashing_done && windows.is_empty() && pending.is_empty() && !sent_end {
+                sent_end = true;
+                if !send(
+                    Message::SyncEnd {
+                        stream: self.stream,
+                    },
+                    &mut wire_bytes,
+                )
+                .await
+                {
+                    return Err(self.inner.dead_error());
+                }
+            }
+        }
+
+        drop(wtx);
+        if let Some(w) = writer {
+            w.await
+                .map_err(|e| Error::Usage(format!("writer task: {e}")))??;
+        }
+        let agent_hex = hex::encode(agent_digest);
+        let local_digest = (!estimate).then(|| digest.finish());
+        if let Some(local) = local_digest {
+            if local != agent_digest {
+                return Err(Error::DigestMismatch {
+                    disk: id,
+                    path: self.local.clone(),
+                    local: hex::encode(local),
+                    agent: agent_hex,
+                });
+            }
+        }
+        let report = DiskReport {
+            remote_id: id.clone(),
+            local_path: self.local.clone(),
+            size,
+            block_size: bs,
+            blocks_total: nblocks,
+            blocks_differing,
+            bytes_differing,
+            bytes_fetched,
+            bytes_on_wire: wire_bytes,
+            blocks_refetched: refetched,
+            digest: local_digest.map(hex::encode),
+            agent_digest: agent_hex,
+            estimate_only: estimate,
+            duration_secs: started.elapsed().as_secs_f64(),
+        };
+        self.progress.disk_finished(&id, &report);
+        Ok(report)
+    }
+}
+
+/// Hashes the local target window by window (bounded parallelism via rayon), sending each
+/// window's hashes to the disk task. Regions beyond the local length hash as zeros unread.
+fn hash_local(
+    target: &Target,
+    size: u64,
+    bs: u32,
+    window_blocks: u64,
+    zeros: &ZeroHashes,
+    tx: &mpsc::Sender<Result<(u64, Vec<Hash>)>>,
+) {
+    let bs64 = u64::from(bs);
+    let nblocks = block::block_count(size, bs);
+    let batch_blocks = (block::BATCH_BYTES / bs64).max(1);
+    let mut buf = Vec::new();
+    let mut first = 0u64;
+    while first < nblocks {
+        let count = window_blocks.min(nblocks - first);
+        let mut hashes = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+        let mut b = first;
+        while b < first + count {
+            let n = batch_blocks.min(first + count - b);
+            let offset = b * bs64;
+            let end = ((b + n) * bs64).min(size);
+            if target.is_beyond_local(offset) {
+                for i in b..b + n {
+                    let len = usize::try_from(block::block_len(size, bs, i)).unwrap_or(0);
+                    hashes.push(zeros.get(len));
+                }
+            } else {
+                let len = usize::try_from(end - offset).unwrap_or(0);
+                buf.resize(len, 0);
+                if let Err(e) = target.read_at(&mut buf, offset) {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+                hashes.extend(
+                    block::hash_blocks(&buf, bs, zeros)
+                        .into_iter()
+                        .map(|(h, _)| h),
+                );
+            }
+            b += n;
+        }
+        if tx.blocking_send(Ok((first, hashes))).is_err() {
+            return;
+        }
+        first += count;
+    }
+}

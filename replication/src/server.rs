@@ -1,0 +1,657 @@
+//! Agent side of the protocol: accept mutual-TLS connections, check the client's instance,
+//! announce the manifest, and answer hash windows with the blocks that differ.
+//!
+//! Per stream (one disk sync) a blocking worker reads the source in large batches, hashes the
+//! blocks in parallel on the rayon pool, compresses the differing ones, and queues frames for the
+//! connection's writer task, so disk reads, hashing and the network overlap.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rayon::prelude::*;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+use crate::block::{self, DiskDigest, ZeroHashes};
+use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
+use crate::device;
+use crate::error::{Error, Result};
+use crate::tls::{instance_id_from_cert, ServerTls};
+use crate::wire::{
+    DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, PROTOCOL_VERSION,
+};
+
+/// How long a client may take to finish the TLS handshake and send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest payload of one `Blocks` frame (a run is cut here).
+const RUN_BYTES: usize = 4 * 1024 * 1024;
+
+/// A disk (block device or image file) served read-only.
+#[derive(Debug, Clone)]
+pub struct SourceDisk {
+    /// What the manifest says about it.
+    pub info: DiskInfo,
+    /// Where it lives.
+    pub path: PathBuf,
+    file: Arc<File>,
+}
+
+impl SourceDisk {
+    /// Opens `path` read-only and describes it as disk `id`.
+    pub fn open(id: &str, path: &Path) -> Result<Self> {
+        let io = |op: &'static str| {
+            let path = path.to_owned();
+            move |source| Error::LocalIo {
+                op,
+                path,
+                offset: 0,
+                source,
+            }
+        };
+        let file = File::open(path).map_err(io("open"))?;
+        let d = device::inspect(path).map_err(io("inspect"))?;
+        if id.is_empty() || id.len() > 200 {
+            return Err(Error::Usage(format!(
+                "disk id {id:?} for {} must be 1..200 characters",
+                path.display()
+            )));
+        }
+        Ok(SourceDisk {
+            info: DiskInfo {
+                id: id.to_owned(),
+                size: d.size,
+                logical_sector_size: d.logical_sector_size,
+                device: d.name,
+                serial: d.serial,
+            },
+            path: path.to_owned(),
+            file: Arc::new(file),
+        })
+    }
+}
+
+/// Test-only fault injection: flips one byte of the next N non-zero blocks the agent sends.
+/// Compiled only with the `fault-injection` feature (enabled from dev-dependencies).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Default)]
+pub struct FaultInjection {
+    /// Blocks still to corrupt.
+    pub corrupt_blocks: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(feature = "fault-injection")]
+impl FaultInjection {
+    /// Environment variable read by [`ServeOptions::with_fault_env`].
+    pub const ENV: &'static str = "FAILBACK_FAULT_CORRUPT_BLOCKS";
+
+    /// Corrupt the next `n` blocks.
+    pub fn corrupt(n: u64) -> Arc<Self> {
+        Arc::new(FaultInjection {
+            corrupt_blocks: std::sync::atomic::AtomicU64::new(n),
+        })
+    }
+
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.corrupt_blocks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// Agent behaviour beyond the disks and TLS.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Shell command run on `Quiesce` (e.g. freeze filesystems / flush databases).
+    pub quiesce_cmd: Option<String>,
+    /// Shell command run on `Thaw`.
+    pub thaw_cmd: Option<String>,
+    /// Test-only fault injection.
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<Arc<FaultInjection>>,
+}
+
+impl ServeOptions {
+    /// With the `fault-injection` feature, reads `FAILBACK_FAULT_CORRUPT_BLOCKS=N`; without it,
+    /// does nothing (release builds ignore the variable).
+    pub fn with_fault_env(self) -> Self {
+        #[cfg(feature = "fault-injection")]
+        {
+            let mut s = self;
+            if let Some(n) = std::env::var(FaultInjection::ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                tracing::warn!("fault injection: corrupting the next {n} blocks sent");
+                s.fault = Some(FaultInjection::corrupt(n));
+            }
+            s
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        self
+    }
+}
+
+struct Ctx {
+    disks: Vec<SourceDisk>,
+    acceptor: TlsAcceptor,
+    instance: Option<String>,
+    opts: ServeOptions,
+}
+
+/// Serves `disks` on `listener` until the listener fails. Each connection runs in its own task;
+/// a failing connection is logged and closed without affecting others.
+pub async fn serve(
+    listener: TcpListener,
+    disks: Vec<SourceDisk>,
+    tls: ServerTls,
+    opts: ServeOptions,
+) -> std::io::Result<()> {
+    let ctx = Arc::new(Ctx {
+        disks,
+        acceptor: TlsAcceptor::from(tls.config.clone()),
+        instance: tls.instance.clone(),
+        opts,
+    });
+    loop {
+        let (tcp, addr) = listener.accept().await?;
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let peer = addr.to_string();
+            tracing::info!(%peer, "client connected");
+            match handle(tcp, peer.clone(), ctx).await {
+                Ok(()) => tracing::info!(%peer, "client disconnected"),
+                Err(e) => tracing::error!(%peer, "connection closed: {e}"),
+            }
+        });
+    }
+}
+
+fn stream_of(m: &Message) -> Option<u32> {
+    match m {
+        Message::SyncStart { stream, .. }
+        | Message::Hashes { stream, .. }
+        | Message::Refetch { stream, .. }
+        | Message::SyncEnd { stream }
+        | Message::Blocks { stream, .. }
+        | Message::WindowDone { stream, .. }
+        | Message::SyncDone { stream, .. }
+        | Message::Error { stream, .. } => Some(*stream),
+        _ => None,
+    }
+}
+
+async fn send_error(out: &FrameSender, stream: u32, code: ErrorCode, message: String) {
+    let _ = out
+        .send(&Message::Error {
+            stream,
+            code,
+            message,
+        })
+        .await;
+}
+
+async fn handle(tcp: TcpStream, peer: String, ctx: Arc<Ctx>) -> Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HELLO_TIMEOUT, ctx.acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
+        Err(_) => {
+            return Err(Error::Timeout {
+                peer,
+                what: "TLS handshake",
+                secs: HELLO_TIMEOUT.as_secs(),
+            })
+        }
+    };
+    let client_instance = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| instance_id_from_cert(c));
+    let (r, w) = tokio::io::split(tls);
+    let dead = DeadSlot::default();
+    let (out, writer) = spawn_writer(w, dead);
+    let mut reader = FrameReader::new(r, peer.clone());
+    let res = session(&mut reader, &out, &peer, client_instance, &ctx).await;
+    if let Err(e) = &res {
+        // Tell the client why before closing (best effort; the connection may be gone).
+        let code = match e {
+            Error::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            Error::Remote { code, .. } => *code,
+            Error::LocalIo { .. } => ErrorCode::Io,
+            _ => ErrorCode::BadRequest,
+        };
+        let message = match e {
+            Error::Remote { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        send_error(&out, CONNECTION_STREAM, code, message).await;
+    }
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    res
+}
+
+async fn session(
+    reader: &mut FrameReader<tokio::io::ReadHalf<tokio_rustls::server::TlsStream<TcpStream>>>,
+    out: &FrameSender,
+    peer: &str,
+    client_instance: Option<String>,
+    ctx: &Arc<Ctx>,
+) -> Result<()> {
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.read()).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(Error::Timeout {
+                peer: peer.to_owned(),
+                what: "hello",
+                secs: HELLO_TIMEOUT.as_secs(),
+            })
+        }
+    };
+    match first {
+        Some((Message::ClientHello { version }, _)) if version == PROTOCOL_VERSION => {}
+        Some((Message::ClientHello { version }, _)) => {
+            return Err(Error::VersionMismatch {
+                agent: PROTOCOL_VERSION,
+                client: version,
+            })
+        }
+        Some((other, _)) => {
+            return Err(Error::Protocol {
+                peer: peer.to_owned(),
+                message: format!("expected ClientHello, got {}", other.name()),
+            })
+        }
+        None => {
+            return Err(Error::ConnectionLost {
+                peer: peer.to_owned(),
+                reason: "closed before hello".into(),
+            })
+        }
+    }
+    if let Some(want) = &ctx.instance {
+        if client_instance.as_deref() != Some(want.as_str()) {
+            let message = format!(
+                "client certificate is for instance {}, but this agent serves instance {want}",
+                client_instance.as_deref().unwrap_or("<none>")
+            );
+            return Err(Error::Remote {
+                peer: peer.to_owned(),
+                code: ErrorCode::NotAuthorized,
+                message,
+            });
+        }
+    }
+    out.send(&Message::AgentHello {
+        version: PROTOCOL_VERSION,
+        software: env!("CARGO_PKG_VERSION").to_owned(),
+        instance: ctx.instance.clone(),
+    })
+    .await;
+    out.send(&Message::Manifest {
+        disks: ctx.disks.iter().map(|d| d.info.clone()).collect(),
+    })
+    .await;
+
+    let mut streams: HashMap<u32, mpsc::Sender<Message>> = HashMap::new();
+    loop {
+        let Some((msg, _)) = reader.read().await? else {
+            return Ok(());
+        };
+        match msg {
+            Message::SyncStart {
+                stream,
+                disk,
+                block_size,
+                estimate,
+            } => {
+                if stream == CONNECTION_STREAM || streams.contains_key(&stream) {
+                    return Err(Error::Protocol {
+                        peer: peer.to_owned(),
+                        message: format!("stream id {stream} reused"),
+                    });
+                }
+                let Some(src) = ctx.disks.iter().find(|d| d.info.id == disk) else {
+                    send_error(
+                        out,
+                        stream,
+                        ErrorCode::UnknownDisk,
+                        format!("this agent serves no disk {disk:?}"),
+                    )
+                    .await;
+                    continue;
+                };
+                if let Err(m) = block::validate_block_size(block_size) {
+                    send_error(out, stream, ErrorCode::BadRequest, m).await;
+                    continue;
+                }
+                streams.retain(|_, tx| !tx.is_closed());
+                let (tx, rx) = mpsc::channel(16);
+                streams.insert(stream, tx);
+                let worker = StreamWorker {
+                    disk: src.clone(),
+                    stream,
+                    block_size,
+                    estimate,
+                    out: out.clone(),
+                    #[cfg(feature = "fault-injection")]
+                    fault: ctx.opts.fault.clone(),
+                };
+                tokio::task::spawn_blocking(move || worker.run(rx));
+            }
+            m @ (Message::Hashes { .. } | Message::Refetch { .. } | Message::SyncEnd { .. }) => {
+                let stream = stream_of(&m).unwrap_or(CONNECTION_STREAM);
+                match streams.get(&stream) {
+                    Some(tx) => {
+                        // A closed worker already reported its error; drop the message.
+                        let _ = tx.send(m).await;
+                    }
+                    None => {
+                        return Err(Error::Protocol {
+                            peer: peer.to_owned(),
+                            message: format!("{} for unknown stream {stream}", m.name()),
+                        })
+                    }
+                }
+            }
+            Message::Quiesce | Message::Thaw => {
+                let quiesce = matches!(msg, Message::Quiesce);
+                let cmd = if quiesce {
+                    ctx.opts.quiesce_cmd.clone()
+                } else {
+                    ctx.opts.thaw_cmd.clone()
+                };
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let what = if quiesce { "quiesce" } else { "thaw" };
+                    let reply = run_command(what, cmd).await;
+                    let msg = match reply {
+                        Ok(message) => Message::CommandDone { message },
+                        Err(message) => Message::Error {
+                            stream: CONNECTION_STREAM,
+                            code: ErrorCode::CommandFailed,
+                            message,
+                        },
+                    };
+                    out.send(&msg).await;
+                });
+            }
+            other => {
+                return Err(Error::Protocol {
+                    peer: peer.to_owned(),
+                    message: format!("unexpected {} from client", other.name()),
+                })
+            }
+        }
+    }
+}
+
+async fn run_command(what: &str, cmd: Option<String>) -> std::result::Result<String, String> {
+    let Some(cmd) = cmd else {
+        return Ok(format!("no {what} command configured; nothing to do"));
+    };
+    tracing::info!("running {what} command: {cmd}");
+    let out = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&cmd)
+        .output()
+        .await
+        .map_err(|e| format!("{what} command {cmd:?} could not start: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(format!("{what} command {cmd:?} succeeded: {}", text.trim()))
+    } else {
+        Err(format!(
+            "{what} command {cmd:?} failed ({}): {}",
+            out.status,
+            text.trim()
+        ))
+    }
+}
+
+struct StreamWorker {
+    disk: SourceDisk,
+    stream: u32,
+    block_size: u32,
+    estimate: bool,
+    out: FrameSender,
+    #[cfg(feature = "fault-injection")]
+    fault: Option<Arc<FaultInjection>>,
+}
+
+/// Builds `Blocks` frames from consecutive differing blocks.
+struct RunBuilder {
+    first: u64,
+    blocks: Vec<WireBlock>,
+    bytes: usize,
+}
+
+impl StreamWorker {
+    fn run(self, mut rx: mpsc::Receiver<Message>) {
+        let size = self.disk.info.size;
+        let nblocks = block::block_count(size, self.block_size);
+        let zeros = ZeroHashes::new(size, self.block_size);
+        let mut digest = DiskDigest::new();
+        let mut next = 0u64;
+        let mut buf = Vec::new();
+        while let Some(m) = rx.blocking_recv() {
+            let res = match m {
+                Message::Hashes {
+                    first_block,
+                    hashes,
+                    ..
+                } => {
+                    if first_block != next || first_block + hashes.len() as u64 > nblocks {
+                        Err((
+                            ErrorCode::BadRequest,
+                            format!(
+                                "hash window {first_block}+{} out of order or beyond the {nblocks} blocks of disk {}",
+                                hashes.len(),
+                                self.disk.info.id
+                            ),
+                        ))
+                    } else {
+                        next += hashes.len() as u64;
+                        self.window(first_block, &hashes, &zeros, &mut digest, &mut buf)
+                    }
+                }
+                Message::Refetch {
+                    first_block, count, ..
+                } => {
+                    if first_block + u64::from(count) > next {
+                        Err((
+                            ErrorCode::BadRequest,
+                            format!("refetch of blocks {first_block}+{count} not yet compared"),
+                        ))
+                    } else {
+                        self.refetch(first_block, count, &zeros, &mut buf)
+                    }
+                }
+                Message::SyncEnd { .. } => {
+                    if next != nblocks {
+                        Err((
+                            ErrorCode::BadRequest,
+                            format!("sync ended after {next} of {nblocks} blocks"),
+                        ))
+                    } else {
+                        self.out.blocking_send_raw(
+                            Message::SyncDone {
+                                stream: self.stream,
+                                blocks: digest.blocks(),
+                                digest: digest.finish(),
+                            }
+                            .encode(),
+                        );
+                        return;
+                    }
+                }
+                _ => Ok(()),
+            };
+            if let Err((code, message)) = res {
+                tracing::error!(disk = %self.disk.info.id, "{message}");
+                self.out.blocking_send_raw(
+                    Message::Error {
+                        stream: self.stream,
+                        code,
+                        message,
+                    }
+                    .encode(),
+                );
+                return;
+            }
+        }
+    }
+
+    fn read(&self, buf: &mut Vec<u8>, first: u64, count: u64) -> Result<(), (ErrorCode, String)> {
+        let bs = u64::from(self.block_size);
+        let offset = first * bs;
+        let end = ((first + count) * bs).min(self.disk.info.size);
+        let len = usize::try_from(end - offset).map_err(|_| (ErrorCode::Io, "batch".into()))?;
+        buf.resize(len, 0);
+        self.disk.file.read_exact_at(buf, offset).map_err(|e| {
+            (
+                ErrorCode::Io,
+                format!(
+                    "agent cannot read disk {} ({}) at offset {offset}: {e}",
+                    self.disk.info.id,
+                    self.disk.path.display()
+                ),
+            )
+        })
+    }
+
+    fn batch_blocks(&self) -> u64 {
+        (block::BATCH_BYTES / u64::from(self.block_size)).max(1)
+    }
+
+    fn window(
+        &self,
+        first: u64,
+        client: &[Hash],
+        zeros: &ZeroHashes,
+        digest: &mut DiskDigest,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
+        let mut run: Option<RunBuilder> = None;
+        let mut differing = 0u32;
+        let mut differing_bytes = 0u64;
+        let total = client.len() as u64;
+        let mut done = 0u64;
+        while done < total {
+            let n = self.batch_blocks().min(total - done);
+            let batch_first = first + done;
+            self.read(buf, batch_first, n)?;
+            let lo = usize::try_from(done).unwrap_or(usize::MAX);
+            let theirs = &client[lo..lo + buf.len().div_ceil(bs)];
+            let estimate = self.estimate;
+            let results: Vec<(Hash, Option<WireBlock>, usize)> = buf
+                .par_chunks(bs)
+                .zip(theirs.par_iter())
+                .map(|(data, their)| {
+                    let (hash, zero) = block::hash_block(data, zeros);
+                    let wb = (hash != *their && !estimate)
+                        .then(|| block::encode_block(data, hash, zero));
+                    let differs = usize::from(hash != *their);
+                    (hash, wb, differs * data.len())
+                })
+                .collect();
+            for (i, (hash, wb, diff_len)) in results.into_iter().enumerate() {
+                digest.push(&hash);
+                let index = batch_first + i as u64;
+                if diff_len > 0 {
+                    differing += 1;
+                    differing_bytes += diff_len as u64;
+                }
+                if let Some(wb) = wb {
+                    if let Some(r) = run.as_ref() {
+                        if r.first + r.blocks.len() as u64 != index || r.bytes >= RUN_BYTES {
+                            self.flush(run.take());
+                        }
+                    }
+                    let r = run.get_or_insert_with(|| RunBuilder {
+                        first: index,
+                        blocks: Vec::new(),
+                        bytes: 0,
+                    });
+                    r.bytes += wb.payload.len() + 37;
+                    r.blocks.push(wb);
+                }
+            }
+            done += n;
+        }
+        self.flush(run.take());
+        self.out.blocking_send_raw(
+            Message::WindowDone {
+                stream: self.stream,
+                first_block: first,
+                count: u32::try_from(total).unwrap_or(u32::MAX),
+                differing,
+                differing_bytes,
+            }
+            .encode(),
+        );
+        Ok(())
+    }
+
+    fn refetch(
+        &self,
+        first: u64,
+        count: u32,
+        zeros: &ZeroHashes,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
+        self.read(buf, first, u64::from(count))?;
+        let blocks = buf
+            .chunks(bs)
+            .map(|data| {
+                let (hash, zero) = block::hash_block(data, zeros);
+                block::encode_block(data, hash, zero)
+            })
+            .collect();
+        self.flush(Some(RunBuilder {
+            first,
+            blocks,
+            bytes: 0,
+        }));
+        Ok(())
+    }
+
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
+    fn flush(&self, run: Option<RunBuilder>) {
+        let Some(mut run) = run else { return };
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = &self.fault {
+            for b in run.blocks.iter_mut() {
+                if !b.payload.is_empty() && f.take() {
+                    tracing::warn!(
+                        "fault injection: corrupting a block of stream {}",
+                        self.stream
+                    );
+                    b.payload[0] ^= 0xff;
+                }
+            }
+        }
+        self.out.blocking_send_raw(
+            Message::Blocks {
+                stream: self.stream,
+                first_block: run.first,
+                blocks: run.blocks,
+            }
+            .encode(),
+        );
+    }
+}

@@ -1,0 +1,833 @@
+//! Wire protocol v1: framing and message encoding.
+//!
+//! Every message travels in one frame: `len: u32 BE` (bytes that follow, tag included, at most
+//! [`MAX_FRAME`]) then `tag: u8` then the body. Integers are big-endian; strings are
+//! `u16 BE length + UTF-8`; optional strings are `u8 0|1` then the string; hashes are 32 raw bytes.
+//! The encoding of every message is pinned by a unit test below, so changing it without bumping
+//! [`PROTOCOL_VERSION`] fails the build's tests.
+//!
+//! Compatibility rule: the hello messages (magic + version first) and the `Error` message are
+//! frozen for all future versions, so a peer speaking another version can always read the
+//! other side's version and say "agent speaks protocol 1, client 2" instead of a garbled stream.
+//!
+//! The codec is hand-written (not serde/bincode) because the byte layout is the contract: it
+//! must stay readable by other versions and be pinned byte for byte.
+
+use std::fmt;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// First four bytes of both hello messages.
+pub const MAGIC: [u8; 4] = *b"FBRP";
+/// Largest frame (tag + body) either side accepts. Block runs are cut well below this.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024 + 4096;
+/// `stream` value of an error that concerns the whole connection, not one disk sync.
+pub const CONNECTION_STREAM: u32 = u32::MAX;
+/// BLAKE3 digest length.
+pub const HASH_LEN: usize = 32;
+
+/// A BLAKE3 hash of one block (or of a whole disk's ordered block hashes).
+pub type Hash = [u8; HASH_LEN];
+
+/// Error codes carried by [`Message::Error`]. Stable numbers, part of the wire contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The peers speak different protocol versions.
+    VersionMismatch,
+    /// The client certificate does not name the instance this agent serves.
+    NotAuthorized,
+    /// The request names a disk the agent does not serve.
+    UnknownDisk,
+    /// The request is malformed or arrived out of order.
+    BadRequest,
+    /// The agent failed to read its disk.
+    Io,
+    /// A quiesce/thaw command failed.
+    CommandFailed,
+    /// A code this build does not know (from a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// Wire number.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::VersionMismatch => 1,
+            ErrorCode::NotAuthorized => 2,
+            ErrorCode::UnknownDisk => 3,
+            ErrorCode::BadRequest => 4,
+            ErrorCode::Io => 5,
+            ErrorCode::CommandFailed => 6,
+            ErrorCode::Other(n) => n,
+        }
+    }
+    /// From a wire number.
+    pub fn from_u16(n: u16) -> Self {
+        match n {
+            1 => ErrorCode::VersionMismatch,
+            2 => ErrorCode::NotAuthorized,
+            3 => ErrorCode::UnknownDisk,
+            4 => ErrorCode::BadRequest,
+            5 => ErrorCode::Io,
+            6 => ErrorCode::CommandFailed,
+            n => ErrorCode::Other(n),
+        }
+    }
+}
+
+/// One disk the agent serves, as announced in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskInfo {
+    /// Name the client uses in `--map ID=LOCAL` (the agent's `--disk ID=PATH`).
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical sector size in bytes (512 for image files).
+    pub logical_sector_size: u32,
+    /// Kernel device name (`nvme1n1`) or the image file name.
+    pub device: String,
+    /// Device serial number, when the kernel reports one.
+    pub serial: Option<String>,
+}
+
+/// How a block's payload is encoded in a [`Message::Blocks`] frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// All-zero block; no payload.
+    Zero,
+    /// Payload is the block as is.
+    Raw,
+    /// Payload is a zstd frame that decompresses to the block.
+    Zstd,
+}
+
+impl Encoding {
+    fn to_u8(self) -> u8 {
+        match self {
+            Encoding::Zero => 0,
+            Encoding::Raw => 1,
+            Encoding::Zstd => 2,
+        }
+    }
+    fn from_u8(v: u8) -> Result<Self, FrameError> {
+        Ok(match v {
+            0 => Encoding::Zero,
+            1 => Encoding::Raw,
+            2 => Encoding::Zstd,
+            other => {
+                return Err(FrameError::Malformed(format!(
+                    "unknown block encoding {other}"
+                )))
+            }
+        })
+    }
+}
+
+/// One block inside a [`Message::Blocks`] run. The payload is untrusted until its hash has been
+/// checked (see `block::ReceivedBlock::verify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireBlock {
+    pub encoding: Encoding,
+    /// The agent's BLAKE3 hash of the decoded block.
+    pub hash: Hash,
+    pub payload: Vec<u8>,
+}
+
+/// Every message of protocol v1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// C→A, first frame: magic and the client's version.
+    ClientHello { version: u16 },
+    /// A→C, reply to a compatible hello: magic, version, agent software version, the instance
+    /// id the agent serves (if scoped).
+    AgentHello {
+        version: u16,
+        software: String,
+        instance: Option<String>,
+    },
+    /// A→C, right after `AgentHello`: the disks served.
+    Manifest { disks: Vec<DiskInfo> },
+    /// C→A: start syncing `disk` as stream `stream`; `estimate` = compare only, send no data.
+    SyncStart {
+        stream: u32,
+        disk: String,
+        block_size: u32,
+        estimate: bool,
+    },
+    /// C→A: the client's hashes of blocks `first_block..first_block+hashes.len()` (one window).
+    Hashes {
+        stream: u32,
+        first_block: u64,
+        hashes: Vec<Hash>,
+    },
+    /// C→A: send blocks `first_block..+count` again, unconditionally (a block failed verification).
+    Refetch {
+        stream: u32,
+        first_block: u64,
+        count: u32,
+    },
+    /// C→A: no more windows for this stream; answer with `SyncDone`.
+    SyncEnd { stream: u32 },
+    /// A→C: a run of consecutive differing blocks starting at `first_block`.
+    Blocks {
+        stream: u32,
+        first_block: u64,
+        blocks: Vec<WireBlock>,
+    },
+    /// A→C: the window starting at `first_block` is fully answered; `differing` blocks
+    /// (`differing_bytes` decoded bytes) were (or, when estimating, would have been) sent.
+    WindowDone {
+        stream: u32,
+        first_block: u64,
+        count: u32,
+        differing: u32,
+        differing_bytes: u64,
+    },
+    /// A→C: the stream is finished; `digest` = BLAKE3 over the agent's ordered block hashes.
+    SyncDone {
+        stream: u32,
+        blocks: u64,
+        digest: Hash,
+    },
+    /// C→A: run the agent's quiesce command (flush/freeze applications before the last round).
+    Quiesce,
+    /// C→A: run the agent's thaw command.
+    Thaw,
+    /// A→C: result of `Quiesce`/`Thaw` (command output, or a note that none is configured).
+    CommandDone { message: String },
+    /// Either direction: a failure. `stream` = [`CONNECTION_STREAM`] for the whole connection.
+    Error {
+        stream: u32,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Length prefix above [`MAX_FRAME`] (or zero).
+    #[error("frame length {0} is outside 1..={MAX_FRAME} bytes")]
+    BadLength(u64),
+    /// Unknown message tag.
+    #[error("unknown message tag 0x{0:02x}")]
+    UnknownTag(u8),
+    /// Body shorter than its fields say.
+    #[error("message truncated: {0}")]
+    Truncated(&'static str),
+    /// Bytes left over after the last field.
+    #[error("{0} trailing bytes after message")]
+    Trailing(usize),
+    /// A hello without the `FBRP` magic: not our protocol at all.
+    #[error("peer does not speak the failback protocol (bad magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    /// Anything else structurally wrong.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+const T_CLIENT_HELLO: u8 = 0x01;
+const T_AGENT_HELLO: u8 = 0x02;
+const T_MANIFEST: u8 = 0x03;
+const T_SYNC_START: u8 = 0x10;
+const T_HASHES: u8 = 0x11;
+const T_REFETCH: u8 = 0x12;
+const T_SYNC_END: u8 = 0x13;
+const T_BLOCKS: u8 = 0x20;
+const T_WINDOW_DONE: u8 = 0x21;
+const T_SYNC_DONE: u8 = 0x22;
+const T_QUIESCE: u8 = 0x30;
+const T_THAW: u8 = 0x31;
+const T_COMMAND_DONE: u8 = 0x32;
+const T_ERROR: u8 = 0x7f;
+
+impl Message {
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::ClientHello { .. } => "ClientHello",
+            Message::AgentHello { .. } => "AgentHello",
+            Message::Manifest { .. } => "Manifest",
+            Message::SyncStart { .. } => "SyncStart",
+            Message::Hashes { .. } => "Hashes",
+            Message::Refetch { .. } => "Refetch",
+            Message::SyncEnd { .. } => "SyncEnd",
+            Message::Blocks { .. } => "Blocks",
+            Message::WindowDone { .. } => "WindowDone",
+            Message::SyncDone { .. } => "SyncDone",
+            Message::Quiesce => "Quiesce",
+            Message::Thaw => "Thaw",
+            Message::CommandDone { .. } => "CommandDone",
+            Message::Error { .. } => "Error",
+        }
+    }
+
+    /// Appends the whole frame (length prefix included) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        match self {
+            Message::ClientHello { version } => {
+                out.push(T_CLIENT_HELLO);
+                out.extend_from_slice(&MAGIC);
+                put_u16(out, *version);
+            }
+            Message::AgentHello {
+                version,
+                software,
+                instance,
+            } => {
+                out.push(T_AGENT_HELLO);
+                out.extend_from_slice(&MAGIC);
+                put_u16(out, *version);
+                put_str(out, software);
+                put_opt_str(out, instance.as_deref());
+            }
+            Message::Manifest { disks } => {
+                out.push(T_MANIFEST);
+                put_u32(out, len_u32(disks.len()));
+                for d in disks {
+                    put_str(out, &d.id);
+                    put_u64(out, d.size);
+                    put_u32(out, d.logical_sector_size);
+                    put_str(out, &d.device);
+                    put_opt_str(out, d.serial.as_deref());
+                }
+            }
+            Message::SyncStart {
+                stream,
+                disk,
+                block_size,
+                estimate,
+            } => {
+                out.push(T_SYNC_START);
+                put_u32(out, *stream);
+                put_str(out, disk);
+                put_u32(out, *block_size);
+                out.push(u8::from(*estimate));
+            }
+            Message::Hashes {
+                stream,
+                first_block,
+                hashes,
+            } => {
+                out.push(T_HASHES);
+                put_u32(out, *stream);
+                put_u64(out, *first_block);
+                put_u32(out, len_u32(hashes.len()));
+                for h in hashes {
+                    out.extend_from_slice(h);
+                }
+            }
+            Message::Refetch {
+                stream,
+                first_block,
+                count,
+            } => {
+                out.push(T_REFETCH);
+                put_u32(out, *stream);
+                put_u64(out, *first_block);
+                put_u32(out, *count);
+            }
+            Message::SyncEnd { stream } => {
+                out.push(T_SYNC_END);
+                put_u32(out, *stream);
+            }
+            Message::Blocks {
+                stream,
+                first_block,
+                blocks,
+            } => {
+                out.push(T_BLOCKS);
+                put_u32(out, *stream);
+                put_u64(out, *first_block);
+                put_u32(out, len_u32(blocks.len()));
+                for b in blocks {
+                    out.push(b.encoding.to_u8());
+                    out.extend_from_slice(&b.hash);
+                    put_u32(out, len_u32(b.payload.len()));
+                    out.extend_from_slice(&b.payload);
+                }
+            }
+            Message::WindowDone {
+                stream,
+                first_block,
+                count,
+                differing,
+                differing_bytes,
+            } => {
+                out.push(T_WINDOW_DONE);
+                put_u32(out, *stream);
+                put_u64(out, *first_block);
+                put_u32(out, *count);
+                put_u32(out, *differing);
+                put_u64(out, *differing_bytes);
+            }
+            Message::SyncDone {
+                stream,
+                blocks,
+                digest,
+            } => {
+                out.push(T_SYNC_DONE);
+                put_u32(out, *stream);
+                put_u64(out, *blocks);
+                out.extend_from_slice(digest);
+            }
+            Message::Quiesce => out.push(T_QUIESCE),
+            Message::Thaw => out.push(T_THAW),
+            Message::CommandDone { message } => {
+                out.push(T_COMMAND_DONE);
+                put_str(out, message);
+            }
+            Message::Error {
+                stream,
+                code,
+                message,
+            } => {
+                out.push(T_ERROR);
+                put_u32(out, *stream);
+                put_u16(out, code.to_u16());
+                put_str(out, message);
+            }
+        }
+        let body = len_u32(out.len() - start - 4);
+        out[start..start + 4].copy_from_slice(&body.to_be_bytes());
+    }
+
+    /// The whole frame as a new buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode_into(&mut v);
+        v
+    }
+
+    /// Decodes one frame body (tag + fields, without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Message, FrameError> {
+        let mut r = Reader { buf: body };
+        let tag = r.u8("tag")?;
+        let msg = match tag {
+            T_CLIENT_HELLO => {
+                r.magic()?;
+                Message::ClientHello {
+                    version: r.u16("version")?,
+                }
+            }
+            T_AGENT_HELLO => {
+                r.magic()?;
+                let version = r.u16("version")?;
+                if version != PROTOCOL_VERSION {
+                    // Frozen prefix only: a newer agent may add fields we cannot parse.
+                    return Ok(Message::AgentHello {
+                        version,
+                        software: String::new(),
+                        instance: None,
+                    });
+                }
+                Message::AgentHello {
+                    version,
+                    software: r.string("software")?,
+                    instance: r.opt_string("instance")?,
+                }
+            }
+            T_MANIFEST => {
+                let n = r.u32("disk count")?;
+                let mut disks = Vec::new();
+                for _ in 0..n {
+                    disks.push(DiskInfo {
+                        id: r.string("disk id")?,
+                        size: r.u64("disk size")?,
+                        logical_sector_size: r.u32("sector size")?,
+                        device: r.string("device")?,
+                        serial: r.opt_string("serial")?,
+                    });
+                }
+                Message::Manifest { disks }
+            }
+            T_SYNC_START => Message::SyncStart {
+                stream: r.u32("stream")?,
+                disk: r.string("disk")?,
+                block_size: r.u32("block size")?,
+                estimate: r.bool("estimate")?,
+            },
+            T_HASHES => {
+                let stream = r.u32("stream")?;
+                let first_block = r.u64("first block")?;
+                let n = r.u32("hash count")?;
+                let need = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| n.checked_mul(HASH_LEN))
+                    .ok_or(FrameError::Truncated("hashes"))?;
+                let raw = r.take(need, "hashes")?;
+                let hashes = raw
+                    .chunks_exact(HASH_LEN)
+                    .map(|c| {
+                        let mut h = [0u8; HASH_LEN];
+                        h.copy_from_slice(c);
+                        h
+                    })
+                    .collect();
+                Message::Hashes {
+                    stream,
+                    first_block,
+                    hashes,
+                }
+            }
+            T_REFETCH => Message::Refetch {
+                stream: r.u32("stream")?,
+                first_block: r.u64("first block")?,
+                count: r.u32("count")?,
+            },
+            T_SYNC_END => Message::SyncEnd {
+                stream: r.u32("stream")?,
+            },
+            T_BLOCKS => {
+                let stream = r.u32("stream")?;
+                let first_block = r.u64("first block")?;
+                let n = r.u32("block count")?;
+                let mut blocks = Vec::new();
+                for _ in 0..n {
+                    let encoding = Encoding::from_u8(r.u8("encoding")?)?;
+                    let hash = r.hash("block hash")?;
+                    let len = r.u32("payload length")?;
+                    let len = usize::try_from(len).map_err(|_| FrameError::Truncated("payload"))?;
+                    let payload = r.take(len, "block payload")?.to_vec();
+                    if encoding == Encoding::Zero && !payload.is_empty() {
+                        return Err(FrameError::Malformed(
+                            "zero-marker block carries a payload".into(),
+                        ));
+                    }
+                    blocks.push(WireBlock {
+                        encoding,
+                        hash,
+                        payload,
+                    });
+                }
+                Message::Blocks {
+                    stream,
+                    first_block,
+                    blocks,
+                }
+            }
+            T_WINDOW_DONE => Message::WindowDone {
+                stream: r.u32("stream")?,
+                first_block: r.u64("first block")?,
+                count: r.u32("count")?,
+                differing: r.u32("differing")?,
+                differing_bytes: r.u64("differing bytes")?,
+            },
+            T_SYNC_DONE => Message::SyncDone {
+                stream: r.u32("stream")?,
+                blocks: r.u64("blocks")?,
+                digest: r.hash("digest")?,
+            },
+            T_QUIESCE => Message::Quiesce,
+            T_THAW => Message::Thaw,
+            T_COMMAND_DONE => Message::CommandDone {
+                message: r.string("message")?,
+            },
+            T_ERROR => Message::Error {
+                stream: r.u32("stream")?,
+                code: ErrorCode::from_u16(r.u16("code")?),
+                message: r.string("message")?,
+            },
+            other => return Err(FrameError::UnknownTag(other)),
+        };
+        if !r.buf.is_empty() {
+            return Err(FrameError::Trailing(r.buf.len()));
+        }
+        Ok(msg)
+    }
+}
+
+/// Parses a 4-byte length prefix and checks it against [`MAX_FRAME`].
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let n = u32::from_be_bytes(prefix);
+    let n_usize = usize::try_from(n).map_err(|_| FrameError::BadLength(u64::from(n)))?;
+    if n_usize == 0 || n_usize > MAX_FRAME {
+        return Err(FrameError::BadLength(u64::from(n)));
+    }
+    Ok(n_usize)
+}
+
+/// Lengths inside one frame are bounded by [`MAX_FRAME`], so they always fit in u32.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).expect("length inside a frame exceeds u32")
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Strings on the wire are names and messages; cut (at a char boundary) rather than fail.
+    let mut end = s.len().min(usize::from(u16::MAX));
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    put_u16(out, u16::try_from(end).unwrap_or(u16::MAX));
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_str(out, s);
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
+        if self.buf.len() < n {
+            return Err(FrameError::Truncated(what));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn bool(&mut self, what: &'static str) -> Result<bool, FrameError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(FrameError::Malformed(format!("{what}: boolean byte {v}"))),
+        }
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, FrameError> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn hash(&mut self, what: &'static str) -> Result<Hash, FrameError> {
+        let b = self.take(HASH_LEN, what)?;
+        let mut h = [0u8; HASH_LEN];
+        h.copy_from_slice(b);
+        Ok(h)
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, FrameError> {
+        let n = self.u16(what)?;
+        let b = self.take(usize::from(n), what)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| FrameError::Malformed(format!("{what} is not UTF-8")))
+    }
+    fn opt_string(&mut self, what: &'static str) -> Result<Option<String>, FrameError> {
+        if self.bool(what)? {
+            Ok(Some(self.string(what)?))
+        } else {
+            Ok(None)
+        }
+    }
+    fn magic(&mut self) -> Result<(), FrameError> {
+        let b = self.take(4, "magic")?;
+        let mut m = [0u8; 4];
+        m.copy_from_slice(b);
+        if m != MAGIC {
+            return Err(FrameError::BadMagic(m));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            ErrorCode::VersionMismatch => "version mismatch",
+            ErrorCode::NotAuthorized => "not authorized",
+            ErrorCode::UnknownDisk => "unknown disk",
+            ErrorCode::BadRequest => "bad request",
+            ErrorCode::Io => "agent I/O error",
+            ErrorCode::CommandFailed => "command failed",
+            ErrorCode::Other(n) => return write!(f, "error code {n}"),
+        };
+        f.write_str(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Pins the byte encoding of every message: a change here is a protocol change and needs a
+    /// new PROTOCOL_VERSION.
+    #[test]
+    fn encoding_is_pinned() {
+        let h1 = [0x11u8; 32];
+        let h2 = [0x22u8; 32];
+        let cases: Vec<(Message, String)> = vec![
+            (
+                Message::ClientHello { version: 1 },
+                "0000000701464252500001".into(),
+            ),
+            (
+                Message::AgentHello {
+                    version: 1,
+                    software: "0.1".into(),
+                    instance: Some("i-1".into()),
+                },
+                "0000001202464252500001000330 2e3101000369 2d31".replace(' ', ""),
+            ),
+            (
+                Message::Manifest {
+                    disks: vec![DiskInfo {
+                        id: "d0".into(),
+                        size: 4096,
+                        logical_sector_size: 512,
+                        device: "vda".into(),
+                        serial: None,
+                    }],
+                },
+                "0000001b0300000001000264300000000000001000000002000003766461 00".replace(' ', ""),
+            ),
+            (
+                Message::SyncStart {
+                    stream: 7,
+                    disk: "d0".into(),
+                    block_size: 65536,
+                    estimate: true,
+                },
+                "0000000e10000000070002643000010000 01".replace(' ', ""),
+            ),
+            (
+                Message::Hashes {
+                    stream: 1,
+                    first_block: 2,
+                    hashes: vec![h1, h2],
+                },
+                format!(
+                    "00000051110000000100000000000000020000000 2{}{}",
+                    hex(&h1),
+                    hex(&h2)
+                )
+                .replace(' ', ""),
+            ),
+            (
+                Message::Refetch {
+                    stream: 1,
+                    first_block: 9,
+                    count: 1,
+                },
+                "00000011120000000100000000000000090000000 1".replace(' ', ""),
+            ),
+            (Message::SyncEnd { stream: 3 }, "000000051300000003".into()),
+            (
+                Message::Blocks {
+                    stream: 1,
+                    first_block: 5,
+                    blocks: vec![
+                        WireBlock {
+                            encoding: Encoding::Zero,
+                            hash: h1,
+                            payload: vec![],
+                        },
+                        WireBlock {
+                            encoding: Encoding::Raw,
+                            hash: h2,
+                            payload: vec![0xab, 0xcd],
+                        },
+                    ],
+                },
+                format!(
+                    "0000005d20000000010000000000000005000000 02 00{}00000000 01{}00000002abcd",
+                    hex(&h1),
+                    hex(&h2)
+                )
+                .replace(' ', ""),
+            ),
+            (
+                Message::WindowDone {
+                    stream: 1,
+                    first_block: 256,
+                    count: 256,
+                    differing: 3,
+                    differing_bytes: 196608,
+                },
+                "0000001d21000000010000000000000100000001000000000300000000 00030000"
+                    .replace(' ', ""),
+            ),
+            (
+                Message::SyncDone {
+                    stream: 1,
+                    blocks: 16,
+                    digest: h1,
+                },
+                format!("0000002d22000000010000000000000010{}", hex(&h1)),
+            ),
+            (Message::Quiesce, "0000000130".into()),
+            (Message::Thaw, "0000000131".into()),
+            (
+                Message::CommandDone {
+                    message: "ok".into(),
+                },
+                "0000000532 00026f6b".replace(' ', ""),
+            ),
+            (
+                Message::Error {
+                    stream: CONNECTION_STREAM,
+                    code: ErrorCode::VersionMismatch,
+                    message: "v".into(),
+                },
+                "0000000a7fffffffff00010001 76".replace(' ', ""),
+            ),
+        ];
+        for (msg, want) in cases {
+            let got = msg.encode();
+            assert_eq!(hex(&got), want, "encoding of {}", msg.name());
+            let body = &got[4..];
+            assert_eq!(frame_len(got[..4].try_into().unwrap()).unwrap(), body.len());
+            assert_eq!(
+                Message::decode(body).unwrap(),
+                msg,
+                "round trip {}",
+                msg.name()
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_is_rejected_clearly() {
+        assert_eq!(Message::decode(&[0x99]), Err(FrameError::UnknownTag(0x99)));
+        assert!(matches!(
+            Message::decode(&[T_CLIENT_HELLO, b'G', b'E', b'T', b' ']),
+            Err(FrameError::BadMagic(_))
+        ));
+        let full = Message::SyncEnd { stream: 3 }.encode();
+        assert!(matches!(
+            Message::decode(&full[4..full.len() - 1]),
+            Err(FrameError::Truncated(_))
+        ));
+        let mut long = full[4..].to_vec();
+        long.push(0);
+        assert_eq!(Message::decode(&long), Err(FrameError::Trailing(1)));
+        assert!(frame_len([0, 0, 0, 0]).is_err());
+        assert!(frame_len([0xff, 0xff, 0xff, 0xff]).is_err());
+        // A huge hash count must not allocate or panic.
+        let mut m = vec![T_HASHES];
+        m.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        assert!(Message::decode(&m).is_err());
+    }
+}

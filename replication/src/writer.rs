@@ -1,0 +1,156 @@
+//! The local target: opened once per sync, read for hashing, written only with verified runs.
+//!
+//! The first [`HEAD_BYTES`] of the disk (MBR/GPT, boot loader) are held back in memory and written
+//! last, after everything else is written and flushed, so an interrupted sync never leaves a disk
+//! that boots half-written data.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::block::VerifiedRun;
+use crate::device::{self, Kind};
+use crate::error::{Error, Result};
+
+/// Bytes at the start of the disk written last.
+pub const HEAD_BYTES: u64 = 1024 * 1024;
+
+/// A local target disk or image file.
+#[derive(Debug)]
+pub struct Target {
+    path: PathBuf,
+    file: File,
+    /// Bytes that exist locally before the sync (beyond: reads as zeros).
+    local_len: u64,
+}
+
+fn io_err(op: &'static str, path: &Path, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::LocalIo {
+        op,
+        path,
+        offset,
+        source,
+    }
+}
+
+impl Target {
+    /// Opens `path` for reading (estimate) or reading and writing. A missing file is created
+    /// (write mode only); a file shorter than `size` is extended (sparse). Block devices are
+    /// never resized. Safety checks (size, mounts, ...) are the caller's job and happen first.
+    pub fn open(path: &Path, size: u64, write: bool) -> Result<Self> {
+        let exists = path.exists();
+        if !exists && !write {
+            // Estimating against a target that does not exist yet: everything differs.
+            let file = File::open("/dev/null").map_err(io_err("open", path, 0))?;
+            return Ok(Target {
+                path: path.to_owned(),
+                file,
+                local_len: 0,
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .create(write && !exists)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err("open", path, 0))?;
+        let info = device::inspect(path).map_err(io_err("inspect", path, 0))?;
+        let local_len = info.size;
+        if write && info.kind == Kind::File && info.size < size {
+            file.set_len(size).map_err(io_err("extend", path, size))?;
+        }
+        Ok(Target {
+            path: path.to_owned(),
+            file,
+            local_len,
+        })
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; bytes beyond the pre-sync local length read as zero.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let have = self.local_len.saturating_sub(offset);
+        let n = usize::try_from(have.min(buf.len() as u64)).unwrap_or(buf.len());
+        self.file
+            .read_exact_at(&mut buf[..n], offset)
+            .map_err(io_err("read", &self.path, offset))?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// True when `offset..offset+len` lies wholly beyond what existed locally (no read needed).
+    pub fn is_beyond_local(&self, offset: u64) -> bool {
+        offset >= self.local_len
+    }
+
+    /// A writer for this target (a second handle to the same file).
+    pub fn writer(&self) -> Result<DiskWriter> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(io_err("dup", &self.path, 0))?;
+        Ok(DiskWriter {
+            path: self.path.clone(),
+            file,
+            head: Vec::new(),
+            written: 0,
+        })
+    }
+}
+
+/// Writes verified runs to one disk; one per disk, driven by one task.
+#[derive(Debug)]
+pub struct DiskWriter {
+    path: PathBuf,
+    file: File,
+    head: Vec<(u64, Vec<u8>)>,
+    written: u64,
+}
+
+impl DiskWriter {
+    /// Writes a verified run (the part inside the first MiB is held back for [`finish`]).
+    ///
+    /// [`finish`]: DiskWriter::finish
+    pub fn write(&mut self, run: VerifiedRun) -> Result<()> {
+        let mut offset = run.offset();
+        let mut data = run.data();
+        if offset < HEAD_BYTES {
+            let head_len = usize::try_from(HEAD_BYTES - offset)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            self.head.push((offset, data[..head_len].to_vec()));
+            data = &data[head_len..];
+            offset += head_len as u64;
+        }
+        if !data.is_empty() {
+            self.file
+                .write_all_at(data, offset)
+                .map_err(io_err("write", &self.path, offset))?;
+            self.written += data.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything, writes the held-back head, then `sync_all`.
+    pub fn finish(mut self) -> Result<u64> {
+        self.file
+            .sync_data()
+            .map_err(io_err("flush", &self.path, 0))?;
+        for (offset, data) in std::mem::take(&mut self.head) {
+            self.file
+                .write_all_at(&data, offset)
+                .map_err(io_err("write", &self.path, offset))?;
+            self.written += data.len() as u64;
+        }
+        self.file
+            .sync_all()
+            .map_err(io_err("sync", &self.path, 0))?;
+        Ok(self.written)
+    }
+}
