@@ -273,6 +273,8 @@ pub(crate) struct Inner {
     login_lock: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     logins: AtomicU64,
+    /// Set by `logout`: no silent re-login afterwards.
+    logged_out: std::sync::atomic::AtomicBool,
 }
 
 const ENVELOPE_START: &str = concat!(
@@ -469,6 +471,7 @@ impl Client {
                 login_lock: tokio::sync::Mutex::new(()),
                 generation: AtomicU64::new(0),
                 logins: AtomicU64::new(0),
+                logged_out: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         client.login().await?;
@@ -543,6 +546,7 @@ impl Client {
     pub async fn logout(&self) -> Result<()> {
         let body = request("Logout", &self.inner.sc.session_manager, "");
         self.transport().soap("Logout", &body).await?;
+        self.inner.logged_out.store(true, Ordering::SeqCst);
         self.inner.cookie.clear();
         Ok(())
     }
@@ -564,7 +568,7 @@ impl Client {
     pub(crate) async fn call(&self, what: &str, body: &str) -> Result<Element> {
         let generation = self.inner.generation.load(Ordering::SeqCst);
         match self.transport().soap(what, body).await {
-            Err(e) if e.is_not_authenticated() => {
+            Err(e) if e.is_not_authenticated() && !self.inner.logged_out.load(Ordering::SeqCst) => {
                 self.relogin(generation).await?;
                 match self.transport().soap(what, body).await {
                     Err(Error::Fault { fault, .. })
