@@ -17,7 +17,9 @@ struct Seen {
     body: String,
 }
 
-type Handler = dyn Fn(&Seen, usize) -> (u16, Vec<(String, String)>, String) + Send + Sync;
+/// Status, extra headers, body.
+type Reply = (u16, Vec<(String, String)>, String);
+type Handler = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
 
 /// The fake server: plain HTTP on 127.0.0.1:0.
 struct RecordedVcenter {
@@ -173,7 +175,7 @@ fn vm() -> VmRef {
     }
 }
 
-fn base(req: &Seen) -> Option<(u16, Vec<(String, String)>, String)> {
+fn base(req: &Seen) -> Option<Reply> {
     match req.method.as_str() {
         "RetrieveServiceContent" => Some((200, vec![], service_content())),
         "Login" => Some((
