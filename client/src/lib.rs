@@ -1,3 +1,5 @@
 //! The failback client: the program inside the appliance ISO. It pairs with the DR service,
 //! maps local disks to the recovery instance's volumes, pulls the blocks that differ and
 //! finalizes the failback.
+
+pub mod appliance;

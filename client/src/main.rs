@@ -12,5 +12,9 @@ use clap::Parser;
 struct Cli {}
 
 fn main() {
+    // As the appliance's /init (PID 1) the client runs the boot flow instead of the CLI.
+    if std::process::id() == 1 {
+        failback_client::appliance::init_main();
+    }
     let _cli = Cli::parse();
 }

@@ -627,7 +627,8 @@ mod tests {
 
     #[test]
     fn refusals_name_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut SeedConfig)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut SeedConfig)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("server_url", Box::new(|s| s.server_url = None)),
             ("token", Box::new(|s| s.token = None)),
             ("ca_cert_pem", Box::new(|s| s.ca_cert_pem = None)),

@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod iso_cmd;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "failback",
@@ -19,6 +21,12 @@ struct Cli {
 enum Command {
     /// Print the version of every wire format this build speaks.
     Version,
+    /// Appliance ISO.
+    #[command(subcommand)]
+    Iso(iso_cmd::IsoCommand),
+    /// Per-VM seed ISO.
+    #[command(subcommand)]
+    Seed(iso_cmd::SeedCommand),
 }
 
 #[tokio::main]
@@ -29,5 +37,7 @@ async fn main() -> ExitCode {
             println!("failback {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Command::Iso(cmd) => iso_cmd::run_iso(cmd),
+        Command::Seed(cmd) => iso_cmd::run_seed(cmd),
     }
 }

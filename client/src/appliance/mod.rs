@@ -1,0 +1,396 @@
+//! The appliance boot flow: `failback-client` is the initramfs's `/init`. As PID 1 it mounts
+//! /proc /sys /dev /run, loads the kernel modules in the order the ISO builder computed, finds
+//! the seed ISO by label, applies `failback.KEY=VALUE` kernel arguments, asks on the console
+//! for whatever is missing (unless `no_prompt`), brings the network up, checks the clock
+//! against the DR service, then pairs, syncs and waits for launch (`crate::run`). When the
+//! failback completed it flushes, ejects the appliance CD and reboots (or powers off).
+//!
+//! Every step prints one line on every console (`failback: ...`); a failure prints its cause
+//! and, unless `no_prompt`, offers a retry. Markers that tests wait for start with `FAILBACK_`.
+
+pub mod console;
+pub mod media;
+pub mod net;
+pub mod probe;
+pub mod system;
+
+use console::Console;
+use failback_config::seed::{
+    AfterCompletion, Completeness, NetMode, SeedConfig, StaticV4, SEED_FILE_NAME, SEED_LABEL,
+};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Label of the appliance ISO itself (ejected at the end).
+pub const APPLIANCE_LABEL: &str = "FAILBACK";
+/// Where the seed ISO is mounted (read-only) while it is read.
+const SEED_MOUNT: &str = "/mnt/seed";
+/// Clock difference to the DR service above which the clock is set from its Date header.
+const MAX_SKEW: Duration = Duration::from_secs(30);
+
+/// A failed boot step; the message names what failed and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplianceError {
+    /// Mounting or another system call failed.
+    #[error("system: {0}")]
+    System(String),
+    /// The seed is missing values or wrong, and nothing may be asked.
+    #[error("seed: {0}")]
+    Seed(String),
+    /// The network did not come up.
+    #[error("network: {0}")]
+    Network(String),
+    /// The DR service is unreachable or its certificate is not from the pinned CA.
+    #[error("DR service: {0}")]
+    Service(String),
+    /// Pairing/sync/launch failed.
+    #[error("failback: {0}")]
+    Run(String),
+}
+
+/// Where the seed came from, for the console.
+#[derive(Debug, Clone)]
+struct SeedSource {
+    seed: SeedConfig,
+    found_on: Option<String>,
+    stop_after: Option<String>,
+}
+
+/// Entry point when `failback-client` runs as PID 1. Never returns.
+pub fn init_main() -> ! {
+    if let Err(e) = system::mount_basics() {
+        // Without /dev there is no console but the kernel's; say it there.
+        eprintln!("failback: FAILED mounting /proc /sys /dev /run: {e}");
+    }
+    let console = Console::system();
+    console.say(&format!("appliance {} starting", env!("CARGO_PKG_VERSION")));
+    let boot_started = Instant::now();
+    load_modules(&console);
+    loop {
+        match boot(&console, boot_started) {
+            Ok(after) => finish(&console, after),
+            Err((e, no_prompt)) => {
+                console.say(&format!("FAILBACK_FAILED {e}"));
+                if no_prompt {
+                    console.say("no_prompt is set: powering off");
+                    let err = system::reboot(true);
+                    console.say(&format!("power off failed: {err}"));
+                    loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                }
+                match console
+                    .ask("Retry? (y = retry, n = power off)", Some("y"), None)
+                    .as_deref()
+                {
+                    Some("n") | Some("N") => {
+                        let err = system::reboot(true);
+                        console.say(&format!("power off failed: {err}"));
+                    }
+                    _ => console.say("retrying"),
+                }
+            }
+        }
+    }
+}
+
+fn load_modules(console: &Console) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let dir = Path::new("/lib/modules").join(release.trim());
+    let list = match std::fs::read_to_string(dir.join("load.list")) {
+        Ok(l) => l,
+        Err(e) => {
+            console.say(&format!(
+                "WARNING: no module list in {}: {e}",
+                dir.display()
+            ));
+            return;
+        }
+    };
+    let (mut loaded, mut skipped) = (0, 0);
+    for name in list.lines().filter(|l| !l.is_empty()) {
+        match system::load_module(&dir.join(name)) {
+            system::ModuleLoad::Loaded | system::ModuleLoad::Already => loaded += 1,
+            system::ModuleLoad::NotForThisMachine => skipped += 1,
+            system::ModuleLoad::Failed(e) => console.say(&format!("WARNING: module {e}")),
+        }
+    }
+    console.say(&format!(
+        "loaded {loaded} kernel modules ({skipped} not for this machine)"
+    ));
+}
+
+/// `failback.KEY=VALUE` arguments from /proc/cmdline.
+fn cmdline_overrides() -> Vec<(String, String)> {
+    std::fs::read_to_string("/proc/cmdline")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("failback."))
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect()
+}
+
+/// Finds, mounts and parses the seed; then applies the kernel command line.
+fn read_seed(console: &Console) -> Result<SeedSource, ApplianceError> {
+    let overrides = cmdline_overrides();
+    let wait = overrides
+        .iter()
+        .find(|(k, _)| k == "seed_wait")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(20);
+    let mut src = SeedSource {
+        seed: SeedConfig::default(),
+        found_on: None,
+        stop_after: None,
+    };
+    match media::wait_for(SEED_LABEL, Duration::from_secs(wait)) {
+        Some(dev) => {
+            let devpath = format!("/dev/{}", dev.name);
+            system::mount(&devpath, SEED_MOUNT, "iso9660", libc::MS_RDONLY)
+                .map_err(|e| ApplianceError::Seed(format!("mounting seed ISO {devpath}: {e}")))?;
+            let path = format!("{SEED_MOUNT}/{SEED_FILE_NAME}");
+            let text = std::fs::read_to_string(&path);
+            let _ = system::umount(SEED_MOUNT);
+            let text = text.map_err(|e| {
+                ApplianceError::Seed(format!("{devpath}: reading {SEED_FILE_NAME}: {e}"))
+            })?;
+            src.seed = SeedConfig::from_toml(&text)
+                .map_err(|e| ApplianceError::Seed(format!("{devpath}: {e}")))?;
+            console.say(&format!(
+                "FAILBACK_SEED_FOUND on {devpath} (label {SEED_LABEL})"
+            ));
+            src.found_on = Some(devpath);
+        }
+        None => console.say(&format!(
+            "no seed ISO (label {SEED_LABEL}) found after {wait}s"
+        )),
+    }
+    for (k, v) in overrides {
+        match k.as_str() {
+            // Consumed by the client itself, not seed fields.
+            "seed_wait" => {}
+            "stop_after" => src.stop_after = Some(v),
+            _ => src
+                .seed
+                .apply_override(&k, &v)
+                .map_err(|e| ApplianceError::Seed(format!("kernel command line: {e}")))?,
+        }
+    }
+    Ok(src)
+}
+
+/// Asks for the network if there was no seed at all.
+fn prompt_network(console: &Console, seed: &mut SeedConfig) -> Result<(), ApplianceError> {
+    let gone = || ApplianceError::Seed("console closed while asking for the network".into());
+    loop {
+        let mode = console
+            .ask("Network configuration (dhcp or static)", Some("dhcp"), None)
+            .ok_or_else(gone)?;
+        match mode.as_str() {
+            "dhcp" => {
+                seed.network.mode = NetMode::Dhcp;
+                seed.network.ipv4 = None;
+            }
+            "static" => {
+                let address = console
+                    .ask("IPv4 address/prefix (e.g. 192.0.2.10/24)", None, None)
+                    .ok_or_else(gone)?;
+                let gateway = console
+                    .ask("Default gateway (empty for none)", Some(""), None)
+                    .ok_or_else(gone)?;
+                let dns = console
+                    .ask(
+                        "DNS servers (comma separated, empty for none)",
+                        Some(""),
+                        None,
+                    )
+                    .ok_or_else(gone)?;
+                seed.network.mode = NetMode::Static;
+                seed.network.ipv4 = Some(StaticV4 {
+                    address,
+                    gateway: None,
+                });
+                let mut ok = Ok(());
+                if !gateway.is_empty() {
+                    ok = seed.apply_override("gw", &gateway);
+                }
+                if ok.is_ok() && !dns.is_empty() {
+                    ok = seed.apply_override("dns", &dns);
+                }
+                if let Err(e) = ok.and_then(|()| seed.network.validate()) {
+                    console.say(&format!("{e}; please try again"));
+                    continue;
+                }
+            }
+            other => {
+                console.say(&format!("`{other}` is neither dhcp nor static"));
+                continue;
+            }
+        }
+        return Ok(());
+    }
+}
+
+/// Asks for the DR service values the seed lacks; re-asks until each one validates.
+fn prompt_service(console: &Console, seed: &mut SeedConfig) -> Result<(), ApplianceError> {
+    let gone = || ApplianceError::Seed("console closed while asking for the DR service".into());
+    while let Some(field) = seed.missing().first().copied() {
+        let mut trial = seed.clone();
+        match field {
+            "server_url" => trial.server_url = Some(console.ask("DR service URL (https://host:port)", None, None).ok_or_else(gone)?),
+            "token" => trial.token = Some(console.ask("Pairing token", None, None).ok_or_else(gone)?),
+            _ => {
+                trial.ca_cert_pem = Some(
+                    console
+                        .ask_block("DR service CA certificate (paste the PEM, end with -----END CERTIFICATE-----)", "-----END CERTIFICATE-----")
+                        .ok_or_else(gone)?,
+                )
+            }
+        }
+        match trial.validate(Completeness::Partial) {
+            Ok(()) => *seed = trial,
+            Err(e) => console.say(&format!("{e}; please try again")),
+        }
+    }
+    Ok(())
+}
+
+/// The whole boot flow up to completion. The error carries `no_prompt`.
+fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (ApplianceError, bool)> {
+    let SeedSource {
+        mut seed,
+        found_on,
+        stop_after,
+    } = read_seed(console).map_err(|e| (e, false))?;
+    let np = seed.no_prompt;
+    let fail = |e: ApplianceError| (e, np);
+    let missing = seed.missing();
+    if !missing.is_empty() && seed.no_prompt {
+        return Err(fail(ApplianceError::Seed(format!(
+            "{} missing ({}) and no_prompt is set; attach a seed ISO built with `failback seed build` or pass failback.KEY=VALUE kernel arguments",
+            missing.join(", "),
+            found_on.as_deref().map_or("no seed ISO found".to_string(), |d| format!("seed on {d}"))
+        ))));
+    }
+    if found_on.is_none() && !seed.no_prompt {
+        prompt_network(console, &mut seed).map_err(fail)?;
+    }
+    seed.validate(Completeness::Partial)
+        .map_err(|e| fail(ApplianceError::Seed(e.to_string())))?;
+
+    console.say("bringing up the network");
+    let (state, _dhcp) = net::bring_up(&seed.network).map_err(fail)?;
+    console.say(&format!("FAILBACK_NETWORK_UP {}", state.summary));
+    if stop_after.as_deref() == Some("network") {
+        return Ok(AfterCompletion::Poweroff);
+    }
+
+    if !seed.no_prompt {
+        prompt_service(console, &mut seed).map_err(fail)?;
+    }
+    seed.validate(Completeness::Complete)
+        .map_err(|e| fail(ApplianceError::Seed(e.to_string())))?;
+    let url = seed.server_url.clone().unwrap_or_default();
+    check_service(console, &seed).map_err(fail)?;
+    console.say(&format!(
+        "FAILBACK_SERVICE_REACHABLE {url} after {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
+    if stop_after.as_deref() == Some("probe") {
+        return Ok(AfterCompletion::Poweroff);
+    }
+
+    let after = seed.after;
+    run_failback(console, seed).map_err(fail)?;
+    Ok(after)
+}
+
+/// Probes the DR service with retries (the network may need a moment), and sets the clock
+/// from its Date header when ours is off by more than [`MAX_SKEW`].
+fn check_service(console: &Console, seed: &SeedConfig) -> Result<(), ApplianceError> {
+    let url = seed.server_url.as_deref().unwrap_or_default();
+    let ca = seed.ca_cert_pem.as_deref().unwrap_or_default();
+    let proxy = seed.proxy.as_ref().map(|p| p.url.as_str());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut delay = Duration::from_secs(1);
+    let probe = loop {
+        match probe::probe(url, ca, proxy) {
+            Ok(p) => break p,
+            Err(e) if e.transient && Instant::now() < deadline => {
+                console.say(&format!(
+                    "DR service not reachable yet ({e}); retrying in {}s",
+                    delay.as_secs()
+                ));
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(ApplianceError::Service(e.message)),
+        }
+    };
+    if let Some(server) = probe.server_time {
+        let now = SystemTime::now();
+        let skew = server
+            .duration_since(now)
+            .or_else(|_| now.duration_since(server))
+            .unwrap_or_default();
+        if skew > MAX_SKEW || probe.clock_suspect {
+            console.say(&format!(
+                "WARNING: clock is off by {}s from the DR service; setting it to {}",
+                skew.as_secs(),
+                httpdate::fmt_http_date(server)
+            ));
+            system::set_clock(server)
+                .map_err(|e| ApplianceError::System(format!("setting the clock: {e}")))?;
+        }
+    } else if probe.clock_suspect {
+        return Err(ApplianceError::Service(format!(
+            "{url}: certificate not valid at our clock and the service sent no Date header to correct it"
+        )));
+    }
+    console.say(&format!(
+        "DR service {url} answered: {}",
+        probe.status.trim()
+    ));
+    Ok(())
+}
+
+/// Pairs, syncs and waits for launch: the DR-service client's `run`.
+fn run_failback(console: &Console, seed: SeedConfig) -> Result<(), ApplianceError> {
+    let _ = seed;
+    console.say("pairing is not available in this build");
+    Err(ApplianceError::Run("pairing not implemented yet".into()))
+}
+
+/// Flushes, ejects the appliance CD, reboots or powers off.
+fn finish(console: &Console, after: AfterCompletion) -> ! {
+    system::sync();
+    if let Some(kib) = system::peak_rss_kib() {
+        console.say(&format!("peak client memory {} MiB", kib.div_ceil(1024)));
+    }
+    for dev in media::scan()
+        .into_iter()
+        .filter(|d| d.label == APPLIANCE_LABEL && d.name.starts_with("sr"))
+    {
+        match system::eject(&format!("/dev/{}", dev.name)) {
+            Ok(()) => console.say(&format!("ejected the appliance CD /dev/{}", dev.name)),
+            Err(e) => console.say(&format!("WARNING: ejecting /dev/{}: {e}", dev.name)),
+        }
+    }
+    let poweroff = after == AfterCompletion::Poweroff;
+    console.say(&format!(
+        "FAILBACK_DONE {}",
+        if poweroff {
+            "powering off"
+        } else {
+            "rebooting"
+        }
+    ));
+    let err = system::reboot(poweroff);
+    console.say(&format!("FAILBACK_FAILED reboot: {err}"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
