@@ -11,9 +11,10 @@ APT_PACKAGES := qemu-system-x86 qemu-utils/bookworm ovmf golang-go golang-github
 	xorriso nbdkit libnbd-bin rsync socat musl-tools cpio jq dosfstools mtools
 
 VCSIM := target/vcsim/vcsim
+HYPERVISOR := target/hypervisor/hypervisor
 
 .PHONY: setup demo test bench iso clean fmt lint
-setup: target/.setup-apt $(VCSIM) iso-inputs
+setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
 # Debian packages the appliance ISO is built from (iso-builder/packages.lock), unpacked into
@@ -38,6 +39,11 @@ $(VCSIM): target/.setup-apt $(wildcard tests/vcsim/*.go)
 	@if [ -f tests/vcsim/main.go ]; then mkdir -p $(dir $@) && \
 		cd tests/vcsim && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/target/vcsim/gocache \
 		go build -o $(CURDIR)/$@ . ; fi
+
+# hypervisor: boots QEMU for vcsim VMs that power on from an ISO (tests/hypervisor, e2e tests).
+$(HYPERVISOR): target/.setup-apt $(wildcard tests/hypervisor/*.go)
+	@mkdir -p $(dir $@) && cd tests/hypervisor && GO111MODULE=off GOPATH=/usr/share/gocode \
+		GOCACHE=$(CURDIR)/target/vcsim/gocache go build -o $(CURDIR)/$@ .
 
 demo: setup
 	$(CARGO) build --release --bins
