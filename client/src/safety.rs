@@ -1,0 +1,452 @@
+//! Target safety: before the first write, refuse any target that could destroy data we must not
+//! touch, and say which rule refused it.
+//!
+//! Rules (checked in this order): the path must be a block device or a regular file (or a new
+//! file outside /dev); it must not hold the running system or the boot medium; nothing on it may
+//! be mounted, used as swap, or held by another device (dm, md, LVM); it must not be smaller than
+//! the source; a block device must have the source's logical sector size. Image files are
+//! allowed (tests, images): a missing or empty file is created/extended, but a non-empty file
+//! smaller than the source is refused (probably the wrong file).
+//!
+//! Read straight from /proc/self/mountinfo, /proc/swaps and sysfs (no subprocess, no ioctl).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use failback_replication::device::{self, DeviceInfo, Kind};
+use failback_replication::DiskInfo;
+
+/// The rule that refused a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Not a block device or regular file, or a new file under /dev.
+    NotADisk,
+    /// Holds the running system or the boot medium.
+    BootDevice,
+    /// It, or a partition on it, is mounted.
+    Mounted,
+    /// It, or a partition on it, is active swap.
+    Swap,
+    /// Another device (dm, md, LVM) holds it or one of its partitions.
+    Held,
+    /// Smaller than the source disk.
+    TooSmall,
+    /// Different logical sector size than the source.
+    SectorSize,
+}
+
+impl Rule {
+    /// Stable short name (JSON reports, tests).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::NotADisk => "not-a-disk",
+            Rule::BootDevice => "boot-device",
+            Rule::Mounted => "mounted",
+            Rule::Swap => "swap",
+            Rule::Held => "held",
+            Rule::TooSmall => "too-small",
+            Rule::SectorSize => "sector-size",
+        }
+    }
+}
+
+/// Why a target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refusing target {path} for remote disk {remote} (rule {rule}): {detail}")]
+pub struct Refusal {
+    pub path: PathBuf,
+    pub remote: String,
+    pub rule: Rule,
+    pub detail: String,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A mount from /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub devnum: (u32, u32),
+    pub mount_point: String,
+    pub source: String,
+}
+
+/// The system facts the rules need (loaded from /proc; tests build their own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemState {
+    pub mounts: Vec<Mount>,
+    /// Active swap areas (paths from /proc/swaps).
+    pub swaps: Vec<PathBuf>,
+    /// Block devices (whole disks and partitions) that hold `/` or the boot medium.
+    pub boot_devices: Vec<(u32, u32)>,
+}
+
+/// Mount points that hold the boot medium of common live systems (and ours).
+const BOOT_MEDIUM_MOUNTS: &[&str] = &[
+    "/",
+    "/boot",
+    "/boot/efi",
+    "/run/initramfs/live",
+    "/run/archiso/bootmnt",
+    "/cdrom",
+    "/lib/live/mount/medium",
+    "/run/live/medium",
+    "/media/cdrom",
+    "/run/failback/media",
+];
+
+impl SystemState {
+    /// Reads /proc/self/mountinfo and /proc/swaps.
+    pub fn load() -> Self {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|s| parse_mountinfo(&s))
+            .unwrap_or_default();
+        let swaps = std::fs::read_to_string("/proc/swaps")
+            .map(|s| parse_swaps(&s))
+            .unwrap_or_default();
+        let mut boot_devices = Vec::new();
+        for m in &mounts {
+            if BOOT_MEDIUM_MOUNTS.contains(&m.mount_point.as_str()) {
+                for d in underlying_disks(m.devnum) {
+                    if !boot_devices.contains(&d) {
+                        boot_devices.push(d);
+                    }
+                }
+            }
+        }
+        SystemState {
+            mounts,
+            swaps,
+            boot_devices,
+        }
+    }
+}
+
+/// Parses /proc/self/mountinfo: field 3 is `major:minor`, field 5 the mount point, and the
+/// source follows the ` - fstype ` separator.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (maj, min) = fields.get(2)?.split_once(':')?;
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(Mount {
+                devnum: (maj.parse().ok()?, min.parse().ok()?),
+                mount_point: unescape(fields.get(4)?),
+                source: unescape(fields.get(sep + 2).unwrap_or(&"")),
+            })
+        })
+        .collect()
+}
+
+/// Parses /proc/swaps (header line, then `path type size used prio`).
+pub fn parse_swaps(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|p| PathBuf::from(unescape(p)))
+        .collect()
+}
+
+/// Undoes the octal escapes (`\040` = space) of /proc files.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = u16::from(b[i + 1] - b'0') * 64
+                + u16::from(b[i + 2] - b'0') * 8
+                + u16::from(b[i + 3] - b'0');
+            if let Ok(v) = u8::try_from(v) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn devnum_of(p: &Path) -> Option<(u32, u32)> {
+    let sys = std::fs::canonicalize(p).ok()?;
+    let dev = std::fs::read_to_string(sys.join("dev")).ok()?;
+    let (a, b) = dev.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The whole disks (and the device itself) under a block device: follows `slaves/` (dm, md,
+/// LVM) down and partitions up to their disk.
+pub fn underlying_disks(devnum: (u32, u32)) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut todo = vec![devnum];
+    while let Some(d) = todo.pop() {
+        if out.contains(&d) || out.len() > 64 {
+            continue;
+        }
+        out.push(d);
+        let Some(dir) = device::sysfs_dir(d) else {
+            continue;
+        };
+        if dir.join("partition").exists() {
+            if let Some(parent) = dir.parent().and_then(devnum_of) {
+                todo.push(parent);
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(dir.join("slaves")) {
+            for e in rd.flatten() {
+                if let Some(s) = devnum_of(&e.path()) {
+                    todo.push(s);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The device and its partitions (from sysfs).
+fn family(devnum: (u32, u32)) -> Vec<(u32, u32)> {
+    let mut out = vec![devnum];
+    if let Some(dir) = device::sysfs_dir(devnum) {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.join("partition").exists() {
+                    if let Some(d) = devnum_of(&p) {
+                        out.push(d);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn holders(devnum: (u32, u32)) -> Vec<String> {
+    device::sysfs_dir(devnum)
+        .and_then(|d| std::fs::read_dir(d.join("holders")).ok())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What a target is, once accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetState {
+    /// An existing block device.
+    BlockDevice(DeviceInfo),
+    /// An existing image file.
+    File(DeviceInfo),
+    /// A file that will be created.
+    NewFile,
+}
+
+/// Checks `path` as a target for remote disk `source` against the live system.
+pub fn check_target(path: &Path, source: &DiskInfo) -> Result<TargetState, Refusal> {
+    check_target_with(path, source, &SystemState::load())
+}
+
+/// Checks `path` as a target for `source` against `sys`.
+pub fn check_target_with(
+    path: &Path,
+    source: &DiskInfo,
+    sys: &SystemState,
+) -> Result<TargetState, Refusal> {
+    let refuse = |rule: Rule, detail: String| Refusal {
+        path: path.to_owned(),
+        remote: source.id.clone(),
+        rule,
+        detail,
+    };
+    if !path.exists() {
+        if path.starts_with("/dev") {
+            return Err(refuse(
+                Rule::NotADisk,
+                "no such device (refusing to create a file under /dev)".into(),
+            ));
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(p) = parent {
+            if !p.is_dir() {
+                return Err(refuse(
+                    Rule::NotADisk,
+                    format!("directory {} does not exist", p.display()),
+                ));
+            }
+        }
+        return Ok(TargetState::NewFile);
+    }
+    let info = device::inspect(path).map_err(|e| refuse(Rule::NotADisk, e.to_string()))?;
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    for swap in &sys.swaps {
+        let same = std::fs::canonicalize(swap).is_ok_and(|s| s == canon);
+        if same {
+            return Err(refuse(
+                Rule::Swap,
+                format!("{} is active swap", swap.display()),
+            ));
+        }
+    }
+    match info.kind {
+        Kind::File => {
+            if info.size > 0 && info.size < source.size {
+                return Err(refuse(
+                    Rule::TooSmall,
+                    format!(
+                        "image file holds {} bytes but the source has {} (remove or truncate it to start a fresh image)",
+                        info.size, source.size
+                    ),
+                ));
+            }
+            Ok(TargetState::File(info))
+        }
+        Kind::BlockDevice => {
+            let devnum = info.devnum.unwrap_or((0, 0));
+            let fam = family(devnum);
+            if let Some(d) = fam.iter().find(|d| sys.boot_devices.contains(d)) {
+                return Err(refuse(
+                    Rule::BootDevice,
+                    format!(
+                        "device {}:{} holds the running system or the boot medium",
+                        d.0, d.1
+                    ),
+                ));
+            }
+            // The disk under a target partition holding the system also counts.
+            for d in underlying_disks(devnum) {
+                if sys.boot_devices.contains(&d) && d != devnum {
+                    return Err(refuse(
+                        Rule::BootDevice,
+                        format!("it lies on disk {}:{} which holds the running system or the boot medium", d.0, d.1),
+                    ));
+                }
+            }
+            if let Some(m) = sys.mounts.iter().find(|m| fam.contains(&m.devnum)) {
+                return Err(refuse(
+                    Rule::Mounted,
+                    format!(
+                        "{} ({}:{}) is mounted on {}",
+                        m.source, m.devnum.0, m.devnum.1, m.mount_point
+                    ),
+                ));
+            }
+            for swap in &sys.swaps {
+                if let Ok(meta) = std::fs::metadata(swap) {
+                    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                    if meta.file_type().is_block_device()
+                        && fam.contains(&device::split_dev(meta.rdev()))
+                    {
+                        return Err(refuse(
+                            Rule::Swap,
+                            format!("{} on it is active swap", swap.display()),
+                        ));
+                    }
+                }
+            }
+            for d in &fam {
+                let h = holders(*d);
+                if !h.is_empty() {
+                    return Err(refuse(
+                        Rule::Held,
+                        format!("device {}:{} is held by {}", d.0, d.1, h.join(", ")),
+                    ));
+                }
+            }
+            if info.size < source.size {
+                return Err(refuse(
+                    Rule::TooSmall,
+                    format!("{} bytes, but the source has {}", info.size, source.size),
+                ));
+            }
+            if info.logical_sector_size != source.logical_sector_size {
+                return Err(refuse(
+                    Rule::SectorSize,
+                    format!(
+                        "logical sector size {} but the source's is {}",
+                        info.logical_sector_size, source.logical_sector_size
+                    ),
+                ));
+            }
+            Ok(TargetState::BlockDevice(info))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(size: u64) -> DiskInfo {
+        DiskInfo {
+            id: "disk0".into(),
+            size,
+            logical_sector_size: 512,
+            device: "vda".into(),
+            serial: None,
+        }
+    }
+
+    #[test]
+    fn parses_proc_files() {
+        let mi = "22 1 8:2 / / rw,relatime shared:1 - ext4 /dev/sda2 rw\n\
+                  40 22 0:35 / /mnt/my\\040disk rw - tmpfs tmpfs rw\n";
+        let m = parse_mountinfo(mi);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].devnum, (8, 2));
+        assert_eq!(m[0].mount_point, "/");
+        assert_eq!(m[0].source, "/dev/sda2");
+        assert_eq!(m[1].mount_point, "/mnt/my disk");
+        let s = parse_swaps(
+            "Filename\tType\tSize\tUsed\tPriority\n/dev/sdb1 partition 1024 0 -2\n/swap\\040file file 1 0 -3\n",
+        );
+        assert_eq!(
+            s,
+            vec![PathBuf::from("/dev/sdb1"), PathBuf::from("/swap file")]
+        );
+    }
+
+    #[test]
+    fn file_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = SystemState::default();
+        let new = dir.path().join("new.img");
+        assert_eq!(
+            check_target_with(&new, &src(1 << 20), &sys).unwrap(),
+            TargetState::NewFile
+        );
+        let small = dir.path().join("small.img");
+        std::fs::write(&small, vec![1u8; 4096]).unwrap();
+        let e = check_target_with(&small, &src(1 << 20), &sys).unwrap_err();
+        assert_eq!(e.rule, Rule::TooSmall);
+        assert!(e.to_string().contains("small.img"), "{e}");
+        // An empty file is a fresh image.
+        let empty = dir.path().join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(check_target_with(&empty, &src(1 << 20), &sys).is_ok());
+        // A file in use as swap.
+        let sys = SystemState {
+            swaps: vec![small.clone()],
+            ..Default::default()
+        };
+        let e = check_target_with(&small, &src(10), &sys).unwrap_err();
+        assert_eq!(e.rule, Rule::Swap);
+        let e =
+            check_target_with(Path::new("/dev/failback-nonexistent"), &src(10), &sys).unwrap_err();
+        assert_eq!(e.rule, Rule::NotADisk);
+        let e = check_target_with(Path::new("/nonexistent-dir/x.img"), &src(10), &sys).unwrap_err();
+        assert_eq!(e.rule, Rule::NotADisk);
+        let e = check_target_with(dir.path(), &src(10), &sys).unwrap_err();
+        assert_eq!(e.rule, Rule::NotADisk);
+    }
+}
