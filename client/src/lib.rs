@@ -2,6 +2,7 @@
 //! maps local disks to the recovery instance's volumes, pulls the blocks that differ and
 //! finalizes the failback.
 
+pub mod appliance;
 pub mod exit;
 pub mod progress;
 pub mod safety;

@@ -24,6 +24,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // As the appliance's /init (PID 1) the client runs the boot flow instead of the CLI.
+    if std::process::id() == 1 {
+        failback_client::appliance::init_main();
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
