@@ -19,7 +19,7 @@ die() { echo "demo: $*" >&2; exit 1; }
 for b in fb-gendisk failback-agent failback-client; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing (run: cargo build --release --bins)"
 done
-for tool in jq cmp numfmt ss; do
+for tool in jq cmp numfmt; do
     command -v "$tool" >/dev/null || die "$tool not found (run make setup)"
 done
 SIZE=$(numfmt --from=iec "$SIZE_ARG") || die "bad DEMO_SIZE $SIZE_ARG"
@@ -65,33 +65,37 @@ echo "   disk1.img: empty ($(human "$SIZE") of zeros)"
 step "3. certificates from a private CA, agent on 127.0.0.1"
 "$BIN/failback-agent" dev-certs "$DIR/certs" >/dev/null
 ls "$DIR/certs" | sed 's/^/   /'
-port=""
-for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 40000))
-    if [ -z "$(ss -Htan "sport = :$p")" ]; then port=$p; break; fi
-done
-[ -n "$port" ] || die "no free port on 127.0.0.1"
-"$BIN/failback-agent" serve --listen "127.0.0.1:$port" \
+# Port 0: the agent binds a free port and prints `listening on ADDR` on stdout.
+"$BIN/failback-agent" serve --listen 127.0.0.1:0 \
     --disk "web-root=$DIR/remote/web-root.img" --disk "web-data=$DIR/remote/web-data.img" \
     --ca "$DIR/certs/ca.pem" --cert "$DIR/certs/agent.pem" --key "$DIR/certs/agent-key.pem" \
-    >"$DIR/agent.log" 2>&1 &
+    >"$DIR/agent.out" 2>"$DIR/agent.log" &
 AGENT_PID=$!
 for _ in $(seq 300); do
-    [ -n "$(ss -Hltn "sport = :$port")" ] && break
+    grep -q '^listening on ' "$DIR/agent.out" && break
     kill -0 "$AGENT_PID" 2>/dev/null || die "agent exited: $(tail -5 "$DIR/agent.log")"
     sleep 0.1
 done
-[ -n "$(ss -Hltn "sport = :$port")" ] || die "agent not listening on 127.0.0.1:$port after 30 s"
-echo "   failback-agent serving web-root, web-data on 127.0.0.1:$port (pid $AGENT_PID)"
+addr=$(sed -n 's/^listening on //p' "$DIR/agent.out" | head -1)
+[ -n "$addr" ] || die "agent did not report its address within 30 s"
+echo "   failback-agent serving web-root, web-data on $addr (pid $AGENT_PID)"
 
 client() { # ROUND REPORT
-    "$BIN/failback-client" sync --agent "127.0.0.1:$port" \
+    "$BIN/failback-client" sync --agent "$addr" \
         --map "web-root=$DIR/local/disk0.img" --map "web-data=$DIR/local/disk1.img" \
         --ca "$DIR/certs/ca.pem" --cert "$DIR/certs/client.pem" --key "$DIR/certs/client-key.pem" \
         --report "$2"
 }
 summary() { # REPORT
-    jq -r '.disks[] | "   \(.remote_id) -> \(.local_path)\n      \(.blocks_differing)/\(.blocks_total) blocks differed, \(.bytes_fetched) bytes fetched, \(.bytes_on_wire) on the wire, \(.duration_secs * 100 | round / 100) s\n      client digest \(.digest)\n      agent  digest \(.agent_digest)  \(if .digest == .agent_digest then "MATCH" else "MISMATCH" end)"' "$1"
+    echo "   per disk, from the client's JSON report ($(basename "$1")):"
+    printf '   %-9s %-10s %-10s %-10s %-10s %-7s %s\n' disk size differing fetched "on wire" time "whole-disk digest (client = agent)"
+    jq -r '.disks[] | [.remote_id, .size, .bytes_differing, .bytes_fetched, .bytes_on_wire,
+        "\(.duration_secs * 10 | round / 10)s",
+        "\(.digest) \(if .digest == .agent_digest then "MATCH" else "MISMATCH agent \(.agent_digest)" end)"] | @tsv' "$1" |
+        while IFS=$'\t' read -r id size diff fetched wire secs digest; do
+            printf '   %-9s %-10s %-10s %-10s %-10s %-7s %s\n' "$id" "$(human "$size")" "$(human "$diff")" \
+                "$(human "$fetched")" "$(human "$wire")" "$secs" "$digest"
+        done
     jq -e 'all(.disks[]; .digest == .agent_digest)' "$1" >/dev/null || die "whole-disk digests differ"
 }
 
