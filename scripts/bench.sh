@@ -122,9 +122,21 @@ start_server() { # NAME cmd... (PORT[NAME] must be set)
     PIDS+=("$!")
     wait_listen "${PORT[$name]}" "${SPID[$name]}" "$name"
 }
-PORT[agent]=$(free_port)
-want failback && start_server agent "$BIN/failback-agent" serve --listen "127.0.0.1:${PORT[agent]}" \
-    --disk "src=$SRC" --ca "$CERTS/ca.pem" --cert "$CERTS/agent.pem" --key "$CERTS/agent-key.pem"
+if want failback; then
+    # Port 0: the agent binds a free port and prints `listening on ADDR` on stdout.
+    "$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" \
+        --ca "$CERTS/ca.pem" --cert "$CERTS/agent.pem" --key "$CERTS/agent-key.pem" \
+        >"$DIR/agent.out" 2>"$DIR/agent.log" &
+    SPID[agent]=$!
+    PIDS+=("$!")
+    for _ in $(seq 300); do
+        grep -q '^listening on ' "$DIR/agent.out" && break
+        kill -0 "${SPID[agent]}" 2>/dev/null || die "failback-agent exited: $(tail -5 "$DIR/agent.log")"
+        sleep 0.1
+    done
+    AGENT_ADDR=$(sed -n 's/^listening on //p' "$DIR/agent.out" | head -1)
+    [ -n "$AGENT_ADDR" ] || die "failback-agent did not report its address within 30 s"
+fi
 PORT[nbdkit]=$(free_port)
 want nbdcopy && start_server nbdkit nbdkit -f -r -i 127.0.0.1 -p "${PORT[nbdkit]}" file "file=$SRC"
 PORT[nbdkit-tls]=$(free_port)
@@ -138,6 +150,7 @@ echo "== warming the page cache"
 cat "$SRC" "$DATA/stale1.img" "$DATA/stale10.img" >/dev/null
 
 # ---------------------------------------------------------------- measuring
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 RESULTS=$TMP/runs.jsonl
 : >"$RESULTS"
 TIMEFORMAT='%3R %3U %3S'
@@ -189,7 +202,9 @@ measure() {
         tee -a "$RESULTS" | jq -r '"   \(.case) \(.tool) run \(.run): \(.wall_s) s wall, \(.cpu_s * 1000 | round / 1000) s CPU, wire \(.wire_bytes)"'
 }
 
-empty_target() { rm -f "$DST"; truncate -s "$SIZE" "$DST"; }
+# "Empty target" = a new, zero-length image file that each tool extends (failback hashes the
+# part beyond the local length as zeros without reading it; nbdcopy and cp just write).
+empty_target() { rm -f "$DST"; : >"$DST"; }
 stale_target() { rm -f "$DST"; cp "$DATA/stale$1.img" "$DST"; }
 # run TOOL PREPARE [ARG] -- measure-args...: prepare the target only for tools that run.
 run() {
@@ -200,7 +215,7 @@ run() {
 }
 none() { rm -f "$DST"; }
 fb_sync() {
-    "$BIN/failback-client" sync --agent "127.0.0.1:${PORT[agent]}" --map "src=$DST" \
+    "$BIN/failback-client" sync --agent "$AGENT_ADDR" --map "src=$DST" \
         --ca "$CERTS/ca.pem" --cert "$CERTS/client.pem" --key "$CERTS/client-key.pem" \
         --progress plain --report "$TMP/report.json"
 }
@@ -225,7 +240,7 @@ rm -f "$DST"
 
 # ---------------------------------------------------------------- summary
 jq -s --argjson size "$SIZE" --argjson c1 "$CHANGED1" --argjson c10 "$CHANGED10" \
-    --argjson runs "$RUNS" --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --argjson runs "$RUNS" --arg load "before $LOAD_BEFORE, after $(cut -d' ' -f1-3 /proc/loadavg)" --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --arg cpu "$(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)" '
   def median: sort | if length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   . as $all
@@ -241,7 +256,7 @@ jq -s --argjson size "$SIZE" --argjson c1 "$CHANGED1" --argjson c10 "$CHANGED10"
     def speedup($c; $t): if row($c; $t) and row($c; "failback")
       then row($c; $t).wall_s / row($c; "failback").wall_s else null end;
   {
-    date: $date, machine: $cpu, size_bytes: $size, runs: $runs, block_size: 65536,
+    date: $date, machine: $cpu, load_average: $load, size_bytes: $size, runs: $runs, block_size: 65536,
     changed_bytes: {delta1: $c1, delta10: $c10},
     rows: ($rows | map(. as $r | . + {
       failback_speedup: (if .tool == "failback" then null else speedup($r.case; $r.tool) end)})),
@@ -264,6 +279,7 @@ R=$DIR/results.json
 echo
 echo "failback benchmark, $(jq -r .date "$R"), $(jq -r .machine "$R")"
 echo "disk $(numfmt --to=iec "$SIZE") (~60 % random, ~40 % zero runs), 64 KiB blocks, median of $RUNS runs, page cache warm, every result verified with cmp"
+echo "load average (1/5/15 min): $(jq -r .load_average "$R") -- other work on the machine skews timings"
 echo "changed bytes: 1 % stale = $CHANGED1, 10 % stale = $CHANGED10"
 echo
 fmt='%-8s %-13s %9s %15s %9s %12s %12s %8s %11s\n'
