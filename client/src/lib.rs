@@ -4,6 +4,8 @@
 
 pub mod appliance;
 pub mod exit;
+pub mod inventory;
 pub mod progress;
+pub mod run;
 pub mod safety;
 pub mod sync_cmd;

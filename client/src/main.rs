@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Pull remote disks from a recovery agent into local block devices or image files.
     Sync(failback_client::sync_cmd::SyncArgs),
+    /// Pair with the DR service and fail back until launched or stopped (exit 0 / 8).
+    Run(failback_client::run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         .init();
     let exit = match cli.command {
         Command::Sync(args) => failback_client::sync_cmd::main(args),
+        Command::Run(args) => failback_client::run::main(args),
     };
     exit.into()
 }

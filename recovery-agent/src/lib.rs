@@ -2,6 +2,8 @@
 //! paired failback client over the replication protocol (mutual TLS, see
 //! `failback_replication::server`).
 
+pub mod enroll;
+
 use std::path::{Path, PathBuf};
 
 pub use failback_replication::server::ServeOptions as AgentOptions;

@@ -42,15 +42,19 @@ struct ServeArgs {
     /// Disk to serve as NAME=PATH (repeatable).
     #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
     disks: Vec<String>,
-    /// CA certificate (PEM) that must have signed client certificates.
-    #[arg(long)]
-    ca: PathBuf,
+    /// CA certificate (PEM) that must have signed client certificates (with --server: the
+    /// DR service's CA, pinned for enrollment).
+    #[arg(long, required_unless_present = "server")]
+    ca: Option<PathBuf>,
     /// Agent certificate (PEM), with DNS SAN `failback-agent`.
-    #[arg(long)]
-    cert: PathBuf,
+    #[arg(long, required_unless_present = "server")]
+    cert: Option<PathBuf>,
     /// Agent private key (PEM).
-    #[arg(long)]
-    key: PathBuf,
+    #[arg(long, required_unless_present = "server")]
+    key: Option<PathBuf>,
+    /// DR-service enrollment (instead of --cert/--key).
+    #[command(flatten)]
+    enroll: Box<failback_agent::enroll::EnrollArgs>,
     /// Serve only clients whose certificate names this recovery instance
     /// (URI SAN urn:failback:instance:ID).
     #[arg(long)]
@@ -75,6 +79,31 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::DevCerts { dir, instance } => failback_agent::write_dev_certs(&dir, &instance)
             .map(|()| println!("wrote development certificates to {}", dir.display())),
+        Command::Serve(args) if args.enroll.server.is_some() => {
+            return failback_agent::enroll::main(failback_agent::enroll::EnrollServe {
+                agent: AgentOptions {
+                    quiesce_cmd: args.quiesce_cmd,
+                    thaw_cmd: args.thaw_cmd,
+                    ..Default::default()
+                }
+                .with_fault_env(),
+                args: *args.enroll,
+                listen: args.listen,
+                disks: match args
+                    .disks
+                    .iter()
+                    .map(|s| failback_agent::parse_disk_spec(s))
+                    .collect()
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("failback-agent: error: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                ca: args.ca,
+            })
+        }
         Command::Serve(args) => serve(args),
     };
     match res {
@@ -105,9 +134,9 @@ fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let disks = failback_agent::open_disks(&specs)?;
     let tls = ServerTls::from_files(
         &TlsFiles {
-            ca: args.ca,
-            cert: args.cert,
-            key: args.key,
+            ca: args.ca.unwrap_or_default(),
+            cert: args.cert.unwrap_or_default(),
+            key: args.key.unwrap_or_default(),
         },
         args.instance,
     )
