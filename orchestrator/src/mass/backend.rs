@@ -101,6 +101,10 @@ pub struct AttachedCdrom {
     pub device_key: i32,
     pub added: bool,
     pub iso: String,
+    /// Backend-specific record of the attachment (e.g. the vCenter crate's
+    /// `CdromAttachment` as JSON) so it can be undone precisely after a resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Saved VM configuration, opaque to the engine (the adapter decides the encoding, e.g. the

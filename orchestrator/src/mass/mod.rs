@@ -5,6 +5,7 @@
 //! boot options back exactly -> power on from disk. See [`runner`] for the engine and
 //! [`state`] for the durable run state behind `--resume`.
 
+pub mod adapters;
 pub mod backend;
 pub mod matching;
 pub mod planner;

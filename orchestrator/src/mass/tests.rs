@@ -161,6 +161,7 @@ impl Hypervisor for Fake {
                 device_key: key,
                 added,
                 iso: iso.clone(),
+                detail: None,
             });
         }
         Ok(out)

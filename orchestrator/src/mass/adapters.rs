@@ -1,0 +1,504 @@
+//! The real backends behind the engine's traits: vCenter (`failback-vcenter`), the DR
+//! service admin API (HTTPS, CA pinned), and the seed-ISO builder (`failback-iso`).
+
+use super::backend::*;
+use async_trait::async_trait;
+use failback_config::api::{
+    CreateTokenRequest, CreateTokenResponse, InstanceList, LaunchRequest, LaunchResponse,
+    RecoveryInstance, TokenKind,
+};
+use failback_config::plan::NetworkMode;
+use failback_config::seed::{self, SeedConfig};
+use failback_vcenter as vc;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn vc_err(e: vc::Error) -> BackendError {
+    BackendError {
+        message: e.to_string(),
+        transient: e.is_transient(),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// vCenter through the SOAP client; ISOs live in one datastore.
+pub struct VcenterBackend {
+    pub client: vc::Client,
+    pub datastore: String,
+}
+
+impl VcenterBackend {
+    fn vmref(moref: &str) -> vc::VmRef {
+        vc::VmRef {
+            moref: vc::MoRef::new("VirtualMachine", moref),
+            name: moref.to_string(),
+        }
+    }
+
+    async fn vmref_named(&self, moref: &str) -> BResult<vc::VmRef> {
+        let vm = self
+            .client
+            .vm(&vc::MoRef::new("VirtualMachine", moref))
+            .await
+            .map_err(vc_err)?;
+        Ok(vm.vmref)
+    }
+}
+
+fn vm_info(s: &vc::VmSummary) -> VmInfo {
+    VmInfo {
+        moref: s.moref.clone(),
+        name: s.name.clone(),
+        bios_uuid: s.bios_uuid.clone(),
+        instance_uuid: s.instance_uuid.clone(),
+        macs: s.macs.clone(),
+        power: match s.power_state {
+            vc::PowerState::PoweredOn => Power::On,
+            vc::PowerState::Suspended => Power::Suspended,
+            _ => Power::Off,
+        },
+        tools_running: s.tools_running,
+        disks: s
+            .disks
+            .iter()
+            .map(|d| VmDisk {
+                label: d.label.clone(),
+                size_bytes: d.capacity_bytes,
+                file: d.file.clone(),
+            })
+            .collect(),
+    }
+}
+
+#[async_trait]
+impl Hypervisor for VcenterBackend {
+    async fn list_vms(&self) -> BResult<Vec<VmInfo>> {
+        let all = self.client.vm_summaries().await.map_err(vc_err)?;
+        Ok(all.iter().filter(|s| !s.template).map(vm_info).collect())
+    }
+
+    async fn vm(&self, moref: &str) -> BResult<VmInfo> {
+        let vm = self
+            .client
+            .vm(&vc::MoRef::new("VirtualMachine", moref))
+            .await
+            .map_err(vc_err)?;
+        Ok(vm_info(&vm.summary))
+    }
+
+    async fn upload(&self, local: &Path, ds_path: &str, sha256_hex: &str) -> BResult<()> {
+        let report = self
+            .client
+            .upload(
+                local,
+                &self.datastore,
+                ds_path,
+                vc::UploadOptions {
+                    verify_sha256: true,
+                },
+                Arc::new(vc::NoProgress),
+            )
+            .await
+            .map_err(vc_err)?;
+        if !report.sha256_verified || !report.sha256.eq_ignore_ascii_case(sha256_hex) {
+            return Err(BackendError::transient(format!(
+                "upload of {} to [{}] {ds_path}: SHA-256 check failed (expected {sha256_hex}, local {}, verified {})",
+                local.display(),
+                self.datastore,
+                report.sha256,
+                report.sha256_verified
+            )));
+        }
+        Ok(())
+    }
+
+    async fn has_file(&self, ds_path: &str, size: u64, sha256_hex: &str) -> BResult<bool> {
+        let have = self
+            .client
+            .datastore_file_size(&self.datastore, ds_path)
+            .await
+            .map_err(vc_err)?;
+        if have != Some(size) {
+            return Ok(false);
+        }
+        let sha = self
+            .client
+            .datastore_file_sha256(&self.datastore, ds_path)
+            .await
+            .map_err(vc_err)?;
+        Ok(sha.eq_ignore_ascii_case(sha256_hex))
+    }
+
+    async fn shutdown_guest(&self, moref: &str) -> BResult<()> {
+        let vm = self.vmref_named(moref).await?;
+        // Zero wait: the engine polls the power state itself with the plan's timeout.
+        match self.client.shutdown_guest(&vm, Duration::ZERO).await {
+            Ok(()) | Err(vc::Error::TaskTimeout { .. }) => Ok(()),
+            Err(e) => Err(vc_err(e)),
+        }
+    }
+
+    async fn power_off(&self, moref: &str) -> BResult<()> {
+        let vm = self.vmref_named(moref).await?;
+        self.client
+            .power(&vm, vc::PowerOp::Off)
+            .await
+            .map_err(vc_err)
+    }
+
+    async fn power_on(&self, moref: &str) -> BResult<()> {
+        let vm = self.vmref_named(moref).await?;
+        self.client
+            .power(&vm, vc::PowerOp::On)
+            .await
+            .map_err(vc_err)
+    }
+
+    async fn create_snapshot(&self, moref: &str, name: &str, description: &str) -> BResult<String> {
+        let vm = self.vmref_named(moref).await?;
+        let snap = self
+            .client
+            .create_snapshot(&vm, name, description, false, false)
+            .await
+            .map_err(vc_err)?;
+        Ok(snap.value)
+    }
+
+    async fn save_boot(&self, moref: &str) -> BResult<SavedBoot> {
+        let vm = self.vmref_named(moref).await?;
+        let saved = self.client.boot_options(&vm).await.map_err(vc_err)?;
+        serde_json::to_string(&saved)
+            .map(SavedBoot)
+            .map_err(|e| BackendError::permanent(format!("encode boot options of VM {vm}: {e}")))
+    }
+
+    async fn attach_isos(&self, moref: &str, isos: &[String]) -> BResult<Vec<AttachedCdrom>> {
+        let vm = self.vmref_named(moref).await?;
+        let mut out = vec![];
+        for iso in isos {
+            let att = self
+                .client
+                .attach_iso(&vm, &self.datastore, iso)
+                .await
+                .map_err(vc_err)?;
+            out.push(AttachedCdrom {
+                device_key: att.device_key,
+                added: att.added_cdrom,
+                iso: att.iso.clone(),
+                detail: serde_json::to_string(&att).ok(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn set_cdrom_first(&self, moref: &str, _saved: &SavedBoot) -> BResult<()> {
+        let vm = self.vmref_named(moref).await?;
+        self.client
+            .set_boot_cdrom_first(&vm)
+            .await
+            .map(|_| ())
+            .map_err(vc_err)
+    }
+
+    async fn detach_isos(&self, moref: &str, attached: &[AttachedCdrom]) -> BResult<()> {
+        // Last attached first: a drive added on a controller we added goes before it.
+        for a in attached.iter().rev() {
+            let att: vc::CdromAttachment = match a.detail.as_deref().map(serde_json::from_str) {
+                Some(Ok(att)) => att,
+                _ => vc::CdromAttachment {
+                    vm: moref.to_string(),
+                    vm_moref: moref.to_string(),
+                    iso: a.iso.clone(),
+                    device_key: a.device_key,
+                    added_cdrom: a.added,
+                    added_controller_key: None,
+                },
+            };
+            self.client.remove_added(&att).await.map_err(vc_err)?;
+        }
+        Ok(())
+    }
+
+    async fn restore_boot(&self, moref: &str, saved: &SavedBoot) -> BResult<()> {
+        let saved: vc::SavedBootOptions = serde_json::from_str(&saved.0).map_err(|e| {
+            BackendError::permanent(format!(
+                "saved boot options of VM {moref} are unreadable: {e}"
+            ))
+        })?;
+        self.client
+            .restore_boot_options(&Self::vmref(moref), &saved)
+            .await
+            .map_err(vc_err)
+    }
+}
+
+/// The DR service's admin API over HTTPS (CA pinned, bearer admin token).
+pub struct DrHttp {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl DrHttp {
+    /// `ca_pem`: the DR service CA; system roots are not trusted.
+    pub fn new(base: &str, admin_token: &str, ca_pem: &str) -> BResult<Self> {
+        let cert = reqwest::Certificate::from_pem(ca_pem.as_bytes())
+            .map_err(|e| BackendError::permanent(format!("DR service CA certificate: {e}")))?;
+        let http = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(cert)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| BackendError::permanent(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: admin_token.to_string(),
+        })
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> BResult<T> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| BackendError {
+                message: format!("{what}: {}: {e}", self.base),
+                transient: e.is_timeout() || e.is_connect() || e.is_request(),
+                source: None,
+            })?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| BackendError::transient(format!("{what}: {}: {e}", self.base)))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<failback_config::api::ApiError>(&body)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(BackendError {
+                message: format!("{what}: DR service {} answered {status}: {msg}", self.base),
+                transient: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+                source: None,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| {
+            BackendError::permanent(format!("{what}: unexpected answer from {}: {e}", self.base))
+        })
+    }
+}
+
+#[async_trait]
+impl DrService for DrHttp {
+    async fn instances(&self) -> BResult<Vec<RecoveryInstance>> {
+        let l: InstanceList = self
+            .send(
+                self.http.get(format!("{}/v1/admin/instances", self.base)),
+                "list recovery instances",
+            )
+            .await?;
+        Ok(l.items)
+    }
+
+    async fn instance(&self, id: &str) -> BResult<RecoveryInstance> {
+        self.send(
+            self.http
+                .get(format!("{}/v1/admin/instances/{id}", self.base)),
+            &format!("read recovery instance {id}"),
+        )
+        .await
+    }
+
+    async fn create_pairing_token(&self, id: &str, ttl_secs: u64) -> BResult<String> {
+        let r: CreateTokenResponse = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/admin/tokens", self.base))
+                    .json(&CreateTokenRequest {
+                        kind: TokenKind::Pairing,
+                        recovery_instance_id: Some(id.to_string()),
+                        ttl_secs: Some(ttl_secs),
+                    }),
+                &format!("create pairing token for {id}"),
+            )
+            .await?;
+        Ok(r.token)
+    }
+
+    async fn launch(&self, id: &str) -> BResult<()> {
+        let r: LaunchResponse = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/admin/launch", self.base))
+                    .json(&LaunchRequest {
+                        recovery_instance_ids: vec![id.to_string()],
+                    }),
+                &format!("launch failback of {id}"),
+            )
+            .await?;
+        match r.results.iter().find(|x| x.recovery_instance_id == id) {
+            Some(x) if x.accepted => Ok(()),
+            Some(x) => Err(BackendError::permanent(format!(
+                "launch of {id} refused: {}",
+                x.reason.as_deref().unwrap_or("no reason given")
+            ))),
+            None => Err(BackendError::permanent(format!(
+                "launch answer does not mention {id}"
+            ))),
+        }
+    }
+
+    async fn stop(&self, id: &str) -> BResult<()> {
+        let _: serde_json::Value = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/admin/instances/{id}/stop", self.base)),
+                &format!("stop failback of {id}"),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Seed ISOs through `failback_iso::seed::build`. The appliance powers off after completion
+/// (not reboot): the orchestrator detaches the ISOs and restores the boot order first.
+#[derive(Debug, Default)]
+pub struct IsoSeedBuilder;
+
+/// The seed a plan entry turns into.
+pub fn seed_config(input: &SeedInput) -> SeedConfig {
+    let n = &input.network;
+    let mut network = seed::NetworkConfig {
+        mode: match n.mode {
+            NetworkMode::Dhcp => seed::NetMode::Dhcp,
+            NetworkMode::Static => seed::NetMode::Static,
+        },
+        dns: n.dns.iter().filter_map(|d| d.parse().ok()).collect(),
+        ..Default::default()
+    };
+    if let Some(addr) = &n.address {
+        let v6 = addr.contains(':');
+        if v6 {
+            network.ipv6 = Some(seed::StaticV6 {
+                address: addr.clone(),
+                gateway: n.gateway.as_deref().and_then(|g| g.parse().ok()),
+            });
+        } else {
+            network.ipv4 = Some(seed::StaticV4 {
+                address: addr.clone(),
+                gateway: n.gateway.as_deref().and_then(|g| g.parse().ok()),
+            });
+        }
+    }
+    SeedConfig {
+        server_url: Some(input.server_url.clone()),
+        token: Some(input.token.clone()),
+        instance_id: Some(input.recovery_instance_id.clone()),
+        no_prompt: true,
+        after: seed::AfterCompletion::Poweroff,
+        ca_cert_pem: Some(input.ca_pem.clone()),
+        network,
+        proxy: n.proxy.as_ref().map(|p| seed::ProxyConfig {
+            url: p.clone(),
+            no_proxy: vec![],
+        }),
+        mappings: input
+            .device_mapping
+            .iter()
+            .map(|m| seed::DeviceMapping {
+                remote: m.remote.clone(),
+                local: m.local.clone(),
+            })
+            .collect(),
+    }
+}
+
+impl SeedBuilder for IsoSeedBuilder {
+    fn build(&self, input: &SeedInput, out: &Path) -> BResult<()> {
+        let cfg = seed_config(input);
+        failback_iso::seed::build(&cfg, out)
+            .map(|_| ())
+            .map_err(|e| {
+                BackendError::permanent(format!(
+                    "seed ISO {} for VM {} (instance {}): {e}",
+                    out.display(),
+                    input.vm_name,
+                    input.recovery_instance_id
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use failback_config::plan::{DeviceMap, Network};
+
+    fn input(network: Network) -> SeedInput {
+        SeedInput {
+            server_url: "https://10.0.2.2:8443".into(),
+            ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            token: "tok".into(),
+            recovery_instance_id: "i-0123456789abcdef".into(),
+            network,
+            device_mapping: vec![DeviceMap {
+                remote: "vol-1".into(),
+                local: "/dev/sda".into(),
+            }],
+            vm_name: "web-01".into(),
+        }
+    }
+
+    #[test]
+    fn plan_network_becomes_a_complete_unattended_seed() {
+        let cfg = seed_config(&input(Network {
+            mode: NetworkMode::Static,
+            address: Some("192.168.1.10/24".into()),
+            gateway: Some("192.168.1.1".into()),
+            dns: vec!["192.168.1.2".into()],
+            proxy: Some("http://proxy:3128".into()),
+        }));
+        assert!(cfg.no_prompt);
+        assert_eq!(cfg.after, seed::AfterCompletion::Poweroff);
+        assert_eq!(cfg.network.mode, seed::NetMode::Static);
+        assert_eq!(
+            cfg.network.ipv4.as_ref().unwrap().address,
+            "192.168.1.10/24"
+        );
+        assert_eq!(cfg.mappings.len(), 1);
+        assert_eq!(cfg.proxy.as_ref().unwrap().url, "http://proxy:3128");
+        cfg.validate(seed::Completeness::Complete).unwrap();
+
+        let v6 = seed_config(&input(Network {
+            mode: NetworkMode::Static,
+            address: Some("fd00::5/64".into()),
+            gateway: Some("fd00::1".into()),
+            ..Default::default()
+        }));
+        assert!(v6.network.ipv4.is_none());
+        assert_eq!(v6.network.ipv6.as_ref().unwrap().address, "fd00::5/64");
+        v6.validate(seed::Completeness::Complete).unwrap();
+
+        let dhcp = seed_config(&input(Network::default()));
+        assert_eq!(dhcp.network.mode, seed::NetMode::Dhcp);
+        dhcp.validate(seed::Completeness::Complete).unwrap();
+    }
+
+    #[test]
+    fn seed_iso_builds_with_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("seed.iso");
+        IsoSeedBuilder
+            .build(&input(Network::default()), &out)
+            .unwrap();
+        assert_eq!(
+            failback_iso::seed::read_label(&out).unwrap().as_deref(),
+            Some(seed::SEED_LABEL)
+        );
+    }
+}
