@@ -466,6 +466,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             Ok(Some(x)) => x,
             Ok(None) => break DeadReason::Lost("agent closed the connection".into()),
             Err(Error::Frame { source, .. }) => break DeadReason::Frame(source),
+            Err(Error::ConnectionLost { reason, .. }) => break DeadReason::Lost(reason),
             Err(e) => break DeadReason::Lost(e.to_string()),
         };
         if let Some(d) = inner.limiter.delay_for(len) {
@@ -620,17 +621,24 @@ impl DiskJob {
         }
 
         // Writer thread: verified runs -> disk; head last.
-        let (wtx, mut wrx) = mpsc::channel::<VerifiedRun>(8);
+        // `None` = commit: only then is the held-back head written. If the job fails, the
+        // channel just closes and the head stays unwritten.
+        let (wtx, mut wrx) = mpsc::channel::<Option<VerifiedRun>>(8);
         let writer = if estimate {
             None
         } else {
             let mut w = target.writer()?;
-            Some(tokio::task::spawn_blocking(move || -> Result<u64> {
-                while let Some(run) = wrx.blocking_recv() {
-                    w.write(run)?;
-                }
-                w.finish()
-            }))
+            Some(tokio::task::spawn_blocking(
+                move || -> Result<Option<u64>> {
+                    while let Some(msg) = wrx.blocking_recv() {
+                        match msg {
+                            Some(run) => w.write(run)?,
+                            None => return w.finish().map(Some),
+                        }
+                    }
+                    Ok(None)
+                },
+            ))
         };
 
         let mut windows: BTreeMap<u64, Window> = BTreeMap::new();
@@ -725,11 +733,9 @@ impl DiskJob {
                                     fetched += block::block_len(size, bs, idx);
                                 }
                                 self.progress.disk_advanced(&id, 0, fetched);
-                                if let Some(w) = writer.as_ref() {
-                                    let _ = w;
-                                    if wtx.send(run).await.is_err() {
-                                        break;
-                                    }
+                                if writer.is_some() && wtx.send(Some(run)).await.is_err() {
+                                    // The writer stopped on an I/O error; its result says why.
+                                    break;
                                 }
                             }
                             for b in bad {
@@ -823,15 +829,12 @@ impl DiskJob {
             }
         }
 
-        drop(wtx);
-        if let Some(w) = writer {
-            w.await
-                .map_err(|e| Error::Usage(format!("writer task: {e}")))??;
-        }
         let agent_hex = hex::encode(agent_digest);
         let local_digest = (!estimate).then(|| digest.finish());
         if let Some(local) = local_digest {
             if local != agent_digest {
+                // Not committed: the head stays unwritten.
+                drop(wtx);
                 return Err(Error::DigestMismatch {
                     disk: id,
                     path: self.local.clone(),
@@ -839,6 +842,12 @@ impl DiskJob {
                     agent: agent_hex,
                 });
             }
+        }
+        if let Some(w) = writer {
+            let _ = wtx.send(None).await;
+            drop(wtx);
+            w.await
+                .map_err(|e| Error::Usage(format!("writer task: {e}")))??;
         }
         let report = DiskReport {
             remote_id: id.clone(),

@@ -52,7 +52,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let len = wire::frame_len(prefix).map_err(|e| self.frame(e))?;
         let mut body = vec![0u8; len];
         if let Err(e) = self.inner.read_exact(&mut body).await {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            // A clean (TLS close_notify) close mid-frame is a truncated frame; a dropped TCP
+            // connection (rustls reports the missing close_notify) is a network error.
+            if e.kind() == std::io::ErrorKind::UnexpectedEof
+                && !e.to_string().contains("close_notify")
+            {
                 return Err(self.frame(FrameError::Truncated(
                     "connection closed in the middle of a frame",
                 )));
