@@ -204,6 +204,8 @@ async fn quiesce_and_thaw_run_agent_commands() {
     let src = env.path("src.img");
     make_disk(&src, MIB, 8);
     let marker = env.path("frozen");
+    // (`fault` exists only when the fault-injection feature is unified into this build.)
+    #[allow(clippy::needless_update)]
     let o = ServeOptions {
         quiesce_cmd: Some(format!("touch {} && echo frozen", marker.display())),
         thaw_cmd: Some("echo thawed; exit 3".into()),
