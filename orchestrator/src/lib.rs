@@ -1,2 +1,3 @@
 //! Mass failback orchestration and the library behind the `failback` admin CLI.
 pub mod mass;
+pub mod vcenter_args;

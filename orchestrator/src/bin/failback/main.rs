@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod iso_cmd;
+mod vcenter_cmd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Print the version of every wire format this build speaks.
     Version,
+    /// vCenter: list VMs, upload, attach/detach ISOs, boot order, power, snapshots.
+    Vcenter(vcenter_cmd::VcenterCmd),
     /// Appliance ISO.
     #[command(subcommand)]
     Iso(iso_cmd::IsoCommand),
@@ -33,6 +36,7 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Vcenter(cmd) => vcenter_cmd::run(cmd).await,
         Command::Version => {
             println!("failback {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
