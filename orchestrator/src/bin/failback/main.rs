@@ -4,7 +4,9 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod admin_cmd;
 mod iso_cmd;
+mod mass_cmd;
 mod vcenter_cmd;
 
 #[derive(Parser, Debug)]
@@ -22,8 +24,14 @@ struct Cli {
 enum Command {
     /// Print the version of every wire format this build speaks.
     Version,
+    /// DR service admin: instances, token, launch, stop, config, events.
+    #[command(flatten)]
+    Admin(admin_cmd::AdminCommand),
     /// vCenter: list VMs, upload, attach/detach ISOs, boot order, power, snapshots.
     Vcenter(vcenter_cmd::VcenterCmd),
+    /// Mass failback: find VMs, plan, run many at once.
+    #[command(subcommand)]
+    Mass(mass_cmd::MassCommand),
     /// Appliance ISO.
     #[command(subcommand)]
     Iso(iso_cmd::IsoCommand),
@@ -36,6 +44,8 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Mass(cmd) => mass_cmd::run(cmd).await,
+        Command::Admin(cmd) => admin_cmd::run(cmd).await,
         Command::Vcenter(cmd) => vcenter_cmd::run(cmd).await,
         Command::Version => {
             println!("failback {}", env!("CARGO_PKG_VERSION"));
