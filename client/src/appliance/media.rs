@@ -45,16 +45,39 @@ pub fn scan() -> Vec<Labelled> {
     out
 }
 
-/// Waits up to `timeout` for a device labelled `label` (SCSI/ATA scans are asynchronous).
-pub fn wait_for(label: &str, timeout: Duration) -> Option<Labelled> {
+/// Waits for a device labelled `label` (SCSI/ATA scans are asynchronous). Gives up after
+/// `timeout`, or earlier once a CD-ROM or the appliance medium is visible and the set of
+/// block devices has not changed for `settle` (everything attached has been probed).
+pub fn wait_for(label: &str, timeout: Duration, settle: Duration) -> Option<Labelled> {
     let start = Instant::now();
+    let mut last_set = Vec::new();
+    let mut stable_since = Instant::now();
     loop {
-        if let Some(found) = scan().into_iter().find(|l| l.label == label) {
-            return Some(found);
+        let found = scan();
+        if let Some(hit) = found.iter().find(|l| l.label == label) {
+            return Some(hit.clone());
         }
-        if start.elapsed() >= timeout {
+        let set = block_devices();
+        if set != last_set {
+            last_set = set;
+            stable_since = Instant::now();
+        }
+        let media_seen = last_set.iter().any(|n| n.starts_with("sr"))
+            || found.iter().any(|l| l.label == super::APPLIANCE_LABEL);
+        if start.elapsed() >= timeout || (media_seen && stable_since.elapsed() >= settle) {
             return None;
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+fn block_devices() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/block")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }

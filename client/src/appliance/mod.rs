@@ -146,7 +146,11 @@ fn read_seed(console: &Console) -> Result<SeedSource, ApplianceError> {
         found_on: None,
         stop_after: None,
     };
-    match media::wait_for(SEED_LABEL, Duration::from_secs(wait)) {
+    match media::wait_for(
+        SEED_LABEL,
+        Duration::from_secs(wait),
+        Duration::from_secs(4),
+    ) {
         Some(dev) => {
             let devpath = format!("/dev/{}", dev.name);
             system::mount(&devpath, SEED_MOUNT, "iso9660", libc::MS_RDONLY)
@@ -304,8 +308,8 @@ fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (Applian
     }
 
     let after = seed.after;
-    run_failback(console, seed).map_err(fail)?;
-    Ok(after)
+    let forced = run_failback(console, seed).map_err(fail)?;
+    Ok(forced.unwrap_or(after))
 }
 
 /// Probes the DR service with retries (the network may need a moment), and sets the clock
@@ -357,11 +361,60 @@ fn check_service(console: &Console, seed: &SeedConfig) -> Result<(), ApplianceEr
     Ok(())
 }
 
-/// Pairs, syncs and waits for launch: the DR-service client's `run`.
-fn run_failback(console: &Console, seed: SeedConfig) -> Result<(), ApplianceError> {
-    let _ = seed;
-    console.say("pairing is not available in this build");
-    Err(ApplianceError::Run("pairing not implemented yet".into()))
+/// Pairs, syncs and waits for launch: the DR-service client's [`crate::run::run`]. Returns
+/// what to do next: after a stop by the operator the local disks are incomplete, so the
+/// appliance powers off instead of rebooting into them.
+fn run_failback(
+    console: &Console,
+    seed: SeedConfig,
+) -> Result<Option<AfterCompletion>, ApplianceError> {
+    use crate::run::{run, RunOptions, RunOutcome};
+    if let Some(proxy) = &seed.proxy {
+        // reqwest takes its proxy from the environment; the process is single-purpose.
+        std::env::set_var("HTTPS_PROXY", &proxy.url);
+        std::env::set_var("HTTP_PROXY", &proxy.url);
+        if !proxy.no_proxy.is_empty() {
+            std::env::set_var("NO_PROXY", proxy.no_proxy.join(","));
+        }
+    }
+    let mut opts = RunOptions::new(
+        seed.server_url.clone().unwrap_or_default(),
+        seed.token.clone().unwrap_or_default(),
+    );
+    opts.ca_pem = seed.ca_cert_pem.clone();
+    opts.instance = seed.instance_id.clone();
+    if !seed.mappings.is_empty() {
+        opts.mapping = Some(
+            seed.mappings
+                .iter()
+                .map(|m| failback_config::api::DeviceMapping {
+                    remote: m.remote.clone(),
+                    local: m.local.clone(),
+                })
+                .collect(),
+        );
+    }
+    opts.log_file = Some("/run/failback/console.log".into());
+    match run(opts) {
+        Ok(RunOutcome::Completed {
+            recovery_instance_id,
+            ..
+        }) => {
+            console.say(&format!(
+                "failback from recovery instance {recovery_instance_id} completed"
+            ));
+            Ok(None)
+        }
+        Ok(RunOutcome::Stopped {
+            recovery_instance_id,
+        }) => {
+            console.say(&format!(
+                "failback from {recovery_instance_id} stopped by the operator; local disks are incomplete, powering off"
+            ));
+            Ok(Some(AfterCompletion::Poweroff))
+        }
+        Err(e) => Err(ApplianceError::Run(e.to_string())),
+    }
 }
 
 /// Flushes, ejects the appliance CD, reboots or powers off.

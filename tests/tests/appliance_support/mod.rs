@@ -1,0 +1,367 @@
+//! Shared by the appliance tests: the static client, ISO builds (cached per test binary), the
+//! DR service on 127.0.0.1, and QEMU (TCG) with a serial console the test can read and type on.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// The unpacked Debian inputs; `make setup` fetches them (never skipped: a clear failure).
+pub fn inputs() -> failback_iso::inputs::Inputs {
+    let cache = failback_iso::inputs::default_cache();
+    failback_iso::inputs::Inputs::from_cache(&cache).unwrap_or_else(|e| {
+        panic!("appliance ISO inputs missing ({e}); run `make setup` (iso-inputs step)")
+    })
+}
+
+/// The static musl client, built once (stripped, as `make iso` builds it).
+pub fn client() -> PathBuf {
+    static CLIENT: OnceLock<PathBuf> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let ws = workspace();
+            let status = Command::new(cargo())
+                .current_dir(&ws)
+                .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "x86_64-unknown-linux-musl",
+                    "-p",
+                    "failback-client",
+                ])
+                .status()
+                .expect("running cargo build for the musl client");
+            assert!(status.success(), "building the static musl client failed");
+            ws.join("target/x86_64-unknown-linux-musl/release/failback-client")
+        })
+        .clone()
+}
+
+/// A workspace binary from target/debug, built if `make test` did not build it yet.
+pub fn bin(name: &str, package: &str) -> PathBuf {
+    let ws = workspace();
+    let path = ws.join("target/debug").join(name);
+    if !path.exists() {
+        let status = Command::new(cargo())
+            .current_dir(&ws)
+            .args(["build", "-p", package, "--bin", name])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// Directory for built test ISOs (kept between runs: a cache, rebuilt by each test binary).
+pub fn out_dir() -> PathBuf {
+    let d = workspace().join("target/appliance-test");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Builds an appliance ISO with extra kernel arguments; `tag` names the file.
+pub fn build_iso(tag: &str, extra: &str) -> (PathBuf, failback_iso::appliance::ApplianceReport) {
+    let out = out_dir().join(format!("{tag}-{}.iso", std::process::id()));
+    let report = failback_iso::appliance::build(
+        &failback_iso::appliance::ApplianceOptions {
+            inputs: inputs(),
+            client: client(),
+            extra_kernel_args: extra.into(),
+        },
+        &out,
+    )
+    .unwrap_or_else(|e| panic!("building {}: {e}", out.display()));
+    (out, report)
+}
+
+/// The product ISO (no extra kernel arguments), built once per test binary.
+pub fn product_iso() -> &'static (PathBuf, failback_iso::appliance::ApplianceReport) {
+    static ISO: OnceLock<(PathBuf, failback_iso::appliance::ApplianceReport)> = OnceLock::new();
+    ISO.get_or_init(|| build_iso("failback", ""))
+}
+
+/// A running DR service (failback-server) on 127.0.0.1 with SAN 10.0.2.2 for QEMU guests.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let addr_file = dir.path().join("addr");
+        let child = Command::new(bin("failback-server", "failback-server"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--san", "10.0.2.2"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
+            .spawn()
+            .expect("starting failback-server");
+        let start = Instant::now();
+        let port = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if let Some(p) = text.trim().rsplit(':').next().and_then(|p| p.parse().ok()) {
+                    break p;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "failback-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        Server { child, port, dir }
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data/ca.pem")).unwrap()
+    }
+
+    /// URL as the QEMU guest sees it.
+    pub fn guest_url(&self) -> String {
+        format!("https://10.0.2.2:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    Bios,
+    Uefi,
+    SecureBoot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hardware {
+    /// pvscsi disk + vmxnet3 NIC.
+    VmwareLike,
+    /// virtio-scsi disk + virtio-net NIC.
+    Virtio,
+}
+
+/// A QEMU VM whose serial console is the test's stdin/stdout pipe.
+pub struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    out: Arc<Mutex<String>>,
+    pub name: String,
+    _vars: tempfile::TempDir,
+}
+
+pub struct VmConfig<'a> {
+    pub name: &'a str,
+    pub firmware: Firmware,
+    pub hardware: Hardware,
+    pub iso: &'a Path,
+    pub seed: Option<&'a Path>,
+    pub disks: Vec<(&'a Path, &'a str)>,
+}
+
+impl Vm {
+    pub fn start(c: &VmConfig) -> Vm {
+        let vars = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-m", "512", "-smp", "2", "-display", "none", "-monitor", "none",
+        ]);
+        cmd.args(["-serial", "stdio", "-no-reboot"]);
+        let ovmf = |code: &str, vars_src: &str| {
+            let v = vars.path().join("vars.fd");
+            std::fs::copy(vars_src, &v).unwrap();
+            vec![
+                "-drive".to_string(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
+                "-drive".to_string(),
+                format!("if=pflash,format=raw,unit=1,file={}", v.display()),
+            ]
+        };
+        let ide = match c.firmware {
+            Firmware::Bios => {
+                cmd.args(["-machine", "pc"]);
+                ("ide.0", "ide.1")
+            }
+            Firmware::Uefi => {
+                cmd.args(["-machine", "q35"]);
+                cmd.args(ovmf(
+                    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    "/usr/share/OVMF/OVMF_VARS_4M.fd",
+                ));
+                ("ide.0", "ide.1")
+            }
+            Firmware::SecureBoot => {
+                cmd.args(["-machine", "q35,smm=on"]);
+                cmd.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+                cmd.args(ovmf(
+                    "/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
+                    "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+                ));
+                ("ide.0", "ide.1")
+            }
+        };
+        cmd.arg("-drive").arg(format!(
+            "if=none,id=cd0,media=cdrom,readonly=on,file={}",
+            c.iso.display()
+        ));
+        cmd.arg("-device")
+            .arg(format!("ide-cd,drive=cd0,bus={},bootindex=0", ide.0));
+        if let Some(seed) = c.seed {
+            cmd.arg("-drive").arg(format!(
+                "if=none,id=cd1,media=cdrom,readonly=on,file={}",
+                seed.display()
+            ));
+            cmd.arg("-device")
+                .arg(format!("ide-cd,drive=cd1,bus={}", ide.1));
+        }
+        let (hba, nic) = match c.hardware {
+            Hardware::VmwareLike => ("pvscsi", "vmxnet3"),
+            Hardware::Virtio => ("virtio-scsi-pci", "virtio-net-pci"),
+        };
+        cmd.args(["-device", hba]);
+        for (i, (disk, serial)) in c.disks.iter().enumerate() {
+            cmd.arg("-drive").arg(format!(
+                "if=none,id=d{i},format=raw,file={}",
+                disk.display()
+            ));
+            cmd.arg("-device")
+                .arg(format!("scsi-hd,drive=d{i},serial={serial}"));
+        }
+        cmd.args(["-nic", &format!("user,model={nic}")]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting qemu-system-x86_64");
+        let stdin = child.stdin.take().unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let out = Arc::clone(&out);
+            let name = c.name.to_string();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream);
+                let mut line = Vec::new();
+                while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                    let text = String::from_utf8_lossy(&line).to_string();
+                    if std::env::var_os("FAILBACK_TEST_VERBOSE").is_some() {
+                        eprint!("[{name}] {text}");
+                    }
+                    out.lock().unwrap().push_str(&text);
+                    line.clear();
+                }
+            });
+        }
+        Vm {
+            child,
+            stdin,
+            out,
+            name: c.name.to_string(),
+            _vars: vars,
+        }
+    }
+
+    pub fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn tail(&self) -> String {
+        let out = self.output();
+        let lines: Vec<&str> = out.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Waits until the console shows `needle`; panics with the console tail otherwise.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.output().contains(needle) {
+                return start.elapsed();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(300));
+                if self.output().contains(needle) {
+                    return start.elapsed();
+                }
+                panic!(
+                    "{}: QEMU exited ({status}) before `{needle}`; console tail:\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{}: no `{needle}` within {}s; console tail:\n{}",
+                    self.name,
+                    timeout.as_secs(),
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Types a line on the serial console.
+    pub fn type_line(&mut self, line: &str) {
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Waits for QEMU to exit (power off, or reboot with -no-reboot).
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{}: QEMU still running after {}s; console tail:\n{}",
+                    self.name,
+                    timeout.as_secs(),
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds a seed ISO for `server` into `dir`.
+pub fn seed_iso(dir: &Path, seed: &failback_config::seed::SeedConfig) -> PathBuf {
+    let out = dir.join("seed.iso");
+    failback_iso::seed::build(seed, &out).unwrap();
+    out
+}
