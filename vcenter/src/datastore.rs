@@ -241,6 +241,9 @@ impl Client {
         self.ensure_session().await?;
         let url = self.datastore_file_url(&dc, datastore, path)?;
         let what = format!("upload {} to '[{datastore}] {path}'", local.display());
+        if let Some((parent, _)) = path.trim_start_matches('/').rsplit_once('/') {
+            self.make_directory(&dc, datastore, parent).await?;
+        }
 
         let hasher = Arc::new(Mutex::new(Sha256::new()));
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -330,6 +333,37 @@ impl Client {
             remote_size,
             sha256_verified,
         })
+    }
+
+    /// Creates `[datastore] dir` and its parents (`FileManager.MakeDirectory`); an existing
+    /// directory is fine. Real vCenter does not create parents on PUT (vcsim does).
+    pub async fn make_directory(&self, datacenter: &str, datastore: &str, dir: &str) -> Result<()> {
+        let Some(fm) = self.inner.sc.file_manager.clone() else {
+            return Ok(()); // ESXi without FileManager: rely on PUT
+        };
+        let what = format!("create directory '[{datastore}] {dir}'");
+        let dc_ref = self
+            .retrieve_all(&what, "Datacenter", &["name"])
+            .await?
+            .into_iter()
+            .find(|o| o.text("name") == Some(datacenter))
+            .map(|o| o.obj);
+        let dc_xml = dc_ref.map(|m| m.to_xml("datacenter")).unwrap_or_default();
+        let body = crate::client::request(
+            "MakeDirectory",
+            &fm,
+            &format!(
+                "<name>{}</name>{dc_xml}<createParentDirectories>true</createParentDirectories>",
+                crate::xml::escape(&format!("[{datastore}] {dir}"))
+            ),
+        );
+        match self.call(&what, &body).await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.fault_kind(), Some(crate::FaultKind::Other(t)) if t == "FileAlreadyExists") => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// SHA-256 (hex) of a datastore file, streamed.

@@ -276,6 +276,10 @@ async fn upload_verify_and_bad_datastore() {
             .unwrap(),
         report.sha256
     );
+    // MakeDirectory with parents; an existing directory is fine.
+    client.make_directory("DC0", DS, "a/b/c").await.unwrap();
+    client.make_directory("DC0", DS, "a/b/c").await.unwrap();
+    assert!(sim.datastore_dir(DS).join("a/b/c").is_dir());
     // A name with a space and unicode survives URL encoding.
     upload_bytes(&client, &sim, "isos/seed één.iso", b"seed").await;
     assert!(sim.datastore_dir(DS).join("isos/seed één.iso").exists());
