@@ -1,0 +1,190 @@
+//! Scale test without QEMU: 500 VMs in vcsim, 500 recovery instances in the real DR service
+//! (simulated agents), simulated clients (see mass_common) pairing and reporting through the
+//! real client API, and the real `failback mass plan --one-click` + `failback mass run`.
+//! Asserts every VM succeeded and ends powered on with its ISOs detached and its boot options
+//! exactly as before; prints the orchestration overhead (timings are reported, not asserted).
+//! `FAILBACK_SCALE_VMS` overrides the VM count (even number).
+
+mod mass_common;
+
+use mass_common::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mass_run_500_vms_with_simulated_clients() {
+    let n: usize = std::env::var("FAILBACK_SCALE_VMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    // One standalone host + one cluster = two resource pools.
+    let per_pool = (n / 2).to_string();
+    let vcsim = Vcsim::start(&["-vm", &per_pool, "-host", "1"]);
+    let dr = DrService::start(&[
+        "--agent-timeout-secs",
+        "86400",
+        "--client-timeout-secs",
+        "86400",
+        "--heartbeat-secs",
+        "1",
+    ]);
+    let vc = failback_vcenter::Client::connect(vcsim.config())
+        .await
+        .unwrap();
+    let vms = vc.list_vms().await.unwrap();
+    let vms: Vec<_> = vms.into_iter().filter(|v| !v.summary.template).collect();
+    assert_eq!(vms.len(), n, "vcsim VM count");
+    let before: HashMap<String, Option<String>> = vms
+        .iter()
+        .map(|v| {
+            (
+                v.summary.moref.clone(),
+                v.boot_options
+                    .as_ref()
+                    .map(|b| b.to_xml(Some("bootOptions"))),
+            )
+        })
+        .collect();
+    let bios: Vec<String> = vms
+        .iter()
+        .map(|v| v.summary.bios_uuid.clone().unwrap())
+        .collect();
+    assert_eq!(
+        bios.iter().collect::<HashSet<_>>().len(),
+        n,
+        "unique BIOS UUIDs"
+    );
+
+    // Recovery instances, one per VM, matched by BIOS UUID.
+    let t0 = Instant::now();
+    let dr = Arc::new(dr);
+    let mut ids = Vec::new();
+    for chunk in bios.chunks(25) {
+        let futs = chunk.iter().map(|b| {
+            let dr = dr.clone();
+            let b = b.clone();
+            async move { dr.enroll_sim_agent(&b, 64 << 20).await }
+        });
+        ids.extend(futures::future::join_all(futs).await);
+    }
+    eprintln!(
+        "enrolled {n} simulated agents in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let plan = work.path().join("plan.toml");
+    let mut env = vcsim.cli_env();
+    env.extend(dr.cli_env());
+    let (code, out, err) = failback(
+        &["mass", "plan", "--one-click", "-o", plan.to_str().unwrap()],
+        &env,
+    );
+    assert_eq!(code, 0, "plan: {out}\n{err}");
+    assert!(out.contains(&format!("{n} matched")), "{out}");
+
+    let appliance = work.path().join("failback.iso");
+    std::fs::write(&appliance, vec![7u8; 1 << 20]).unwrap();
+    let results = work.path().join("results.json");
+
+    let log = Arc::new(Mutex::new(SimLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut dirs = HashMap::new();
+    dirs.insert("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"));
+    let sim = tokio::spawn(simulate_clients(
+        vcsim.config(),
+        dirs,
+        HashSet::new(),
+        log.clone(),
+        stop.clone(),
+    ));
+
+    let t_run = Instant::now();
+    let args: Vec<String> = [
+        "mass",
+        "run",
+        plan.to_str().unwrap(),
+        "--parallel",
+        "50",
+        "--poll-ms",
+        "500",
+        "--appliance-iso",
+        appliance.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let env2 = env.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        failback(&a, &env2)
+    })
+    .await
+    .unwrap();
+    let wall = t_run.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sim.await;
+    assert_eq!(
+        code,
+        0,
+        "run: {out}\n{err}\nsim errors: {:?}",
+        log.lock().unwrap().errors
+    );
+
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    assert_eq!(r["summary"]["succeeded"], n, "{}", r["summary"]);
+    assert_eq!(r["summary"]["failed"], 0);
+    assert_eq!(log.lock().unwrap().completed.len(), n);
+
+    // Every VM: powered on, no ISO attached, boot options exactly as before.
+    let after = vc.list_vms().await.unwrap();
+    for v in after.iter().filter(|v| !v.summary.template) {
+        assert_eq!(
+            v.summary.power_state,
+            failback_vcenter::PowerState::PoweredOn,
+            "{}",
+            v.summary.name
+        );
+        assert!(
+            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
+            "{}: {:?}",
+            v.summary.name,
+            v.summary.cdroms
+        );
+        assert_eq!(
+            v.boot_options
+                .as_ref()
+                .map(|b| b.to_xml(Some("bootOptions"))),
+            before[&v.summary.moref],
+            "boot options of {}",
+            v.summary.name
+        );
+    }
+
+    // Orchestration overhead: time in the orchestrator's own steps (vCenter, DR service,
+    // seed ISO), i.e. everything except waiting for the clients.
+    let mut own = Vec::new();
+    for v in r["vms"].as_array().unwrap() {
+        let s: f64 = v["step_secs"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("wait_"))
+            .map(|(_, x)| x.as_f64().unwrap())
+            .sum();
+        own.push(s);
+    }
+    own.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mean = own.iter().sum::<f64>() / own.len() as f64;
+    let p95 = own[(own.len() * 95 / 100).min(own.len() - 1)];
+    eprintln!(
+        "SCALE: {n} VMs, parallel 50: wall {wall:.1} s ({:.0} VMs/min); orchestrator steps per VM (excluding waits for the client): mean {mean:.2} s, p95 {p95:.2} s",
+        n as f64 / wall * 60.0
+    );
+}
