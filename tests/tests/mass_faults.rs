@@ -1,0 +1,413 @@
+//! Mass failback fault cases against a real vcsim, the real DR service and the real
+//! `failback` CLI, with simulated clients (mass_common): a VM with no recovery instance and an
+//! instance with no VM (both skipped and reported), a client that never pairs (timeout ->
+//! that VM fails and is rolled back, the others succeed), and an orchestrator killed mid-run
+//! that `--resume` finishes without repeating destructive steps.
+
+mod mass_common;
+
+use failback_config::plan::{Plan, PlanFormat};
+use mass_common::*;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct World {
+    vcsim: Vcsim,
+    dr: DrService,
+    vc: failback_vcenter::Client,
+    vms: Vec<failback_vcenter::Vm>,
+    env: Vec<(String, String)>,
+    work: tempfile::TempDir,
+}
+
+async fn world(vms_per_pool: &str) -> World {
+    let vcsim = Vcsim::start(&["-vm", vms_per_pool, "-host", "1"]);
+    let dr = DrService::start(&[
+        "--agent-timeout-secs",
+        "86400",
+        "--client-timeout-secs",
+        "86400",
+        "--heartbeat-secs",
+        "1",
+    ]);
+    let vc = failback_vcenter::Client::connect(vcsim.config())
+        .await
+        .unwrap();
+    let mut vms: Vec<_> = vc
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| !v.summary.template)
+        .collect();
+    vms.sort_by(|a, b| a.summary.name.cmp(&b.summary.name));
+    let mut env = vcsim.cli_env();
+    env.extend(dr.cli_env());
+    World {
+        vcsim,
+        dr,
+        vc,
+        vms,
+        env,
+        work: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn boot_xml(v: &failback_vcenter::Vm) -> Option<String> {
+    v.boot_options
+        .as_ref()
+        .map(|b| b.to_xml(Some("bootOptions")))
+}
+
+fn start_sim(
+    w: &World,
+    never: HashSet<String>,
+) -> (
+    Arc<Mutex<SimLog>>,
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let log = Arc::new(Mutex::new(SimLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut dirs = HashMap::new();
+    dirs.insert("LOCALDS_0".to_string(), w.vcsim.datastore_dir("LocalDS_0"));
+    let h = tokio::spawn(simulate_clients(
+        w.vcsim.config(),
+        dirs,
+        never,
+        log.clone(),
+        stop.clone(),
+    ));
+    (log, stop, h)
+}
+
+fn run_args(w: &World, plan: &Path, extra: &[&str]) -> Vec<String> {
+    let appliance = w.work.path().join("failback.iso");
+    if !appliance.exists() {
+        std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
+    }
+    let mut a: Vec<String> = [
+        "mass",
+        "run",
+        plan.to_str().unwrap(),
+        "--parallel",
+        "3",
+        "--poll-ms",
+        "200",
+        "--appliance-iso",
+        appliance.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+async fn run_cli(args: Vec<String>, env: Vec<(String, String)>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        failback(&a, &env)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed() {
+    let w = world("2").await; // 4 VMs
+    let before: HashMap<String, Option<String>> = w
+        .vms
+        .iter()
+        .map(|v| (v.summary.moref.clone(), boot_xml(v)))
+        .collect();
+    let bios = |i: usize| w.vms[i].summary.bios_uuid.clone().unwrap();
+    // VMs 0..3 get instances; VM 3 none; one instance matches no VM.
+    for i in 0..3 {
+        w.dr.enroll_sim_agent(&bios(i), 64 << 20).await;
+    }
+    let orphan =
+        w.dr.enroll_sim_agent("deadbeef-0000-0000-0000-000000000000", 64 << 20)
+            .await;
+
+    let plan_path = w.work.path().join("plan.toml");
+    let (code, out, err) = failback(
+        &[
+            "mass",
+            "plan",
+            "--generate",
+            "-o",
+            plan_path.to_str().unwrap(),
+        ],
+        &w.env,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&orphan),
+        "unmatched instance reported by plan: {out}"
+    );
+    let mut plan = Plan::load(&plan_path).unwrap();
+    assert_eq!(plan.vms.len(), 4);
+    assert_eq!(plan.unmatched_instances, vec![orphan.clone()]);
+    for v in &mut plan.vms {
+        v.options.timeouts.pair_secs = 15;
+    }
+    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+
+    // `find` shows every VM and which instance matches.
+    let (code, out, _) = failback(&["mass", "find", "--output", "json"], &w.env);
+    assert_eq!(code, 0);
+    let found: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let matched = found["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["recovery_instance"].is_string())
+        .count();
+    assert_eq!(matched, 3, "{out}");
+
+    // Dry run changes nothing and lists every step.
+    let (code, out, err) = run_cli(run_args(&w, &plan_path, &["--dry-run"]), w.env.clone()).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("power_on_appliance") && out.contains("no recovery instance"),
+        "{out}"
+    );
+    assert!(
+        !w.work.path().join("plan.toml.state").exists(),
+        "dry run wrote state"
+    );
+
+    let (log, stop, sim) = start_sim(&w, [bios(2)].into_iter().collect());
+    let results = w.work.path().join("results.json");
+    let (code, out, err) = run_cli(
+        run_args(&w, &plan_path, &["--results", results.to_str().unwrap()]),
+        w.env.clone(),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sim.await;
+    assert_eq!(code, 10, "exit code says a VM failed:\n{out}\n{err}");
+    assert!(
+        log.lock().unwrap().errors.is_empty(),
+        "{:?}",
+        log.lock().unwrap().errors
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    let s = &r["summary"];
+    assert_eq!(
+        (
+            s["succeeded"].as_u64(),
+            s["failed"].as_u64(),
+            s["skipped"].as_u64()
+        ),
+        (Some(2), Some(1), Some(2)),
+        "{r:#}"
+    );
+    let by_name = |name: &str| {
+        r["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm_name"] == name || v["vm"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no result for {name}"))
+    };
+    let failed = by_name(&w.vms[2].summary.name);
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["failed_step"], "wait_paired");
+    let msg = failed["message"].as_str().unwrap();
+    assert!(
+        msg.contains("timeout") && msg.contains("rolled back"),
+        "{msg}"
+    );
+    assert_eq!(by_name(&w.vms[3].summary.name)["status"], "skipped");
+    let orphan_r = r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["recovery_instance"] == orphan.as_str())
+        .unwrap();
+    assert_eq!(orphan_r["status"], "skipped");
+    for i in 0..2 {
+        let v = by_name(&w.vms[i].summary.name);
+        assert_eq!(v["status"], "succeeded", "{v:#}");
+        assert_eq!(v["vm_bios_uuid"], bios(i));
+        assert_eq!(v["digests"].as_array().unwrap().len(), 1);
+    }
+
+    // Every VM (the failed one too, rolled back) is on, without ISOs, boot options as before.
+    for v in
+        w.vc.list_vms()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|v| !v.summary.template)
+    {
+        assert_eq!(
+            v.summary.power_state,
+            failback_vcenter::PowerState::PoweredOn,
+            "{}",
+            v.summary.name
+        );
+        assert!(
+            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
+            "{}: {:?}",
+            v.summary.name,
+            v.summary.cdroms
+        );
+        assert_eq!(
+            boot_xml(v),
+            before[&v.summary.moref],
+            "boot options of {}",
+            v.summary.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
+    let w = world("2").await;
+    let before: HashMap<String, (Option<String>, usize)> = w
+        .vms
+        .iter()
+        .map(|v| {
+            (
+                v.summary.moref.clone(),
+                (boot_xml(v), v.summary.cdroms.len()),
+            )
+        })
+        .collect();
+    for v in &w.vms {
+        w.dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
+            .await;
+    }
+    let plan_path = w.work.path().join("plan.json");
+    let (code, out, err) = failback(
+        &[
+            "mass",
+            "plan",
+            "--one-click",
+            "--snapshot",
+            "-o",
+            plan_path.to_str().unwrap(),
+        ],
+        &w.env,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (log, stop, sim) = start_sim(&w, HashSet::new());
+    let state = w.work.path().join("state");
+    let results = w.work.path().join("results.json");
+    let args = run_args(
+        &w,
+        &plan_path,
+        &[
+            "--state",
+            state.to_str().unwrap(),
+            "--results",
+            results.to_str().unwrap(),
+        ],
+    );
+
+    // Kill -9 the orchestrator once some VM is past "attach ISOs + boot order" (its VM
+    // reconfigured, appliance booting): the worst moment to lose the saved boot options.
+    let mut child = std::process::Command::new(bin("failback"))
+        .args(&args)
+        .envs(w.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let killed_at = loop {
+        let st = failback_orchestrator::mass::state::load(&state).ok();
+        let past = st.as_ref().and_then(|s| {
+            s.vms
+                .iter()
+                .filter_map(|v| v.last_completed)
+                .find(|s| *s >= failback_orchestrator::mass::state::Step::SetBootOrder)
+        });
+        if let Some(step) = past {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break step;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run finished before it could be killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "run made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mid = failback_orchestrator::mass::state::load(&state).unwrap();
+    assert!(
+        mid.vms
+            .iter()
+            .any(|v| v.status == failback_orchestrator::mass::state::VmStatus::Running),
+        "killed after {killed_at:?} but nothing was running"
+    );
+
+    // A plain second run refuses to clobber the state; --resume finishes.
+    let (code, _, err) = run_cli(args.clone(), w.env.clone()).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let (code, out, err) = run_cli(resume, w.env.clone()).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sim.await;
+    assert_eq!(
+        code,
+        0,
+        "{out}\n{err}\nsim: {:?}",
+        log.lock().unwrap().errors
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    assert_eq!(
+        r["summary"]["succeeded"].as_u64(),
+        Some(w.vms.len() as u64),
+        "{r:#}"
+    );
+
+    for v in
+        w.vc.list_vms()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|v| !v.summary.template)
+    {
+        let (boot, cdroms) = &before[&v.summary.moref];
+        assert_eq!(
+            v.summary.power_state,
+            failback_vcenter::PowerState::PoweredOn,
+            "{}",
+            v.summary.name
+        );
+        assert!(
+            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
+            "{}",
+            v.summary.name
+        );
+        // Saving boot options again after the kill would have saved "CD-ROM first".
+        assert_eq!(&boot_xml(v), boot, "boot options of {}", v.summary.name);
+        assert_eq!(
+            v.summary.cdroms.len(),
+            *cdroms,
+            "CD-ROM count of {}",
+            v.summary.name
+        );
+        // One protective snapshot, not two.
+        let snaps = w.vc.snapshots(&v.vmref).await.unwrap();
+        assert_eq!(snaps.len(), 1, "snapshots of {}: {snaps:?}", v.summary.name);
+    }
+    // One pairing per instance: tokens were not re-issued for VMs past that step.
+    assert_eq!(log.lock().unwrap().paired.len(), w.vms.len());
+}
