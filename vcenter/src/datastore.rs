@@ -10,6 +10,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncReadExt;
 
+/// Splits `[datastore] path/to/file` into (`datastore`, `path/to/file`).
+pub fn parse_datastore_path(s: &str) -> Option<(String, String)> {
+    let (ds, path) = s.trim().strip_prefix('[')?.split_once(']')?;
+    Some((ds.to_string(), path.trim().to_string()))
+}
+
 /// Transfer progress, called after every chunk.
 pub trait TransferProgress: Send + Sync {
     fn progress(&self, done: u64, total: u64);
@@ -401,5 +407,17 @@ impl Client {
             h.update(&chunk);
         }
         Ok(hex::encode(h.finalize()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn datastore_paths() {
+        assert_eq!(
+            super::parse_datastore_path("[LocalDS_0] isos/a b.iso"),
+            Some(("LocalDS_0".into(), "isos/a b.iso".into()))
+        );
+        assert_eq!(super::parse_datastore_path("isos/a.iso"), None);
     }
 }

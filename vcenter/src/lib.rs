@@ -30,7 +30,9 @@ pub mod xml;
 pub use boot::{cdrom_first, BootDevice, BootOptionsView, SavedBootOptions};
 pub use cdrom::{plan_cdrom, CdromAttachment, CdromPlan};
 pub use client::{About, Client, Config, MoRef, ServiceContent, SESSION_COOKIE};
-pub use datastore::{DatastoreInfo, NoProgress, TransferProgress, UploadOptions, UploadReport};
+pub use datastore::{
+    parse_datastore_path, DatastoreInfo, NoProgress, TransferProgress, UploadOptions, UploadReport,
+};
 pub use error::{Error, Fault, FaultKind, Result};
 pub use power::PowerOp;
 pub use snapshot::SnapshotInfo;

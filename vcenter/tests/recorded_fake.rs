@@ -427,3 +427,38 @@ async fn garbage_and_http_errors_name_the_url() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_share_one_relogin() {
+    // Session 1 expires; 16 calls fail at once; exactly one re-login serves them all.
+    let fake = RecordedVcenter::start(Arc::new(|req: &Seen, n| match req.method.as_str() {
+        "RetrieveServiceContent" => (200, vec![], service_content()),
+        "Login" => (
+            200,
+            vec![(
+                "Set-Cookie".into(),
+                format!("vmware_soap_session=s{n}; Path=/"),
+            )],
+            login_ok(),
+        ),
+        _ if req.cookie.as_deref() != Some("vmware_soap_session=s2") => (
+            500,
+            vec![],
+            fault("NotAuthenticated", "", "The session is not authenticated."),
+        ),
+        "PowerOnVM_Task" => (200, vec![], task_returned("PowerOnVM_Task")),
+        "RetrievePropertiesEx" => (200, vec![], task_info("success", "")),
+        m => (500, vec![], fault("MethodNotFound", "", m)),
+    }))
+    .await;
+    let client = Client::connect(fake.config()).await.unwrap();
+    let calls = (0..16).map(|_| {
+        let c = client.clone();
+        tokio::spawn(async move { c.power(&vm(), failback_vcenter::PowerOp::On).await })
+    });
+    for r in futures::future::join_all(calls).await {
+        r.unwrap().unwrap();
+    }
+    assert_eq!(fake.count("Login"), 2, "one re-login for all");
+    assert_eq!(client.login_count(), 2);
+}
