@@ -146,6 +146,9 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiFailure> {
             .map(|f| {
                 if path == "." || path.is_empty() {
                     f
+                } else if path == f || path.ends_with(&format!(".{f}")) {
+                    // Unknown fields are already part of the path.
+                    path.clone()
                 } else {
                     format!("{path}.{f}")
                 }

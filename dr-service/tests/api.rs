@@ -1,0 +1,619 @@
+//! The DR-service API over real HTTPS on 127.0.0.1:0 (in-process server, SQLite in a temp
+//! dir): tokens, enrollment, pairing refusals, malformed bodies, restart persistence, launch
+//! and stop validation. The agent and client here are plain HTTP calls; the end-to-end tests
+//! with the real binaries are in tests/tests/service_e2e.rs.
+
+use std::path::Path;
+
+use failback_config::api::*;
+use failback_server::{start, RunningServer, ServerConfig, Settings};
+use serde_json::{json, Value};
+
+async fn server(dir: &Path) -> RunningServer {
+    start(ServerConfig {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        sans: vec!["10.0.2.2".into()],
+        admin_token: None,
+        settings: Settings {
+            heartbeat_secs: 1,
+            agent_timeout_secs: 600,
+            client_timeout_secs: 600,
+            ..Settings::default()
+        },
+    })
+    .await
+    .expect("service starts")
+}
+
+struct C {
+    http: reqwest::Client,
+    base: String,
+    admin: String,
+}
+
+impl C {
+    fn new(s: &RunningServer) -> C {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(s.ca_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        C {
+            http,
+            base: s.url(),
+            admin: s.admin_token.clone(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<String>,
+    ) -> (u16, Value) {
+        let mut rq = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = bearer {
+            rq = rq.bearer_auth(b);
+        }
+        if let Some(b) = body {
+            rq = rq.header("content-type", "application/json").body(b);
+        }
+        let r = rq.send().await.expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn admin_get(&self, path: &str) -> (u16, Value) {
+        self.send(reqwest::Method::GET, path, Some(&self.admin.clone()), None)
+            .await
+    }
+
+    async fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(
+            reqwest::Method::POST,
+            path,
+            Some(&self.admin.clone()),
+            Some(body.to_string()),
+        )
+        .await
+    }
+
+    async fn token(&self, kind: &str, instance: Option<&str>, ttl: Option<u64>) -> String {
+        let mut b = json!({ "kind": kind });
+        if let Some(i) = instance {
+            b["recovery_instance_id"] = json!(i);
+        }
+        if let Some(t) = ttl {
+            b["ttl_secs"] = json!(t);
+        }
+        let (st, v) = self.admin_post("/v1/admin/tokens", b).await;
+        assert_eq!(st, 200, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Enrolls a fake agent (HTTP only) and returns (instance id, agent secret).
+    async fn enroll(&self, vmware_uuid: Option<&str>, size: u64) -> (String, String) {
+        let t = self.token("agent", None, None).await;
+        let mut body = json!({
+            "token": t,
+            "address": "127.0.0.1:1740",
+            "disks": [{"id": "disk0", "size_bytes": size}],
+        });
+        if let Some(u) = vmware_uuid {
+            body["source_hints"] = json!({ "vmware_uuid": u });
+        }
+        let (st, v) = self
+            .send(
+                reqwest::Method::POST,
+                "/v1/agent/enroll",
+                None,
+                Some(body.to_string()),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let r: AgentEnrollResponse = serde_json::from_value(v).unwrap();
+        assert!(r.agent_cert_pem.contains("BEGIN CERTIFICATE"));
+        (r.recovery_instance_id, r.agent_secret)
+    }
+
+    async fn pair(&self, token: &str, uuid: Option<&str>, instance: Option<&str>) -> (u16, Value) {
+        let mut body = json!({
+            "token": token,
+            "inventory": {
+                "smbios_uuid": uuid,
+                "disks": [{"path": "/dev/sda", "size_bytes": 1u64 << 30}],
+            },
+        });
+        if let Some(i) = instance {
+            body["recovery_instance_id"] = json!(i);
+        }
+        self.send(
+            reqwest::Method::POST,
+            "/v1/pair",
+            None,
+            Some(body.to_string()),
+        )
+        .await
+    }
+
+    async fn counts(&self) -> (usize, usize) {
+        let (_, l) = self.admin_get("/v1/admin/instances").await;
+        let (_, e) = self.admin_get("/v1/admin/events?limit=10000").await;
+        (
+            l["items"].as_array().unwrap().len(),
+            e["items"].as_array().unwrap().len(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_by_scope_and_by_smbios_uuid_then_reuse_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path()).await;
+    let c = C::new(&s);
+    let uuid = "4221AAAA-BBBB-CCCC-DDDD-EEEEFFFF0001";
+    let (a, _) = c.enroll(Some(uuid), 1 << 30).await;
+
+    // Scoped token.
+    let t = c.token("pairing", Some(&a), None).await;
+    let (st, v) = c.pair(&t, None, None).await;
+    assert_eq!(st, 200, "{v}");
+    let p: PairResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(p.recovery_instance_id, a);
+    assert_eq!(p.matched_by, MatchReason::TokenScope);
+    assert_eq!(
+        p.device_mapping,
+        vec![DeviceMapping {
+            remote: "disk0".into(),
+            local: "/dev/sda".into()
+        }]
+    );
+    assert!(p.client_cert_pem.contains("BEGIN CERTIFICATE"));
+    assert!(p.client_key_pem.contains("PRIVATE KEY"));
+
+    // The same token again: refused, and nothing changes.
+    let before = c.counts().await;
+    let (st, v) = c.pair(&t, None, None).await;
+    assert_eq!(st, 401, "{v}");
+    assert_eq!(v["error"], "TOKEN_USED", "{v}");
+    assert_eq!(c.counts().await, before);
+
+    // Auto-match: SMBIOS UUID (case-insensitive) equals the source's VMware BIOS UUID.
+    let t = c.token("pairing", None, None).await;
+    let (st, v) = c.pair(&t, Some(&uuid.to_lowercase()), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["matched_by"], "SMBIOS_UUID");
+    assert_eq!(v["failback_to_original_server"], true);
+    assert_eq!(v["recovery_instance_id"], a.as_str());
+
+    // The describe shows the pairing state with AWS names.
+    let (_, i) = c.admin_get(&format!("/v1/admin/instances/{a}")).await;
+    assert_eq!(i["failback"]["state"], "FAILBACK_IN_PROGRESS");
+    assert_eq!(i["failback"]["replication_state"], "INITIATING");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_wrong_kind_and_other_instance_tokens_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path()).await;
+    let c = C::new(&s);
+    let (a, _) = c.enroll(None, 1 << 30).await;
+    let (b, _) = c.enroll(None, 1 << 30).await;
+    assert_ne!(a, b);
+
+    // Scoped to A, presented for B.
+    let t = c.token("pairing", Some(&a), None).await;
+    let (st, v) = c.pair(&t, None, Some(&b)).await;
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["error"], "TOKEN_SCOPE");
+    assert!(v["message"].as_str().unwrap().contains(&a), "{v}");
+    // ...and it is not spent by the refusal.
+    let (st, v) = c.pair(&t, None, Some(&a)).await;
+    assert_eq!(st, 200, "{v}");
+
+    // An agent token is not a pairing token.
+    let at = c.token("agent", None, None).await;
+    let (st, v) = c.pair(&at, None, Some(&a)).await;
+    assert_eq!(st, 401, "{v}");
+    assert_eq!(v["error"], "TOKEN_KIND");
+
+    // Unknown token.
+    let (st, v) = c.pair("fbp_nonsense", None, Some(&a)).await;
+    assert_eq!((st, v["error"].as_str()), (401, Some("TOKEN_INVALID")));
+
+    // Expired: 1 s lifetime, used well after.
+    let t = c.token("pairing", Some(&b), Some(1)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (st, v) = c.pair(&t, None, None).await;
+    assert_eq!(st, 401, "{v}");
+    assert_eq!(v["error"], "TOKEN_EXPIRED");
+    let (_, i) = c.admin_get(&format!("/v1/admin/instances/{b}")).await;
+    assert_eq!(i["failback"]["state"], "FAILBACK_NOT_STARTED");
+
+    // No instance matches this SMBIOS UUID.
+    let t = c.token("pairing", None, None).await;
+    let (st, v) = c.pair(&t, Some("no-such-uuid"), None).await;
+    assert_eq!((st, v["error"].as_str()), (409, Some("NO_MATCH")), "{v}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_name_the_field_and_store_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path()).await;
+    let c = C::new(&s);
+    let (a, _) = c.enroll(None, 1 << 30).await;
+    let t = c.token("pairing", Some(&a), None).await;
+    let before = c.counts().await;
+    let admin = Some(c.admin.clone());
+    let bad_size = format!(
+        r#"{{"token":"{t}","inventory":{{"disks":[{{"path":"/dev/sda","size_bytes":"big"}}]}}}}"#
+    );
+    let bad_map = format!(
+        r#"{{"token":"{t}","inventory":{{"disks":[{{"path":"/dev/sda","size_bytes":1073741824}}]}},"device_mapping":[{{"remote":"disk0","local":"/dev/sdz"}}]}}"#
+    );
+    let cases: Vec<(reqwest::Method, String, Option<String>, &str, &str)> = vec![
+        (
+            reqwest::Method::POST,
+            "/v1/pair".into(),
+            None,
+            r#"{"token":"x","inventory":{},"bogus":1}"#,
+            "bogus",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/pair".into(),
+            None,
+            r#"{"inventory":{}}"#,
+            "token",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/pair".into(),
+            None,
+            &bad_size,
+            "inventory.disks[0].size_bytes",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/pair".into(),
+            None,
+            &bad_map,
+            "device_mapping",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/admin/tokens".into(),
+            admin.clone(),
+            r#"{"kind":"pairing","ttl_secs":0}"#,
+            "ttl_secs",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/admin/tokens".into(),
+            admin.clone(),
+            r#"{"kind":"wizard"}"#,
+            "kind",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/admin/launch".into(),
+            admin.clone(),
+            r#"{"recovery_instance_ids":[]}"#,
+            "recovery_instance_ids",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/admin/launch".into(),
+            admin.clone(),
+            r#"{"recovery_instance_ids":["i-0123456789abcdef","nope"]}"#,
+            "recovery_instance_ids[1]",
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/v1/admin/instances/{a}/config"),
+            admin.clone(),
+            r#"{"bandwidth_throttling_mbps":-5}"#,
+            "bandwidth_throttling_mbps",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/agent/enroll".into(),
+            None,
+            r#"{"token":"t","address":"no-port","disks":[{"id":"d","size_bytes":1}]}"#,
+            "address",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/agent/enroll".into(),
+            None,
+            r#"{"token":"t","address":"1.2.3.4:5","disks":[{"id":"d","size_bytes":0}]}"#,
+            "disks[0].size_bytes",
+        ),
+    ];
+    for (m, path, bearer, body, field) in cases {
+        let (st, v) = c
+            .send(m.clone(), &path, bearer.as_deref(), Some(body.to_string()))
+            .await;
+        assert!(
+            (400..500).contains(&st),
+            "{m} {path} {body}: status {st} {v}"
+        );
+        assert_eq!(v["field"], field, "{m} {path} {body}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(field),
+            "message must name {field}: {v}"
+        );
+    }
+    assert_eq!(
+        c.counts().await,
+        before,
+        "a refused request stored something"
+    );
+    // The pairing token survived the malformed attempts.
+    let (st, v) = c.pair(&t, None, None).await;
+    assert_eq!(st, 200, "{v}");
+    // Admin routes need the admin token.
+    let (st, _) = c
+        .send(
+            reqwest::Method::GET,
+            "/v1/admin/instances",
+            Some("wrong"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 401);
+    let (st, _) = c
+        .send(reqwest::Method::GET, "/v1/admin/instances", None, None)
+        .await;
+    assert_eq!(st, 401);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_ca_and_admin_token_survive_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path()).await;
+    let c = C::new(&s);
+    let (a, agent_secret) = c.enroll(None, 1 << 30).await;
+    let t = c.token("pairing", Some(&a), None).await;
+    let (st, p) = c.pair(&t, None, None).await;
+    assert_eq!(st, 200);
+    let secret = p["client_secret"].as_str().unwrap().to_string();
+    let report = json!({"phase": "IDLE", "round": 1, "last_round_differing_bytes": 5});
+    let (st, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(report.to_string()),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["failback_state"], "FAILBACK_READY_FOR_LAUNCH");
+    let (ca1, adm1) = (s.ca_pem.clone(), s.admin_token.clone());
+    s.shutdown().await;
+
+    let s = server(d.path()).await;
+    assert_eq!(s.ca_pem, ca1, "CA must be kept across restarts");
+    assert_eq!(s.admin_token, adm1);
+    let c = C::new(&s);
+    let (_, i) = c.admin_get(&format!("/v1/admin/instances/{a}")).await;
+    assert_eq!(i["failback"]["state"], "FAILBACK_READY_FOR_LAUNCH", "{i}");
+    // Client and agent secrets still work; the used token is still used.
+    let (st, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(report.to_string()),
+        )
+        .await;
+    assert_eq!((st, v["command"].as_str()), (200, Some("CONTINUE")), "{v}");
+    let (st, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/agent/heartbeat",
+            Some(&agent_secret),
+            Some(json!({"address": "127.0.0.1:1741"}).to_string()),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _) = c.pair(&t, None, None).await;
+    assert_eq!(st, 401);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_stop_and_config_drive_the_client_commands() {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path()).await;
+    let c = C::new(&s);
+    let (a, _) = c.enroll(None, 1 << 30).await;
+    let (b, _) = c.enroll(None, 1 << 30).await;
+    let t = c.token("pairing", Some(&a), None).await;
+    let (_, p) = c.pair(&t, None, None).await;
+    let secret = p["client_secret"].as_str().unwrap().to_string();
+    let hb = |phase: &str| json!({"phase": phase, "round": 1}).to_string();
+
+    // Not ready yet: launch refused per instance, unknown id reported.
+    let (st, v) = c
+        .admin_post(
+            "/v1/admin/launch",
+            json!({"recovery_instance_ids": [a, b, "i-00000000000000000"]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let r: LaunchResponse = serde_json::from_value(v).unwrap();
+    assert!(r.results.iter().all(|x| !x.accepted), "{r:?}");
+
+    // Bandwidth limit reaches the client with the next heartbeat.
+    let (st, _) = c
+        .send(
+            reqwest::Method::PUT,
+            &format!("/v1/admin/instances/{a}/config"),
+            Some(&c.admin.clone()),
+            Some(json!({"bandwidth_throttling_mbps": 100}).to_string()),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (_, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(hb("IDLE")),
+        )
+        .await;
+    assert_eq!(v["failback_state"], "FAILBACK_READY_FOR_LAUNCH");
+    assert_eq!(v["bandwidth_limit_mbps"], 100);
+    assert_eq!(v["command"], "CONTINUE");
+
+    let (_, v) = c
+        .admin_post("/v1/admin/launch", json!({"recovery_instance_ids": [a]}))
+        .await;
+    assert_eq!(v["results"][0]["accepted"], true, "{v}");
+    let (_, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(hb("IDLE")),
+        )
+        .await;
+    assert_eq!(v["command"], "LAUNCH");
+
+    // Completion with a digest mismatch is an error, not COMPLETED.
+    let bad = json!({"phase": "COMPLETED", "round": 2, "digests": [
+        {"remote_id": "disk0", "local_path": "/dev/sda", "local_digest": "aa", "agent_digest": "bb"}]});
+    let (_, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(bad.to_string()),
+        )
+        .await;
+    assert_eq!(v["failback_state"], "FAILBACK_ERROR", "{v}");
+
+    // Stop: back to NOT_STARTED, the client is told to stop.
+    let (st, v) = c
+        .admin_post(&format!("/v1/admin/instances/{a}/stop"), json!(null))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["failback"]["state"], "FAILBACK_NOT_STARTED");
+    let (_, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(hb("IDLE")),
+        )
+        .await;
+    assert_eq!(v["command"], "STOP");
+    let (_, e) = c.admin_get(&format!("/v1/admin/events?instance={a}")).await;
+    let kinds: Vec<&str> = e["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["kind"].as_str().unwrap())
+        .collect();
+    for k in [
+        "AGENT_ENROLLED",
+        "PAIRED",
+        "FAILBACK_STATE",
+        "LAUNCH_REQUESTED",
+        "STOP_REQUESTED",
+        "CONFIG_UPDATED",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_agent_heartbeats_raise_agent_not_seen() {
+    let d = tempfile::tempdir().unwrap();
+    let s = start(ServerConfig {
+        data_dir: d.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        sans: vec![],
+        admin_token: Some("adm".into()),
+        settings: Settings {
+            heartbeat_secs: 1,
+            agent_timeout_secs: 2,
+            client_timeout_secs: 600,
+            ..Settings::default()
+        },
+    })
+    .await
+    .unwrap();
+    let c = C::new(&s);
+    let (a, agent_secret) = c.enroll(None, 1 << 30).await;
+    let t = c.token("pairing", Some(&a), None).await;
+    let (_, p) = c.pair(&t, None, None).await;
+    let secret = p["client_secret"].as_str().unwrap().to_string();
+    let idle = json!({"phase": "IDLE", "round": 1}).to_string();
+    // Poll (no timing assertion): the agent stays silent, the monitor flags it.
+    let mut seen = Value::Null;
+    for _ in 0..120 {
+        let _ = c
+            .send(
+                reqwest::Method::POST,
+                "/v1/client/heartbeat",
+                Some(&secret),
+                Some(idle.clone()),
+            )
+            .await;
+        let (_, i) = c.admin_get(&format!("/v1/admin/instances/{a}")).await;
+        seen = i["failback"].clone();
+        if seen["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "AGENT_NOT_SEEN")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(
+        seen["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "AGENT_NOT_SEEN"),
+        "{seen}"
+    );
+    assert_eq!(seen["replication_state"], "DISCONNECTED");
+    assert_eq!(seen["state"], "FAILBACK_NOT_READY_FOR_LAUNCH");
+    // The agent is back: error cleared; the next client report makes it CONTINUOUS again.
+    let (st, _) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/agent/heartbeat",
+            Some(&agent_secret),
+            Some(json!({"address": "127.0.0.1:1740"}).to_string()),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (_, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(idle.clone()),
+        )
+        .await;
+    assert_eq!(v["replication_state"], "CONTINUOUS", "{v}");
+    assert_eq!(v["failback_state"], "FAILBACK_READY_FOR_LAUNCH", "{v}");
+    s.shutdown().await;
+}
