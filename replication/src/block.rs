@@ -146,15 +146,12 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// Encodes a non-identical block for the wire: zero marker, zstd if it shrinks, else raw.
-/// Incompressible data is detected on a 4 KiB sample so random data costs almost nothing.
-pub fn encode_block(data: &[u8], hash: Hash, zero: bool) -> WireBlock {
+/// Chooses the wire encoding of a differing block: zero marker, zstd if it shrinks (returned
+/// compressed), else raw (the caller copies the block itself). Incompressible data is detected
+/// on a 4 KiB sample so random data costs almost nothing.
+pub fn choose_encoding(data: &[u8], zero: bool) -> (Encoding, Option<Vec<u8>>) {
     if zero {
-        return WireBlock {
-            encoding: Encoding::Zero,
-            hash,
-            payload: Vec::new(),
-        };
+        return (Encoding::Zero, None);
     }
     let worth_trying = if data.len() > SAMPLE * 2 {
         compress(&data[..SAMPLE]).is_some_and(|s| s.len() < SAMPLE * 7 / 8)
@@ -164,18 +161,25 @@ pub fn encode_block(data: &[u8], hash: Hash, zero: bool) -> WireBlock {
     if worth_trying {
         if let Some(z) = compress(data) {
             if z.len() < data.len() - data.len() / 32 {
-                return WireBlock {
-                    encoding: Encoding::Zstd,
-                    hash,
-                    payload: z,
-                };
+                return (Encoding::Zstd, Some(z));
             }
         }
     }
+    (Encoding::Raw, None)
+}
+
+/// Encodes a differing block as an owned [`WireBlock`] (see [`choose_encoding`]).
+pub fn encode_block(data: &[u8], hash: Hash, zero: bool) -> WireBlock {
+    let (encoding, z) = choose_encoding(data, zero);
+    let payload = match encoding {
+        Encoding::Zero => Vec::new(),
+        Encoding::Zstd => z.unwrap_or_default(),
+        Encoding::Raw => data.to_vec(),
+    };
     WireBlock {
-        encoding: Encoding::Raw,
+        encoding,
         hash,
-        payload: data.to_vec(),
+        payload,
     }
 }
 

@@ -23,7 +23,7 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::tls::{instance_id_from_cert, ServerTls};
 use crate::wire::{
-    DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, PROTOCOL_VERSION,
+    BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION,
 };
 
 /// How long a client may take to finish the TLS handshake and send its hello.
@@ -431,13 +431,6 @@ struct StreamWorker {
     fault: Option<Arc<FaultInjection>>,
 }
 
-/// Builds `Blocks` frames from consecutive differing blocks.
-struct RunBuilder {
-    first: u64,
-    blocks: Vec<WireBlock>,
-    bytes: usize,
-}
-
 impl StreamWorker {
     fn run(self, mut rx: mpsc::Receiver<Message>) {
         let size = self.disk.info.size;
@@ -545,7 +538,7 @@ impl StreamWorker {
         buf: &mut Vec<u8>,
     ) -> Result<(), (ErrorCode, String)> {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
-        let mut run: Option<RunBuilder> = None;
+        let mut run: Option<BlocksFrame> = None;
         let mut differing = 0u32;
         let mut differing_bytes = 0u64;
         let total = client.len() as u64;
@@ -557,38 +550,45 @@ impl StreamWorker {
             let lo = usize::try_from(done).unwrap_or(usize::MAX);
             let theirs = &client[lo..lo + buf.len().div_ceil(bs)];
             let estimate = self.estimate;
-            let results: Vec<(Hash, Option<WireBlock>, usize)> = buf
+            // Hash, compare and (for differing blocks) choose the encoding in parallel.
+            let results: Vec<(Hash, bool, Option<(Encoding, Option<Vec<u8>>)>)> = buf
                 .par_chunks(bs)
                 .zip(theirs.par_iter())
                 .map(|(data, their)| {
                     let (hash, zero) = block::hash_block(data, zeros);
-                    let wb = (hash != *their && !estimate)
-                        .then(|| block::encode_block(data, hash, zero));
-                    let differs = usize::from(hash != *their);
-                    (hash, wb, differs * data.len())
+                    let differs = hash != *their;
+                    let enc = (differs && !estimate).then(|| block::choose_encoding(data, zero));
+                    (hash, differs, enc)
                 })
                 .collect();
-            for (i, (hash, wb, diff_len)) in results.into_iter().enumerate() {
+            for (i, (hash, differs, enc)) in results.into_iter().enumerate() {
                 digest.push(&hash);
                 let index = batch_first + i as u64;
-                if diff_len > 0 {
+                let data = &buf[i * bs..((i + 1) * bs).min(buf.len())];
+                if differs {
                     differing += 1;
-                    differing_bytes += diff_len as u64;
+                    differing_bytes += data.len() as u64;
                 }
-                if let Some(wb) = wb {
-                    if let Some(r) = run.as_ref() {
-                        if r.first + r.blocks.len() as u64 != index || r.bytes >= RUN_BYTES {
-                            self.flush(run.take());
-                        }
-                    }
-                    let r = run.get_or_insert_with(|| RunBuilder {
-                        first: index,
-                        blocks: Vec::new(),
-                        bytes: 0,
-                    });
-                    r.bytes += wb.payload.len() + 37;
-                    r.blocks.push(wb);
+                let Some((encoding, compressed)) = enc else {
+                    continue;
+                };
+                if run
+                    .as_ref()
+                    .is_some_and(|r| r.next_block() != index || r.len() >= RUN_BYTES)
+                {
+                    self.flush(run.take());
                 }
+                let frame = run.get_or_insert_with(|| {
+                    BlocksFrame::new(self.stream, index, RUN_BYTES + bs + 64)
+                });
+                let payload: &[u8] = match encoding {
+                    Encoding::Zero => &[],
+                    Encoding::Zstd => compressed.as_deref().unwrap_or_default(),
+                    Encoding::Raw => data,
+                };
+                let _at = frame.push(encoding, &hash, payload);
+                #[cfg(feature = "fault-injection")]
+                self.maybe_corrupt(frame, _at, payload.len());
             }
             done += n;
         }
@@ -606,6 +606,19 @@ impl StreamWorker {
         Ok(())
     }
 
+    #[cfg(feature = "fault-injection")]
+    fn maybe_corrupt(&self, frame: &mut BlocksFrame, at: usize, len: usize) {
+        if let Some(f) = &self.fault {
+            if len > 0 && f.take() {
+                tracing::warn!(
+                    "fault injection: corrupting a block of stream {}",
+                    self.stream
+                );
+                frame.bytes_mut()[at] ^= 0xff;
+            }
+        }
+    }
+
     fn refetch(
         &self,
         first: u64,
@@ -615,43 +628,26 @@ impl StreamWorker {
     ) -> Result<(), (ErrorCode, String)> {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
         self.read(buf, first, u64::from(count))?;
-        let blocks = buf
-            .chunks(bs)
-            .map(|data| {
-                let (hash, zero) = block::hash_block(data, zeros);
-                block::encode_block(data, hash, zero)
-            })
-            .collect();
-        self.flush(Some(RunBuilder {
-            first,
-            blocks,
-            bytes: 0,
-        }));
+        let mut frame = BlocksFrame::new(self.stream, first, buf.len() + 64);
+        for data in buf.chunks(bs) {
+            let (hash, zero) = block::hash_block(data, zeros);
+            let (encoding, compressed) = block::choose_encoding(data, zero);
+            let payload: &[u8] = match encoding {
+                Encoding::Zero => &[],
+                Encoding::Zstd => compressed.as_deref().unwrap_or_default(),
+                Encoding::Raw => data,
+            };
+            let _at = frame.push(encoding, &hash, payload);
+            #[cfg(feature = "fault-injection")]
+            self.maybe_corrupt(&mut frame, _at, payload.len());
+        }
+        self.flush(Some(frame));
         Ok(())
     }
 
-    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
-    fn flush(&self, run: Option<RunBuilder>) {
-        let Some(mut run) = run else { return };
-        #[cfg(feature = "fault-injection")]
-        if let Some(f) = &self.fault {
-            for b in run.blocks.iter_mut() {
-                if !b.payload.is_empty() && f.take() {
-                    tracing::warn!(
-                        "fault injection: corrupting a block of stream {}",
-                        self.stream
-                    );
-                    b.payload[0] ^= 0xff;
-                }
-            }
+    fn flush(&self, run: Option<BlocksFrame>) {
+        if let Some(frame) = run.filter(|f| !f.is_empty()) {
+            self.out.blocking_send_raw(frame.finish());
         }
-        self.out.blocking_send_raw(
-            Message::Blocks {
-                stream: self.stream,
-                first_block: run.first,
-                blocks: run.blocks,
-            }
-            .encode(),
-        );
     }
 }

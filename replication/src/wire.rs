@@ -539,6 +539,73 @@ impl Message {
     }
 }
 
+/// Builds a `Blocks` frame in place, copying each payload once (straight from the read buffer
+/// or the compressor's output). Produces exactly the bytes of [`Message::Blocks`].
+#[derive(Debug)]
+pub struct BlocksFrame {
+    buf: Vec<u8>,
+    first_block: u64,
+    count: u32,
+}
+
+impl BlocksFrame {
+    /// Bytes before the first block: length, tag, stream, first block, count.
+    const HEADER: usize = 4 + 1 + 4 + 8 + 4;
+
+    /// Starts a run at `first_block` of `stream`, reserving `capacity` bytes.
+    pub fn new(stream: u32, first_block: u64, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity + Self::HEADER);
+        buf.extend_from_slice(&[0, 0, 0, 0, T_BLOCKS]);
+        put_u32(&mut buf, stream);
+        put_u64(&mut buf, first_block);
+        put_u32(&mut buf, 0);
+        BlocksFrame {
+            buf,
+            first_block,
+            count: 0,
+        }
+    }
+
+    /// Index of the block the next `push` adds.
+    pub fn next_block(&self) -> u64 {
+        self.first_block + u64::from(self.count)
+    }
+
+    /// Encoded size so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when no block was added.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends a block; returns the offset of its payload in the frame.
+    pub fn push(&mut self, encoding: Encoding, hash: &Hash, payload: &[u8]) -> usize {
+        self.buf.push(encoding.to_u8());
+        self.buf.extend_from_slice(hash);
+        put_u32(&mut self.buf, len_u32(payload.len()));
+        let at = self.buf.len();
+        self.buf.extend_from_slice(payload);
+        self.count += 1;
+        at
+    }
+
+    /// Mutable access to the encoded bytes (test-only fault injection flips payload bytes).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// The finished frame.
+    pub fn finish(mut self) -> Vec<u8> {
+        let body = len_u32(self.buf.len() - 4);
+        self.buf[0..4].copy_from_slice(&body.to_be_bytes());
+        self.buf[Self::HEADER - 4..Self::HEADER].copy_from_slice(&self.count.to_be_bytes());
+        self.buf
+    }
+}
+
 /// Parses a 4-byte length prefix and checks it against [`MAX_FRAME`].
 pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
     let n = u32::from_be_bytes(prefix);
@@ -806,6 +873,34 @@ mod tests {
                 msg.name()
             );
         }
+    }
+
+    #[test]
+    fn blocks_frame_builder_matches_message_encoding() {
+        let blocks = vec![
+            WireBlock {
+                encoding: Encoding::Zero,
+                hash: [1; 32],
+                payload: vec![],
+            },
+            WireBlock {
+                encoding: Encoding::Zstd,
+                hash: [2; 32],
+                payload: vec![9, 8, 7],
+            },
+        ];
+        let mut f = BlocksFrame::new(4, 77, 0);
+        for b in &blocks {
+            f.push(b.encoding, &b.hash, &b.payload);
+        }
+        assert_eq!(f.next_block(), 79);
+        let want = Message::Blocks {
+            stream: 4,
+            first_block: 77,
+            blocks,
+        }
+        .encode();
+        assert_eq!(f.finish(), want);
     }
 
     #[test]
