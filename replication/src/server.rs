@@ -26,6 +26,9 @@ use crate::wire::{
     BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION,
 };
 
+/// A differing block's chosen encoding and, for zstd, the compressed bytes.
+type Encoded = (Encoding, Option<Vec<u8>>);
+
 /// How long a client may take to finish the TLS handshake and send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest payload of one `Blocks` frame (a run is cut here).
@@ -551,7 +554,7 @@ impl StreamWorker {
             let theirs = &client[lo..lo + buf.len().div_ceil(bs)];
             let estimate = self.estimate;
             // Hash, compare and (for differing blocks) choose the encoding in parallel.
-            let results: Vec<(Hash, bool, Option<(Encoding, Option<Vec<u8>>)>)> = buf
+            let results: Vec<(Hash, bool, Option<Encoded>)> = buf
                 .par_chunks(bs)
                 .zip(theirs.par_iter())
                 .map(|(data, their)| {
