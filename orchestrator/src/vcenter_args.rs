@@ -54,7 +54,7 @@ pub fn exit_code(e: &Error) -> u8 {
 }
 
 /// vCenter connection flags. Flatten into a clap command with `#[command(flatten)]`.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone)]
 pub struct VcenterArgs {
     /// vCenter host, `host:port`, or govc-style URL `https://user:pass@host/sdk`.
     #[arg(long = "vcenter", env = "VCENTER_HOST")]
@@ -99,6 +99,25 @@ pub struct VcenterArgs {
         default_value_t = 600
     )]
     pub task_timeout_secs: u64,
+}
+
+impl Default for VcenterArgs {
+    /// Nothing set, task time-out as the flag's default (a zero time-out would fail every task).
+    fn default() -> Self {
+        VcenterArgs {
+            host: None,
+            port: None,
+            url: None,
+            user: None,
+            password: None,
+            datastore: None,
+            datacenter: None,
+            ca: None,
+            thumbprint: None,
+            insecure: false,
+            task_timeout_secs: 600,
+        }
+    }
 }
 
 impl VcenterArgs {
@@ -188,6 +207,7 @@ mod tests {
         assert_eq!(c.url, "https://vc.example:8443/sdk");
         assert_eq!((c.username.as_str(), c.password.as_str()), ("admin", "pw"));
         assert_eq!(c.tls, TlsMode::Verify);
+        assert_eq!(c.task_timeout, Duration::from_secs(600));
 
         let g = VcenterArgs {
             url: Some("https://u%40x:p@vc2/sdk".into()),

@@ -377,3 +377,44 @@ fn find_cdrom_at(vm: &Vm, controller_key: i32, unit: i32) -> Option<i32> {
         })
         .map(|d| d.key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edits_always_carry_device_info_in_schema_order() {
+        let raw = Element::new("VirtualDevice")
+            .with_type("VirtualCdrom")
+            .push(Element::leaf("key", "3000"))
+            .push(Element::new("backing").with_type("VirtualCdromAtapiBackingInfo"))
+            .push(Element::leaf("controllerKey", "200"))
+            .push(Element::leaf("unitNumber", "0"));
+        let dev = Device {
+            key: 3000,
+            kind: "VirtualCdrom".into(),
+            label: "CD/DVD drive 1".into(),
+            controller_key: Some(200),
+            unit_number: Some(0),
+            raw,
+        };
+        let mut el = as_read_back(&dev);
+        el.set_child(iso_backing("[ds] a.iso"), AFTER_BACKING);
+        el.set_child(connect_info(true), AFTER_CONNECTABLE);
+        let names: Vec<&str> = el.children.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "key",
+                "deviceInfo",
+                "backing",
+                "connectable",
+                "controllerKey",
+                "unitNumber"
+            ]
+        );
+        let xml = device_change("edit", &el);
+        assert!(xml.starts_with("<deviceChange><operation>edit</operation><device xsi:type=\"VirtualCdrom\"><key>3000</key><deviceInfo><label>CD/DVD drive 1</label>"), "{xml}");
+        assert!(xml.contains("<backing xsi:type=\"VirtualCdromIsoBackingInfo\"><fileName>[ds] a.iso</fileName></backing>"), "{xml}");
+    }
+}
