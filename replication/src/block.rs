@@ -172,9 +172,9 @@ pub fn choose_encoding(data: &[u8], zero: bool) -> (Encoding, Option<Vec<u8>>) {
 pub fn encode_block(data: &[u8], hash: Hash, zero: bool) -> WireBlock {
     let (encoding, z) = choose_encoding(data, zero);
     let payload = match encoding {
-        Encoding::Zero => Vec::new(),
-        Encoding::Zstd => z.unwrap_or_default(),
-        Encoding::Raw => data.to_vec(),
+        Encoding::Zero => Vec::new().into(),
+        Encoding::Zstd => z.unwrap_or_default().into(),
+        Encoding::Raw => data.to_vec().into(),
     };
     WireBlock {
         encoding,
@@ -219,8 +219,9 @@ pub struct BadBlock {
     pub reason: String,
 }
 
-/// Decodes and verifies a received run starting at `first_block` of a disk of `size` bytes.
-/// Returns the verified sub-runs (consecutive good blocks) and the blocks that failed.
+/// Decodes and verifies a received run starting at `first_block` of a disk of `size` bytes,
+/// decoding every block straight into one run buffer (in parallel). Returns the verified
+/// sub-runs (consecutive good blocks) and the blocks that failed.
 pub fn verify_run(
     first_block: u64,
     blocks: Vec<WireBlock>,
@@ -229,56 +230,90 @@ pub fn verify_run(
     zeros: &ZeroHashes,
 ) -> (Vec<VerifiedRun>, Vec<BadBlock>) {
     let bs = u64::from(block_size);
-    let decoded: Vec<Result<(Vec<u8>, Hash), String>> = blocks
-        .into_par_iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let index = first_block + i as u64;
-            let len = block_len(size, block_size, index);
-            let len = usize::try_from(len).map_err(|_| "block length".to_string())?;
-            if len == 0 {
-                return Err(format!("block {index} lies beyond the end of the disk"));
-            }
-            let data = match b.encoding {
+    let bsz = usize::try_from(block_size).unwrap_or(usize::MAX);
+    let n = blocks.len() as u64;
+    // Blocks beyond the end of the disk are rejected outright.
+    let in_disk = (0..n)
+        .take_while(|i| block_len(size, block_size, first_block + i) > 0)
+        .count();
+    let total: u64 = (0..in_disk as u64)
+        .map(|i| block_len(size, block_size, first_block + i))
+        .sum();
+    let mut data = vec![0u8; usize::try_from(total).unwrap_or(0)];
+    let checks: Vec<Result<Hash, String>> = data
+        .par_chunks_mut(bsz)
+        .zip(blocks[..in_disk].par_iter())
+        .map(|(slot, b)| {
+            let len = slot.len();
+            match b.encoding {
                 Encoding::Zero => {
+                    // The slot is already zero.
                     if b.hash != zeros.get(len) {
                         return Err("zero marker with a non-zero hash".into());
                     }
-                    return Ok((vec![0u8; len], b.hash));
+                    return Ok(b.hash);
                 }
-                Encoding::Raw => b.payload,
-                Encoding::Zstd => zstd::bulk::decompress(&b.payload, len)
-                    .map_err(|e| format!("zstd payload does not decode: {e}"))?,
-            };
-            if data.len() != len {
-                return Err(format!(
-                    "payload decodes to {} bytes, expected {len}",
-                    data.len()
-                ));
+                Encoding::Raw => {
+                    if b.payload.len() != len {
+                        return Err(format!(
+                            "raw payload of {} bytes, expected {len}",
+                            b.payload.len()
+                        ));
+                    }
+                    slot.copy_from_slice(&b.payload);
+                }
+                Encoding::Zstd => {
+                    let got = zstd::bulk::decompress_to_buffer(&b.payload, slot)
+                        .map_err(|e| format!("zstd payload does not decode: {e}"))?;
+                    if got != len {
+                        return Err(format!("payload decodes to {got} bytes, expected {len}"));
+                    }
+                }
             }
-            let got = *blake3::hash(&data).as_bytes();
-            if got != b.hash {
+            if *blake3::hash(slot).as_bytes() != b.hash {
                 return Err("BLAKE3 hash mismatch (corrupted in transit)".into());
             }
-            Ok((data, b.hash))
+            Ok(b.hash)
         })
         .collect();
 
+    let mut bad: Vec<BadBlock> = (in_disk as u64..n)
+        .map(|i| BadBlock {
+            block: first_block + i,
+            reason: format!("block {} lies beyond the end of the disk", first_block + i),
+        })
+        .collect();
+    if checks.iter().all(Result::is_ok) {
+        let hashes: Vec<Hash> = checks.into_iter().flatten().collect();
+        let runs = if hashes.is_empty() {
+            Vec::new()
+        } else {
+            vec![VerifiedRun {
+                offset: first_block * bs,
+                data,
+                hashes,
+                first_block,
+            }]
+        };
+        return (runs, bad);
+    }
+    // Rare path: split around the failed blocks (copying the good ranges).
     let mut runs = Vec::new();
-    let mut bad = Vec::new();
     let mut cur: Option<VerifiedRun> = None;
-    for (i, r) in decoded.into_iter().enumerate() {
+    for (i, r) in checks.into_iter().enumerate() {
         let index = first_block + i as u64;
+        let start = i * bsz;
+        let end = (start + bsz).min(data.len());
         match r {
-            Ok((data, hash)) => match cur.as_mut() {
+            Ok(hash) => match cur.as_mut() {
                 Some(run) => {
-                    run.data.extend_from_slice(&data);
+                    run.data.extend_from_slice(&data[start..end]);
                     run.hashes.push(hash);
                 }
                 None => {
                     cur = Some(VerifiedRun {
                         offset: index * bs,
-                        data,
+                        data: data[start..end].to_vec(),
                         hashes: vec![hash],
                         first_block: index,
                     })
@@ -298,6 +333,7 @@ pub fn verify_run(
     if let Some(run) = cur.take() {
         runs.push(run);
     }
+    bad.sort_by_key(|b| b.block);
     (runs, bad)
 }
 
@@ -352,7 +388,9 @@ mod tests {
         assert_eq!(runs[0].data().len() as u64, size);
         assert_eq!(&runs[0].data()[4096..8192], &random[..]);
 
-        wire[1].payload[10] ^= 0xff;
+        let mut p = wire[1].payload.to_vec();
+        p[10] ^= 0xff;
+        wire[1].payload = p.into();
         let (runs, bad) = verify_run(0, wire, size, 4096, &zeros);
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].block, 1);

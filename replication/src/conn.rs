@@ -63,7 +63,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             return Err(self.lost(e));
         }
-        let msg = Message::decode(&body).map_err(|e| self.frame(e))?;
+        let msg = Message::decode_shared(&body.into()).map_err(|e| self.frame(e))?;
         Ok(Some((msg, len + 4)))
     }
 

@@ -130,7 +130,8 @@ pub struct WireBlock {
     pub encoding: Encoding,
     /// The agent's BLAKE3 hash of the decoded block.
     pub hash: Hash,
-    pub payload: Vec<u8>,
+    /// A slice of the received frame (no copy).
+    pub payload: bytes::Bytes,
 }
 
 /// Every message of protocol v1.
@@ -403,7 +404,12 @@ impl Message {
 
     /// Decodes one frame body (tag + fields, without the length prefix).
     pub fn decode(body: &[u8]) -> Result<Message, FrameError> {
-        let mut r = Reader { buf: body };
+        Self::decode_shared(&bytes::Bytes::copy_from_slice(body))
+    }
+
+    /// Like [`decode`](Self::decode); block payloads become slices of `shared` (no copy).
+    pub fn decode_shared(shared: &bytes::Bytes) -> Result<Message, FrameError> {
+        let mut r = Reader { buf: &shared[..] };
         let tag = r.u8("tag")?;
         let msg = match tag {
             T_CLIENT_HELLO => {
@@ -490,7 +496,9 @@ impl Message {
                     let hash = r.hash("block hash")?;
                     let len = r.u32("payload length")?;
                     let len = usize::try_from(len).map_err(|_| FrameError::Truncated("payload"))?;
-                    let payload = r.take(len, "block payload")?.to_vec();
+                    let at = shared.len() - r.buf.len();
+                    r.take(len, "block payload")?;
+                    let payload = shared.slice(at..at + len);
                     if encoding == Encoding::Zero && !payload.is_empty() {
                         return Err(FrameError::Malformed(
                             "zero-marker block carries a payload".into(),
@@ -809,12 +817,12 @@ mod tests {
                         WireBlock {
                             encoding: Encoding::Zero,
                             hash: h1,
-                            payload: vec![],
+                            payload: vec![].into(),
                         },
                         WireBlock {
                             encoding: Encoding::Raw,
                             hash: h2,
-                            payload: vec![0xab, 0xcd],
+                            payload: vec![0xab, 0xcd].into(),
                         },
                     ],
                 },
@@ -881,12 +889,12 @@ mod tests {
             WireBlock {
                 encoding: Encoding::Zero,
                 hash: [1; 32],
-                payload: vec![],
+                payload: vec![].into(),
             },
             WireBlock {
                 encoding: Encoding::Zstd,
                 hash: [2; 32],
-                payload: vec![9, 8, 7],
+                payload: vec![9, 8, 7].into(),
             },
         ];
         let mut f = BlocksFrame::new(4, 77, 0);

@@ -267,7 +267,7 @@ async fn garbage_or_truncated_frames_from_agent_write_nothing() {
                 blocks: vec![WireBlock {
                     encoding: wire::Encoding::Raw,
                     hash: [0; 32],
-                    payload: vec![7; 65536],
+                    payload: vec![7; 65536].into(),
                 }],
             }
             .encode();
@@ -317,7 +317,7 @@ async fn block_for_an_offset_not_asked_for_is_rejected() {
             let block = WireBlock {
                 encoding: wire::Encoding::Raw,
                 hash: *blake3::hash(&data).as_bytes(),
-                payload: data,
+                payload: data.into(),
             };
             let m = Message::Blocks {
                 stream: 1,
