@@ -30,7 +30,7 @@ fn source_disk(path: &Path, seed: u64) {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    *b = (x >> 24) as u8;
+                    *b = x.to_le_bytes()[3];
                 }
             }
             2 => {
