@@ -81,3 +81,38 @@ fn block_devices() -> Vec<String> {
     names.sort();
     names
 }
+
+/// One line per local disk (not CD-ROM, loop or RAM): name, size, serial — printed on the
+/// console so the operator sees what the appliance found.
+pub fn describe_disks() -> Vec<String> {
+    let read = |p: String| std::fs::read(p).unwrap_or_default();
+    block_devices()
+        .into_iter()
+        .filter(|n| !n.starts_with("sr") && !n.starts_with("loop") && !n.starts_with("ram"))
+        .map(|n| {
+            let sectors: u64 = String::from_utf8_lossy(&read(format!("/sys/block/{n}/size")))
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            // virtio: serial; NVMe: device/serial; SCSI (pvscsi): VPD page 0x80 after 4 bytes.
+            let mut serial = read(format!("/sys/block/{n}/serial"));
+            if serial.is_empty() {
+                serial = read(format!("/sys/block/{n}/device/serial"));
+            }
+            if serial.is_empty() {
+                serial = read(format!("/sys/block/{n}/device/vpd_pg80"))
+                    .get(4..)
+                    .unwrap_or_default()
+                    .to_vec();
+            }
+            let serial = String::from_utf8_lossy(&serial)
+                .trim_matches(|c: char| c.is_whitespace() || c == '\0')
+                .to_string();
+            format!(
+                "{n} {} MiB serial {}",
+                sectors * 512 / (1 << 20),
+                if serial.is_empty() { "-" } else { &serial }
+            )
+        })
+        .collect()
+}

@@ -146,6 +146,7 @@ fn read_seed(console: &Console) -> Result<SeedSource, ApplianceError> {
         found_on: None,
         stop_after: None,
     };
+    let searched = Instant::now();
     match media::wait_for(
         SEED_LABEL,
         Duration::from_secs(wait),
@@ -169,7 +170,8 @@ fn read_seed(console: &Console) -> Result<SeedSource, ApplianceError> {
             src.found_on = Some(devpath);
         }
         None => console.say(&format!(
-            "no seed ISO (label {SEED_LABEL}) found after {wait}s"
+            "no seed ISO (label {SEED_LABEL}) found (searched {:.1}s)",
+            searched.elapsed().as_secs_f64()
         )),
     }
     for (k, v) in overrides {
@@ -288,6 +290,15 @@ fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (Applian
     console.say("bringing up the network");
     let (state, _dhcp) = net::bring_up(&seed.network).map_err(fail)?;
     console.say(&format!("FAILBACK_NETWORK_UP {}", state.summary));
+    let disks = media::describe_disks();
+    console.say(&format!(
+        "FAILBACK_DISKS {}",
+        if disks.is_empty() {
+            "none".to_string()
+        } else {
+            disks.join("; ")
+        }
+    ));
     if stop_after.as_deref() == Some("network") {
         return Ok(AfterCompletion::Poweroff);
     }
