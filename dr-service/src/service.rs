@@ -972,6 +972,28 @@ impl Service {
             return;
         }
         let backlog: u64 = rep.disks.iter().map(|d| d.backlog_bytes).sum();
+        if rep.round >= 1
+            && matches!(
+                rep.phase,
+                ClientPhase::Syncing
+                    | ClientPhase::Idle
+                    | ClientPhase::Finalizing
+                    | ClientPhase::Completed
+            )
+        {
+            // A round ran, so the agent was reached and paired (a quick round may start and
+            // finish between two heartbeats).
+            for n in [
+                InitiationStepName::EstablishRecoveryInstanceCommunication,
+                InitiationStepName::PairAgentWithReplicationSoftware,
+                InitiationStepName::EstablishAgentReplicatorSoftwareCommunication,
+            ] {
+                set_step(f, n, StepStatus::Succeeded);
+            }
+            if f.first_byte_at.is_none() {
+                f.first_byte_at = Some(now);
+            }
+        }
         match rep.phase {
             ClientPhase::Connecting => {
                 set_step(
@@ -981,16 +1003,6 @@ impl Service {
                 );
             }
             ClientPhase::Syncing => {
-                for n in [
-                    InitiationStepName::EstablishRecoveryInstanceCommunication,
-                    InitiationStepName::PairAgentWithReplicationSoftware,
-                    InitiationStepName::EstablishAgentReplicatorSoftwareCommunication,
-                ] {
-                    set_step(f, n, StepStatus::Succeeded);
-                }
-                if f.first_byte_at.is_none() {
-                    f.first_byte_at = Some(now);
-                }
                 if f.round != rep.round {
                     f.round = rep.round;
                     f.round_started_at = Some(now);

@@ -1,0 +1,541 @@
+//! DR service end to end with the real binaries on 127.0.0.1: `failback-server`,
+//! `failback-agent serve --server`, `failback-client run`, and the `failback` admin CLI.
+//! Short heartbeat/timeout flags; every wait polls with a generous deadline (no timing
+//! assertions).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use failback_tests::bin;
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+const DEADLINE: Duration = Duration::from_secs(180);
+
+/// A child process killed on drop, output in a log file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).unwrap();
+        let child = cmd
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// Waits for exit; panics (with the log) after the deadline.
+    fn wait_exit(&mut self, what: &str) -> i32 {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                t.elapsed() < DEADLINE,
+                "{what}: still running after {DEADLINE:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    server: Option<Proc>,
+    addr: String,
+    admin: String,
+}
+
+impl Env {
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Starts (or restarts on the same port) the service.
+    fn start_server(&mut self) {
+        let data = self.path("data");
+        let addr_file = self.path("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let listen = if self.addr.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.addr.clone()
+        };
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        let p = Proc::spawn(
+            Command::new(bin("failback-server")).args([
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--addr-file",
+                addr_file.to_str().unwrap(),
+                "--admin-token",
+                &self.admin,
+                "--heartbeat-secs",
+                "1",
+                "--agent-timeout-secs",
+                "3",
+                "--client-timeout-secs",
+                "15",
+                "--block-size",
+                "65536",
+            ]),
+            &self.path(&format!("server-{n}.log")),
+        );
+        let t = Instant::now();
+        while !addr_file.exists() {
+            assert!(t.elapsed() < DEADLINE, "server did not start: {}", p.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.addr = std::fs::read_to_string(&addr_file).unwrap();
+        self.server = Some(p);
+    }
+
+    fn new() -> Env {
+        let mut e = Env {
+            dir: tempfile::tempdir().unwrap(),
+            server: None,
+            addr: String::new(),
+            admin: "test-admin-token".into(),
+        };
+        e.start_server();
+        e
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.path("data/ca.pem")
+    }
+
+    /// Runs the `failback` admin CLI with `--output json`.
+    fn cli(&self, args: &[&str]) -> (i32, Value) {
+        let out = Command::new(bin("failback"))
+            .args(args)
+            .args(["--output", "json"])
+            .env("FAILBACK_SERVER", self.url())
+            .env("FAILBACK_ADMIN_TOKEN", &self.admin)
+            .env("FAILBACK_CA", self.ca())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.code().unwrap_or(-1),
+            serde_json::from_str(&text).unwrap_or_else(|_| {
+                Value::String(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+            }),
+        )
+    }
+
+    fn token(&self, kind: &str, instance: Option<&str>) -> String {
+        let mut a = vec!["token", "create", kind];
+        if let Some(i) = instance {
+            a.extend(["--instance", i]);
+        }
+        let (code, v) = self.cli(&a);
+        assert_eq!(code, 0, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    fn describe(&self, id: &str) -> Option<Value> {
+        let (code, v) = self.cli(&["instances", "describe", id]);
+        (code == 0).then_some(v)
+    }
+
+    fn agent(&self, name: &str, disk: &Path, token: Option<&str>) -> Proc {
+        let mut c = Command::new(bin("failback-agent"));
+        c.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--disk",
+            &format!("disk0={}", disk.display()),
+            "--server",
+            &self.url(),
+            "--ca",
+            self.ca().to_str().unwrap(),
+            "--state-dir",
+            self.path(&format!("{name}-state")).to_str().unwrap(),
+        ]);
+        if let Some(t) = token {
+            c.args(["--enroll-token", t]);
+        }
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        Proc::spawn(&mut c, &self.path(&format!("{name}-{n}.log")))
+    }
+
+    /// Waits for the agent to print its instance id.
+    fn agent_instance(&self, p: &Proc) -> String {
+        let t = Instant::now();
+        loop {
+            let log = p.log();
+            if let Some(l) = log.lines().find(|l| l.contains("as recovery instance ")) {
+                return l.rsplit(' ').next().unwrap().trim().to_string();
+            }
+            assert!(t.elapsed() < DEADLINE, "agent did not enroll: {log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn client(&self, name: &str, token: &str, local: &Path) -> Proc {
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        Proc::spawn(
+            Command::new(bin("failback-client")).args([
+                "run",
+                "--server",
+                &self.url(),
+                "--token",
+                token,
+                "--ca",
+                self.ca().to_str().unwrap(),
+                "--map",
+                &format!("disk0={}", local.display()),
+                "--delta-interval-secs",
+                "1",
+                "--retry-secs",
+                "1",
+            ]),
+            &self.path(&format!("{name}-{n}.log")),
+        )
+    }
+
+    /// Polls `describe` until `pred` holds; panics with the last state and the logs.
+    fn wait_state(
+        &self,
+        id: &str,
+        what: &str,
+        procs: &[&Proc],
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let t = Instant::now();
+        let mut last = Value::Null;
+        while t.elapsed() < DEADLINE {
+            if let Some(v) = self.describe(id) {
+                if pred(&v) {
+                    return v;
+                }
+                last = v;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
+        panic!(
+            "waiting for {what}: last state {}\nlogs:\n{}",
+            last["failback"],
+            logs.join("\n----\n")
+        );
+    }
+}
+
+fn states(v: &Value) -> (String, String) {
+    (
+        v["failback"]["state"].as_str().unwrap_or("").to_string(),
+        v["failback"]["replication_state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+    )
+}
+
+fn ready(v: &Value) -> bool {
+    states(v) == ("FAILBACK_READY_FOR_LAUNCH".into(), "CONTINUOUS".into())
+}
+
+/// Deterministic pseudo-random image (xorshift), with a zero region to exercise sparse blocks.
+fn write_image(path: &Path, size: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; size];
+    for (i, chunk) in buf.chunks_mut(8).enumerate() {
+        if (4 * MIB..5 * MIB).contains(&(i * 8)) {
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(path, buf).unwrap();
+}
+
+fn overwrite(path: &Path, offset: u64, len: usize, byte: u8) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&vec![byte; len]).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
+/// Bytes fetched in the first round of a client run, from its console line
+/// `round 1 done in 0.4s: 64.0 MiB differed, 64.0 MiB fetched`.
+fn round1_differed_mib(log: &str) -> f64 {
+    let l = log
+        .lines()
+        .find(|l| l.contains("round 1 done"))
+        .unwrap_or_else(|| panic!("no round 1 in:\n{log}"));
+    let after = l.split(": ").nth(2).unwrap_or_else(|| panic!("{l}"));
+    after
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{l}: {e}"))
+}
+
+#[test]
+fn service_full_failback_survives_agent_and_service_restarts_then_launches() {
+    let mut env = Env::new();
+    let remote = env.path("remote.img");
+    let local = env.path("local.img");
+    write_image(&remote, 24 * MIB, 7);
+    std::fs::write(&local, vec![0u8; 24 * MIB]).unwrap();
+
+    let at = env.token("agent", None);
+    let mut agent = env.agent("agent", &remote, Some(&at));
+    let id = env.agent_instance(&agent);
+    let pt = env.token("pairing", Some(&id));
+    let mut client = env.client("client", &pt, &local);
+
+    let v = env.wait_state(&id, "READY + CONTINUOUS", &[&client, &agent], ready);
+    assert_eq!(v["failback"]["disks"][0]["total_bytes"], 24 * MIB);
+    let steps = v["failback"]["steps"].as_array().unwrap();
+    assert!(
+        steps.iter().all(|s| s["status"] == "SUCCEEDED"),
+        "{steps:?}"
+    );
+
+    // Agent killed -> DISCONNECTED (AGENT_NOT_SEEN); restarted from its saved enrollment
+    // (no token) -> CONTINUOUS again.
+    agent.kill();
+    let v = env.wait_state(&id, "DISCONNECTED + AGENT_NOT_SEEN", &[&client], |v| {
+        states(v).1 == "DISCONNECTED"
+            && v["failback"]["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == "AGENT_NOT_SEEN")
+    });
+    assert_eq!(states(&v).0, "FAILBACK_NOT_READY_FOR_LAUNCH");
+    let agent = env.agent("agent", &remote, None);
+    assert_eq!(env.agent_instance(&agent), id);
+    env.wait_state(
+        &id,
+        "CONTINUOUS after agent restart",
+        &[&client, &agent],
+        ready,
+    );
+
+    // Service restart mid-failback: the client keeps going and the state is kept.
+    let round_before = env.describe(&id).unwrap()["failback"]["round"]
+        .as_u64()
+        .unwrap();
+    env.server.as_mut().unwrap().kill();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        client.running(),
+        "client died with the service: {}",
+        client.log()
+    );
+    env.start_server();
+    let v = env.wait_state(
+        &id,
+        "rounds continue after service restart",
+        &[&client, &agent],
+        |v| ready(v) && v["failback"]["round"].as_u64().unwrap() > round_before + 1,
+    );
+    assert!(v["failback"]["client_id"].as_str().is_some());
+
+    // New writes on the recovery instance reach the client before launch.
+    overwrite(&remote, 3 * MIB as u64 + 123, 200_000, 0xAB);
+
+    // Launch from the CLI.
+    let (code, v) = env.cli(&["launch", &id]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["results"][0]["accepted"], true);
+    assert_eq!(
+        client.wait_exit("client after launch"),
+        0,
+        "{}",
+        client.log()
+    );
+    let v = env.describe(&id).unwrap();
+    assert_eq!(states(&v).0, "FAILBACK_COMPLETED", "{}", v["failback"]);
+    let d = &v["failback"]["digests"][0];
+    assert_eq!(d["local_digest"], d["agent_digest"], "{d}");
+    assert_eq!(d["local_digest"].as_str().unwrap().len(), 64);
+    assert!(
+        read_all(&local) == read_all(&remote),
+        "local image differs from the recovery volume"
+    );
+    assert!(client.log().contains("FAILBACK_COMPLETED"));
+    // The client's log was uploaded.
+    let (_, ev) = env.cli(&["events", "--instance", &id]);
+    let kinds: Vec<&str> = ev["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"LOG_UPLOADED"), "{kinds:?}");
+    assert!(kinds.contains(&"LAUNCH_REQUESTED"), "{kinds:?}");
+}
+
+#[test]
+fn service_stop_stops_the_client_and_a_restart_fetches_only_the_delta() {
+    let env = Env::new();
+    let remote = env.path("remote.img");
+    let local = env.path("local.img");
+    write_image(&remote, 16 * MIB, 11);
+    std::fs::write(&local, vec![0u8; 16 * MIB]).unwrap();
+    let at = env.token("agent", None);
+    let agent = env.agent("agent", &remote, Some(&at));
+    let id = env.agent_instance(&agent);
+
+    let mut client = env.client("client", &env.token("pairing", Some(&id)), &local);
+    env.wait_state(&id, "READY", &[&client, &agent], ready);
+    let first = round1_differed_mib(&client.log());
+    assert!(
+        first > 10.0,
+        "initial sync should copy most of 16 MiB: {first}"
+    );
+
+    let (code, v) = env.cli(&["stop", &id]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(client.wait_exit("client after stop"), 8, "{}", client.log());
+    let v = env.describe(&id).unwrap();
+    assert_eq!(
+        states(&v),
+        ("FAILBACK_NOT_STARTED".into(), "STOPPED".into())
+    );
+
+    // 100 KiB change on the recovery volume; a new run fetches about that, not 16 MiB.
+    overwrite(&remote, 5 * MIB as u64, 100 * 1024, 0x5A);
+    let mut client = env.client("client2", &env.token("pairing", Some(&id)), &local);
+    env.wait_state(&id, "READY again", &[&client, &agent], ready);
+    let delta = round1_differed_mib(&client.log());
+    assert!(
+        delta > 0.0 && delta < 1.0,
+        "restart must fetch only the delta, got {delta} MiB"
+    );
+    let (code, _) = env.cli(&["stop", &id]);
+    assert_eq!(code, 0);
+    assert_eq!(client.wait_exit("second client after stop"), 8);
+}
+
+#[test]
+fn service_reused_token_makes_the_client_exit_7() {
+    let env = Env::new();
+    let remote = env.path("remote.img");
+    let local = env.path("local.img");
+    write_image(&remote, 2 * MIB, 3);
+    std::fs::write(&local, vec![0u8; 2 * MIB]).unwrap();
+    let agent = env.agent("agent", &remote, Some(&env.token("agent", None)));
+    let id = env.agent_instance(&agent);
+    let t = env.token("pairing", Some(&id));
+    let mut c1 = env.client("c1", &t, &local);
+    env.wait_state(&id, "READY", &[&c1, &agent], ready);
+    let mut c2 = env.client("c2", &t, &local);
+    assert_eq!(c2.wait_exit("client with a used token"), 7, "{}", c2.log());
+    assert!(c2.log().contains("TOKEN_USED"), "{}", c2.log());
+    c1.kill();
+}
+
+#[test]
+fn service_client_cert_for_instance_a_is_refused_by_agent_b() {
+    let env = Env::new();
+    let remote = env.path("remote.img");
+    write_image(&remote, MIB, 5);
+    let a = env.agent("agent-a", &remote, Some(&env.token("agent", None)));
+    let b = env.agent("agent-b", &remote, Some(&env.token("agent", None)));
+    let (ia, ib) = (env.agent_instance(&a), env.agent_instance(&b));
+    assert_ne!(ia, ib);
+    let addr = |p: &Proc| {
+        p.log()
+            .lines()
+            .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
+            .unwrap()
+    };
+    let (addr_a, addr_b) = (addr(&a), addr(&b));
+
+    // Pair for A over the API (the client certificate it returns names instance A).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca_pem = std::fs::read(env.ca()).unwrap();
+    let token = env.token("pairing", Some(&ia));
+    let paired: failback_config::api::PairResponse = rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca_pem).unwrap())
+            .build()
+            .unwrap();
+        let body = serde_json::json!({
+            "token": token,
+            "inventory": {"disks": [{"path": "/dev/sdx", "size_bytes": 1u64 << 30}]},
+        });
+        let r = http
+            .post(format!("{}/v1/pair", env.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        r.json().await.unwrap()
+    });
+    let tls = failback_replication::ClientTls::from_pem(
+        paired.ca_pem.as_bytes(),
+        paired.client_cert_pem.as_bytes(),
+        paired.client_key_pem.as_bytes(),
+    )
+    .unwrap();
+    rt.block_on(async {
+        let ok = failback_replication::Session::connect(&addr_a, &tls).await;
+        assert!(ok.is_ok(), "agent A must accept its own client: {ok:?}");
+        assert_eq!(ok.unwrap().agent_instance(), Some(ia.as_str()));
+        let refused = failback_replication::Session::connect(&addr_b, &tls).await;
+        let e = refused.expect_err("agent B must refuse a client certificate for instance A");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&ia) || msg.contains(&ib) || msg.to_lowercase().contains("instance"),
+            "error should say why: {msg}"
+        );
+    });
+}
