@@ -875,3 +875,46 @@ async fn tls_verify_ca_file_thumbprint_insecure() {
     // Explicit insecure switch: accepted.
     Client::connect(with(TlsMode::Insecure)).await.unwrap();
 }
+
+#[tokio::test]
+async fn several_datacenters_need_a_choice() {
+    let sim = Vcsim::start(&["-dc", "2"]);
+    let client = connect(&sim).await;
+    assert_eq!(client.datacenters().await.unwrap(), ["DC0", "DC1"]);
+    let local = sim.dir.path().join("x.iso");
+    std::fs::write(&local, b"x").unwrap();
+    let none = Arc::new(failback_vcenter::NoProgress);
+    let err = client
+        .upload(&local, DS, "x.iso", UploadOptions::default(), none.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Datacenter { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("DC1") && err.to_string().contains("--datacenter"),
+        "{err}"
+    );
+
+    let mut cfg = sim.config();
+    cfg.datacenter = Some("DC1".into());
+    let dc1 = Client::connect(cfg.clone()).await.unwrap();
+    let rep = dc1
+        .upload(
+            &local,
+            DS,
+            "isos/x.iso",
+            UploadOptions {
+                verify_sha256: true,
+            },
+            none.clone(),
+        )
+        .await
+        .unwrap();
+    assert!(rep.url.contains("dcPath=DC1"), "{}", rep.url);
+    cfg.datacenter = Some("DC9".into());
+    let dc9 = Client::connect(cfg).await.unwrap();
+    let err = dc9
+        .upload(&local, DS, "x.iso", UploadOptions::default(), none)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("'DC9' not found"), "{err}");
+}
