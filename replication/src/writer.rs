@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 
 /// Bytes at the start of the disk written last.
 pub const HEAD_BYTES: u64 = 1024 * 1024;
+/// After this many bytes written, a background `fdatasync` starts so writeback overlaps the
+/// transfer and the final flush has little left to do.
+const BACKGROUND_FLUSH_BYTES: u64 = 256 * 1024 * 1024;
 
 /// A local target disk or image file.
 #[derive(Debug)]
@@ -100,6 +103,8 @@ impl Target {
             file,
             head: Vec::new(),
             written: 0,
+            since_flush: 0,
+            flusher: None,
         })
     }
 }
@@ -111,6 +116,8 @@ pub struct DiskWriter {
     file: File,
     head: Vec<(u64, Vec<u8>)>,
     written: u64,
+    since_flush: u64,
+    flusher: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl DiskWriter {
@@ -133,12 +140,35 @@ impl DiskWriter {
                 .write_all_at(data, offset)
                 .map_err(io_err("write", &self.path, offset))?;
             self.written += data.len() as u64;
+            self.since_flush += data.len() as u64;
+            if self.since_flush >= BACKGROUND_FLUSH_BYTES {
+                self.background_flush();
+            }
         }
         Ok(())
     }
 
+    /// Starts an `fdatasync` on another thread unless one is still running.
+    fn background_flush(&mut self) {
+        if self.flusher.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        if let Some(h) = self.flusher.take() {
+            if let Ok(Err(e)) = h.join() {
+                tracing::warn!("background flush of {} failed: {e}", self.path.display());
+            }
+        }
+        if let Ok(f) = self.file.try_clone() {
+            self.since_flush = 0;
+            self.flusher = Some(std::thread::spawn(move || f.sync_data()));
+        }
+    }
+
     /// Flushes everything, writes the held-back head, then `sync_all`.
     pub fn finish(mut self) -> Result<u64> {
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
         self.file
             .sync_data()
             .map_err(io_err("flush", &self.path, 0))?;
