@@ -13,7 +13,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils/bookworm ovmf golang-go golang-github
 VCSIM := target/vcsim/vcsim
 HYPERVISOR := target/hypervisor/hypervisor
 
-.PHONY: setup demo test bench iso clean fmt lint
+.PHONY: setup demo demo-service demo-sync test bench iso clean fmt lint
 setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
@@ -45,7 +45,18 @@ $(HYPERVISOR): target/.setup-apt $(wildcard tests/hypervisor/*.go)
 	@mkdir -p $(dir $@) && cd tests/hypervisor && GO111MODULE=off GOPATH=/usr/share/gocode \
 		GOCACHE=$(CURDIR)/target/vcsim/gocache go build -o $(CURDIR)/$@ .
 
+# The demo: (1) the DR-service flow (pairing token, sync, READY, launch, COMPLETED), then
+# (2) the raw engine on two 1 GiB disks with progress bars. `demo-service` / `demo-sync` run one.
 demo: setup
+	$(CARGO) build --release --bins
+	bash scripts/demo-service.sh
+	bash scripts/demo.sh
+
+demo-service: setup
+	$(CARGO) build --release --bins
+	bash scripts/demo-service.sh
+
+demo-sync: setup
 	$(CARGO) build --release --bins
 	bash scripts/demo.sh
 
