@@ -2,11 +2,9 @@
 //! service admin API (HTTPS, CA pinned), and the seed-ISO builder (`failback-iso`).
 
 use super::backend::*;
+use crate::admin_client::{AdminClient, AdminError};
 use async_trait::async_trait;
-use failback_config::api::{
-    CreateTokenRequest, CreateTokenResponse, InstanceList, LaunchRequest, LaunchResponse,
-    RecoveryInstance, TokenKind,
-};
+use failback_config::api::{CreateTokenRequest, RecoveryInstance, TokenKind};
 use failback_config::plan::NetworkMode;
 use failback_config::seed::{self, SeedConfig};
 use failback_vcenter as vc;
@@ -233,114 +231,65 @@ impl Hypervisor for VcenterBackend {
     }
 }
 
-/// The DR service's admin API over HTTPS (CA pinned, bearer admin token).
+/// The DR service's admin API, through the crate's [`AdminClient`] (CA pinned, bearer
+/// admin token).
 pub struct DrHttp {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+    admin: AdminClient,
+}
+
+fn admin_err(what: &str, e: AdminError) -> BackendError {
+    let transient = e.is_retryable() || matches!(&e, AdminError::Api { status: 429, .. });
+    BackendError {
+        message: format!("{what}: {e}"),
+        transient,
+        source: Some(Box::new(e)),
+    }
 }
 
 impl DrHttp {
     /// `ca_pem`: the DR service CA; system roots are not trusted.
     pub fn new(base: &str, admin_token: &str, ca_pem: &str) -> BResult<Self> {
-        let cert = reqwest::Certificate::from_pem(ca_pem.as_bytes())
-            .map_err(|e| BackendError::permanent(format!("DR service CA certificate: {e}")))?;
-        let http = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(cert)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| BackendError::permanent(format!("HTTP client: {e}")))?;
-        Ok(Self {
-            http,
-            base: base.trim_end_matches('/').to_string(),
-            token: admin_token.to_string(),
-        })
-    }
-
-    async fn send<T: serde::de::DeserializeOwned>(
-        &self,
-        req: reqwest::RequestBuilder,
-        what: &str,
-    ) -> BResult<T> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| BackendError {
-                message: format!("{what}: {}: {e}", self.base),
-                transient: e.is_timeout() || e.is_connect() || e.is_request(),
-                source: None,
-            })?;
-        let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| BackendError::transient(format!("{what}: {}: {e}", self.base)))?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<failback_config::api::ApiError>(&body)
-                .map(|e| e.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(BackendError {
-                message: format!("{what}: DR service {} answered {status}: {msg}", self.base),
-                transient: matches!(status.as_u16(), 429 | 502 | 503 | 504),
-                source: None,
-            });
-        }
-        serde_json::from_slice(&body).map_err(|e| {
-            BackendError::permanent(format!("{what}: unexpected answer from {}: {e}", self.base))
-        })
+        let admin = AdminClient::with_ca_pem(base, admin_token, Some(ca_pem.as_bytes()))
+            .map_err(|e| admin_err("DR service connection", e))?;
+        Ok(Self { admin })
     }
 }
 
 #[async_trait]
 impl DrService for DrHttp {
     async fn instances(&self) -> BResult<Vec<RecoveryInstance>> {
-        let l: InstanceList = self
-            .send(
-                self.http.get(format!("{}/v1/admin/instances", self.base)),
-                "list recovery instances",
-            )
-            .await?;
-        Ok(l.items)
+        self.admin
+            .list_instances()
+            .await
+            .map(|l| l.items)
+            .map_err(|e| admin_err("list recovery instances", e))
     }
 
     async fn instance(&self, id: &str) -> BResult<RecoveryInstance> {
-        self.send(
-            self.http
-                .get(format!("{}/v1/admin/instances/{id}", self.base)),
-            &format!("read recovery instance {id}"),
-        )
-        .await
+        self.admin
+            .describe(id)
+            .await
+            .map_err(|e| admin_err(&format!("read recovery instance {id}"), e))
     }
 
     async fn create_pairing_token(&self, id: &str, ttl_secs: u64) -> BResult<String> {
-        let r: CreateTokenResponse = self
-            .send(
-                self.http
-                    .post(format!("{}/v1/admin/tokens", self.base))
-                    .json(&CreateTokenRequest {
-                        kind: TokenKind::Pairing,
-                        recovery_instance_id: Some(id.to_string()),
-                        ttl_secs: Some(ttl_secs),
-                    }),
-                &format!("create pairing token for {id}"),
-            )
-            .await?;
-        Ok(r.token)
+        self.admin
+            .create_token(&CreateTokenRequest {
+                kind: TokenKind::Pairing,
+                recovery_instance_id: Some(id.to_string()),
+                ttl_secs: Some(ttl_secs),
+            })
+            .await
+            .map(|r| r.token)
+            .map_err(|e| admin_err(&format!("create pairing token for {id}"), e))
     }
 
     async fn launch(&self, id: &str) -> BResult<()> {
-        let r: LaunchResponse = self
-            .send(
-                self.http
-                    .post(format!("{}/v1/admin/launch", self.base))
-                    .json(&LaunchRequest {
-                        recovery_instance_ids: vec![id.to_string()],
-                    }),
-                &format!("launch failback of {id}"),
-            )
-            .await?;
+        let r = self
+            .admin
+            .launch(&[id.to_string()])
+            .await
+            .map_err(|e| admin_err(&format!("launch failback of {id}"), e))?;
         match r.results.iter().find(|x| x.recovery_instance_id == id) {
             Some(x) if x.accepted => Ok(()),
             Some(x) => Err(BackendError::permanent(format!(
@@ -354,14 +303,11 @@ impl DrService for DrHttp {
     }
 
     async fn stop(&self, id: &str) -> BResult<()> {
-        let _: serde_json::Value = self
-            .send(
-                self.http
-                    .post(format!("{}/v1/admin/instances/{id}/stop", self.base)),
-                &format!("stop failback of {id}"),
-            )
-            .await?;
-        Ok(())
+        self.admin
+            .stop(id)
+            .await
+            .map(|_| ())
+            .map_err(|e| admin_err(&format!("stop failback of {id}"), e))
     }
 }
 
