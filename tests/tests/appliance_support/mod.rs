@@ -2,7 +2,7 @@
 //! DR service on 127.0.0.1, and QEMU (TCG) with a serial console the test can read and type on.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -136,6 +136,13 @@ impl Server {
         std::fs::read_to_string(self.dir.path().join("data/ca.pem")).unwrap()
     }
 
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data/admin-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
     /// URL as the QEMU guest sees it.
     pub fn guest_url(&self) -> String {
         format!("https://10.0.2.2:{}", self.port)
@@ -180,6 +187,8 @@ pub struct VmConfig<'a> {
     pub iso: &'a Path,
     pub seed: Option<&'a Path>,
     pub disks: Vec<(&'a Path, &'a str)>,
+    /// QEMU `-rtc base=` (a wrong guest clock), if set.
+    pub rtc_base: Option<&'a str>,
 }
 
 impl Vm {
@@ -251,6 +260,9 @@ impl Vm {
                 .arg(format!("scsi-hd,drive=d{i},serial={serial}"));
         }
         cmd.args(["-nic", &format!("user,model={nic}")]);
+        if let Some(base) = c.rtc_base {
+            cmd.args(["-rtc", &format!("base={base}")]);
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -264,15 +276,21 @@ impl Vm {
             let out = Arc::clone(&out);
             let name = c.name.to_string();
             std::thread::spawn(move || {
-                let mut r = BufReader::new(stream);
-                let mut line = Vec::new();
-                while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                    let text = String::from_utf8_lossy(&line).to_string();
-                    if std::env::var_os("FAILBACK_TEST_VERBOSE").is_some() {
-                        eprint!("[{name}] {text}");
+                // Raw chunks, not lines: a prompt has no newline until it is answered.
+                let mut r = stream;
+                let mut buf = [0u8; 4096];
+                let verbose = std::env::var_os("FAILBACK_TEST_VERBOSE").is_some();
+                loop {
+                    let n = match r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if verbose {
+                        eprint!("{text}");
+                        let _ = &name;
                     }
                     out.lock().unwrap().push_str(&text);
-                    line.clear();
                 }
             });
         }
@@ -297,14 +315,19 @@ impl Vm {
 
     /// Waits until the console shows `needle`; panics with the console tail otherwise.
     pub fn expect(&mut self, needle: &str, timeout: Duration) -> Duration {
+        self.expect_count(needle, 1, timeout)
+    }
+
+    /// Waits until the console shows `needle` at least `n` times.
+    pub fn expect_count(&mut self, needle: &str, n: usize, timeout: Duration) -> Duration {
         let start = Instant::now();
         loop {
-            if self.output().contains(needle) {
+            if self.output().matches(needle).count() >= n {
                 return start.elapsed();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(300));
-                if self.output().contains(needle) {
+                if self.output().matches(needle).count() >= n {
                     return start.elapsed();
                 }
                 panic!(
