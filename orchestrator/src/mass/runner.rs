@@ -383,10 +383,37 @@ impl Runner {
             });
         }
         use futures::StreamExt;
+        let mut last_results = Instant::now();
         while let Some(r) = futs.next().await {
             if let Err(e) = r {
                 // Only state-file errors get here: the run cannot record progress any more.
                 return Err(e.into());
+            }
+            // Keep a results file of the VMs finished so far (at most every 5 s), so a run
+            // that is killed still leaves one behind.
+            if last_results.elapsed() >= Duration::from_secs(5) {
+                let st = shared
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let partial = RunResults::build(
+                    &st,
+                    plan,
+                    serde_json::to_value(&self.settings).unwrap_or_default(),
+                    started_at,
+                    None,
+                );
+                if let Err(e) = partial.write(&self.settings.results_path) {
+                    self.progress.note(
+                        "run",
+                        &format!(
+                            "cannot write results file {}: {e}",
+                            self.settings.results_path.display()
+                        ),
+                    );
+                }
+                last_results = Instant::now();
             }
         }
         drop(futs);
