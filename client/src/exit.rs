@@ -41,6 +41,9 @@ impl From<Exit> for std::process::ExitCode {
 
 /// Exit code for a replication error.
 pub fn for_replication(e: &failback_replication::Error) -> Exit {
+    if matches!(e, failback_replication::Error::TargetBusy { .. }) {
+        return Exit::UnsafeTarget;
+    }
     match e.class() {
         ErrorClass::Usage => Exit::Usage,
         ErrorClass::Network => Exit::Network,

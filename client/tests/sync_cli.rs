@@ -271,8 +271,23 @@ fn unsafe_targets_are_refused_with_the_rule() {
         "refused device was written"
     );
 
-    // A suitable loop device is accepted and synced.
+    // A suitable loop device is accepted and synced...
     let ok = LoopDev::new(&env.path("lo512.img"), 8 * MIB, 512);
+    // ...but not while another program holds it exclusively (the kernel's EBUSY, as when
+    // mounted): refused as unsafe, nothing written.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&ok.dev)
+            .unwrap();
+        let o = env.sync(&[("d", &ok.dev)], &[]);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("busy"));
+        let backing = std::fs::read(env.path("lo512.img")).unwrap();
+        assert!(backing.iter().all(|b| *b == 0), "busy device was written");
+    }
     let o = env.sync(&[("d", &ok.dev)], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let got = std::fs::read(env.path("lo512.img")).unwrap();

@@ -17,7 +17,8 @@ pub enum ErrorClass {
     Verification,
     /// The peer broke the protocol or reported an error.
     Protocol,
-    /// Local disk I/O failed.
+    /// Local disk I/O failed, or the kernel refused exclusive access to a target
+    /// ([`Error::TargetBusy`]).
     LocalIo,
 }
 
@@ -86,6 +87,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel refused exclusive access to a target block device.
+    #[error("refusing target {path}: the kernel reports the device busy (mounted, held or opened exclusively by another program); nothing was written")]
+    TargetBusy { path: PathBuf },
     /// A block kept failing verification after the allowed retries.
     #[error("block {block} (offset {offset}) of disk {disk} failed verification {attempts} times: {reason}; nothing of it was written to {path}")]
     Verification {
@@ -120,6 +124,7 @@ impl Error {
             | Error::Remote { .. }
             | Error::Protocol { .. } => ErrorClass::Protocol,
             Error::LocalIo { .. } => ErrorClass::LocalIo,
+            Error::TargetBusy { .. } => ErrorClass::LocalIo,
             Error::Verification { .. } | Error::DigestMismatch { .. } => ErrorClass::Verification,
         }
     }

@@ -5,7 +5,7 @@
 //! that boots half-written data.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::block::VerifiedRun;
@@ -52,13 +52,36 @@ impl Target {
                 local_len: 0,
             });
         }
-        let file = OpenOptions::new()
-            .read(true)
+        let before = if exists {
+            Some(device::inspect(path).map_err(io_err("inspect", path, 0))?)
+        } else {
+            None
+        };
+        let is_block = before.as_ref().is_some_and(|i| i.kind == Kind::BlockDevice);
+        let mut oo = OpenOptions::new();
+        oo.read(true)
             .write(write)
             .create(write && !exists)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err("open", path, 0))?;
+            .truncate(false);
+        if write && is_block {
+            // O_EXCL on a block device: the kernel refuses (EBUSY) while it is mounted or held,
+            // a last line of defence behind the target safety checks.
+            oo.custom_flags(libc::O_EXCL);
+        }
+        let file = oo.open(path).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EBUSY) {
+                Error::TargetBusy {
+                    path: path.to_owned(),
+                }
+            } else {
+                Error::LocalIo {
+                    op: "open",
+                    path: path.to_owned(),
+                    offset: 0,
+                    source,
+                }
+            }
+        })?;
         let info = device::inspect(path).map_err(io_err("inspect", path, 0))?;
         let local_len = info.size;
         if write && info.kind == Kind::File && info.size < size {
