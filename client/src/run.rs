@@ -784,6 +784,8 @@ async fn replicate(
                 s.report.error = None;
             }
         }
+        // Report the round start at once (INITIAL_SYNC / RESCAN shows even for short rounds).
+        state.kick.notify_one();
         let sync_opts = SyncOptions {
             block_size,
             bandwidth_limit_mbps: bw,
@@ -850,6 +852,7 @@ async fn replicate(
                 let msg = round_error(e)?;
                 console.say(format!("round interrupted: {msg}; reconnecting"));
                 state.set_phase(ClientPhase::AgentUnreachable, Some(msg));
+                state.kick.notify_one();
                 session = None;
                 pause(state, opts.retry_interval).await;
             }
