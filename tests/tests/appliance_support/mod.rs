@@ -177,6 +177,8 @@ pub struct Vm {
     stdin: ChildStdin,
     out: Arc<Mutex<String>>,
     pub name: String,
+    /// When QEMU was started.
+    pub started: Instant,
     _vars: tempfile::TempDir,
 }
 
@@ -299,6 +301,7 @@ impl Vm {
             stdin,
             out,
             name: c.name.to_string(),
+            started: Instant::now(),
             _vars: vars,
         }
     }
