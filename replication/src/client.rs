@@ -624,12 +624,13 @@ impl DiskJob {
         // `None` = commit: only then is the held-back head written. If the job fails, the
         // channel just closes and the head stays unwritten.
         let (wtx, mut wrx) = mpsc::channel::<Option<VerifiedRun>>(8);
-        let writer = if estimate {
+        let handle = if estimate {
             None
         } else {
             let mut w = target.writer()?;
-            Some(tokio::task::spawn_blocking(
-                move || -> Result<Option<u64>> {
+            let h = std::thread::Builder::new()
+                .name("failback-writer".into())
+                .spawn(move || -> Result<Option<u64>> {
                     while let Some(msg) = wrx.blocking_recv() {
                         match msg {
                             Some(run) => w.write(run)?,
@@ -637,8 +638,18 @@ impl DiskJob {
                         }
                     }
                     Ok(None)
-                },
-            ))
+                })
+                .map_err(|source| Error::LocalIo {
+                    op: "start writer for",
+                    path: self.local.clone(),
+                    offset: 0,
+                    source,
+                })?;
+            Some(h)
+        };
+        let mut writer = WriterGuard {
+            tx: Some(wtx),
+            handle,
         };
 
         let mut windows: BTreeMap<u64, Window> = BTreeMap::new();
@@ -733,9 +744,11 @@ impl DiskJob {
                                     fetched += block::block_len(size, bs, idx);
                                 }
                                 self.progress.disk_advanced(&id, 0, fetched);
-                                if writer.is_some() && wtx.send(Some(run)).await.is_err() {
-                                    // The writer stopped on an I/O error; its result says why.
-                                    break;
+                                if let Some(tx) = writer.sender() {
+                                    if tx.send(Some(run)).await.is_err() {
+                                        // The writer stopped on an I/O error; its result says why.
+                                        break;
+                                    }
                                 }
                             }
                             for b in bad {
@@ -833,8 +846,7 @@ impl DiskJob {
         let local_digest = (!estimate).then(|| digest.finish());
         if let Some(local) = local_digest {
             if local != agent_digest {
-                // Not committed: the head stays unwritten.
-                drop(wtx);
+                // Not committed (the guard only drains): the head stays unwritten.
                 return Err(Error::DigestMismatch {
                     disk: id,
                     path: self.local.clone(),
@@ -843,12 +855,7 @@ impl DiskJob {
                 });
             }
         }
-        if let Some(w) = writer {
-            let _ = wtx.send(None).await;
-            drop(wtx);
-            w.await
-                .map_err(|e| Error::Usage(format!("writer task: {e}")))??;
-        }
+        writer.commit().await?;
         let report = DiskReport {
             remote_id: id.clone(),
             local_path: self.local.clone(),
@@ -867,6 +874,42 @@ impl DiskJob {
         };
         self.progress.disk_finished(&id, &report);
         Ok(report)
+    }
+}
+
+/// Owns a disk's writer thread. `commit` writes the held-back head and syncs; dropping it
+/// without commit (error, abort) only lets queued verified runs drain and waits for the thread,
+/// so no write is in flight once a sync has returned.
+struct WriterGuard {
+    tx: Option<mpsc::Sender<Option<VerifiedRun>>>,
+    handle: Option<std::thread::JoinHandle<Result<Option<u64>>>>,
+}
+
+impl WriterGuard {
+    fn sender(&self) -> Option<&mpsc::Sender<Option<VerifiedRun>>> {
+        self.handle.as_ref().and(self.tx.as_ref())
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        let (Some(tx), Some(h)) = (self.tx.take(), self.handle.take()) else {
+            return Ok(());
+        };
+        let _ = tx.send(None).await;
+        drop(tx);
+        tokio::task::spawn_blocking(move || h.join())
+            .await
+            .map_err(|e| Error::Usage(format!("writer task: {e}")))?
+            .map_err(|_| Error::Usage("writer thread panicked".into()))??;
+        Ok(())
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
