@@ -309,3 +309,8 @@ jq -r '.targets[] | "\(if .pass == null then "n/a " elif .pass then "PASS" else 
     else "\(.value) bytes (need <= \(.need))" end)"' "$R"
 echo
 echo "results: $R"
+
+# The DR service under load: 1,000 simulated clients heartbeating once a second (issue 3).
+echo
+echo "== DR service: 1,000 concurrent clients heartbeating once a second (target: p99 < 50 ms)"
+"$BIN/failback-server" bench --clients 1000 --secs 20
