@@ -258,3 +258,52 @@ fn seed_iso_has_label_and_seed_and_refuses_bad_configs() {
     .unwrap_err();
     assert!(e.to_string().contains("no_prompt"), "{e}");
 }
+
+#[test]
+fn seed_build_cli_refuses_with_the_field_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("seed.toml");
+    std::fs::write(
+        &cfg,
+        "server_url = \"https://dr.example.com:8443\"\nno_prompt = true\n",
+    )
+    .unwrap();
+    let out_iso = dir.path().join("seed.iso");
+    let out = Command::new(bin("failback", "failback-orchestrator"))
+        .args(["seed", "build", "--config"])
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&out_iso)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`token`") && stderr.contains("no_prompt"),
+        "{stderr}"
+    );
+    assert!(!out_iso.exists());
+
+    std::fs::write(&cfg, sample_seed(CA).to_toml()).unwrap();
+    let out = Command::new(bin("failback", "failback-orchestrator"))
+        .args(["seed", "build", "--output", "json", "--config"])
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&out_iso)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["bytes"].as_u64(),
+        Some(std::fs::metadata(&out_iso).unwrap().len())
+    );
+    assert_eq!(
+        failback_iso::seed::read_label(&out_iso).unwrap().as_deref(),
+        Some(SEED_LABEL)
+    );
+}
