@@ -67,7 +67,9 @@ fn appliance_boots_bios_uefi_and_secure_boot_then_prompts_without_seed() {
             iso: probe_iso(),
             seed: Some(&seed_iso),
             disks: vec![(&disk, "DISK0")],
-            rtc_base: None,
+            // BIOS case: the VM's clock is years off; the appliance must fix it from the
+            // service's Date header before TLS-verifying anything else.
+            rtc_base: (firmware == Firmware::Bios).then_some("2020-01-01"),
         });
         if firmware == Firmware::SecureBoot {
             vm.expect("Secure Boot is enabled", BOOT);
