@@ -14,9 +14,11 @@ use crate::error::{Error, Result};
 
 /// Bytes at the start of the disk written last.
 pub const HEAD_BYTES: u64 = 1024 * 1024;
-/// After this many bytes written, a background `fdatasync` starts so writeback overlaps the
-/// transfer and the final flush has little left to do.
-const BACKGROUND_FLUSH_BYTES: u64 = 256 * 1024 * 1024;
+/// Writeback window: every this many bytes written, `sync_file_range(WRITE)` starts writeback of
+/// the new range and the range one window earlier (by then written back) is dropped from the page
+/// cache with `posix_fadvise(DONTNEED)`. Like nbdcopy: the writer never blocks on dirty-page
+/// throttling, the page cache is not flooded, and the final flush has little left to do.
+const WRITEBACK_WINDOW: u64 = 32 * 1024 * 1024;
 
 /// A local target disk or image file.
 #[derive(Debug)]
@@ -126,8 +128,13 @@ impl Target {
             file,
             head: Vec::new(),
             written: 0,
-            since_flush: 0,
-            flusher: None,
+            pending: None,
+            started: None,
+            // Only regular files and block devices take the hints (not /dev/null etc.).
+            hints: matches!(
+                device::inspect(&self.path).map(|i| i.kind),
+                Ok(Kind::File | Kind::BlockDevice)
+            ),
         })
     }
 }
@@ -139,8 +146,12 @@ pub struct DiskWriter {
     file: File,
     head: Vec<(u64, Vec<u8>)>,
     written: u64,
-    since_flush: u64,
-    flusher: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// Range written since writeback was last started (start, end).
+    pending: Option<(u64, u64)>,
+    /// Range whose writeback was started last; dropped from the cache at the next window.
+    started: Option<(u64, u64)>,
+    /// False when the target does not support the hints (tmpfs, pipes): skip them.
+    hints: bool,
 }
 
 impl DiskWriter {
@@ -163,35 +174,54 @@ impl DiskWriter {
                 .write_all_at(data, offset)
                 .map_err(io_err("write", &self.path, offset))?;
             self.written += data.len() as u64;
-            self.since_flush += data.len() as u64;
-            if self.since_flush >= BACKGROUND_FLUSH_BYTES {
-                self.background_flush();
+            let end = offset + data.len() as u64;
+            let (start, prev_end) = self.pending.unwrap_or((offset, end));
+            // Runs arrive roughly in order; a jump back starts a fresh window.
+            let range = if offset >= start {
+                (start, end.max(prev_end))
+            } else {
+                (offset, end)
+            };
+            if range.1 - range.0 >= WRITEBACK_WINDOW {
+                self.pending = None;
+                self.writeback(range);
+            } else {
+                self.pending = Some(range);
             }
         }
         Ok(())
     }
 
-    /// Starts an `fdatasync` on another thread unless one is still running.
-    fn background_flush(&mut self) {
-        if self.flusher.as_ref().is_some_and(|h| !h.is_finished()) {
+    /// Starts writeback of `range` and drops older, by now written-back windows from the page
+    /// cache. `posix_fadvise(DONTNEED)` does both: it starts asynchronous writeback of dirty pages
+    /// in the range (Linux `WB_SYNC_NONE`) and drops the clean ones; nix 0.29 has no safe
+    /// `sync_file_range`, and the workspace forbids `unsafe`. Errors only lose a hint (EINVAL,
+    /// ENOSYS on tmpfs etc.): the final `sync_data` still flushes everything.
+    fn writeback(&mut self, range: (u64, u64)) {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        if !self.hints {
             return;
         }
-        if let Some(h) = self.flusher.take() {
-            if let Ok(Err(e)) = h.join() {
-                tracing::warn!("background flush of {} failed: {e}", self.path.display());
+        let older = self.started.replace(range);
+        for (s, e) in std::iter::once(range).chain(older) {
+            let (Ok(off), Ok(len)) = (i64::try_from(s), i64::try_from(e - s)) else {
+                continue;
+            };
+            if let Err(e) = posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                off,
+                len,
+                PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            ) {
+                tracing::debug!("posix_fadvise on {} unsupported: {e}", self.path.display());
+                self.hints = false;
+                return;
             }
-        }
-        if let Ok(f) = self.file.try_clone() {
-            self.since_flush = 0;
-            self.flusher = Some(std::thread::spawn(move || f.sync_data()));
         }
     }
 
     /// Flushes everything, writes the held-back head, then `sync_all`.
     pub fn finish(mut self) -> Result<u64> {
-        if let Some(h) = self.flusher.take() {
-            let _ = h.join();
-        }
         self.file
             .sync_data()
             .map_err(io_err("flush", &self.path, 0))?;
