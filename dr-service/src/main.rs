@@ -52,7 +52,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 60)]
     client_timeout_secs: u64,
     /// Sync block size handed to clients (bytes, multiple of 4096).
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 64 << 10)]
     block_size: u64,
     /// Write the bound address (host:port) to this file once listening (for scripts/tests).
     #[arg(long)]

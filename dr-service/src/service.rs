@@ -38,7 +38,7 @@ impl Default for Settings {
             heartbeat_secs: 10,
             agent_timeout_secs: 60,
             client_timeout_secs: 60,
-            block_size: 4 << 20,
+            block_size: 64 << 10,
             default_token_ttl_secs: 3600,
             log_dir: PathBuf::from("logs"),
         }
