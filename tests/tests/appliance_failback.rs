@@ -3,7 +3,9 @@
 //! recovery agent on the host (10.0.2.2 from the guest), reaches READY_FOR_LAUNCH; the test
 //! launches through the admin CLI; the client completes, ejects the CD and powers off; the
 //! VM's disk must equal the source byte for byte. A second VM starts from a stale copy of
-//! another source and must fetch only the blocks that differ.
+//! another source and must fetch only the blocks that differ. A third VM boots without a seed
+//! ISO: the test answers the console prompts (network, service URL, token, CA) over the
+//! serial port and the same failback must follow.
 
 mod appliance_support;
 
@@ -14,6 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SLOW: Duration = Duration::from_secs(600);
+
+/// One QEMU at a time in this binary: TCG on 2 shared cores is slow enough already.
+fn qemu_slot() -> std::sync::MutexGuard<'static, ()> {
+    static SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SLOT.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn failback(server: &Server, args: &[&str]) -> String {
     let out = Command::new(bin("failback", "failback-orchestrator"))
@@ -170,8 +178,15 @@ fn failback_one(server: &Server, dir: &Path, name: &str, id: &str, target: &Path
         disks: vec![(target, "FBTARGET0")],
         rtc_base: None,
     });
+    launch_and_finish(server, &mut vm, id)
+}
+
+/// From boot to power-off: paired, READY_FOR_LAUNCH, launched through the admin CLI,
+/// completed, VM gone. Returns the console.
+fn launch_and_finish(server: &Server, vm: &mut Vm, id: &str) -> String {
+    let name = vm.name.clone();
     vm.expect("FAILBACK_SERVICE_REACHABLE", SLOW);
-    vm.expect("paired with recovery instance", SLOW);
+    vm.expect(&format!("paired with recovery instance {id}"), SLOW);
     // Figure for the README (boot-to-paired under TCG); not asserted: timing is for bench.
     println!(
         "{name}: paired {:.1}s after QEMU start",
@@ -200,6 +215,7 @@ fn failback_one(server: &Server, dir: &Path, name: &str, id: &str, target: &Path
 #[test]
 fn appliance_pairs_syncs_launches_and_restores_disks_byte_for_byte() {
     let server = Server::start();
+    let _slot = qemu_slot();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
@@ -256,4 +272,69 @@ fn appliance_pairs_syncs_launches_and_restores_disks_byte_for_byte() {
         delta_mib < full_mib * 0.25,
         "the stale disk should save transfer: fetched {delta_mib} MiB vs {full_mib} MiB onto an empty disk:\n{out2}"
     );
+}
+
+/// No seed ISO: everything the seed would hold is typed on the serial console (static
+/// network, a wrongly typed URL that must be asked again, the URL, a token, the CA), then
+/// the unattended flow runs as with a seed: pair, pull, READY, launch, byte-equal disk.
+#[test]
+fn appliance_without_seed_prompts_then_pairs_syncs_and_restores_the_disk() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = d.join("source.img");
+    gendisk(&source, &["--size", "64M", "--seed", "11"]);
+    let target = d.join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let (_agent, id) = start_agent(&server, &source, d);
+    let token = failback(&server, &["token", "create", "pairing", "--instance", &id])
+        .trim()
+        .to_string();
+    let _slot = qemu_slot();
+    let mut vm = Vm::start(&VmConfig {
+        name: "noseed",
+        firmware: Firmware::Bios,
+        hardware: Hardware::Virtio,
+        iso: &product_iso().0,
+        seed: None,
+        disks: vec![(&target, "FBTARGET0")],
+        rtc_base: None,
+    });
+    vm.expect("no seed ISO (label FBSEED) found", SLOW);
+    vm.expect("FAILBACK_PROMPT Network configuration", SLOW);
+    vm.type_line("static");
+    // QEMU user networking: the guest is 10.0.2.15, the host 10.0.2.2, DNS 10.0.2.3.
+    vm.expect("FAILBACK_PROMPT IPv4 address/prefix", SLOW);
+    vm.type_line("10.0.2.15/24");
+    vm.expect("FAILBACK_PROMPT Default gateway", SLOW);
+    vm.type_line("10.0.2.2");
+    vm.expect("FAILBACK_PROMPT DNS servers", SLOW);
+    vm.type_line("10.0.2.3");
+    vm.expect("FAILBACK_NETWORK_UP eth0 (", SLOW);
+    assert!(
+        vm.output().contains("10.0.2.15/24"),
+        "static address not applied:\n{}",
+        vm.output()
+    );
+    vm.expect("FAILBACK_PROMPT DR service URL", SLOW);
+    vm.type_line("http://wrong-scheme");
+    vm.expect("must start with https://", SLOW);
+    vm.expect_count("FAILBACK_PROMPT DR service URL", 2, SLOW);
+    vm.type_line(&server.guest_url());
+    vm.expect("FAILBACK_PROMPT Pairing token", SLOW);
+    vm.type_line(&token);
+    vm.expect("FAILBACK_PROMPT DR service CA certificate", SLOW);
+    for line in server.ca_pem().lines() {
+        vm.type_line(line);
+    }
+    let out = launch_and_finish(&server, &mut vm, &id);
+    assert!(
+        std::fs::read(&source).unwrap() == std::fs::read(&target).unwrap(),
+        "restored disk differs from the source:\n{out}"
+    );
+    assert!(out.contains("volume vol0 (64.0 MiB) -> /dev/"), "{out}");
+    assert!(!out.contains("FAILBACK_FAILED"), "{out}");
 }
