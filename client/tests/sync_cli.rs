@@ -1,105 +1,12 @@
 //! `failback-client sync` as a process: --help, plan/--dry-run/--estimate, reports, JSON
 //! progress, safety refusals and exit codes, against an in-process agent on 127.0.0.1:0.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use failback_replication::server::{ServeOptions, SourceDisk};
+use std::process::Command;
+
+use common::{text, Env, LoopDev, CLIENT, MIB};
 use failback_replication::tls::DevCerts;
-
-const CLIENT: &str = env!("CARGO_BIN_EXE_failback-client");
-const MIB: usize = 1024 * 1024;
-
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    _rt: tokio::runtime::Runtime,
-    addr: String,
-    data: Vec<u8>,
-}
-
-impl Env {
-    /// Certificates in the temp dir, a 6 MiB source disk `d`, an agent scoped to `instance`.
-    fn new(instance: Option<&str>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = DevCerts::generate("dev").unwrap();
-        certs.write_to(dir.path()).unwrap();
-        let src = dir.path().join("src.img");
-        let mut data = random_bytes(1, 6 * MIB);
-        data[2 * MIB..3 * MIB].fill(0);
-        std::fs::write(&src, &data).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let tls = certs.server_tls(instance.map(str::to_owned)).unwrap();
-        let addr = rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap().to_string();
-            let disk = SourceDisk::open("d", &src).unwrap();
-            tokio::spawn(failback_agent::serve(
-                l,
-                vec![disk],
-                tls,
-                ServeOptions::default(),
-            ));
-            addr
-        });
-        Env {
-            dir,
-            _rt: rt,
-            addr,
-            data,
-        }
-    }
-
-    fn path(&self, n: &str) -> PathBuf {
-        self.dir.path().join(n)
-    }
-
-    fn sync(&self, maps: &[(&str, &Path)], extra: &[&str]) -> Output {
-        let mut c = Command::new(CLIENT);
-        c.arg("sync")
-            .arg("--agent")
-            .arg(&self.addr)
-            .arg("--ca")
-            .arg(self.path("ca.pem"))
-            .arg("--cert")
-            .arg(self.path("client.pem"))
-            .arg("--key")
-            .arg(self.path("client-key.pem"));
-        if !extra.contains(&"--progress") {
-            c.args(["--progress", "plain"]);
-        }
-        for (r, l) in maps {
-            c.arg("--map").arg(format!("{r}={}", l.display()));
-        }
-        c.args(extra);
-        c.output().unwrap()
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[test]
 fn help_and_usage_errors() {
@@ -356,30 +263,4 @@ fn unknown_remote_disk_is_a_usage_error() {
     let o = env.sync(&[("nope", &env.path("x.img"))], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("serves no disk \"nope\""));
-}
-
-/// A loop device over a sparse file, detached on drop.
-struct LoopDev {
-    dev: PathBuf,
-}
-
-impl LoopDev {
-    fn new(backing: &Path, size: usize, sector: u32) -> Self {
-        let f = std::fs::File::create(backing).unwrap();
-        f.set_len(size as u64).unwrap();
-        let o = Command::new("losetup")
-            .args(["--find", "--show", "--sector-size", &sector.to_string()])
-            .arg(backing)
-            .output()
-            .expect("losetup (util-linux) is needed");
-        assert!(o.status.success(), "losetup failed: {}", text(&o));
-        let dev = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-        LoopDev { dev }
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
 }
