@@ -2,6 +2,10 @@
 //! sector size, serial, WWN, `/dev/disk/by-path` link), CPU and RAM. Every source is optional:
 //! a missing or unreadable file leaves the field empty instead of failing, because the live
 //! appliance runs on anything from a VMware VM to bare metal with half of sysfs missing.
+//!
+//! A disk carrying the appliance medium (the hybrid ISO booted from a USB stick: ISO 9660
+//! label `FAILBACK` on the disk or one of its partitions) is left out, so the DR service never
+//! maps a volume onto it; the safety check refuses it as a target anyway.
 
 use std::path::{Path, PathBuf};
 
@@ -109,6 +113,14 @@ fn disks(roots: &InventoryRoots) -> Vec<InventoryDisk> {
         if sectors == 0 {
             continue;
         }
+        if let Some(medium) = appliance_medium(roots, &n) {
+            tracing::warn!(
+                "{}: left out of the inventory: it carries the failback appliance boot medium (ISO 9660 label {})",
+                medium.display(),
+                crate::safety::APPLIANCE_MEDIUM_LABEL
+            );
+            continue;
+        }
         let sector = read_trim(&d.join("queue/logical_block_size"))
             .and_then(|s| s.parse().ok())
             .unwrap_or(512);
@@ -128,6 +140,25 @@ fn disks(roots: &InventoryRoots) -> Vec<InventoryDisk> {
         });
     }
     out
+}
+
+/// The device node (the disk or one of its partitions) of disk `name` that carries the
+/// appliance medium, if any.
+fn appliance_medium(roots: &InventoryRoots, name: &str) -> Option<PathBuf> {
+    let mut nodes = vec![name.to_string()];
+    if let Ok(rd) = std::fs::read_dir(roots.sys.join("block").join(name)) {
+        let mut parts: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.path().join("partition").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        parts.sort();
+        nodes.extend(parts);
+    }
+    nodes
+        .into_iter()
+        .map(|n| roots.dev.join(n))
+        .find(|p| crate::safety::carries_appliance_medium(p))
 }
 
 /// `(link path, target device name)` for whole-disk links in `/dev/disk/by-path`.
@@ -219,6 +250,47 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("6000c29"));
         assert_eq!(d.wwn.as_deref(), Some("naa.6000c29"));
         assert!(d.by_path.as_deref().unwrap().ends_with("scsi-0:0:0:0"));
+    }
+
+    /// Writes an image with an ISO 9660 primary volume descriptor labelled `label`.
+    fn iso_image(path: &Path, label: &str) {
+        let mut data = vec![0u8; 64 << 10];
+        data[32768..32774].copy_from_slice(b"\x01CD001");
+        data[32768 + 40..32768 + 72].fill(b' ');
+        data[32768 + 40..32768 + 40 + label.len()].copy_from_slice(label.as_bytes());
+        std::fs::write(path, data).unwrap();
+    }
+
+    #[test]
+    fn disk_carrying_the_appliance_medium_is_left_out() {
+        let t = tempfile::tempdir().unwrap();
+        let sys = t.path().join("sys");
+        let dev = t.path().join("dev");
+        let w = |p: &str, s: &str| {
+            let p = sys.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, s).unwrap();
+        };
+        std::fs::create_dir_all(&dev).unwrap();
+        // sda: the local disk; sdb: the USB stick the appliance booted from (label on the
+        // whole disk, as the hybrid ISO is written); sdc: a stick whose partition holds it;
+        // sdd: a seed-like ISO with another label, which stays.
+        for n in ["sda", "sdb", "sdc", "sdd"] {
+            w(&format!("block/{n}/size"), "131072\n");
+        }
+        w("block/sdc/sdc1/partition", "1\n");
+        std::fs::write(dev.join("sda"), vec![0u8; 64 << 10]).unwrap();
+        iso_image(&dev.join("sdb"), "FAILBACK");
+        std::fs::write(dev.join("sdc"), vec![0u8; 64 << 10]).unwrap();
+        iso_image(&dev.join("sdc1"), "FAILBACK");
+        iso_image(&dev.join("sdd"), "FBSEED");
+        let inv = collect_from(&InventoryRoots { sys, dev });
+        let paths: Vec<&str> = inv.disks.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(paths.len(), 2, "{paths:?}");
+        assert!(
+            paths[0].ends_with("/sda") && paths[1].ends_with("/sdd"),
+            "{paths:?}"
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! touch, and say which rule refused it.
 //!
 //! Rules (checked in this order): the path must be a block device or a regular file (or a new
-//! file outside /dev); it must not hold the running system or the boot medium; nothing on it may
+//! file outside /dev); it must not hold the running system or the boot medium (a mount of
+//! `/`, `/boot`, a live medium, or the failback appliance medium itself: ISO 9660 volume label
+//! `FAILBACK` at sector 16 of the target, of the disk under it or of one of its partitions,
+//! which is what the hybrid ISO looks like when booted from a USB stick); nothing on it may
 //! be mounted, used as swap, or held by another device (dm, md, LVM); it must not be smaller than
 //! the source; a block device must have the source's logical sector size. Image files are
 //! allowed (tests, images): a missing or empty file is created/extended, but a non-empty file
@@ -82,6 +85,38 @@ pub struct SystemState {
     pub swaps: Vec<PathBuf>,
     /// Block devices (whole disks and partitions) that hold `/` or the boot medium.
     pub boot_devices: Vec<(u32, u32)>,
+}
+
+/// ISO 9660 volume label of the appliance medium (CD, or the hybrid image written to a USB stick).
+pub const APPLIANCE_MEDIUM_LABEL: &str = crate::appliance::APPLIANCE_LABEL;
+
+/// Byte offset of the ISO 9660 primary volume descriptor: sector 16 of 2048 bytes.
+const PVD_OFFSET: u64 = 16 * 2048;
+
+/// The ISO 9660 volume label of `path` (a whole disk, a partition or an image file): the
+/// primary volume descriptor at byte 32768 starts `\x01CD001`, the label is bytes 40..72.
+pub fn iso9660_label(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(PVD_OFFSET)).ok()?;
+    let mut pvd = [0u8; 72];
+    f.read_exact(&mut pvd).ok()?;
+    if &pvd[..6] != b"\x01CD001" {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&pvd[40..72]).trim_end().to_string())
+}
+
+/// Whether `path` carries the failback appliance medium (volume label `FAILBACK`).
+pub fn carries_appliance_medium(path: &Path) -> bool {
+    iso9660_label(path).is_some_and(|l| l == APPLIANCE_MEDIUM_LABEL)
+}
+
+/// The device node of a block device number: `/dev/<kernel name>` (devtmpfs names; the
+/// appliance has no udev, so no `/dev/block/M:m` links).
+fn dev_node(devnum: (u32, u32)) -> Option<PathBuf> {
+    let dir = device::sysfs_dir(devnum)?;
+    Some(Path::new("/dev").join(dir.file_name()?))
 }
 
 /// Mount points that hold the boot medium of common live systems (and ours).
@@ -298,8 +333,20 @@ pub fn check_target_with(
             ));
         }
     }
+    let medium = |p: &Path| {
+        refuse(
+            Rule::BootDevice,
+            format!(
+                "{} carries the failback appliance boot medium (ISO 9660 volume label {APPLIANCE_MEDIUM_LABEL} at byte {PVD_OFFSET}); never a target",
+                p.display()
+            ),
+        )
+    };
     match info.kind {
         Kind::File => {
+            if carries_appliance_medium(path) {
+                return Err(medium(path));
+            }
             if info.size > 0 && info.size < source.size {
                 return Err(refuse(
                     Rule::TooSmall,
@@ -314,6 +361,18 @@ pub fn check_target_with(
         Kind::BlockDevice => {
             let devnum = info.devnum.unwrap_or((0, 0));
             let fam = family(devnum);
+            // The stick the appliance booted from: the target itself, a partition on it, or
+            // the disk it lies on carries the appliance ISO.
+            if carries_appliance_medium(path) {
+                return Err(medium(path));
+            }
+            for d in fam.iter().chain(underlying_disks(devnum).iter()) {
+                if let Some(node) = dev_node(*d) {
+                    if carries_appliance_medium(&node) {
+                        return Err(medium(&node));
+                    }
+                }
+            }
             if let Some(d) = fam.iter().find(|d| sys.boot_devices.contains(d)) {
                 return Err(refuse(
                     Rule::BootDevice,
@@ -448,5 +507,42 @@ mod tests {
         assert_eq!(e.rule, Rule::NotADisk);
         let e = check_target_with(dir.path(), &src(10), &sys).unwrap_err();
         assert_eq!(e.rule, Rule::NotADisk);
+    }
+
+    /// An image with an ISO 9660 primary volume descriptor labelled `label` at sector 16.
+    fn iso_image(path: &Path, label: &str, size: u64) {
+        let mut data = vec![0u8; usize::try_from(size).unwrap()];
+        let pvd = &mut data[32768..32768 + 2048];
+        pvd[..6].copy_from_slice(b"\x01CD001");
+        pvd[40..72].fill(b' ');
+        pvd[40..40 + label.len()].copy_from_slice(label.as_bytes());
+        std::fs::write(path, data).unwrap();
+    }
+
+    #[test]
+    fn appliance_medium_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = SystemState::default();
+        let stick = dir.path().join("stick.img");
+        iso_image(&stick, "FAILBACK", 4 << 20);
+        assert_eq!(iso9660_label(&stick).as_deref(), Some("FAILBACK"));
+        let e = check_target_with(&stick, &src(1 << 20), &sys).unwrap_err();
+        assert_eq!(e.rule, Rule::BootDevice);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("stick.img")
+                && msg.contains("rule boot-device")
+                && msg.contains("label FAILBACK"),
+            "{msg}"
+        );
+        // Another ISO (a seed, any data CD) is not the boot medium: same size, accepted.
+        let seed = dir.path().join("seed.img");
+        iso_image(&seed, "FBSEED", 4 << 20);
+        assert!(!carries_appliance_medium(&seed));
+        assert!(check_target_with(&seed, &src(1 << 20), &sys).is_ok());
+        // Too short to hold a volume descriptor: no label, no panic.
+        let tiny = dir.path().join("tiny.img");
+        std::fs::write(&tiny, b"x").unwrap();
+        assert_eq!(iso9660_label(&tiny), None);
     }
 }

@@ -10,7 +10,23 @@ use std::path::{Path, PathBuf};
 /// Drivers for VMware (pvscsi, LSI Logic SPI/SAS, vmxnet3, e1000/e1000e, AHCI/PIIX CD-ROM),
 /// QEMU/KVM (virtio), NVMe, plus the SCSI disk/CD layers and the ISO 9660 file system the seed
 /// is read from.
+///
+/// USB comes first: host controllers (EHCI before its UHCI/OHCI companions, as the kernel
+/// wants), mass storage (a seed on a USB stick; the appliance itself runs from the initramfs and
+/// never needs its boot stick) and HID (loading a host controller ends the firmware's legacy
+/// keyboard emulation, so a USB keyboard needs usbhid for the console prompts). USB
+/// enumeration is asynchronous; loading it first lets it finish while the rest loads, so a
+/// USB boot stick is visible (and excluded from the inventory by its `FAILBACK` label) before
+/// the client pairs.
 pub const APPLIANCE_MODULES: &[&str] = &[
+    "ehci_pci",
+    "xhci_pci",
+    "uhci_hcd",
+    "ohci_pci",
+    "usb_storage",
+    "uas",
+    "usbhid",
+    "hid_generic",
     "vmw_pvscsi",
     "mptspi",
     "mptsas",

@@ -171,6 +171,15 @@ pub enum Hardware {
     Virtio,
 }
 
+/// Where the appliance ISO is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootFrom {
+    /// An IDE/AHCI CD-ROM (El Torito).
+    Cd,
+    /// A read-only USB stick on an xHCI controller (the hybrid MBR/GPT).
+    Usb,
+}
+
 /// A QEMU VM whose serial console is the test's stdin/stdout pipe.
 pub struct Vm {
     child: Child,
@@ -194,7 +203,13 @@ pub struct VmConfig<'a> {
 }
 
 impl Vm {
+    /// Boots `c.iso` from a CD-ROM.
     pub fn start(c: &VmConfig) -> Vm {
+        Vm::start_from(c, BootFrom::Cd)
+    }
+
+    /// Boots `c.iso` from a CD-ROM or, as a disk, from a USB stick (the seed stays a CD).
+    pub fn start_from(c: &VmConfig, from: BootFrom) -> Vm {
         let vars = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
@@ -234,12 +249,28 @@ impl Vm {
                 ("ide.0", "ide.1")
             }
         };
-        cmd.arg("-drive").arg(format!(
-            "if=none,id=cd0,media=cdrom,readonly=on,file={}",
-            c.iso.display()
-        ));
-        cmd.arg("-device")
-            .arg(format!("ide-cd,drive=cd0,bus={},bootindex=0", ide.0));
+        match from {
+            BootFrom::Cd => {
+                cmd.arg("-drive").arg(format!(
+                    "if=none,id=cd0,media=cdrom,readonly=on,file={}",
+                    c.iso.display()
+                ));
+                cmd.arg("-device")
+                    .arg(format!("ide-cd,drive=cd0,bus={},bootindex=0", ide.0));
+            }
+            BootFrom::Usb => {
+                // Read-only, like a write-protected stick: the ISO file is never changed.
+                cmd.args(["-device", "qemu-xhci,id=xhci"]);
+                cmd.arg("-drive").arg(format!(
+                    "if=none,id=stick,format=raw,readonly=on,file={}",
+                    c.iso.display()
+                ));
+                cmd.args([
+                    "-device",
+                    "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=0",
+                ]);
+            }
+        }
         if let Some(seed) = c.seed {
             cmd.arg("-drive").arg(format!(
                 "if=none,id=cd1,media=cdrom,readonly=on,file={}",
@@ -390,4 +421,132 @@ pub fn seed_iso(dir: &Path, seed: &failback_config::seed::SeedConfig) -> PathBuf
     let out = dir.join("seed.iso");
     failback_iso::seed::build(seed, &out).unwrap();
     out
+}
+
+/// Runs the admin CLI (`failback ...`) against `server`; panics with its output on failure.
+pub fn admin_cli(server: &Server, args: &[&str]) -> String {
+    let out = Command::new(bin("failback", "failback-orchestrator"))
+        .args(args)
+        .env(
+            "FAILBACK_SERVER",
+            format!("https://127.0.0.1:{}", server.port),
+        )
+        .env("FAILBACK_ADMIN_TOKEN", server.admin_token())
+        .env("FAILBACK_CA", server.dir.path().join("data/ca.pem"))
+        .output()
+        .expect("running the failback admin CLI");
+    assert!(
+        out.status.success(),
+        "failback {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `failback instances describe ID --output json`.
+pub fn describe_instance(server: &Server, id: &str) -> serde_json::Value {
+    serde_json::from_str(&admin_cli(
+        server,
+        &["instances", "describe", id, "--output", "json"],
+    ))
+    .expect("instances describe: JSON")
+}
+
+/// Recovery instance ids the service knows.
+pub fn instance_ids(server: &Server) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&admin_cli(
+        server,
+        &["instances", "list", "--output", "json"],
+    ))
+    .expect("instances list: JSON");
+    let mut out = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(id) = m.get("recovery_instance_id").and_then(|x| x.as_str()) {
+                    out.push(id.to_string());
+                    return;
+                }
+                m.values().for_each(|x| walk(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    walk(&v, &mut out);
+    out
+}
+
+/// A recovery agent process, killed on drop.
+pub struct AgentProc(pub Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts an agent on 127.0.0.1 (advertised to guests as 10.0.2.2) serving `disk` as `vol0`,
+/// enrolled with `server`; returns it with its recovery instance id.
+pub fn spawn_agent(server: &Server, disk: &Path, dir: &Path) -> (AgentProc, String) {
+    let before = instance_ids(server);
+    let token = admin_cli(server, &["token", "create", "agent"])
+        .trim()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(bin("failback-agent", "failback-agent"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--advertise",
+            &format!("10.0.2.2:{port}"),
+        ])
+        .arg("--disk")
+        .arg(format!("vol0={}", disk.display()))
+        .args([
+            "--server",
+            &format!("https://127.0.0.1:{}", server.port),
+            "--enroll-token",
+            &token,
+        ])
+        .arg("--ca")
+        .arg(server.dir.path().join("data/ca.pem"))
+        .arg("--state-dir")
+        .arg(dir.join(format!("agent-{port}")))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("agent-{port}.log"))).unwrap())
+        .spawn()
+        .expect("starting failback-agent");
+    let agent = AgentProc(child);
+    let start = Instant::now();
+    loop {
+        if let Some(id) = instance_ids(server)
+            .into_iter()
+            .find(|i| !before.contains(i))
+        {
+            return (agent, id);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "agent on port {port} did not enroll with the DR service"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Writes a synthetic disk image with `fb-gendisk` (e.g. `["--size", "16M", "--seed", "3"]`).
+pub fn gen_disk(out: &Path, args: &[&str]) {
+    let st = Command::new(bin("fb-gendisk", "failback-tests"))
+        .arg(out)
+        .args(args)
+        .status()
+        .expect("running fb-gendisk");
+    assert!(st.success(), "fb-gendisk {} {args:?} failed", out.display());
 }
