@@ -185,6 +185,16 @@ impl Console {
     fn text(&self) -> String {
         self.buf.lock().map(|b| b.clone()).unwrap_or_default()
     }
+    /// The newest `max` bytes of the log: the log file when there is one (the appliance
+    /// writes its boot steps there too), else this run's lines.
+    fn tail(&self, max: usize) -> String {
+        let text = self
+            .file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .unwrap_or_else(|| self.text());
+        tail_bytes(&text, max).to_string()
+    }
 }
 
 fn now_secs() -> u64 {
@@ -290,6 +300,11 @@ impl Api {
         } else {
             Err(ApiErr::Refused(status.as_u16(), msg))
         }
+    }
+
+    /// Unauthenticated report of a failure before the client holds a secret.
+    async fn boot_report(&self, report: &BootReport) -> Result<BootReportResponse, ApiErr> {
+        self.post("/v1/client/boot-report", None, report).await
     }
 
     async fn upload_log(&self, secret: &str, text: String) -> Result<LogUploadResponse, ApiErr> {
@@ -432,11 +447,12 @@ async fn heartbeat_once(api: &Api, secret: &str, state: &State) -> Result<(), Ap
 
 // ---------------------------------------------------------------- the flow
 
-async fn pair(api: &Api, opts: &RunOptions, console: &Console) -> Result<PairResponse, RunError> {
-    let mut inventory = match &opts.inventory {
-        Some(i) => i.clone(),
-        None => crate::inventory::collect(),
-    };
+async fn pair(
+    api: &Api,
+    opts: &RunOptions,
+    mut inventory: Inventory,
+    console: &Console,
+) -> Result<PairResponse, RunError> {
     // Hand-mapped local targets (image files in tests, by-id paths) must be in the inventory
     // so the service can check their size.
     if let Some(m) = &opts.mapping {
@@ -491,6 +507,43 @@ async fn pair(api: &Api, opts: &RunOptions, console: &Console) -> Result<PairRes
     }
 }
 
+/// Ships a failure that happened before the client held a secret to the service's boot-report
+/// endpoint (best effort: says on the console whether it worked). An unreachable service
+/// cannot be told, so network failures are only printed.
+async fn report_boot_failure(
+    api: &Api,
+    opts: &RunOptions,
+    console: &Console,
+    smbios_uuid: Option<String>,
+    stage: &str,
+    e: &RunError,
+) {
+    console.say(format!("FAILED to {stage}: {e}"));
+    if matches!(e, RunError::Network { .. }) {
+        return;
+    }
+    let report = BootReport {
+        token: Some(opts.token.clone()),
+        smbios_uuid,
+        recovery_instance_id: opts.instance.clone(),
+        stage: stage.to_string(),
+        message: tail_bytes(&e.to_string(), BOOT_REPORT_MAX_MESSAGE).to_string(),
+        log: Some(console.tail(BOOT_REPORT_MAX_LOG)),
+        client_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+    };
+    match api.boot_report(&report).await {
+        Ok(r) => console.say(format!(
+            "failure reported to the DR service{}",
+            r.recovery_instance_id
+                .map(|i| format!(" (recovery instance {i})"))
+                .unwrap_or_default()
+        )),
+        Err(ApiErr::Transient(m)) | Err(ApiErr::Refused(_, m)) => console.say(format!(
+            "could not report the failure to the DR service: {m}"
+        )),
+    }
+}
+
 /// Classifies a failed round: `Ok(())` means "retry later" (network), `Err` is fatal.
 fn round_error(e: failback_replication::Error) -> Result<String, RunError> {
     use failback_replication::ErrorClass;
@@ -518,7 +571,25 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
         return Err(RunError::Usage("pairing token is empty (--token)".into()));
     }
     let api = Api::new(&opts)?;
-    let paired = pair(&api, &opts, &console).await?;
+    let inventory = match &opts.inventory {
+        Some(i) => i.clone(),
+        None => crate::inventory::collect(),
+    };
+    let uuid = inventory.smbios_uuid.clone();
+    // Before the client holds a secret, a failure goes to the unauthenticated boot-report
+    // endpoint (the service files it under the token's instance); afterwards the heartbeat
+    // carries it (CLIENT_FAILED) and the log is uploaded.
+    let fail = |stage: &'static str, e: RunError| {
+        let (api, opts, console, uuid) = (&api, &opts, &console, uuid.clone());
+        async move {
+            report_boot_failure(api, opts, console, uuid, stage, &e).await;
+            e
+        }
+    };
+    let paired = match pair(&api, &opts, inventory, &console).await {
+        Ok(p) => p,
+        Err(e) => return Err(fail("pair", e).await),
+    };
     let id = paired.recovery_instance_id.clone();
     console.say(format!(
         "paired with recovery instance {id} as client {} (matched by {:?}{}); agent {}",
@@ -544,8 +615,14 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
         paired.ca_pem.as_bytes(),
         paired.client_cert_pem.as_bytes(),
         paired.client_key_pem.as_bytes(),
-    )
-    .map_err(|e| RunError::Internal(format!("client certificate from the service: {e}")))?;
+    );
+    let tls = match tls {
+        Ok(t) => t,
+        Err(e) => {
+            let e = RunError::Internal(format!("client certificate from the service: {e}"));
+            return Err(fail("setup", e).await);
+        }
+    };
     let mappings: Vec<Mapping> = paired
         .device_mapping
         .iter()
@@ -556,12 +633,15 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
         })
         .collect();
     if mappings.is_empty() {
-        return Err(RunError::Usage(format!(
+        let e = RunError::Usage(format!(
             "recovery instance {id}: every volume is EXCLUDEd; nothing to fail back"
-        )));
+        ));
+        return Err(fail("setup", e).await);
     }
-    let block_size = u32::try_from(paired.block_size)
-        .map_err(|_| RunError::Usage(format!("block size {} too large", paired.block_size)))?;
+    let Ok(block_size) = u32::try_from(paired.block_size) else {
+        let e = RunError::Usage(format!("block size {} too large", paired.block_size));
+        return Err(fail("setup", e).await);
+    };
     let state = Arc::new(State {
         shared: Mutex::new(Shared {
             report: ClientReport {
@@ -639,6 +719,16 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
     )
     .await;
     hb.abort();
+    if let Err(e) = &result {
+        // The service records it as CLIENT_FAILED with the cause (FAILBACK_ERROR). A digest
+        // mismatch stays a Completed report: the service checks the digests itself.
+        if state.lock().report.phase != ClientPhase::Completed {
+            state.set_phase(
+                ClientPhase::Failed,
+                Some(tail_bytes(&e.to_string(), BOOT_REPORT_MAX_MESSAGE).to_string()),
+            );
+        }
+    }
 
     // Final report (best effort, a few tries: the service may be restarting).
     for _ in 0..5 {

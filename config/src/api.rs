@@ -481,6 +481,62 @@ pub struct LogUploadResponse {
     pub bytes: u64,
 }
 
+/// `POST /v1/client/boot-report`, unauthenticated: a failure the appliance or client hit
+/// before it held a client secret (pairing refused: token used/expired/unknown, mapped disk
+/// too small, ...), so the admin sees the cause in the event log (`CLIENT_BOOT_FAILED`)
+/// instead of only on a console nobody watches. The service files it under the recovery
+/// instance of the pairing token it names (known to the service even when used or expired)
+/// or of the BIOS UUID; it limits size ([`BOOT_REPORT_MAX_BODY`]) and rate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BootReport {
+    /// The pairing token the client tried.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// SMBIOS (VMware BIOS) UUID of the machine.
+    #[serde(default)]
+    pub smbios_uuid: Option<String>,
+    /// Recovery instance the client asked for, if any.
+    #[serde(default)]
+    pub recovery_instance_id: Option<String>,
+    /// Step that failed: lowercase word, e.g. `pair`, `setup`.
+    pub stage: String,
+    /// The cause, as printed on the console (at most [`BOOT_REPORT_MAX_MESSAGE`] bytes).
+    pub message: String,
+    /// Tail of the console log (at most [`BOOT_REPORT_MAX_LOG`] bytes).
+    #[serde(default)]
+    pub log: Option<String>,
+    #[serde(default)]
+    pub client_version: Option<String>,
+}
+
+/// Limits of a [`BootReport`]; larger reports are refused (413 / 400 naming the field).
+pub const BOOT_REPORT_MAX_MESSAGE: usize = 2 << 10;
+pub const BOOT_REPORT_MAX_LOG: usize = 32 << 10;
+pub const BOOT_REPORT_MAX_BODY: usize = 48 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootReportResponse {
+    /// Where the report was filed (`None`: neither token nor UUID known to the service).
+    pub recovery_instance_id: Option<String>,
+    /// Name of the stored console log (under the instance's logs), if one was stored.
+    pub stored_as: Option<String>,
+}
+
+/// Cuts `s` to at most `max` bytes on a char boundary, keeping the end (the newest lines of
+/// a log, the cause at the end of an error chain).
+pub fn tail_bytes(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut i = s.len() - max;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
 // ---------------------------------------------------------------- agent
 
 /// A volume served by the recovery agent.

@@ -111,6 +111,7 @@ fn failure_response(e: ApiFailure) -> Response {
             (s, *code, Some("token".to_string()))
         }
         ApiFailure::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND", None),
+        ApiFailure::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", None),
         ApiFailure::Conflict { code, .. } => (StatusCode::CONFLICT, *code, None),
         ApiFailure::Store(_) | ApiFailure::Ca(_) | ApiFailure::Internal(_) => {
             tracing::error!("internal error: {e}");
@@ -237,6 +238,25 @@ async fn client_log(State(st): St, h: HeaderMap, body: Bytes) -> Response {
     })())
 }
 
+/// Unauthenticated, so its own small body limit (the router allows 32 MiB for logs).
+async fn boot_report(State(st): St, body: Bytes) -> Response {
+    if body.len() > BOOT_REPORT_MAX_BODY {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(ApiError {
+                error: "PAYLOAD_TOO_LARGE".into(),
+                message: format!(
+                    "boot report of {} bytes; at most {BOOT_REPORT_MAX_BODY}",
+                    body.len()
+                ),
+                field: None,
+            }),
+        )
+            .into_response();
+    }
+    reply(parse(&body).and_then(|r| st.service.boot_report(r)))
+}
+
 async fn list(State(st): St, h: HeaderMap) -> Response {
     reply(admin(&st, &h).and_then(|_| st.service.list()))
 }
@@ -320,6 +340,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/pair", post(pair))
         .route("/v1/client/heartbeat", post(client_hb))
         .route("/v1/client/log", post(client_log))
+        .route("/v1/client/boot-report", post(boot_report))
         .route("/v1/admin/instances", get(list))
         .route("/v1/admin/instances/{id}", get(describe))
         .route(

@@ -17,6 +17,8 @@ use crate::mapping::{self, MappingError};
 use crate::store::{AgentRecord, Batch, ClientRecord, Store, StoreError, TokenRecord};
 use crate::util::{new_instance_id, now_secs, random_hex, secret_hash};
 
+mod boot_report;
+
 /// Tunables (defaults suit production; tests shorten the intervals).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -66,6 +68,9 @@ pub enum ApiFailure {
     Ca(#[from] CaError),
     #[error("{0}")]
     Internal(String),
+    /// Too many unauthenticated boot reports (429).
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl ApiFailure {
@@ -84,6 +89,8 @@ pub struct Service {
     ca: Ca,
     settings: Settings,
     lock: Mutex<()>,
+    /// Rate limit of unauthenticated boot reports (kept apart from `lock`).
+    boot_limits: Mutex<boot_report::Limiter>,
 }
 
 impl std::fmt::Debug for Service {
@@ -262,6 +269,7 @@ impl Service {
             ca,
             settings,
             lock: Mutex::new(()),
+            boot_limits: Mutex::new(boot_report::Limiter::default()),
         }
     }
 

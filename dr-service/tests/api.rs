@@ -617,3 +617,164 @@ async fn missed_agent_heartbeats_raise_agent_not_seen() {
     assert_eq!(v["failback_state"], "FAILBACK_READY_FOR_LAUNCH", "{v}");
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_reports_are_filed_by_token_or_uuid_limited_and_validated() {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path()).await;
+    let c = C::new(&s);
+    let uuid = "4221AAAA-BBBB-CCCC-DDDD-EEEEFFFF0042";
+    let (a, _) = c.enroll(Some(uuid), 1 << 30).await;
+    let post = |body: String| {
+        c.send(
+            reqwest::Method::POST,
+            "/v1/client/boot-report",
+            None,
+            Some(body),
+        )
+    };
+    let cr = &c;
+    let events = |inst: Option<String>| {
+        let path = match inst {
+            Some(i) => format!("/v1/admin/events?instance={i}&limit=10000"),
+            None => "/v1/admin/events?limit=10000".into(),
+        };
+        async move {
+            let (st, v) = cr.admin_get(&path).await;
+            assert_eq!(st, 200, "{v}");
+            v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["kind"] == "CLIENT_BOOT_FAILED")
+                .cloned()
+                .collect::<Vec<Value>>()
+        }
+    };
+
+    // A used pairing token (the usual failure: a VM booted twice) is still known: the report
+    // lands on its instance, with the console log stored next to the uploaded logs.
+    let t = c.token("pairing", Some(&a), None).await;
+    assert_eq!(c.pair(&t, None, None).await.0, 200);
+    let (st, v) = post(
+        json!({
+            "token": t,
+            "stage": "pair",
+            "message": "DR service refused: pairing token already used (TOKEN_USED)\nforged line",
+            "log": "failback: FAILBACK_SEED_FOUND on /dev/sr1\nfailback: pairing with ...\n",
+        })
+        .to_string(),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let r: BootReportResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(r.recovery_instance_id.as_deref(), Some(a.as_str()));
+    let stored = r.stored_as.expect("log stored");
+    let ev = events(Some(a.clone())).await;
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    let msg = ev[0]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(
+            "pair: DR service refused: pairing token already used (TOKEN_USED) forged line"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("matched by pairing token") && msg.contains(&stored),
+        "{msg}"
+    );
+    let (st, logs) = c.admin_get(&format!("/v1/admin/instances/{a}/logs")).await;
+    assert_eq!(st, 200);
+    assert!(
+        logs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == stored.as_str()),
+        "{logs}"
+    );
+    let (st, text) = c
+        .admin_get(&format!("/v1/admin/instances/{a}/logs/{stored}"))
+        .await;
+    assert_eq!(st, 200);
+    assert!(text.to_string().contains("FAILBACK_SEED_FOUND"), "{text}");
+
+    // No token, but the BIOS UUID of a known source server.
+    let (st, v) = post(
+        json!({"smbios_uuid": uuid.to_lowercase(), "stage": "setup", "message": "no disk"})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["recovery_instance_id"].as_str()),
+        (200, Some(a.as_str())),
+        "{v}"
+    );
+
+    // A token this service never issued: kept, but unattributed, marked, and without its log.
+    let (st, v) = post(
+        json!({"token": "fbp_typo", "stage": "pair", "message": "token not recognised", "log": "x"})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["recovery_instance_id"], Value::Null);
+    assert_eq!(v["stored_as"], Value::Null);
+    let all = events(None).await;
+    let anon = all
+        .iter()
+        .find(|e| e["recovery_instance_id"].is_null())
+        .expect("unattributed event");
+    assert!(
+        anon["message"]
+            .as_str()
+            .unwrap()
+            .contains("unverified report"),
+        "{anon}"
+    );
+
+    // Malformed or oversized: refused naming the field, nothing stored.
+    let before = c.counts().await;
+    for (body, field) in [
+        (json!({"stage": "Pair Stage", "message": "m"}), "stage"),
+        (json!({"stage": "pair", "message": " "}), "message"),
+        (
+            json!({"stage": "pair", "message": "m".repeat(BOOT_REPORT_MAX_MESSAGE + 1)}),
+            "message",
+        ),
+        (
+            json!({"stage": "pair", "message": "m", "log": "l".repeat(BOOT_REPORT_MAX_LOG + 1)}),
+            "log",
+        ),
+        (
+            json!({"stage": "pair", "message": "m", "extra": 1}),
+            "extra",
+        ),
+    ] {
+        let (st, v) = post(body.to_string()).await;
+        assert_eq!(st, 400, "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(field),
+            "{field}: {v}"
+        );
+    }
+    let huge = json!({"stage": "pair", "message": "m", "log": "l".repeat(BOOT_REPORT_MAX_BODY)});
+    assert_eq!(post(huge.to_string()).await.0, 413);
+    assert_eq!(c.counts().await, before);
+
+    // Rate limit per key: 13 quick reports span at most two one-minute windows, so one
+    // window sees more than the 6 allowed.
+    let mut limited = false;
+    for _ in 0..13 {
+        let (st, v) =
+            post(json!({"token": "fbp_loop", "stage": "pair", "message": "m"}).to_string()).await;
+        if st == 429 {
+            assert_eq!(v["error"], "RATE_LIMITED", "{v}");
+            limited = true;
+            break;
+        }
+        assert_eq!(st, 200, "{v}");
+    }
+    assert!(limited, "a looping client was never rate-limited");
+    s.shutdown().await;
+}

@@ -98,6 +98,11 @@ impl Drop for Agent {
 
 /// Starts an agent serving `disk` as `vol0`, enrolled with the service; returns its instance id.
 fn start_agent(server: &Server, disk: &Path, dir: &Path) -> (Agent, String) {
+    start_agent_at(server, disk, dir, "10.0.2.2")
+}
+
+/// Same, advertising `host` to clients (10.0.2.2 for QEMU guests, 127.0.0.1 for the host).
+fn start_agent_at(server: &Server, disk: &Path, dir: &Path, host: &str) -> (Agent, String) {
     let before: Vec<String> = instances(server).into_iter().map(|i| i.0).collect();
     let token = failback(server, &["token", "create", "agent"])
         .trim()
@@ -109,7 +114,7 @@ fn start_agent(server: &Server, disk: &Path, dir: &Path) -> (Agent, String) {
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--advertise",
-            &format!("10.0.2.2:{port}"),
+            &format!("{host}:{port}"),
         ])
         .arg("--disk")
         .arg(format!("vol0={}", disk.display()))
@@ -337,4 +342,201 @@ fn appliance_without_seed_prompts_then_pairs_syncs_and_restores_the_disk() {
     );
     assert!(out.contains("volume vol0 (64.0 MiB) -> /dev/"), "{out}");
     assert!(!out.contains("FAILBACK_FAILED"), "{out}");
+}
+
+/// `CLIENT_BOOT_FAILED` / `CLIENT_FAILED` events of one instance (via `failback events`).
+fn failure_events(server: &Server, id: &str) -> Vec<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(&failback(
+        server,
+        &["events", "--instance", id, "--output", "json"],
+    ))
+    .unwrap();
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "CLIENT_BOOT_FAILED" || e["kind"] == "CLIENT_FAILED")
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Runs `failback-client run` (the same `run()` the appliance calls) against the service;
+/// killed after two minutes (a failure must end the run, not leave it retrying).
+fn client_run(server: &Server, dir: &Path, token: &str, map: &str) -> (i32, String) {
+    let log = dir.join(format!(
+        "client-{}.log",
+        &token[token.len().saturating_sub(6)..]
+    ));
+    let mut child = Command::new(bin("failback-client", "failback-client"))
+        .args([
+            "run",
+            "--server",
+            &format!("https://127.0.0.1:{}", server.port),
+        ])
+        .args(["--token", token, "--map", map, "--retry-secs", "1"])
+        .arg("--ca")
+        .arg(server.dir.path().join("data/ca.pem"))
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "failback-client run still running after 120 s:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    (status.code().unwrap_or(-1), text)
+}
+
+/// Every failure after the service is known is printed with its cause and reaches the
+/// service's event log: an expired token (before the client holds a secret: boot report),
+/// a local disk too small for its volume (after pairing: CLIENT_FAILED + FAILBACK_ERROR), and
+/// in QEMU an appliance whose seed carries an already used token (boot report with the
+/// appliance's console log, then power-off because of no_prompt).
+#[test]
+fn appliance_and_client_failures_reach_the_service_event_log() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 1 GiB recovery volume (sparse); a 48 MiB local image is "fractional GiB rounded up"
+    // for the service's mapping rule, but the client's safety check must refuse it.
+    let source = d.join("source.img");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    // Advertised as 127.0.0.1: `failback-client run` dials it from the host; the QEMU part
+    // below is refused at pairing and never dials the agent.
+    let (_agent, id) = start_agent_at(&server, &source, d, "127.0.0.1");
+    let small = d.join("small.img");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let map = format!("vol0={}", small.display());
+
+    // Expired token: refused at pairing (exit 7), cause on the console and in the events.
+    let expired = failback(
+        &server,
+        &[
+            "token",
+            "create",
+            "pairing",
+            "--instance",
+            &id,
+            "--ttl-secs",
+            "1",
+        ],
+    )
+    .trim()
+    .to_string();
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, out) = client_run(&server, d, &expired, &map);
+    assert_eq!(code, 7, "{out}");
+    assert!(out.contains("TOKEN_EXPIRED"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "failure reported to the DR service (recovery instance {id})"
+        )),
+        "{out}"
+    );
+    let ev = failure_events(&server, &id);
+    assert!(
+        ev.iter().any(|(k, m)| k == "CLIENT_BOOT_FAILED"
+            && m.starts_with("pair: ")
+            && m.contains("TOKEN_EXPIRED")),
+        "{ev:?}"
+    );
+
+    // Too small a local disk: pairs, then refused before any write (exit 3).
+    let token = failback(&server, &["token", "create", "pairing", "--instance", &id])
+        .trim()
+        .to_string();
+    let (code, out) = client_run(&server, d, &token, &map);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("image file holds"), "{out}");
+    let ev = failure_events(&server, &id);
+    assert!(
+        ev.iter().any(|(k, m)| k == "CLIENT_FAILED"
+            && m.contains("image file holds")
+            && m.contains(&small.display().to_string())),
+        "{ev:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(&small).unwrap().len(),
+        48 << 20,
+        "the refused image was written to"
+    );
+
+    // The appliance in QEMU with the now used token: cause on the console, boot report with
+    // the appliance's own console lines, power-off (no_prompt).
+    let seed = SeedConfig {
+        server_url: Some(server.guest_url()),
+        token: Some(token),
+        instance_id: Some(id.clone()),
+        ca_cert_pem: Some(server.ca_pem()),
+        no_prompt: true,
+        after: AfterCompletion::Poweroff,
+        ..Default::default()
+    };
+    let seed = seed_iso(d, &seed);
+    let target = d.join("target.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let _slot = qemu_slot();
+    let mut vm = Vm::start(&VmConfig {
+        name: "used-token",
+        firmware: Firmware::Bios,
+        hardware: Hardware::VmwareLike,
+        iso: &product_iso().0,
+        seed: Some(&seed),
+        disks: vec![(&target, "FBTARGET0")],
+        rtc_base: None,
+    });
+    vm.expect("FAILBACK_FAILED", SLOW);
+    vm.expect("no_prompt is set: powering off", SLOW);
+    vm.wait_exit(Duration::from_secs(120));
+    let out = vm.output();
+    assert!(out.contains("TOKEN_USED"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "failure reported to the DR service (recovery instance {id})"
+        )),
+        "{out}"
+    );
+    let ev = failure_events(&server, &id);
+    let (_, msg) = ev
+        .iter()
+        .find(|(k, m)| k == "CLIENT_BOOT_FAILED" && m.contains("TOKEN_USED"))
+        .unwrap_or_else(|| panic!("{ev:?}"));
+    // The console log shipped with it holds the appliance's boot steps.
+    let log = msg
+        .rsplit("console log ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
+    let logs = server.dir.path().join("data/logs").join(&id).join(log);
+    let text = std::fs::read_to_string(&logs).unwrap_or_else(|e| panic!("{}: {e}", logs.display()));
+    assert!(
+        text.contains("FAILBACK_SEED_FOUND") && text.contains("TOKEN_USED"),
+        "{text}"
+    );
 }

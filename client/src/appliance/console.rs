@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +17,13 @@ pub struct Console {
     outs: Arc<Mutex<Vec<File>>>,
     lines: Mutex<Receiver<String>>,
     stdio: bool,
+    /// Every `say` line is appended here too; the pairing code appends its own lines to the
+    /// same file, and a failure report ships its tail to the DR service.
+    log: Option<PathBuf>,
 }
+
+/// The appliance's console log (in the /run tmpfs).
+pub const LOG_FILE: &str = "/run/failback/console.log";
 
 /// Names of the active kernel consoles (`ttyS0`, `tty0`, ...), from sysfs.
 fn active_consoles() -> Vec<String> {
@@ -45,6 +52,7 @@ impl Console {
             outs: Arc::new(Mutex::new(Vec::new())),
             lines: Mutex::new(rx),
             stdio: true,
+            log: None,
         }
     }
 
@@ -81,6 +89,7 @@ impl Console {
             outs,
             lines: Mutex::new(rx),
             stdio: false,
+            log: Some(PathBuf::from(LOG_FILE)),
         }
     }
 
@@ -88,6 +97,12 @@ impl Console {
     pub fn say(&self, msg: &str) {
         let line = format!("failback: {msg}\n");
         self.raw(&line);
+        if let Some(path) = &self.log {
+            if let Ok(mut f) = File::options().create(true).append(true).open(path) {
+                let stamp = httpdate::fmt_http_date(std::time::SystemTime::now());
+                let _ = f.write_all(format!("{stamp} {line}").as_bytes());
+            }
+        }
     }
 
     /// Writes text as is.
