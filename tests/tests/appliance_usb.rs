@@ -1,6 +1,6 @@
 //! The appliance ISO written to a USB stick: the same file (hybrid MBR/GPT) boots as a disk on
-//! BIOS (SeaBIOS: isohdpfx MBR -> ISOLINUX) and UEFI (OVMF: GPT EFI system partition -> shim ->
-//! GRUB), with the seed ISO on a CD-ROM and no appliance CD at all, in QEMU (TCG). The guest
+//! BIOS (SeaBIOS: isohdpfx MBR -> ISOLINUX), UEFI and UEFI with Secure Boot (OVMF: GPT EFI
+//! system partition -> shim -> GRUB -> kernel), with the seed ISO on a CD-ROM and no appliance CD at all, in QEMU (TCG). The guest
 //! must pair with the real DR service, pull a disk from a real agent, and complete the
 //! failback the test launches.
 //!
@@ -74,6 +74,11 @@ fn appliance_boots_from_usb_stick_on_bios_and_uefi_and_never_offers_the_stick() 
     let cases = [
         ("usb-bios-vmware", Firmware::Bios, Hardware::VmwareLike),
         ("usb-uefi-virtio", Firmware::Uefi, Hardware::Virtio),
+        (
+            "usb-secureboot-vmware",
+            Firmware::SecureBoot,
+            Hardware::VmwareLike,
+        ),
     ];
     for (i, (name, firmware, hardware)) in cases.into_iter().enumerate() {
         let source = d.join(format!("{name}-source.img"));
@@ -121,12 +126,15 @@ fn appliance_boots_from_usb_stick_on_bios_and_uefi_and_never_offers_the_stick() 
             },
             BootFrom::Usb,
         );
-        if firmware == Firmware::Uefi {
-            // OVMF names the boot option it started: the USB disk, not a CD.
-            vm.expect("USB HARDDRIVE", SLOW);
-        } else {
+        if firmware == Firmware::Bios {
             // No appliance CD is attached: ISOLINUX can only come from the stick's MBR.
             vm.expect("ISOLINUX", SLOW);
+        } else {
+            // OVMF names the boot option it started: the USB disk, not a CD.
+            vm.expect("USB HARDDRIVE", SLOW);
+        }
+        if firmware == Firmware::SecureBoot {
+            vm.expect("Secure Boot is enabled", SLOW);
         }
         vm.expect("FAILBACK_SEED_FOUND on /dev/sr", SLOW);
         vm.expect("FAILBACK_DISKS", SLOW);
