@@ -392,10 +392,11 @@ impl SeedConfig {
             if m.remote.trim().is_empty() {
                 return Err(invalid(format!("map[{i}].remote"), "is empty"));
             }
-            if !m.local.starts_with("/dev/") {
+            let excluded = m.local.eq_ignore_ascii_case(crate::api::EXCLUDE);
+            if !m.local.starts_with("/dev/") && !excluded {
                 return Err(invalid(
                     format!("map[{i}].local"),
-                    format!("`{}` is not a /dev path", m.local),
+                    format!("`{}` is not a /dev path (or EXCLUDE)", m.local),
                 ));
             }
             if !remotes.insert(&m.remote) {
@@ -404,7 +405,7 @@ impl SeedConfig {
                     format!("`{}` is mapped twice", m.remote),
                 ));
             }
-            if !locals.insert(&m.local) {
+            if !excluded && !locals.insert(&m.local) {
                 return Err(invalid(
                     format!("map[{i}].local"),
                     format!("`{}` is the target of two volumes", m.local),
@@ -415,15 +416,99 @@ impl SeedConfig {
     }
 
     /// Applies one kernel command-line override `failback.KEY=VALUE` (KEY without the
-    /// prefix). Keys: server, token, instance, no_prompt, after, net (dhcp|static), ip, gw,
-    /// ip6, gw6, dns (comma separated), iface, proxy.
+    /// prefix): a short key of [`OVERRIDE_KEYS`] or the seed field it sets
+    /// (`failback.server_url=`, `failback.network.ipv4.gateway=`). A value that is wrong on
+    /// its own is refused here, naming `failback.KEY`; combinations are checked by
+    /// [`SeedConfig::apply_overrides`].
     pub fn apply_override(&mut self, key: &str, value: &str) -> Result<(), SeedError> {
         let field = |f: &str| format!("failback.{f}");
+        let Some(short) = override_key(key) else {
+            return Err(invalid(
+                field(key),
+                format!(
+                    "unknown key (known: {})",
+                    OVERRIDE_KEYS
+                        .iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        // Check a value on its own, naming the key the user typed.
+        let named = |e: SeedError| match e {
+            SeedError::Invalid { reason, .. } => invalid(field(key), reason),
+            other => other,
+        };
+        let key = short;
         let net = &mut self.network;
         match key {
-            "server" => self.server_url = Some(value.to_string()),
-            "token" => self.token = Some(value.to_string()),
-            "instance" => self.instance_id = Some(value.to_string()),
+            "server" => {
+                check_https_url(&field(key), value)?;
+                self.server_url = Some(value.to_string())
+            }
+            "token" => {
+                let probe = SeedConfig {
+                    token: Some(value.to_string()),
+                    ..Default::default()
+                };
+                probe.validate(Completeness::Partial).map_err(named)?;
+                self.token = Some(value.to_string())
+            }
+            "instance" => {
+                let probe = SeedConfig {
+                    instance_id: Some(value.to_string()),
+                    ..Default::default()
+                };
+                probe.validate(Completeness::Partial).map_err(named)?;
+                self.instance_id = Some(value.to_string())
+            }
+            "ca" => {
+                let pem = pem_from_cmdline(value);
+                check_pem(&pem).map_err(named)?;
+                self.ca_cert_pem = Some(pem);
+            }
+            "dhcp_timeout" => {
+                let secs = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| invalid(field(key), format!("`{value}` is not seconds > 0")))?;
+                net.dhcp_timeout_secs = Some(secs);
+            }
+            "no_proxy" => {
+                let hosts: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                match &mut self.proxy {
+                    Some(p) => p.no_proxy = hosts,
+                    None => return Err(invalid(field(key), "set failback.proxy first")),
+                }
+            }
+            "map" => {
+                let list = crate::api::parse_device_mapping(value)
+                    .map_err(|e| invalid(field(key), format!("`{value}`: {e}")))?;
+                if list.is_empty() {
+                    return Err(invalid(field(key), "no REMOTE=LOCAL entry"));
+                }
+                let probe = SeedConfig {
+                    mappings: list
+                        .into_iter()
+                        .map(|m| DeviceMapping {
+                            remote: m.remote,
+                            local: m.local,
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                probe.validate(Completeness::Partial).map_err(named)?;
+                // Replaces the seed's mapping as a whole: a partial merge could map two
+                // volumes onto one disk.
+                self.mappings = probe.mappings;
+            }
             "no_prompt" => {
                 self.no_prompt = match value {
                     "1" | "true" | "yes" | "" => true,
@@ -445,13 +530,20 @@ impl SeedConfig {
             }
             "net" => {
                 net.mode = match value {
-                    "dhcp" => NetMode::Dhcp,
+                    // DHCP replaces the seed's static addresses.
+                    "dhcp" => {
+                        net.ipv4 = None;
+                        net.ipv6 = None;
+                        NetMode::Dhcp
+                    }
                     "static" => NetMode::Static,
                     _ => return Err(invalid(field(key), format!("`{value}` is not dhcp|static"))),
                 }
             }
             "ip" => {
+                parse_cidr::<Ipv4Addr>(value, 32).map_err(|e| invalid(field(key), e))?;
                 net.mode = NetMode::Static;
+                net.dhcp_timeout_secs = None;
                 let gateway = net.ipv4.as_ref().and_then(|v| v.gateway);
                 net.ipv4 = Some(StaticV4 {
                     address: value.to_string(),
@@ -468,7 +560,9 @@ impl SeedConfig {
                 }
             }
             "ip6" => {
+                parse_cidr::<Ipv6Addr>(value, 128).map_err(|e| invalid(field(key), e))?;
                 net.mode = NetMode::Static;
+                net.dhcp_timeout_secs = None;
                 let gateway = net.ipv6.as_ref().and_then(|v| v.gateway);
                 net.ipv6 = Some(StaticV6 {
                     address: value.to_string(),
@@ -496,15 +590,148 @@ impl SeedConfig {
             }
             "iface" => net.interface = Some(value.to_string()),
             "proxy" => {
+                let probe = SeedConfig {
+                    proxy: Some(ProxyConfig {
+                        url: value.to_string(),
+                        no_proxy: Vec::new(),
+                    }),
+                    ..Default::default()
+                };
+                probe.validate(Completeness::Partial).map_err(named)?;
+                let no_proxy = self.proxy.take().map(|p| p.no_proxy).unwrap_or_default();
                 self.proxy = Some(ProxyConfig {
                     url: value.to_string(),
-                    no_proxy: Vec::new(),
+                    no_proxy,
                 })
             }
-            _ => return Err(invalid(field(key), "unknown key")),
+            // Every key of OVERRIDE_KEYS has an arm above.
+            _ => unreachable!("override key {key} without an arm"),
         }
         Ok(())
     }
+
+    /// Applies kernel command-line overrides in order, then checks the combination; an
+    /// inconsistency caused by an override (a gateway outside `failback.ip`'s subnet,
+    /// `failback.net=static` without an address) names the `failback.KEY` that set it. One
+    /// the seed ISO already had is left for [`SeedConfig::validate`] to report as a seed error.
+    pub fn apply_overrides(&mut self, overrides: &[(String, String)]) -> Result<(), SeedError> {
+        for (k, v) in overrides {
+            self.apply_override(k, v)?;
+        }
+        let Err(SeedError::Invalid { field, reason }) = self.validate(Completeness::Partial) else {
+            return Ok(());
+        };
+        let bad = field.split('[').next().unwrap_or(&field);
+        let culprit = overrides.iter().rev().find(|(k, _)| {
+            override_key(k)
+                .and_then(|short| OVERRIDE_KEYS.iter().find(|(o, _)| *o == short))
+                .is_some_and(|(_, f)| {
+                    *f == bad
+                        || f.starts_with(&format!("{bad}."))
+                        || bad.starts_with(&format!("{f}."))
+                })
+        });
+        match culprit {
+            Some((k, v)) => Err(invalid(
+                format!("failback.{k}"),
+                format!("`{v}`: {reason} (seed field {field})"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Kernel command-line keys (`failback.KEY=VALUE`) and the seed field each one sets; every
+/// seed field has one (a unit test walks the seed's TOML to keep it so).
+pub const OVERRIDE_KEYS: &[(&str, &str)] = &[
+    ("server", "server_url"),
+    ("token", "token"),
+    ("instance", "instance_id"),
+    ("no_prompt", "no_prompt"),
+    ("after", "after"),
+    ("ca", "ca_cert_pem"),
+    ("net", "network.mode"),
+    ("iface", "network.interface"),
+    ("ip", "network.ipv4.address"),
+    ("gw", "network.ipv4.gateway"),
+    ("ip6", "network.ipv6.address"),
+    ("gw6", "network.ipv6.gateway"),
+    ("dns", "network.dns"),
+    ("dhcp_timeout", "network.dhcp_timeout_secs"),
+    ("proxy", "proxy.url"),
+    ("no_proxy", "proxy.no_proxy"),
+    ("map", "map"),
+];
+
+/// The short key for a short key or a seed field name.
+fn override_key(key: &str) -> Option<&'static str> {
+    OVERRIDE_KEYS
+        .iter()
+        .find(|(k, f)| *k == key || *f == key)
+        .map(|(k, _)| *k)
+}
+
+/// A CA certificate on the kernel command line: a PEM cannot hold spaces or newlines there,
+/// so `failback.ca=` takes the base64 body (what is between the BEGIN and END lines, joined)
+/// and this wraps it back into PEM. A full PEM given through other means passes unchanged.
+fn pem_from_cmdline(value: &str) -> String {
+    if value.contains("-----BEGIN") {
+        return value.to_string();
+    }
+    let body: String = value.split_whitespace().collect();
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(chunk));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// `failback.KEY=VALUE` parameters of a kernel command line (`/proc/cmdline`), KEY without
+/// the prefix, in order. Splits like the kernel's own parser (lib/cmdline.c `next_arg`):
+/// whitespace separates parameters except inside double quotes, and a quote that opens the
+/// parameter or its value is dropped with its closing one, so
+/// `failback.map="vol-1=/dev/sda, vol-2=EXCLUDE"` arrives whole.
+pub fn kernel_overrides(cmdline: &str) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    let mut cur = String::new();
+    let mut in_quote = false;
+    for c in cmdline.chars() {
+        if c.is_whitespace() && !in_quote {
+            if !cur.is_empty() {
+                params.push(std::mem::take(&mut cur));
+            }
+            continue;
+        }
+        if c == '"' {
+            in_quote = !in_quote;
+        }
+        cur.push(c);
+    }
+    if !cur.is_empty() {
+        params.push(cur);
+    }
+    let unquote = |s: &str| -> String {
+        match s.strip_prefix('"') {
+            Some(inner) => inner.strip_suffix('"').unwrap_or(inner).to_string(),
+            None => s.to_string(),
+        }
+    };
+    params
+        .iter()
+        .filter_map(|p| {
+            let p = match p.strip_prefix('"') {
+                Some(inner) => inner.strip_suffix('"').unwrap_or(inner),
+                None => p.as_str(),
+            };
+            let kv = p.strip_prefix("failback.")?;
+            Some(match kv.split_once('=') {
+                Some((k, v)) => (k.to_string(), unquote(v)),
+                None => (kv.to_string(), String::new()),
+            })
+        })
+        .collect()
 }
 
 impl NetworkConfig {
@@ -768,5 +995,212 @@ mod tests {
         assert!(e.to_string().contains("failback.bogus"), "{e}");
         let e = s.apply_override("gw6", "::1").unwrap_err();
         assert!(e.to_string().contains("failback.ip6"), "{e}");
+    }
+
+    /// Dotted names of every leaf of a seed's TOML (`[[map]]` entries count as `map`).
+    fn leaves(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) if prefix != "map" => {
+                for (k, x) in t {
+                    let name = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(x, &name, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+
+    #[test]
+    fn every_seed_field_has_a_kernel_command_line_key() {
+        let full = SeedConfig {
+            instance_id: Some("i-0123456789abcdef".into()),
+            no_prompt: true,
+            network: NetworkConfig {
+                mode: NetMode::Static,
+                interface: Some("eth0".into()),
+                ipv4: Some(StaticV4 {
+                    address: "192.0.2.10/24".into(),
+                    gateway: Some("192.0.2.1".parse().unwrap()),
+                }),
+                ipv6: Some(StaticV6 {
+                    address: "2001:db8::10/64".into(),
+                    gateway: Some("2001:db8::1".parse().unwrap()),
+                }),
+                dns: vec!["192.0.2.53".parse().unwrap()],
+                dhcp_timeout_secs: Some(5),
+            },
+            proxy: Some(ProxyConfig {
+                url: "http://proxy:3128".into(),
+                no_proxy: vec!["a".into()],
+            }),
+            mappings: vec![DeviceMapping {
+                remote: "vol-1".into(),
+                local: "/dev/sda".into(),
+            }],
+            ..complete()
+        };
+        let v: toml::Value = toml::from_str(&full.to_toml()).unwrap();
+        let mut names = Vec::new();
+        leaves(&v, "", &mut names);
+        assert!(names.len() >= 17, "{names:?}");
+        for n in names {
+            assert!(
+                OVERRIDE_KEYS.iter().any(|(_, f)| *f == n),
+                "seed field {n} cannot be set from the kernel command line"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_sets_its_field() {
+        let body: String = PEM.lines().filter(|l| !l.starts_with("-----")).collect();
+        let cmdline = format!(
+            "BOOT_IMAGE=/vmlinuz console=ttyS0 failback.server=https://dr.example:8443 \
+             failback.token=fbt_x failback.instance=i-0123456789abcdef failback.no_prompt \
+             failback.after=poweroff failback.ca={body} failback.iface=00:50:56:aa:bb:cc \
+             failback.ip=192.0.2.10/24 failback.gw=192.0.2.1 failback.ip6=2001:db8::10/64 \
+             failback.gw6=2001:db8::1 failback.dns=192.0.2.53,2001:db8::53 \
+             failback.proxy=http://proxy:3128 failback.no_proxy=10.0.0.1,dr.local \
+             \"failback.map=vol-1=/dev/sda, vol-2=EXCLUDE\" quiet -- init-arg"
+        );
+        let o = kernel_overrides(&cmdline);
+        assert_eq!(o.len(), 15, "{o:?}");
+        let mut s = SeedConfig::default();
+        s.apply_overrides(&o).unwrap();
+        assert_eq!(s.server_url.as_deref(), Some("https://dr.example:8443"));
+        assert_eq!(s.token.as_deref(), Some("fbt_x"));
+        assert_eq!(s.instance_id.as_deref(), Some("i-0123456789abcdef"));
+        assert!(s.no_prompt);
+        assert_eq!(s.after, AfterCompletion::Poweroff);
+        let norm = |p: &str| p.split_whitespace().collect::<String>();
+        assert_eq!(norm(s.ca_cert_pem.as_deref().unwrap()), norm(PEM));
+        assert_eq!(s.network.interface.as_deref(), Some("00:50:56:aa:bb:cc"));
+        assert_eq!(s.network.mode, NetMode::Static);
+        let v4 = s.network.ipv4.clone().unwrap();
+        assert_eq!(
+            (v4.address.as_str(), v4.gateway),
+            ("192.0.2.10/24", Some("192.0.2.1".parse().unwrap()))
+        );
+        let v6 = s.network.ipv6.clone().unwrap();
+        assert_eq!(v6.gateway, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(s.network.dns.len(), 2);
+        let p = s.proxy.clone().unwrap();
+        assert_eq!((p.url.as_str(), p.no_proxy.len()), ("http://proxy:3128", 2));
+        assert_eq!(
+            s.mappings,
+            vec![
+                DeviceMapping {
+                    remote: "vol-1".into(),
+                    local: "/dev/sda".into()
+                },
+                DeviceMapping {
+                    remote: "vol-2".into(),
+                    local: "EXCLUDE".into()
+                },
+            ]
+        );
+        s.validate(Completeness::Complete).unwrap();
+
+        // DHCP with a timeout; seed field names work as keys too; JSON mapping format.
+        let mut d = SeedConfig::default();
+        d.apply_overrides(&kernel_overrides(
+            r#"failback.server_url=https://h failback.network.dhcp_timeout_secs=7 failback.map={"vol-1":"/dev/sdb"}"#,
+        ))
+        .unwrap();
+        assert_eq!(d.server_url.as_deref(), Some("https://h"));
+        assert_eq!(d.network.dhcp_timeout_secs, Some(7));
+        assert_eq!(d.mappings[0].local, "/dev/sdb");
+        // net=dhcp drops a seed's static addresses.
+        s.apply_override("net", "dhcp").unwrap();
+        assert!(s.network.ipv4.is_none() && s.network.ipv6.is_none());
+        s.validate(Completeness::Partial).unwrap();
+    }
+
+    #[test]
+    fn override_errors_name_the_key() {
+        let err = |cmdline: &str| {
+            let mut s = complete();
+            let e = s
+                .apply_overrides(&kernel_overrides(cmdline))
+                .expect_err(cmdline);
+            (field_of(e.clone()), e.to_string())
+        };
+        for (cmdline, key, says) in [
+            ("failback.map=vol-1", "failback.map", "REMOTE=LOCAL"),
+            ("failback.map=vol-1=sda", "failback.map", "not a /dev path"),
+            (
+                "failback.map=vol-1=/dev/sda,vol-2=/dev/sda",
+                "failback.map",
+                "two volumes",
+            ),
+            (
+                "failback.map=vol-1=/dev/sda,vol-1=/dev/sdb",
+                "failback.map",
+                "mapped twice",
+            ),
+            ("failback.map=", "failback.map", "no REMOTE=LOCAL"),
+            ("failback.server=http://x", "failback.server", "https://"),
+            ("failback.token=a\u{7f}b", "failback.token", "printable"),
+            ("failback.instance=a/b", "failback.instance", "A-Z"),
+            ("failback.ca=@@@", "failback.ca", "base64"),
+            ("failback.ip=10.0.0.1", "failback.ip", "ADDRESS/PREFIX"),
+            ("failback.ip6=10.0.0.1/24", "failback.ip6", "IP address"),
+            ("failback.gw=10.0.0.1", "failback.gw", "failback.ip first"),
+            (
+                "failback.dhcp_timeout=0",
+                "failback.dhcp_timeout",
+                "seconds",
+            ),
+            (
+                "failback.no_proxy=a",
+                "failback.no_proxy",
+                "failback.proxy first",
+            ),
+            ("failback.proxy=https://p:1", "failback.proxy", "http://"),
+            ("failback.after=halt", "failback.after", "reboot|poweroff"),
+            ("failback.no_prompt=maybe", "failback.no_prompt", "0/1"),
+            ("failback.bogus=1", "failback.bogus", "unknown key"),
+            // Combinations: blamed on the key that made them wrong.
+            (
+                "failback.ip=10.0.0.5/24 failback.gw=10.9.9.9",
+                "failback.gw",
+                "outside",
+            ),
+            ("failback.net=static", "failback.net", "neither"),
+            (
+                "failback.ip=10.0.0.5/24 failback.dhcp_timeout=5",
+                "failback.dhcp_timeout",
+                "static",
+            ),
+        ] {
+            let (field, msg) = err(cmdline);
+            assert_eq!(field, key, "{cmdline}: {msg}");
+            assert!(msg.contains(says), "{cmdline}: {msg}");
+        }
+        // A seed problem the command line did not cause is left to validate().
+        let mut s = complete();
+        s.network.mode = NetMode::Static;
+        s.apply_overrides(&kernel_overrides("failback.after=reboot"))
+            .unwrap();
+        assert_eq!(
+            field_of(s.validate(Completeness::Partial).unwrap_err()),
+            "network"
+        );
+    }
+
+    #[test]
+    fn kernel_command_line_splitting_follows_the_kernel() {
+        let o = kernel_overrides(
+            "ro failback.a=1 \"failback.b=x y\" failback.c=\"p q\" failback.d failback.e= notfailback.f=1",
+        );
+        let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            o,
+            vec![("a", "1"), ("b", "x y"), ("c", "p q"), ("d", ""), ("e", "")]
+        );
     }
 }

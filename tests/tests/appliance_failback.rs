@@ -407,8 +407,8 @@ fn client_run(server: &Server, dir: &Path, token: &str, map: &str) -> (i32, Stri
 /// Every failure after the service is known is printed with its cause and reaches the
 /// service's event log: an expired token (before the client holds a secret: boot report),
 /// a local disk too small for its volume (after pairing: CLIENT_FAILED + FAILBACK_ERROR), and
-/// in QEMU an appliance whose seed carries an already used token (boot report with the
-/// appliance's console log, then power-off because of no_prompt).
+/// in QEMU an appliance whose kernel command line maps the volume to a missing disk (boot
+/// report with the appliance's console log, then power-off because of no_prompt).
 #[test]
 fn appliance_and_client_failures_reach_the_service_event_log() {
     let server = Server::start();
@@ -484,8 +484,10 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
         "the refused image was written to"
     );
 
-    // The appliance in QEMU with the now used token: cause on the console, boot report with
-    // the appliance's own console lines, power-off (no_prompt).
+    // The appliance in QEMU, booted with a device mapping on the kernel command line that
+    // names a disk the VM does not have: cause on the console, boot report (filed by the now
+    // used token) with the appliance's own console lines, power-off (no_prompt).
+    let iso = build_iso("badmap", "failback.map=vol0=/dev/sdb").0;
     let seed = SeedConfig {
         server_url: Some(server.guest_url()),
         token: Some(token),
@@ -503,10 +505,10 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
         .unwrap();
     let _slot = qemu_slot();
     let mut vm = Vm::start(&VmConfig {
-        name: "used-token",
+        name: "badmap",
         firmware: Firmware::Bios,
         hardware: Hardware::VmwareLike,
-        iso: &product_iso().0,
+        iso: &iso,
         seed: Some(&seed),
         disks: vec![(&target, "FBTARGET0")],
         rtc_base: None,
@@ -515,7 +517,8 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
     vm.expect("no_prompt is set: powering off", SLOW);
     vm.wait_exit(Duration::from_secs(120));
     let out = vm.output();
-    assert!(out.contains("TOKEN_USED"), "{out}");
+    assert!(out.contains("kernel command line overrides: map"), "{out}");
+    assert!(out.contains("mapped local device /dev/sdb"), "{out}");
     assert!(
         out.contains(&format!(
             "failure reported to the DR service (recovery instance {id})"
@@ -525,7 +528,7 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
     let ev = failure_events(&server, &id);
     let (_, msg) = ev
         .iter()
-        .find(|(k, m)| k == "CLIENT_BOOT_FAILED" && m.contains("TOKEN_USED"))
+        .find(|(k, m)| k == "CLIENT_BOOT_FAILED" && m.contains("mapped local device /dev/sdb"))
         .unwrap_or_else(|| panic!("{ev:?}"));
     // The console log shipped with it holds the appliance's boot steps.
     let log = msg
@@ -536,7 +539,7 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
     let logs = server.dir.path().join("data/logs").join(&id).join(log);
     let text = std::fs::read_to_string(&logs).unwrap_or_else(|e| panic!("{}: {e}", logs.display()));
     assert!(
-        text.contains("FAILBACK_SEED_FOUND") && text.contains("TOKEN_USED"),
+        text.contains("FAILBACK_SEED_FOUND") && text.contains("/dev/sdb"),
         "{text}"
     );
 }

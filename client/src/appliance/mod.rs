@@ -54,6 +54,8 @@ struct SeedSource {
     seed: SeedConfig,
     found_on: Option<String>,
     stop_after: Option<String>,
+    /// The kernel command line configured the network.
+    net_from_cmdline: bool,
 }
 
 /// Entry point when `failback-client` runs as PID 1. Never returns.
@@ -120,18 +122,26 @@ fn load_modules(console: &Console) {
     ));
 }
 
-/// `failback.KEY=VALUE` arguments from /proc/cmdline.
+/// `failback.KEY=VALUE` arguments from /proc/cmdline (quotes handled as the kernel does).
 fn cmdline_overrides() -> Vec<(String, String)> {
-    std::fs::read_to_string("/proc/cmdline")
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("failback."))
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (kv.to_string(), String::new()),
-        })
-        .collect()
+    failback_config::seed::kernel_overrides(
+        &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+    )
 }
+
+/// Keys the client consumes itself (not seed fields).
+const CLIENT_KEYS: [&str; 2] = ["seed_wait", "stop_after"];
+/// Keys that configure the network: given on the command line, the console does not ask.
+const NETWORK_KEYS: [&str; 8] = [
+    "net",
+    "ip",
+    "gw",
+    "ip6",
+    "gw6",
+    "dns",
+    "iface",
+    "dhcp_timeout",
+];
 
 /// Finds, mounts and parses the seed; then applies the kernel command line.
 fn read_seed(console: &Console) -> Result<SeedSource, ApplianceError> {
@@ -145,6 +155,7 @@ fn read_seed(console: &Console) -> Result<SeedSource, ApplianceError> {
         seed: SeedConfig::default(),
         found_on: None,
         stop_after: None,
+        net_from_cmdline: false,
     };
     let searched = Instant::now();
     match media::wait_for(
@@ -174,16 +185,26 @@ fn read_seed(console: &Console) -> Result<SeedSource, ApplianceError> {
             searched.elapsed().as_secs_f64()
         )),
     }
-    for (k, v) in overrides {
-        match k.as_str() {
-            // Consumed by the client itself, not seed fields.
-            "seed_wait" => {}
-            "stop_after" => src.stop_after = Some(v),
-            _ => src
-                .seed
-                .apply_override(&k, &v)
-                .map_err(|e| ApplianceError::Seed(format!("kernel command line: {e}")))?,
-        }
+    let (own, seed_keys): (Vec<_>, Vec<_>) = overrides
+        .into_iter()
+        .partition(|(k, _)| CLIENT_KEYS.contains(&k.as_str()));
+    src.stop_after = own
+        .into_iter()
+        .filter(|(k, _)| k == "stop_after")
+        .map(|(_, v)| v)
+        .next_back();
+    src.net_from_cmdline = seed_keys
+        .iter()
+        .any(|(k, _)| NETWORK_KEYS.contains(&k.as_str()) || k.starts_with("network."));
+    src.seed
+        .apply_overrides(&seed_keys)
+        .map_err(|e| ApplianceError::Seed(format!("kernel command line: {e}")))?;
+    if !seed_keys.is_empty() {
+        let keys: Vec<&str> = seed_keys.iter().map(|(k, _)| k.as_str()).collect();
+        console.say(&format!(
+            "kernel command line overrides: {}",
+            keys.join(", ")
+        ));
     }
     Ok(src)
 }
@@ -270,6 +291,7 @@ fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (Applian
         mut seed,
         found_on,
         stop_after,
+        net_from_cmdline,
     } = read_seed(console).map_err(|e| (e, false))?;
     let np = seed.no_prompt;
     let fail = |e: ApplianceError| (e, np);
@@ -281,7 +303,7 @@ fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (Applian
             found_on.as_deref().map_or("no seed ISO found".to_string(), |d| format!("seed on {d}"))
         ))));
     }
-    if found_on.is_none() && !seed.no_prompt {
+    if found_on.is_none() && !seed.no_prompt && !net_from_cmdline {
         prompt_network(console, &mut seed).map_err(fail)?;
     }
     seed.validate(Completeness::Partial)
@@ -405,7 +427,7 @@ fn run_failback(
                 .collect(),
         );
     }
-    opts.log_file = Some("/run/failback/console.log".into());
+    opts.log_file = Some(console::LOG_FILE.into());
     match run(opts) {
         Ok(RunOutcome::Completed {
             recovery_instance_id,
