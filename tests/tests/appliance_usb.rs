@@ -71,6 +71,20 @@ fn appliance_boots_from_usb_stick_on_bios_and_uefi_and_never_offers_the_stick() 
         "the test needs a stick ({stick_mib} MiB) between the source ({SOURCE_MIB} MiB) and the target ({TARGET_MIB} MiB)"
     );
 
+    // The initramfs drives USB (so the guest sees its stick: what the safety rules are for),
+    // EHCI before its UHCI/OHCI companions, as the kernel asks.
+    let pos = |m: &str| {
+        report
+            .modules
+            .iter()
+            .position(|x| x == m)
+            .unwrap_or_else(|| panic!("module {m} not in the initramfs: {:?}", report.modules))
+    };
+    for m in ["xhci_pci", "usb_storage", "uas", "usbhid", "hid_generic"] {
+        pos(m);
+    }
+    assert!(pos("ehci_pci") < pos("uhci_hcd") && pos("ehci_pci") < pos("ohci_pci"));
+
     let cases = [
         ("usb-bios-vmware", Firmware::Bios, Hardware::VmwareLike),
         ("usb-uefi-virtio", Firmware::Uefi, Hardware::Virtio),
