@@ -3,40 +3,19 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use failback_replication::server::{FaultInjection, ServeOptions, SourceDisk};
 use failback_replication::tls::DevCerts;
 use failback_replication::{ClientTls, ErrorClass, Mapping, NoProgress, Session, SyncOptions};
+use failback_tests::{random_bytes, KillOnDrop};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_failback-agent");
 const MIB: usize = 1024 * 1024;
 
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// Kills the child on drop so a failing test leaves no agent behind.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `failback-agent serve` on 127.0.0.1:0 and returns it with the address it printed.
-fn spawn_agent(dir: &Path, disks: &[(&str, &Path)], env: &[(&str, &str)]) -> (Proc, String) {
+fn spawn_agent(dir: &Path, disks: &[(&str, &Path)], env: &[(&str, &str)]) -> (KillOnDrop, String) {
     let mut cmd = Command::new(AGENT);
     cmd.arg("serve")
         .arg("--listen")
@@ -64,7 +43,7 @@ fn spawn_agent(dir: &Path, disks: &[(&str, &Path)], env: &[(&str, &str)]) -> (Pr
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected agent output {line:?}"))
         .to_owned();
-    (Proc(child), addr)
+    (KillOnDrop(child), addr)
 }
 
 fn dev_certs(dir: &Path) {

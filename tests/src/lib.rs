@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests that run the real binaries (server, agent, client), vcsim
 //! and QEMU on 127.0.0.1.
 
+pub mod vcsim;
+
 /// Path of a workspace binary in `target/debug` (`make test` builds `--bins` before the
 /// tests run). Panics with the build command if it is missing, so a test never skips silently.
 pub fn bin(name: &str) -> std::path::PathBuf {
@@ -18,4 +20,62 @@ pub fn bin(name: &str) -> std::path::PathBuf {
         p.display()
     );
     p
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so tests need no RNG crate: the same seed
+/// gives the same bytes in every test crate.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Exit code, stdout and stderr of a finished process, for assertion messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A child process killed (and reaped) on drop, so a failing test leaves nothing running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to 120 s for `child` (a server starting up, named `what`) to write `path`;
+/// panics with its stderr if it exits first.
+pub fn wait_for_file(path: &std::path::Path, child: &mut std::process::Child, what: &str) {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = s.read_to_string(&mut err);
+            }
+            panic!("{what} exited early ({st}): {err}");
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "{what} did not write {} within 120 s",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -25,25 +25,9 @@ struct World {
 
 async fn world(vms_per_pool: &str) -> World {
     let vcsim = Vcsim::start(&["-vm", vms_per_pool, "-host", "1"]);
-    let dr = DrService::start(&[
-        "--agent-timeout-secs",
-        "86400",
-        "--client-timeout-secs",
-        "86400",
-        "--heartbeat-secs",
-        "1",
-    ]);
-    let vc = failback_vcenter::Client::connect(vcsim.config())
-        .await
-        .unwrap();
-    let mut vms: Vec<_> = vc
-        .list_vms()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|v| !v.summary.template)
-        .collect();
-    vms.sort_by(|a, b| a.summary.name.cmp(&b.summary.name));
+    let dr = DrService::start_for_simulation();
+    let vc = vcsim.client().await;
+    let vms = non_template_vms(&vc).await;
     let mut env = vcsim.cli_env();
     env.extend(dr.cli_env());
     World {
@@ -54,12 +38,6 @@ async fn world(vms_per_pool: &str) -> World {
         env,
         work: tempfile::tempdir().unwrap(),
     }
-}
-
-fn boot_xml(v: &failback_vcenter::Vm) -> Option<String> {
-    v.boot_options
-        .as_ref()
-        .map(|b| b.to_xml(Some("bootOptions")))
 }
 
 fn start_sim(
@@ -109,23 +87,10 @@ fn run_args(w: &World, plan: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
-async fn run_cli(args: Vec<String>, env: Vec<(String, String)>) -> (i32, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        failback(&a, &env)
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed() {
     let w = world("2").await; // 4 VMs
-    let before: HashMap<String, Option<String>> = w
-        .vms
-        .iter()
-        .map(|v| (v.summary.moref.clone(), boot_xml(v)))
-        .collect();
+    let before = boot_options_by_moref(&w.vms);
     let bios = |i: usize| w.vms[i].summary.bios_uuid.clone().unwrap();
     // VMs 0..3 get instances; VM 3 none; one instance matches no VM.
     for i in 0..3 {
@@ -175,7 +140,8 @@ async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed()
     assert_eq!(matched, 3, "{out}");
 
     // Dry run changes nothing and lists every step.
-    let (code, out, err) = run_cli(run_args(&w, &plan_path, &["--dry-run"]), w.env.clone()).await;
+    let (code, out, err) =
+        failback_async(run_args(&w, &plan_path, &["--dry-run"]), w.env.clone()).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("power_on_appliance") && out.contains("no recovery instance"),
@@ -188,7 +154,7 @@ async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed()
 
     let (log, stop, sim) = start_sim(&w, [bios(2)].into_iter().collect());
     let results = w.work.path().join("results.json");
-    let (code, out, err) = run_cli(
+    let (code, out, err) = failback_async(
         run_args(&w, &plan_path, &["--results", results.to_str().unwrap()]),
         w.env.clone(),
     )
@@ -245,46 +211,17 @@ async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed()
     }
 
     // Every VM (the failed one too, rolled back) is on, without ISOs, boot options as before.
-    for v in
-        w.vc.list_vms()
-            .await
-            .unwrap()
-            .iter()
-            .filter(|v| !v.summary.template)
-    {
-        assert_eq!(
-            v.summary.power_state,
-            failback_vcenter::PowerState::PoweredOn,
-            "{}",
-            v.summary.name
-        );
-        assert!(
-            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
-            "{}: {:?}",
-            v.summary.name,
-            v.summary.cdroms
-        );
-        assert_eq!(
-            boot_xml(v),
-            before[&v.summary.moref],
-            "boot options of {}",
-            v.summary.name
-        );
-    }
+    assert_vms_restored(&w.vc, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
     let w = world("2").await;
-    let before: HashMap<String, (Option<String>, usize)> = w
+    let before = boot_options_by_moref(&w.vms);
+    let cdroms_before: HashMap<String, usize> = w
         .vms
         .iter()
-        .map(|v| {
-            (
-                v.summary.moref.clone(),
-                (boot_xml(v), v.summary.cdroms.len()),
-            )
-        })
+        .map(|v| (v.summary.moref.clone(), v.summary.cdroms.len()))
         .collect();
     for v in &w.vms {
         w.dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
@@ -359,12 +296,12 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
     );
 
     // A plain second run refuses to clobber the state; --resume finishes.
-    let (code, _, err) = run_cli(args.clone(), w.env.clone()).await;
+    let (code, _, err) = failback_async(args.clone(), w.env.clone()).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--resume"), "{err}");
     let mut resume = args.clone();
     resume.push("--resume".into());
-    let (code, out, err) = run_cli(resume, w.env.clone()).await;
+    let (code, out, err) = failback_async(resume, w.env.clone()).await;
     stop.store(true, Ordering::Relaxed);
     let _ = sim.await;
     assert_eq!(
@@ -380,6 +317,8 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
         "{r:#}"
     );
 
+    // On, no ISOs; saving boot options again after the kill would have saved "CD-ROM first".
+    assert_vms_restored(&w.vc, &before).await;
     for v in
         w.vc.list_vms()
             .await
@@ -387,23 +326,9 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
             .iter()
             .filter(|v| !v.summary.template)
     {
-        let (boot, cdroms) = &before[&v.summary.moref];
-        assert_eq!(
-            v.summary.power_state,
-            failback_vcenter::PowerState::PoweredOn,
-            "{}",
-            v.summary.name
-        );
-        assert!(
-            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
-            "{}",
-            v.summary.name
-        );
-        // Saving boot options again after the kill would have saved "CD-ROM first".
-        assert_eq!(&boot_xml(v), boot, "boot options of {}", v.summary.name);
         assert_eq!(
             v.summary.cdroms.len(),
-            *cdroms,
+            cdroms_before[&v.summary.moref],
             "CD-ROM count of {}",
             v.summary.name
         );

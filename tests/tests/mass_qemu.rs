@@ -10,11 +10,12 @@ mod mass_common;
 
 use failback_config::api::TokenKind;
 use failback_config::plan::{Plan, PlanFormat};
+use failback_tests::vcsim::{go_tool, workspace_root};
+use failback_tests::KillOnDrop;
 use mass_common::*;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const DISK: u64 = 64 << 20;
@@ -51,14 +52,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The appliance ISO: `FAILBACK_APPLIANCE_ISO` if set, else built here from the Debian
@@ -104,29 +97,10 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
     let iso = appliance_iso(work.path());
     let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]);
     let dr = DrService::start(&["--san", "10.0.2.2", "--heartbeat-secs", "2"]);
-    let vc = failback_vcenter::Client::connect(vcsim.config())
-        .await
-        .unwrap();
-    let mut vms: Vec<_> = vc
-        .list_vms()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|v| !v.summary.template)
-        .collect();
-    vms.sort_by(|a, b| a.summary.name.cmp(&b.summary.name));
+    let vc = vcsim.client().await;
+    let vms = non_template_vms(&vc).await;
     let vms = &vms[..3];
-    let before: HashMap<String, Option<String>> = vms
-        .iter()
-        .map(|v| {
-            (
-                v.summary.moref.clone(),
-                v.boot_options
-                    .as_ref()
-                    .map(|b| b.to_xml(Some("bootOptions"))),
-            )
-        })
-        .collect();
+    let before = boot_options_by_moref(vms.iter());
 
     // Recovery side: a source disk and a real agent per VM, enrolled with the VM's BIOS UUID.
     let disks = work.path().join("vmdisks");
@@ -170,7 +144,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
             .stderr(std::fs::File::create(work.path().join(format!("agent-{i}.log"))).unwrap())
             .spawn()
             .expect("start failback-agent");
-        agents.push(Killed(child));
+        agents.push(KillOnDrop(child));
         sources.push((src, local));
     }
     // Wait for the three enrollments.
@@ -217,7 +191,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
             let _ = writeln!(f, "{line}");
         }
     });
-    let _hv = Killed(hv);
+    let _hv = KillOnDrop(hv);
 
     let mut env = vcsim.cli_env();
     env.extend(dr.cli_env());
@@ -263,14 +237,8 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let env2 = env.clone();
     let t_run = Instant::now();
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        failback(&a, &env2)
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = failback_async(args, env.clone()).await;
     let wall = t_run.elapsed().as_secs_f64();
     let diag = || {
         let mut s = format!(
@@ -317,32 +285,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
         );
     }
     // VMs on, ISOs detached, boot options as before.
-    for moref in before.keys() {
-        let v = vc
-            .vm(&failback_vcenter::MoRef::new("VirtualMachine", moref))
-            .await
-            .unwrap();
-        assert_eq!(
-            v.summary.power_state,
-            failback_vcenter::PowerState::PoweredOn,
-            "{}",
-            v.summary.name
-        );
-        assert!(
-            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
-            "{}: {:?}",
-            v.summary.name,
-            v.summary.cdroms
-        );
-        assert_eq!(
-            v.boot_options
-                .as_ref()
-                .map(|b| b.to_xml(Some("bootOptions"))),
-            before[moref],
-            "{}",
-            v.summary.name
-        );
-    }
+    assert_vms_restored(&vc, &before).await;
     // The harness booted each VM once from the ISOs and saw each guest power off by itself.
     let hl = std::fs::read_to_string(&hv_log).unwrap();
     for vm in vms {

@@ -22,31 +22,11 @@ async fn mass_run_500_vms_with_simulated_clients() {
     // One standalone host + one cluster = two resource pools.
     let per_pool = (n / 2).to_string();
     let vcsim = Vcsim::start(&["-vm", &per_pool, "-host", "1"]);
-    let dr = DrService::start(&[
-        "--agent-timeout-secs",
-        "86400",
-        "--client-timeout-secs",
-        "86400",
-        "--heartbeat-secs",
-        "1",
-    ]);
-    let vc = failback_vcenter::Client::connect(vcsim.config())
-        .await
-        .unwrap();
-    let vms = vc.list_vms().await.unwrap();
-    let vms: Vec<_> = vms.into_iter().filter(|v| !v.summary.template).collect();
+    let dr = DrService::start_for_simulation();
+    let vc = vcsim.client().await;
+    let vms = non_template_vms(&vc).await;
     assert_eq!(vms.len(), n, "vcsim VM count");
-    let before: HashMap<String, Option<String>> = vms
-        .iter()
-        .map(|v| {
-            (
-                v.summary.moref.clone(),
-                v.boot_options
-                    .as_ref()
-                    .map(|b| b.to_xml(Some("bootOptions"))),
-            )
-        })
-        .collect();
+    let before = boot_options_by_moref(vms.iter());
     let bios: Vec<String> = vms
         .iter()
         .map(|v| v.summary.bios_uuid.clone().unwrap())
@@ -120,13 +100,7 @@ async fn mass_run_500_vms_with_simulated_clients() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let env2 = env.clone();
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        failback(&a, &env2)
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = failback_async(args, env.clone()).await;
     let wall = t_run.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sim.await;
@@ -143,29 +117,7 @@ async fn mass_run_500_vms_with_simulated_clients() {
     assert_eq!(log.lock().unwrap().completed.len(), n);
 
     // Every VM: powered on, no ISO attached, boot options exactly as before.
-    let after = vc.list_vms().await.unwrap();
-    for v in after.iter().filter(|v| !v.summary.template) {
-        assert_eq!(
-            v.summary.power_state,
-            failback_vcenter::PowerState::PoweredOn,
-            "{}",
-            v.summary.name
-        );
-        assert!(
-            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
-            "{}: {:?}",
-            v.summary.name,
-            v.summary.cdroms
-        );
-        assert_eq!(
-            v.boot_options
-                .as_ref()
-                .map(|b| b.to_xml(Some("bootOptions"))),
-            before[&v.summary.moref],
-            "boot options of {}",
-            v.summary.name
-        );
-    }
+    assert_vms_restored(&vc, &before).await;
 
     // Orchestration overhead: time in the orchestrator's own steps (vCenter, DR service,
     // seed ISO), i.e. everything except waiting for the clients.

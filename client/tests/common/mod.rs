@@ -11,29 +11,7 @@ use failback_replication::tls::DevCerts;
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_failback-client");
 pub const MIB: usize = 1024 * 1024;
 
-/// Deterministic pseudo-random bytes (xorshift64*), so tests need no RNG crate.
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// Exit code, stdout and stderr of a finished process, for assertion messages.
-pub fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+pub use failback_tests::{output_text as text, random_bytes};
 
 /// Runs a command to completion and panics (with its output) unless it succeeds.
 pub fn run(cmd: &mut Command) -> Output {

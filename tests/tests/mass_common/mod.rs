@@ -16,159 +16,100 @@ use failback_config::api::{
 use failback_config::seed::SeedConfig;
 use failback_vcenter::{Client, Config, PowerOp, TlsMode};
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("crate dir has a parent")
-        .to_path_buf()
-}
+pub use failback_tests::bin;
+use failback_tests::wait_for_file;
 
-/// A workspace binary from target/debug (`make test` builds them with `cargo build --bins`).
-pub fn bin(name: &str) -> PathBuf {
-    let p = workspace_root().join("target/debug").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace --bins` first",
-        p.display()
-    );
-    p
-}
-
-/// A Go tool built by `make setup` (vcsim, hypervisor); built here if missing.
-pub fn go_tool(rel: &str) -> PathBuf {
-    static BUILD: Mutex<()> = Mutex::new(());
-    let root = workspace_root();
-    let p = root.join(rel);
-    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !p.exists() {
-        let st = Command::new("make")
-            .arg(rel)
-            .current_dir(&root)
-            .status()
-            .expect("run make");
-        assert!(st.success() && p.exists(), "make {rel} failed");
-    }
-    p
-}
-
-fn wait_for_file(path: &Path, child: &mut Child, what: &str) {
-    let start = Instant::now();
-    while !path.exists() {
-        if let Ok(Some(st)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut s) = child.stderr.take() {
-                let _ = s.read_to_string(&mut err);
-            }
-            panic!("{what} exited early ({st}): {err}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{what} did not write {} within 120 s",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A running vcsim (killed on drop; datastores in its temp dir).
-pub struct Vcsim {
-    child: Child,
-    pub env: HashMap<String, String>,
-    pub env_file: PathBuf,
-    pub dir: tempfile::TempDir,
-}
+/// A running vcsim (killed on drop; datastores in its temp dir): `failback_tests::vcsim`
+/// plus a vCenter `Config` for it.
+pub struct Vcsim(failback_tests::vcsim::Vcsim);
 
 impl Vcsim {
     pub fn start(extra: &[&str]) -> Vcsim {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let env_file = dir.path().join("vcsim.env");
-        let bin = std::env::var_os("VCSIM_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| go_tool("target/vcsim/vcsim"));
-        let mut child = Command::new(bin)
-            .args(["-l", "127.0.0.1:0", "-exit-on-eof", "-env-file"])
-            .arg(&env_file)
-            .args(extra)
-            .env("TMPDIR", dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vcsim");
-        wait_for_file(&env_file, &mut child, "vcsim");
-        let env = std::fs::read_to_string(&env_file)
-            .expect("read vcsim env")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Vcsim {
-            child,
-            env,
-            env_file,
-            dir,
-        }
-    }
-
-    pub fn var(&self, k: &str) -> &str {
-        self.env
-            .get(k)
-            .unwrap_or_else(|| panic!("vcsim env has no {k}"))
-    }
-
-    pub fn url(&self) -> String {
-        format!(
-            "https://{}:{}/sdk",
-            self.var("VCSIM_HOST"),
-            self.var("VCSIM_PORT")
-        )
+        Vcsim(failback_tests::vcsim::Vcsim::start(extra))
     }
 
     pub fn config(&self) -> Config {
-        let mut c = Config::new(
-            &self.url(),
-            self.var("VCSIM_USERNAME"),
-            self.var("VCSIM_PASSWORD"),
-        );
+        let (url, user, password) = self.0.login();
+        let mut c = Config::new(&url, user, password);
         c.tls = TlsMode::Insecure;
         c.task_timeout = Duration::from_secs(120);
         c
     }
 
-    pub fn datastore_dir(&self, name: &str) -> PathBuf {
-        PathBuf::from(self.var(&format!("VCSIM_DATASTORE_{}", name.to_uppercase())))
-    }
-
-    /// `[LocalDS_0] a/b.iso` -> the file on disk.
-    pub fn ds_file(&self, ds_path: &str) -> Option<PathBuf> {
-        let rest = ds_path.strip_prefix('[')?;
-        let (ds, path) = rest.split_once(']')?;
-        Some(self.datastore_dir(ds).join(path.trim_start()))
-    }
-
-    /// Environment for the `failback` CLI (DRSFA variable names).
-    pub fn cli_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("VCENTER_HOST".into(), self.url()),
-            ("VCENTER_USER".into(), self.var("VCSIM_USERNAME").into()),
-            ("VCENTER_PASSWORD".into(), self.var("VCSIM_PASSWORD").into()),
-            ("VCENTER_DATASTORE".into(), "LocalDS_0".into()),
-            ("DISABLE_SSL_VERIFICATION".into(), "true".into()),
-        ]
+    /// A logged-in vCenter client for this simulator.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.config()).await.unwrap()
     }
 }
 
-impl Drop for Vcsim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Vcsim {
+    type Target = failback_tests::vcsim::Vcsim;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
+}
+
+/// The VMs (not templates) in vCenter, sorted by name.
+pub async fn non_template_vms(vc: &Client) -> Vec<failback_vcenter::Vm> {
+    let mut vms: Vec<_> = vc
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| !v.summary.template)
+        .collect();
+    vms.sort_by(|a, b| a.summary.name.cmp(&b.summary.name));
+    vms
+}
+
+/// A VM's complete boot options as vim25 XML: what the orchestrator saves before it sets
+/// CD-ROM first and must restore exactly.
+pub fn boot_xml(v: &failback_vcenter::Vm) -> Option<String> {
+    v.boot_options
+        .as_ref()
+        .map(|b| b.to_xml(Some("bootOptions")))
+}
+
+/// moref -> [`boot_xml`] for `vms`, taken before a run to compare with afterwards.
+pub fn boot_options_by_moref<'a>(
+    vms: impl IntoIterator<Item = &'a failback_vcenter::Vm>,
+) -> HashMap<String, Option<String>> {
+    vms.into_iter()
+        .map(|v| (v.summary.moref.clone(), boot_xml(v)))
+        .collect()
+}
+
+/// After a run, every VM in `before` (moref -> [`boot_xml`] from before the run) is powered
+/// on, has no ISO on any CD-ROM and has exactly its boot options from before. One
+/// `list_vms` call, so it stays cheap for the 500-VM run.
+pub async fn assert_vms_restored(vc: &Client, before: &HashMap<String, Option<String>>) {
+    let vms = vc.list_vms().await.unwrap();
+    let mut seen = 0;
+    for v in vms.iter().filter(|v| !v.summary.template) {
+        let Some(boot) = before.get(&v.summary.moref) else {
+            continue;
+        };
+        seen += 1;
+        assert_eq!(
+            v.summary.power_state,
+            failback_vcenter::PowerState::PoweredOn,
+            "{}",
+            v.summary.name
+        );
+        assert!(
+            v.summary.cdroms.iter().all(|c| c.iso.is_none()),
+            "{}: {:?}",
+            v.summary.name,
+            v.summary.cdroms
+        );
+        assert_eq!(&boot_xml(v), boot, "boot options of {}", v.summary.name);
+    }
+    assert_eq!(seen, before.len(), "VMs missing from vCenter after the run");
 }
 
 /// A running DR service (`failback-server serve`), killed on drop.
@@ -182,6 +123,19 @@ pub struct DrService {
 }
 
 impl DrService {
+    /// For simulated agents and clients: they never time out (a simulated client may wait
+    /// long between reports), and clients heartbeat every second.
+    pub fn start_for_simulation() -> DrService {
+        Self::start(&[
+            "--agent-timeout-secs",
+            "86400",
+            "--client-timeout-secs",
+            "86400",
+            "--heartbeat-secs",
+            "1",
+        ])
+    }
+
     pub fn start(extra: &[&str]) -> DrService {
         let data_dir = tempfile::tempdir().expect("tempdir");
         let addr_file = data_dir.path().join("addr");
@@ -315,6 +269,19 @@ pub fn failback(args: &[&str], env: &[(String, String)]) -> (i32, String, String
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// [`failback`] on a blocking thread, so an async test's other tasks (simulated clients) run.
+pub async fn failback_async(
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        failback(&a, &env)
+    })
+    .await
+    .unwrap()
 }
 
 /// Reads one file from the root directory of an ISO 9660 image (primary volume descriptor;
