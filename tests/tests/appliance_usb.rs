@@ -8,7 +8,8 @@
 //! stick as a SCSI disk. The stick is larger than the source disk and smaller than the real
 //! target, so the DR service's best-fit mapping would pick it if it were offered: the test
 //! checks the console listed the stick, the inventory the service received does not, and the
-//! data landed on the real target.
+//! data landed on the real target. A stick mapped by hand (seed `[[map]]`) is refused by the
+//! client's target safety check before any write.
 
 mod appliance_support;
 
@@ -17,6 +18,12 @@ use failback_config::seed::{AfterCompletion, SeedConfig};
 use std::time::{Duration, Instant};
 
 const SLOW: Duration = Duration::from_secs(600);
+
+/// One QEMU at a time in this binary: TCG on 2 shared cores is slow enough already.
+fn qemu_slot() -> std::sync::MutexGuard<'static, ()> {
+    static SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SLOT.lock().unwrap_or_else(|p| p.into_inner())
+}
 const SOURCE_MIB: u64 = 16;
 const TARGET_MIB: u64 = 64;
 
@@ -61,6 +68,7 @@ fn disk_with_size(console: &str, mib: u64) -> Option<String> {
 
 #[test]
 fn appliance_boots_from_usb_stick_on_bios_and_uefi_and_never_offers_the_stick() {
+    let _slot = qemu_slot();
     let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -210,4 +218,59 @@ fn appliance_boots_from_usb_stick_on_bios_and_uefi_and_never_offers_the_stick() 
             "{name}: restored disk differs from the source:\n{out}"
         );
     }
+}
+
+/// The operator maps the volume onto the boot stick by hand (the only disk, so `/dev/sda`):
+/// the service accepts the mapping (it cannot know), the client's safety check refuses the
+/// target before any write, naming the rule and the device, and the VM powers off.
+#[test]
+fn stick_mapped_by_hand_is_refused_as_a_target() {
+    let _slot = qemu_slot();
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = d.join("source.img");
+    gen_disk(&source, &["--size", "8M", "--seed", "21"]);
+    let (_agent, id) = spawn_agent(&server, &source, d);
+    let token = admin_cli(&server, &["token", "create", "pairing", "--instance", &id])
+        .trim()
+        .to_string();
+    let seed = seed_iso(
+        d,
+        &SeedConfig {
+            server_url: Some(server.guest_url()),
+            token: Some(token),
+            instance_id: Some(id.clone()),
+            ca_cert_pem: Some(server.ca_pem()),
+            no_prompt: true,
+            after: AfterCompletion::Poweroff,
+            mappings: vec![failback_config::seed::DeviceMapping {
+                remote: "vol0".into(),
+                local: "/dev/sda".into(),
+            }],
+            ..Default::default()
+        },
+    );
+    let mut vm = Vm::start_from(
+        &VmConfig {
+            name: "usb-bios-stick-mapped",
+            firmware: Firmware::Bios,
+            hardware: Hardware::VmwareLike,
+            iso: &product_iso().0,
+            seed: Some(&seed),
+            disks: vec![],
+            rtc_base: None,
+        },
+        BootFrom::Usb,
+    );
+    vm.expect(&format!("paired with recovery instance {id}"), SLOW);
+    vm.expect("FAILBACK_FAILED", SLOW);
+    vm.wait_exit(Duration::from_secs(120));
+    let out = vm.output();
+    assert!(
+        out.contains("refusing target /dev/sda for remote disk vol0 (rule boot-device)")
+            && out.contains("/dev/sda carries the failback appliance boot medium"),
+        "the stick was not refused by the boot-device rule:\n{out}"
+    );
+    assert!(!out.contains("FAILBACK_COMPLETED"), "{out}");
 }
