@@ -48,6 +48,10 @@ pub struct SyncArgs {
     /// Write the JSON report (per disk: bytes fetched, digests, timings) to this file.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// Read local targets with pread only, never memory-mapped (see `failback-agent serve
+    /// --no-mmap`).
+    #[arg(long)]
+    pub no_mmap: bool,
 }
 
 /// Parses sizes like `65536`, `64K`, `64KiB`, `1M`.
@@ -173,6 +177,7 @@ pub fn main(args: SyncArgs) -> Exit {
 
 /// Runs `sync` (must be called inside a tokio runtime).
 pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
+    failback_replication::mapped::set_enabled(!args.no_mmap);
     let mappings = parse_maps(&args.maps)?;
     let out = Out {
         json: args.progress == ProgressMode::Json,

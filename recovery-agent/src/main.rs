@@ -65,6 +65,10 @@ struct ServeArgs {
     /// Shell command run when the client asks to thaw.
     #[arg(long)]
     thaw_cmd: Option<String>,
+    /// Read disks with pread only, never memory-mapped (mapping saves a copy of every byte
+    /// hashed, but a disk that shrinks mid-sync then kills the agent with SIGBUS).
+    #[arg(long)]
+    no_mmap: bool,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), AgentError> {
+    failback_replication::mapped::set_enabled(!args.no_mmap);
     let specs = args
         .disks
         .iter()

@@ -146,6 +146,15 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// The zstd encoding of a non-zero block if it is worth sending instead of the raw bytes
+/// (same rule as [`choose_encoding`]).
+pub fn compress_if_smaller(data: &[u8]) -> Option<Vec<u8>> {
+    match choose_encoding(data, false) {
+        (Encoding::Zstd, z) => z,
+        _ => None,
+    }
+}
+
 /// Chooses the wire encoding of a differing block: zero marker, zstd if it shrinks (returned
 /// compressed), else raw (the caller copies the block itself). Incompressible data is detected
 /// on a 4 KiB sample so random data costs almost nothing.
@@ -183,30 +192,73 @@ pub fn encode_block(data: &[u8], hash: Hash, zero: bool) -> WireBlock {
     }
 }
 
+/// The verified bytes of one block, without copying them out of the received frame.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    /// Bytes of the block (a slice of the received frame, or the decompressed block).
+    Data(bytes::Bytes),
+    /// A block of this many zero bytes.
+    Zero(usize),
+}
+
+impl Piece {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Piece::Data(b) => b.len(),
+            Piece::Zero(n) => *n,
+        }
+    }
+
+    /// True for an empty piece.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Consecutive blocks whose content matched the agent's hashes. Only [`verify_run`] creates
 /// one, so holding a `VerifiedRun` proves the bytes were checked.
 #[derive(Debug)]
 pub struct VerifiedRun {
     offset: u64,
-    data: Vec<u8>,
+    pieces: Vec<Piece>,
     hashes: Vec<Hash>,
     first_block: u64,
 }
 
 impl VerifiedRun {
-    /// Byte offset on the disk.
+    /// Byte offset of the run on the disk.
     pub fn offset(&self) -> u64 {
         self.offset
     }
-    /// The verified bytes.
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// The blocks' bytes in order (one piece per block).
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len() as u64).sum()
+    }
+    /// True for a run without bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The run's bytes as one buffer (tests and small runs).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(usize::try_from(self.len()).unwrap_or(0));
+        for p in &self.pieces {
+            match p {
+                Piece::Data(b) => out.extend_from_slice(b),
+                Piece::Zero(n) => out.resize(out.len() + n, 0),
+            }
+        }
+        out
     }
     /// Index of the first block.
     pub fn first_block(&self) -> u64 {
         self.first_block
     }
-    /// The verified hashes, one per block.
+    /// The agent's (verified) hash of each block.
     pub fn hashes(&self) -> &[Hash] {
         &self.hashes
     }
@@ -219,8 +271,42 @@ pub struct BadBlock {
     pub reason: String,
 }
 
-/// Decodes and verifies a received run starting at `first_block` of a disk of `size` bytes,
-/// decoding every block straight into one run buffer (in parallel). Returns the verified
+/// Decodes and verifies one received block of `len` bytes.
+fn verify_block(b: &WireBlock, len: usize, zeros: &ZeroHashes) -> Result<Piece, String> {
+    let piece = match b.encoding {
+        Encoding::Zero => {
+            if b.hash != zeros.get(len) {
+                return Err("zero marker with a non-zero hash".into());
+            }
+            return Ok(Piece::Zero(len));
+        }
+        Encoding::Raw => {
+            if b.payload.len() != len {
+                return Err(format!(
+                    "raw payload of {} bytes, expected {len}",
+                    b.payload.len()
+                ));
+            }
+            b.payload.clone()
+        }
+        Encoding::Zstd => {
+            let mut out = vec![0u8; len];
+            let got = zstd::bulk::decompress_to_buffer(&b.payload, &mut out[..])
+                .map_err(|e| format!("zstd payload does not decode: {e}"))?;
+            if got != len {
+                return Err(format!("payload decodes to {got} bytes, expected {len}"));
+            }
+            bytes::Bytes::from(out)
+        }
+    };
+    if *blake3::hash(&piece).as_bytes() != b.hash {
+        return Err("BLAKE3 hash mismatch (corrupted in transit)".into());
+    }
+    Ok(Piece::Data(piece))
+}
+
+/// Decodes and verifies a received run starting at `first_block` of a disk of `size` bytes
+/// (blocks in parallel; raw blocks stay slices of the received frame). Returns the verified
 /// sub-runs (consecutive good blocks) and the blocks that failed.
 pub fn verify_run(
     first_block: u64,
@@ -230,50 +316,16 @@ pub fn verify_run(
     zeros: &ZeroHashes,
 ) -> (Vec<VerifiedRun>, Vec<BadBlock>) {
     let bs = u64::from(block_size);
-    let bsz = usize::try_from(block_size).unwrap_or(usize::MAX);
     let n = blocks.len() as u64;
-    // Blocks beyond the end of the disk are rejected outright.
     let in_disk = (0..n)
         .take_while(|i| block_len(size, block_size, first_block + i) > 0)
         .count();
-    let total: u64 = (0..in_disk as u64)
-        .map(|i| block_len(size, block_size, first_block + i))
-        .sum();
-    let mut data = vec![0u8; usize::try_from(total).unwrap_or(0)];
-    let checks: Vec<Result<Hash, String>> = data
-        .par_chunks_mut(bsz)
-        .zip(blocks[..in_disk].par_iter())
-        .map(|(slot, b)| {
-            let len = slot.len();
-            match b.encoding {
-                Encoding::Zero => {
-                    // The slot is already zero.
-                    if b.hash != zeros.get(len) {
-                        return Err("zero marker with a non-zero hash".into());
-                    }
-                    return Ok(b.hash);
-                }
-                Encoding::Raw => {
-                    if b.payload.len() != len {
-                        return Err(format!(
-                            "raw payload of {} bytes, expected {len}",
-                            b.payload.len()
-                        ));
-                    }
-                    slot.copy_from_slice(&b.payload);
-                }
-                Encoding::Zstd => {
-                    let got = zstd::bulk::decompress_to_buffer(&b.payload, slot)
-                        .map_err(|e| format!("zstd payload does not decode: {e}"))?;
-                    if got != len {
-                        return Err(format!("payload decodes to {got} bytes, expected {len}"));
-                    }
-                }
-            }
-            if *blake3::hash(slot).as_bytes() != b.hash {
-                return Err("BLAKE3 hash mismatch (corrupted in transit)".into());
-            }
-            Ok(b.hash)
+    let checks: Vec<Result<Piece, String>> = blocks[..in_disk]
+        .par_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let len = block_len(size, block_size, first_block + i as u64);
+            verify_block(b, usize::try_from(len).unwrap_or(usize::MAX), zeros)
         })
         .collect();
 
@@ -283,46 +335,24 @@ pub fn verify_run(
             reason: format!("block {} lies beyond the end of the disk", first_block + i),
         })
         .collect();
-    if checks.iter().all(Result::is_ok) {
-        let hashes: Vec<Hash> = checks.into_iter().flatten().collect();
-        let runs = if hashes.is_empty() {
-            Vec::new()
-        } else {
-            vec![VerifiedRun {
-                offset: first_block * bs,
-                data,
-                hashes,
-                first_block,
-            }]
-        };
-        return (runs, bad);
-    }
-    // Rare path: split around the failed blocks (copying the good ranges).
+    // Split into runs of consecutive good blocks.
     let mut runs = Vec::new();
     let mut cur: Option<VerifiedRun> = None;
-    for (i, r) in checks.into_iter().enumerate() {
+    for (i, (r, b)) in checks.into_iter().zip(&blocks).enumerate() {
         let index = first_block + i as u64;
-        let start = i * bsz;
-        let end = (start + bsz).min(data.len());
         match r {
-            Ok(hash) => match cur.as_mut() {
-                Some(run) => {
-                    run.data.extend_from_slice(&data[start..end]);
-                    run.hashes.push(hash);
-                }
-                None => {
-                    cur = Some(VerifiedRun {
-                        offset: index * bs,
-                        data: data[start..end].to_vec(),
-                        hashes: vec![hash],
-                        first_block: index,
-                    })
-                }
-            },
+            Ok(piece) => {
+                let run = cur.get_or_insert_with(|| VerifiedRun {
+                    offset: index * bs,
+                    pieces: Vec::new(),
+                    hashes: Vec::new(),
+                    first_block: index,
+                });
+                run.pieces.push(piece);
+                run.hashes.push(b.hash);
+            }
             Err(reason) => {
-                if let Some(run) = cur.take() {
-                    runs.push(run);
-                }
+                runs.extend(cur.take());
                 bad.push(BadBlock {
                     block: index,
                     reason,
@@ -330,9 +360,7 @@ pub fn verify_run(
             }
         }
     }
-    if let Some(run) = cur.take() {
-        runs.push(run);
-    }
+    runs.extend(cur.take());
     bad.sort_by_key(|b| b.block);
     (runs, bad)
 }
@@ -385,8 +413,9 @@ mod tests {
         let (runs, bad) = verify_run(0, wire.clone(), size, 4096, &zeros);
         assert!(bad.is_empty());
         assert_eq!(runs.len(), 1);
-        assert_eq!(runs[0].data().len() as u64, size);
-        assert_eq!(&runs[0].data()[4096..8192], &random[..]);
+        assert_eq!(runs[0].len(), size);
+        assert_eq!(&runs[0].to_vec()[4096..8192], &random[..]);
+        assert_eq!(&runs[0].to_vec()[8192..12288], &zero[..]);
 
         let mut p = wire[1].payload.to_vec();
         p[10] ^= 0xff;

@@ -12,6 +12,9 @@ use tokio::sync::mpsc;
 use crate::error::Error;
 use crate::wire::{self, FrameError, Message};
 
+/// Read buffer between TCP and rustls (rustls itself reads at most 4 KiB per call).
+pub const TRANSPORT_READ_BUFFER: usize = 256 * 1024;
+
 /// Buffer size of the frame reader and writer.
 pub const IO_BUFFER: usize = 1024 * 1024;
 
@@ -50,7 +53,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             got += n;
         }
         let len = wire::frame_len(prefix).map_err(|e| self.frame(e))?;
-        let mut body = vec![0u8; len];
+        let mut body = crate::pool::POOL.take_filled(len);
         if let Err(e) = self.inner.read_exact(&mut body).await {
             // A clean (TLS close_notify) close mid-frame is a truncated frame; a dropped TCP
             // connection (rustls reports the missing close_notify) is a network error.
@@ -63,7 +66,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             return Err(self.lost(e));
         }
-        let msg = Message::decode_shared(&body.into()).map_err(|e| self.frame(e))?;
+        let msg =
+            Message::decode_shared(&crate::pool::POOL.shared(body)).map_err(|e| self.frame(e))?;
         Ok(Some((msg, len + 4)))
     }
 
@@ -135,10 +139,14 @@ where
         let mut w = BufWriter::with_capacity(IO_BUFFER, w);
         while let Some(frame) = rx.recv().await {
             let mut res = w.write_all(&frame).await;
+            crate::pool::POOL.give(frame);
             // Drain whatever is already queued before flushing: big TLS records, few syscalls.
             while res.is_ok() {
                 match rx.try_recv() {
-                    Ok(f) => res = w.write_all(&f).await,
+                    Ok(f) => {
+                        res = w.write_all(&f).await;
+                        crate::pool::POOL.give(f);
+                    }
                     Err(_) => break,
                 }
             }

@@ -12,6 +12,8 @@ pub mod client;
 pub mod conn;
 pub mod device;
 pub mod error;
+pub mod mapped;
+pub mod pool;
 pub mod progress;
 pub mod report;
 pub mod server;

@@ -26,9 +26,6 @@ use crate::wire::{
     BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION,
 };
 
-/// A differing block's chosen encoding and, for zstd, the compressed bytes.
-type Encoded = (Encoding, Option<Vec<u8>>);
-
 /// How long a client may take to finish the TLS handshake and send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest payload of one `Blocks` frame (a run is cut here).
@@ -424,6 +421,14 @@ async fn run_command(what: &str, cmd: Option<String>) -> std::result::Result<Str
     }
 }
 
+/// One group's share of a batch: block hashes in order, frames to send, counts.
+struct Group {
+    hashes: Vec<Hash>,
+    frames: Vec<BlocksFrame>,
+    differing: u32,
+    differing_bytes: u64,
+}
+
 struct StreamWorker {
     disk: SourceDisk,
     stream: u32,
@@ -528,6 +533,14 @@ impl StreamWorker {
         })
     }
 
+    /// The batch mapped for hashing (see [`crate::mapped`]); `None`: use [`Self::read`].
+    fn map(&self, first: u64, count: u64) -> Option<crate::mapped::Mapped> {
+        let bs = u64::from(self.block_size);
+        let offset = first * bs;
+        let end = ((first + count) * bs).min(self.disk.info.size);
+        crate::mapped::map(&self.disk.file, offset, usize::try_from(end - offset).ok()?)
+    }
+
     fn batch_blocks(&self) -> u64 {
         (block::BATCH_BYTES / u64::from(self.block_size)).max(1)
     }
@@ -541,7 +554,6 @@ impl StreamWorker {
         buf: &mut Vec<u8>,
     ) -> Result<(), (ErrorCode, String)> {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
-        let mut run: Option<BlocksFrame> = None;
         let mut differing = 0u32;
         let mut differing_bytes = 0u64;
         let total = client.len() as u64;
@@ -549,53 +561,42 @@ impl StreamWorker {
         while done < total {
             let n = self.batch_blocks().min(total - done);
             let batch_first = first + done;
-            self.read(buf, batch_first, n)?;
+            let mapped = self.map(batch_first, n);
+            let data: &[u8] = match &mapped {
+                Some(m) => m,
+                None => {
+                    self.read(buf, batch_first, n)?;
+                    buf
+                }
+            };
             let lo = usize::try_from(done).unwrap_or(usize::MAX);
-            let theirs = &client[lo..lo + buf.len().div_ceil(bs)];
-            let estimate = self.estimate;
-            // Hash, compare and (for differing blocks) choose the encoding in parallel.
-            let results: Vec<(Hash, bool, Option<Encoded>)> = buf
-                .par_chunks(bs)
-                .zip(theirs.par_iter())
-                .map(|(data, their)| {
-                    let (hash, zero) = block::hash_block(data, zeros);
-                    let differs = hash != *their;
-                    let enc = (differs && !estimate).then(|| block::choose_encoding(data, zero));
-                    (hash, differs, enc)
+            let theirs = &client[lo..lo + data.len().div_ceil(bs)];
+            // One contiguous group of blocks per worker thread: each compares its blocks and
+            // builds its own frames, copying differing blocks straight into them.
+            let per_group = theirs
+                .len()
+                .div_ceil(rayon::current_num_threads().max(1))
+                .max(1);
+            let groups: Vec<Group> = data
+                .par_chunks(per_group * bs)
+                .zip(theirs.par_chunks(per_group))
+                .enumerate()
+                .map(|(g, (data, theirs))| {
+                    self.group(batch_first + (g * per_group) as u64, data, theirs, zeros)
                 })
                 .collect();
-            for (i, (hash, differs, enc)) in results.into_iter().enumerate() {
-                digest.push(&hash);
-                let index = batch_first + i as u64;
-                let data = &buf[i * bs..((i + 1) * bs).min(buf.len())];
-                if differs {
-                    differing += 1;
-                    differing_bytes += data.len() as u64;
+            for g in groups {
+                for h in &g.hashes {
+                    digest.push(h);
                 }
-                let Some((encoding, compressed)) = enc else {
-                    continue;
-                };
-                if run
-                    .as_ref()
-                    .is_some_and(|r| r.next_block() != index || r.len() >= RUN_BYTES)
-                {
-                    self.flush(run.take());
+                differing += g.differing;
+                differing_bytes += g.differing_bytes;
+                for f in g.frames {
+                    self.flush(Some(f));
                 }
-                let frame = run.get_or_insert_with(|| {
-                    BlocksFrame::new(self.stream, index, RUN_BYTES + bs + 64)
-                });
-                let payload: &[u8] = match encoding {
-                    Encoding::Zero => &[],
-                    Encoding::Zstd => compressed.as_deref().unwrap_or_default(),
-                    Encoding::Raw => data,
-                };
-                let _at = frame.push(encoding, &hash, payload);
-                #[cfg(feature = "fault-injection")]
-                self.maybe_corrupt(frame, _at, payload.len());
             }
             done += n;
         }
-        self.flush(run.take());
         self.out.blocking_send_raw(
             Message::WindowDone {
                 stream: self.stream,
@@ -607,6 +608,66 @@ impl StreamWorker {
             .encode(),
         );
         Ok(())
+    }
+
+    /// Compares consecutive blocks starting at block `first` with the client's hashes and
+    /// frames the ones that differ. A differing block is copied into the frame and the copy is
+    /// hashed, so the hash sent matches the bytes sent even while the source disk changes.
+    fn group(&self, first: u64, data: &[u8], theirs: &[Hash], zeros: &ZeroHashes) -> Group {
+        let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
+        let mut g = Group {
+            hashes: Vec::with_capacity(theirs.len()),
+            frames: Vec::new(),
+            differing: 0,
+            differing_bytes: 0,
+        };
+        let mut frame: Option<BlocksFrame> = None;
+        for (i, (block, their)) in data.chunks(bs).zip(theirs).enumerate() {
+            let index = first + i as u64;
+            let zero_hash = zeros.get(block.len());
+            let zero = block::is_zero(block);
+            // A non-zero block differs from one the client reported as zeros (an empty or new
+            // target) without being hashed here first; its copy is hashed below.
+            let (hash, differs) = if zero {
+                (Some(zero_hash), *their != zero_hash)
+            } else if *their == zero_hash && !self.estimate {
+                (None, true)
+            } else {
+                let h = *blake3::hash(block).as_bytes();
+                (Some(h), h != *their)
+            };
+            if !differs || self.estimate {
+                g.hashes.push(hash.unwrap_or(zero_hash));
+                if differs {
+                    g.differing += 1;
+                    g.differing_bytes += block.len() as u64;
+                }
+                continue;
+            }
+            if frame
+                .as_ref()
+                .is_some_and(|f| f.next_block() != index || f.len() >= RUN_BYTES)
+            {
+                g.frames.extend(frame.take());
+            }
+            let f = frame.get_or_insert_with(|| {
+                BlocksFrame::new(self.stream, index, data.len().min(RUN_BYTES) + 2 * bs)
+            });
+            let sent = if zero {
+                f.push(Encoding::Zero, &zero_hash, &[]);
+                zero_hash
+            } else {
+                let (h, _at, _len) = f.push_copy(block, block::compress_if_smaller);
+                #[cfg(feature = "fault-injection")]
+                self.maybe_corrupt(f, _at, _len);
+                h
+            };
+            g.hashes.push(sent);
+            g.differing += 1;
+            g.differing_bytes += block.len() as u64;
+        }
+        g.frames.extend(frame);
+        g
     }
 
     #[cfg(feature = "fault-injection")]

@@ -562,7 +562,7 @@ impl BlocksFrame {
 
     /// Starts a run at `first_block` of `stream`, reserving `capacity` bytes.
     pub fn new(stream: u32, first_block: u64, capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity + Self::HEADER);
+        let mut buf = crate::pool::POOL.take_empty(capacity + Self::HEADER);
         buf.extend_from_slice(&[0, 0, 0, 0, T_BLOCKS]);
         put_u32(&mut buf, stream);
         put_u64(&mut buf, first_block);
@@ -598,6 +598,36 @@ impl BlocksFrame {
         self.buf.extend_from_slice(payload);
         self.count += 1;
         at
+    }
+
+    /// Appends a block copied from `data` and hashes the *copy*: when `data` is a live disk
+    /// that changes meanwhile, the hash sent still matches the bytes sent. `compress` may
+    /// return a smaller encoding (zstd) of the copy. Returns the hash, the payload offset and
+    /// the payload length.
+    pub fn push_copy(
+        &mut self,
+        data: &[u8],
+        compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> (Hash, usize, usize) {
+        let head = self.buf.len();
+        self.buf.push(Encoding::Raw.to_u8());
+        self.buf.extend_from_slice(&[0u8; 32]);
+        put_u32(&mut self.buf, len_u32(data.len()));
+        let at = self.buf.len();
+        self.buf.extend_from_slice(data);
+        let copy = &self.buf[at..];
+        let hash = *blake3::hash(copy).as_bytes();
+        let mut len = copy.len();
+        if let Some(z) = compress(copy) {
+            self.buf.truncate(at);
+            self.buf.extend_from_slice(&z);
+            self.buf[head] = Encoding::Zstd.to_u8();
+            len = z.len();
+            self.buf[head + 33..head + 37].copy_from_slice(&len_u32(len).to_be_bytes());
+        }
+        self.buf[head + 1..head + 33].copy_from_slice(&hash);
+        self.count += 1;
+        (hash, at, len)
     }
 
     /// Mutable access to the encoded bytes (test-only fault injection flips payload bytes).
@@ -909,6 +939,22 @@ mod tests {
         }
         .encode();
         assert_eq!(f.finish(), want);
+    }
+
+    #[test]
+    fn push_copy_encodes_like_push_and_hashes_the_copy() {
+        let raw: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let text: Vec<u8> = b"abc ".iter().cycle().take(4096).copied().collect();
+        let mut a = BlocksFrame::new(1, 10, 0);
+        let (h1, _, n1) = a.push_copy(&raw, |_| None);
+        let (h2, _, n2) = a.push_copy(&text, |_| Some(vec![5, 6, 7]));
+        assert_eq!(h1, *blake3::hash(&raw).as_bytes());
+        assert_eq!(h2, *blake3::hash(&text).as_bytes());
+        assert_eq!((n1, n2), (raw.len(), 3));
+        let mut b = BlocksFrame::new(1, 10, 0);
+        b.push(Encoding::Raw, &h1, &raw);
+        b.push(Encoding::Zstd, &h2, &[5, 6, 7]);
+        assert_eq!(a.finish(), b.finish());
     }
 
     #[test]

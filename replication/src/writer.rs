@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::block::VerifiedRun;
+use crate::block::{Piece, VerifiedRun, MAX_BLOCK_SIZE};
 use crate::device::{self, Kind};
 use crate::error::{Error, Result};
 
@@ -113,6 +113,15 @@ impl Target {
     }
 
     /// True when `offset..offset+len` lies wholly beyond what existed locally (no read needed).
+    /// The bytes at `offset..offset + len` mapped for hashing, if they lie within the local
+    /// target and mapping works (see [`crate::mapped`]); otherwise use [`Self::read_at`].
+    pub fn map(&self, offset: u64, len: usize) -> Option<crate::mapped::Mapped> {
+        if offset.checked_add(len as u64)? > self.local_len {
+            return None;
+        }
+        crate::mapped::map(&self.file, offset, len)
+    }
+
     pub fn is_beyond_local(&self, offset: u64) -> bool {
         offset >= self.local_len
     }
@@ -128,8 +137,9 @@ impl Target {
             file,
             head: Vec::new(),
             written: 0,
-            pending: None,
-            started: None,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            started: Vec::new(),
             // Only regular files and block devices take the hints (not /dev/null etc.).
             hints: matches!(
                 device::inspect(&self.path).map(|i| i.kind),
@@ -146,10 +156,13 @@ pub struct DiskWriter {
     file: File,
     head: Vec<(u64, Vec<u8>)>,
     written: u64,
-    /// Range written since writeback was last started (start, end).
-    pending: Option<(u64, u64)>,
-    /// Range whose writeback was started last; dropped from the cache at the next window.
-    started: Option<(u64, u64)>,
+    /// Extents written since writeback was last started (start, end), adjacent ones merged;
+    /// exact extents, so a delta round never drops pages it did not write.
+    pending: Vec<(u64, u64)>,
+    /// Bytes in `pending`.
+    pending_bytes: u64,
+    /// Extents whose writeback was started last; dropped from the cache at the next window.
+    started: Vec<(u64, u64)>,
     /// False when the target does not support the hints (tmpfs, pipes): skip them.
     hints: bool,
 }
@@ -160,50 +173,67 @@ impl DiskWriter {
     /// [`finish`]: DiskWriter::finish
     pub fn write(&mut self, run: VerifiedRun) -> Result<()> {
         let mut offset = run.offset();
-        let mut data = run.data();
-        if offset < HEAD_BYTES {
+        let zeros = zero_block();
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(run.pieces().len());
+        for p in run.pieces() {
+            match p {
+                Piece::Data(b) => slices.push(b),
+                Piece::Zero(n) => {
+                    let mut left = *n;
+                    while left > 0 {
+                        let k = left.min(zeros.len());
+                        slices.push(&zeros[..k]);
+                        left -= k;
+                    }
+                }
+            }
+        }
+        // Hold back whatever falls into the head.
+        let mut first = 0;
+        while first < slices.len() && offset < HEAD_BYTES {
+            let s = slices[first];
             let head_len = usize::try_from(HEAD_BYTES - offset)
                 .unwrap_or(usize::MAX)
-                .min(data.len());
-            self.head.push((offset, data[..head_len].to_vec()));
-            data = &data[head_len..];
+                .min(s.len());
+            self.head.push((offset, s[..head_len].to_vec()));
             offset += head_len as u64;
+            if head_len == s.len() {
+                first += 1;
+            } else {
+                slices[first] = &s[head_len..];
+            }
         }
-        if !data.is_empty() {
-            self.file
-                .write_all_at(data, offset)
+        let slices = &slices[first..];
+        let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
+        if len > 0 {
+            write_all_vectored_at(&self.file, slices, offset)
                 .map_err(io_err("write", &self.path, offset))?;
-            self.written += data.len() as u64;
-            let end = offset + data.len() as u64;
-            let (start, prev_end) = self.pending.unwrap_or((offset, end));
-            // Runs arrive roughly in order; a jump back starts a fresh window.
-            let range = if offset >= start {
-                (start, end.max(prev_end))
-            } else {
-                (offset, end)
-            };
-            if range.1 - range.0 >= WRITEBACK_WINDOW {
-                self.pending = None;
-                self.writeback(range);
-            } else {
-                self.pending = Some(range);
+            self.written += len;
+            let end = offset + len;
+            match self.pending.last_mut() {
+                Some(last) if last.1 == offset => last.1 = end,
+                _ => self.pending.push((offset, end)),
+            }
+            self.pending_bytes += len;
+            if self.pending_bytes >= WRITEBACK_WINDOW {
+                self.writeback();
             }
         }
         Ok(())
     }
 
-    /// Starts writeback of `range` and drops older, by now written-back windows from the page
-    /// cache. `posix_fadvise(DONTNEED)` does both: it starts asynchronous writeback of dirty pages
-    /// in the range (Linux `WB_SYNC_NONE`) and drops the clean ones; nix 0.29 has no safe
-    /// `sync_file_range`, and the workspace forbids `unsafe`. Errors only lose a hint (EINVAL,
-    /// ENOSYS on tmpfs etc.): the final `sync_data` still flushes everything.
-    fn writeback(&mut self, range: (u64, u64)) {
+    /// Starts writeback of what was written since the last call and drops the previous
+    /// batch (written back by now) from the page cache, so a full sync neither floods the
+    /// cache nor leaves all the flushing to the final `fsync`.
+    fn writeback(&mut self) {
         use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        let now = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let older = std::mem::replace(&mut self.started, now.clone());
         if !self.hints {
             return;
         }
-        let older = self.started.replace(range);
-        for (s, e) in std::iter::once(range).chain(older) {
+        for (s, e) in now.into_iter().chain(older) {
             let (Ok(off), Ok(len)) = (i64::try_from(s), i64::try_from(e - s)) else {
                 continue;
             };
@@ -220,7 +250,6 @@ impl DiskWriter {
         }
     }
 
-    /// Flushes everything, writes the held-back head, then `sync_all`.
     pub fn finish(mut self) -> Result<u64> {
         self.file
             .sync_data()
@@ -236,4 +265,52 @@ impl DiskWriter {
             .map_err(io_err("sync", &self.path, 0))?;
         Ok(self.written)
     }
+}
+
+/// A block of zeros to write zero blocks from (allocated once; untouched pages cost nothing).
+fn zero_block() -> &'static [u8] {
+    static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ZEROS.get_or_init(|| vec![0u8; MAX_BLOCK_SIZE as usize])
+}
+
+/// `pwritev` until every slice is written: the blocks of a run go to the disk straight from the
+/// received frame, without first being copied into one buffer.
+fn write_all_vectored_at(
+    file: &File,
+    mut slices: &[&[u8]],
+    mut offset: u64,
+) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    /// Stay under IOV_MAX (1024 on Linux).
+    const MAX_IOV: usize = 512;
+    let mut skip = 0usize; // bytes of slices[0] already written
+    while !slices.is_empty() {
+        let iov: Vec<IoSlice<'_>> = slices
+            .iter()
+            .take(MAX_IOV)
+            .enumerate()
+            .map(|(i, s)| IoSlice::new(if i == 0 { &s[skip..] } else { s }))
+            .collect();
+        let off = i64::try_from(offset)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset"))?;
+        let mut n = match nix::sys::uio::pwritev(file, &iov, off) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        offset += n as u64;
+        while n > 0 {
+            let left = slices[0].len() - skip;
+            if n >= left {
+                n -= left;
+                slices = &slices[1..];
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
