@@ -90,8 +90,15 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
+/// ring's provider with TLS 1.3 AES-128-GCM preferred: it is the suite every TLS 1.3 stack
+/// must implement, and ~30 % cheaper per byte than AES-256-GCM (10 AES rounds instead of
+/// 14), which counts when every disk byte is encrypted once and decrypted once.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256.suite());
+    Arc::new(p)
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
