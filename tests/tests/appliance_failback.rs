@@ -10,9 +10,8 @@
 mod appliance_support;
 
 use appliance_support::*;
-use failback_config::seed::{AfterCompletion, SeedConfig};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const SLOW: Duration = Duration::from_secs(600);
@@ -23,154 +22,8 @@ fn qemu_slot() -> std::sync::MutexGuard<'static, ()> {
     SLOT.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn failback(server: &Server, args: &[&str]) -> String {
-    let out = Command::new(bin("failback", "failback-orchestrator"))
-        .args(args)
-        .env(
-            "FAILBACK_SERVER",
-            format!("https://127.0.0.1:{}", server.port),
-        )
-        .env("FAILBACK_ADMIN_TOKEN", server.admin_token())
-        .env("FAILBACK_CA", server.dir.path().join("data/ca.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "failback {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// (recovery instance id, failback state) of every instance.
-fn instances(server: &Server) -> Vec<(String, String)> {
-    let v: serde_json::Value = serde_json::from_str(&failback(
-        server,
-        &["instances", "list", "--output", "json"],
-    ))
-    .unwrap();
-    let mut out = Vec::new();
-    fn walk(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
-        match v {
-            serde_json::Value::Object(m) => {
-                if let Some(id) = m.get("recovery_instance_id").and_then(|x| x.as_str()) {
-                    let text = serde_json::to_string(v).unwrap();
-                    let state = [
-                        "FAILBACK_READY_FOR_LAUNCH",
-                        "FAILBACK_COMPLETED",
-                        "FAILBACK_IN_PROGRESS",
-                        "FAILBACK_NOT_STARTED",
-                        "FAILBACK_LAUNCH_STATE_NOT_AVAILABLE",
-                    ]
-                    .iter()
-                    .find(|s| text.contains(*s))
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                    out.push((id.to_string(), state));
-                    return;
-                }
-                m.values().for_each(|x| walk(x, out));
-            }
-            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-            _ => {}
-        }
-    }
-    walk(&v, &mut out);
-    out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Agent(Child);
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts an agent serving `disk` as `vol0`, enrolled with the service; returns its instance id.
-fn start_agent(server: &Server, disk: &Path, dir: &Path) -> (Agent, String) {
-    start_agent_at(server, disk, dir, "10.0.2.2")
-}
-
-/// Same, advertising `host` to clients (10.0.2.2 for QEMU guests, 127.0.0.1 for the host).
-fn start_agent_at(server: &Server, disk: &Path, dir: &Path, host: &str) -> (Agent, String) {
-    let before: Vec<String> = instances(server).into_iter().map(|i| i.0).collect();
-    let token = failback(server, &["token", "create", "agent"])
-        .trim()
-        .to_string();
-    let port = free_port();
-    let child = Command::new(bin("failback-agent", "failback-agent"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--advertise",
-            &format!("{host}:{port}"),
-        ])
-        .arg("--disk")
-        .arg(format!("vol0={}", disk.display()))
-        .args([
-            "--server",
-            &format!("https://127.0.0.1:{}", server.port),
-            "--enroll-token",
-            &token,
-        ])
-        .arg("--ca")
-        .arg(server.dir.path().join("data/ca.pem"))
-        .arg("--state-dir")
-        .arg(dir.join(format!("agent-{port}")))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("agent-{port}.log"))).unwrap())
-        .spawn()
-        .unwrap();
-    let agent = Agent(child);
-    let start = Instant::now();
-    loop {
-        if let Some((id, _)) = instances(server)
-            .into_iter()
-            .find(|i| !before.contains(&i.0))
-        {
-            return (agent, id);
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "agent did not enroll"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn gendisk(out: &Path, args: &[&str]) {
-    let st = Command::new(bin("fb-gendisk", "failback-tests"))
-        .arg(out)
-        .args(args)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 fn failback_one(server: &Server, dir: &Path, name: &str, id: &str, target: &Path) -> String {
-    let token = failback(server, &["token", "create", "pairing", "--instance", id])
-        .trim()
-        .to_string();
-    let seed = SeedConfig {
-        server_url: Some(server.guest_url()),
-        token: Some(token),
-        instance_id: Some(id.to_string()),
-        ca_cert_pem: Some(server.ca_pem()),
-        no_prompt: true,
-        after: AfterCompletion::Poweroff,
-        ..Default::default()
-    };
+    let seed = unattended_seed(server, pairing_token(server, id), id);
     let seed_dir = dir.join(name);
     std::fs::create_dir_all(&seed_dir).unwrap();
     let seed = seed_iso(&seed_dir, &seed);
@@ -197,20 +50,8 @@ fn launch_and_finish(server: &Server, vm: &mut Vm, id: &str) -> String {
         "{name}: paired {:.1}s after QEMU start",
         vm.started.elapsed().as_secs_f64()
     );
-    let start = Instant::now();
-    loop {
-        if instances(server)
-            .iter()
-            .any(|(i, s)| i == id && s == "FAILBACK_READY_FOR_LAUNCH")
-        {
-            break;
-        }
-        if start.elapsed() > SLOW {
-            panic!("{name}: never READY_FOR_LAUNCH:\n{}", vm.output());
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    failback(server, &["launch", id]);
+    wait_ready_for_launch(server, vm, id, SLOW);
+    admin_cli(server, &["launch", id]);
     vm.expect("FAILBACK_COMPLETED", SLOW);
     vm.expect("FAILBACK_DONE", SLOW);
     vm.wait_exit(Duration::from_secs(120));
@@ -226,13 +67,13 @@ fn appliance_pairs_syncs_launches_and_restores_disks_byte_for_byte() {
 
     // Full copy onto an empty disk.
     let source = d.join("source.img");
-    gendisk(&source, &["--size", "256M", "--seed", "7"]);
+    gen_disk(&source, &["--size", "256M", "--seed", "7"]);
     let target = d.join("target.img");
     std::fs::File::create(&target)
         .unwrap()
         .set_len(256 << 20)
         .unwrap();
-    let (_agent, id) = start_agent(&server, &source, d);
+    let (_agent, id) = spawn_agent(&server, &source, d);
     let out = failback_one(&server, d, "full", &id, &target);
     assert!(
         std::fs::read(&source).unwrap() == std::fs::read(&target).unwrap(),
@@ -242,9 +83,9 @@ fn appliance_pairs_syncs_launches_and_restores_disks_byte_for_byte() {
 
     // Stale local disk: only the differing blocks travel.
     let source2 = d.join("source2.img");
-    gendisk(&source2, &["--size", "256M", "--seed", "8"]);
+    gen_disk(&source2, &["--size", "256M", "--seed", "8"]);
     let stale = d.join("stale.img");
-    gendisk(
+    gen_disk(
         &stale,
         &[
             "--stale-from",
@@ -253,7 +94,7 @@ fn appliance_pairs_syncs_launches_and_restores_disks_byte_for_byte() {
             "2",
         ],
     );
-    let (_agent2, id2) = start_agent(&server, &source2, d);
+    let (_agent2, id2) = spawn_agent(&server, &source2, d);
     let out2 = failback_one(&server, d, "delta", &id2, &stale);
     assert!(
         std::fs::read(&source2).unwrap() == std::fs::read(&stale).unwrap(),
@@ -288,16 +129,14 @@ fn appliance_without_seed_prompts_then_pairs_syncs_and_restores_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let source = d.join("source.img");
-    gendisk(&source, &["--size", "64M", "--seed", "11"]);
+    gen_disk(&source, &["--size", "64M", "--seed", "11"]);
     let target = d.join("target.img");
     std::fs::File::create(&target)
         .unwrap()
         .set_len(64 << 20)
         .unwrap();
-    let (_agent, id) = start_agent(&server, &source, d);
-    let token = failback(&server, &["token", "create", "pairing", "--instance", &id])
-        .trim()
-        .to_string();
+    let (_agent, id) = spawn_agent(&server, &source, d);
+    let token = pairing_token(&server, &id);
     let _slot = qemu_slot();
     let mut vm = Vm::start(&VmConfig {
         name: "noseed",
@@ -346,7 +185,7 @@ fn appliance_without_seed_prompts_then_pairs_syncs_and_restores_the_disk() {
 
 /// `CLIENT_BOOT_FAILED` / `CLIENT_FAILED` events of one instance (via `failback events`).
 fn failure_events(server: &Server, id: &str) -> Vec<(String, String)> {
-    let v: serde_json::Value = serde_json::from_str(&failback(
+    let v: serde_json::Value = serde_json::from_str(&admin_cli(
         server,
         &["events", "--instance", id, "--output", "json"],
     ))
@@ -423,7 +262,7 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
         .unwrap();
     // Advertised as 127.0.0.1: `failback-client run` dials it from the host; the QEMU part
     // below is refused at pairing and never dials the agent.
-    let (_agent, id) = start_agent_at(&server, &source, d, "127.0.0.1");
+    let (_agent, id) = spawn_agent_at(&server, &source, d, "127.0.0.1");
     let small = d.join("small.img");
     std::fs::File::create(&small)
         .unwrap()
@@ -432,7 +271,7 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
     let map = format!("vol0={}", small.display());
 
     // Expired token: refused at pairing (exit 7), cause on the console and in the events.
-    let expired = failback(
+    let expired = admin_cli(
         &server,
         &[
             "token",
@@ -465,9 +304,7 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
     );
 
     // Too small a local disk: pairs, then refused before any write (exit 3).
-    let token = failback(&server, &["token", "create", "pairing", "--instance", &id])
-        .trim()
-        .to_string();
+    let token = pairing_token(&server, &id);
     let (code, out) = client_run(&server, d, &token, &map);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("image file holds"), "{out}");
@@ -488,16 +325,7 @@ fn appliance_and_client_failures_reach_the_service_event_log() {
     // names a disk the VM does not have: cause on the console, boot report (filed by the now
     // used token) with the appliance's own console lines, power-off (no_prompt).
     let iso = build_iso("badmap", "failback.map=vol0=/dev/sdb").0;
-    let seed = SeedConfig {
-        server_url: Some(server.guest_url()),
-        token: Some(token),
-        instance_id: Some(id.clone()),
-        ca_cert_pem: Some(server.ca_pem()),
-        no_prompt: true,
-        after: AfterCompletion::Poweroff,
-        ..Default::default()
-    };
-    let seed = seed_iso(d, &seed);
+    let seed = seed_iso(d, &unattended_seed(&server, token, &id));
     let target = d.join("target.img");
     std::fs::File::create(&target)
         .unwrap()

@@ -14,8 +14,8 @@
 mod appliance_support;
 
 use appliance_support::*;
-use failback_config::seed::{AfterCompletion, SeedConfig};
-use std::time::{Duration, Instant};
+use failback_config::seed::SeedConfig;
+use std::time::Duration;
 
 const SLOW: Duration = Duration::from_secs(600);
 
@@ -119,22 +119,11 @@ fn appliance_boots_from_usb_stick_on_bios_and_uefi_and_never_offers_the_stick() 
             .set_len(TARGET_MIB << 20)
             .unwrap();
         let (_agent, id) = spawn_agent(&server, &source, d);
-        let token = admin_cli(&server, &["token", "create", "pairing", "--instance", &id])
-            .trim()
-            .to_string();
         let seed_dir = d.join(name);
         std::fs::create_dir_all(&seed_dir).unwrap();
         let seed = seed_iso(
             &seed_dir,
-            &SeedConfig {
-                server_url: Some(server.guest_url()),
-                token: Some(token),
-                instance_id: Some(id.clone()),
-                ca_cert_pem: Some(server.ca_pem()),
-                no_prompt: true,
-                after: AfterCompletion::Poweroff,
-                ..Default::default()
-            },
+            &unattended_seed(&server, pairing_token(&server, &id), &id),
         );
         let mut vm = Vm::start_from(
             &VmConfig {
@@ -173,24 +162,7 @@ fn appliance_boots_from_usb_stick_on_bios_and_uefi_and_never_offers_the_stick() 
             vm.started.elapsed().as_secs_f64()
         );
 
-        let start = Instant::now();
-        let described = loop {
-            let v = describe_instance(&server, &id);
-            if v.to_string().contains("FAILBACK_READY_FOR_LAUNCH") {
-                break v;
-            }
-            assert!(
-                !vm.output().contains("FAILBACK_FAILED"),
-                "{name}: the appliance failed:\n{}",
-                vm.output()
-            );
-            assert!(
-                start.elapsed() < SLOW,
-                "{name}: never READY_FOR_LAUNCH:\n{}",
-                vm.output()
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        };
+        let described = wait_ready_for_launch(&server, &vm, &id, SLOW);
         let disks = inventory_disks(&described);
         assert!(
             disks
@@ -232,23 +204,14 @@ fn stick_mapped_by_hand_is_refused_as_a_target() {
     let source = d.join("source.img");
     gen_disk(&source, &["--size", "8M", "--seed", "21"]);
     let (_agent, id) = spawn_agent(&server, &source, d);
-    let token = admin_cli(&server, &["token", "create", "pairing", "--instance", &id])
-        .trim()
-        .to_string();
     let seed = seed_iso(
         d,
         &SeedConfig {
-            server_url: Some(server.guest_url()),
-            token: Some(token),
-            instance_id: Some(id.clone()),
-            ca_cert_pem: Some(server.ca_pem()),
-            no_prompt: true,
-            after: AfterCompletion::Poweroff,
             mappings: vec![failback_config::seed::DeviceMapping {
                 remote: "vol0".into(),
                 local: "/dev/sda".into(),
             }],
-            ..Default::default()
+            ..unattended_seed(&server, pairing_token(&server, &id), &id)
         },
     );
     let mut vm = Vm::start_from(

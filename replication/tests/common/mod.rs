@@ -10,19 +10,7 @@ use failback_replication::tls::DevCerts;
 use failback_replication::{ClientTls, Mapping, NoProgress, Session, SyncOptions, SyncReport};
 use tokio::net::TcpListener;
 
-/// Deterministic pseudo-random bytes (xorshift64*), so tests need no RNG crate.
-pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+pub use failback_tests::random_bytes;
 
 /// A disk image shaped like a real one: random data, zero runs, repeated text.
 pub fn make_disk(path: &Path, size: usize, seed: u64) -> Vec<u8> {

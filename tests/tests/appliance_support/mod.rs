@@ -491,6 +491,12 @@ impl Drop for AgentProc {
 /// Starts an agent on 127.0.0.1 (advertised to guests as 10.0.2.2) serving `disk` as `vol0`,
 /// enrolled with `server`; returns it with its recovery instance id.
 pub fn spawn_agent(server: &Server, disk: &Path, dir: &Path) -> (AgentProc, String) {
+    spawn_agent_at(server, disk, dir, "10.0.2.2")
+}
+
+/// Same, advertising `host` to clients (10.0.2.2 for QEMU guests, 127.0.0.1 for a client run
+/// on the host).
+pub fn spawn_agent_at(server: &Server, disk: &Path, dir: &Path, host: &str) -> (AgentProc, String) {
     let before = instance_ids(server);
     let token = admin_cli(server, &["token", "create", "agent"])
         .trim()
@@ -506,7 +512,7 @@ pub fn spawn_agent(server: &Server, disk: &Path, dir: &Path) -> (AgentProc, Stri
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--advertise",
-            &format!("10.0.2.2:{port}"),
+            &format!("{host}:{port}"),
         ])
         .arg("--disk")
         .arg(format!("vol0={}", disk.display()))
@@ -549,4 +555,59 @@ pub fn gen_disk(out: &Path, args: &[&str]) {
         .status()
         .expect("running fb-gendisk");
     assert!(st.success(), "fb-gendisk {} {args:?} failed", out.display());
+}
+
+/// A pairing token for recovery instance `id`.
+pub fn pairing_token(server: &Server, id: &str) -> String {
+    admin_cli(server, &["token", "create", "pairing", "--instance", id])
+        .trim()
+        .to_string()
+}
+
+/// The seed of an unattended appliance: pairs with `server` as instance `id` using `token`,
+/// never prompts, powers off when done.
+pub fn unattended_seed(
+    server: &Server,
+    token: String,
+    id: &str,
+) -> failback_config::seed::SeedConfig {
+    failback_config::seed::SeedConfig {
+        server_url: Some(server.guest_url()),
+        token: Some(token),
+        instance_id: Some(id.to_string()),
+        ca_cert_pem: Some(server.ca_pem()),
+        no_prompt: true,
+        after: failback_config::seed::AfterCompletion::Poweroff,
+        ..Default::default()
+    }
+}
+
+/// Polls `instances describe` until instance `id` is FAILBACK_READY_FOR_LAUNCH and returns
+/// the description; panics with the console if `vm` shows FAILBACK_FAILED or after `timeout`.
+pub fn wait_ready_for_launch(
+    server: &Server,
+    vm: &Vm,
+    id: &str,
+    timeout: Duration,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let v = describe_instance(server, id);
+        if v.to_string().contains("FAILBACK_READY_FOR_LAUNCH") {
+            return v;
+        }
+        assert!(
+            !vm.output().contains("FAILBACK_FAILED"),
+            "{}: the appliance failed:\n{}",
+            vm.name,
+            vm.output()
+        );
+        assert!(
+            start.elapsed() < timeout,
+            "{}: never READY_FOR_LAUNCH:\n{}",
+            vm.name,
+            vm.output()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
