@@ -8,9 +8,20 @@
 // is powered off (the orchestrator did it), it stops QEMU. A VM powered on without an ISO
 // first in its boot order is left alone (booting the restored OS is not what we test).
 //
+// Power-ons, not power states: a QEMU belongs to the power-on it was started for, named by
+// the VM's boot time (vcsim 0.24.2 sets summary.runtime.bootTime, with nanoseconds, on every
+// power-on and reset; runtime.bootTime stays unset). The orchestrator may power a VM off,
+// reconfigure it and power it on again between two polls; the harness then sees a new boot
+// time, not an off VM. So: a QEMU whose power-on is over (VM off or booted again) is stopped;
+// a guest that exits powers the VM off only if the VM is still in the guest's power-on (a
+// new power-on is never touched); a power-on gets at most one QEMU.
+//
 // Build: GO111MODULE=off GOPATH=/usr/share/gocode go build -o target/hypervisor/hypervisor .
 // Usage: hypervisor -vcsim-env FILE -disk-dir DIR [-log-dir DIR] [-mem 512] [-qemu PATH]
-// Prints one line per event on stdout: "boot VM", "exit VM CODE", "stop VM".
+// Prints one line per event on stdout: "boot VM ARGS", "stop VM" (its power-on is over),
+// "exit VM CODE", then after a guest exited by itself "poweroff VM" or "keep VM REASON".
+// With -exit-on-eof, each stdin line "poll" polls at once and prints "polled" (tests use a
+// long -poll to decide exactly when the harness looks).
 package main
 
 import (
@@ -18,7 +29,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"io/ioutil"
 	"log"
 	"net/url"
@@ -34,6 +44,7 @@ import (
 
 	"github.com/vmware/govmomi"
 	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/property"
 	"github.com/vmware/govmomi/view"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/types"
@@ -42,6 +53,8 @@ import (
 type guest struct {
 	cmd  *exec.Cmd
 	done chan struct{}
+	// boot: the power-on this QEMU belongs to (powerOn of the VM when QEMU started).
+	boot string
 	// stopping: we killed it because vcsim says the VM is off.
 	stopping bool
 }
@@ -56,7 +69,9 @@ type harness struct {
 	extra      []string
 	mu         sync.Mutex
 	running    map[string]*guest // VM moref -> QEMU
-	out        *log.Logger
+	// ended: VM moref -> the power-on whose QEMU has ended; never boot it again.
+	ended map[string]string
+	out   *log.Logger
 }
 
 func readEnv(path string) (map[string]string, error) {
@@ -101,6 +116,7 @@ func main() {
 		qemu:       *qemu,
 		mem:        *mem,
 		running:    map[string]*guest{},
+		ended:      map[string]string{},
 		out:        log.New(os.Stdout, "", 0),
 	}
 	if h.logDir == "" {
@@ -121,18 +137,34 @@ func main() {
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	pollNow := make(chan struct{})
 	if *exitOnEOF {
-		go func() { _, _ = io.Copy(ioutil.Discard, os.Stdin); sig <- syscall.SIGTERM }()
+		go func() {
+			sc := bufio.NewScanner(os.Stdin)
+			for sc.Scan() {
+				if strings.TrimSpace(sc.Text()) == "poll" {
+					pollNow <- struct{}{}
+				}
+			}
+			sig <- syscall.SIGTERM
+		}()
 	}
 	go func() { <-sig; cancel() }()
 	h.out.Printf("ready")
+	asked := false
 	for ctx.Err() == nil {
 		if err := h.tick(ctx); err != nil && ctx.Err() == nil {
 			fmt.Fprintf(os.Stderr, "hypervisor: %v\n", err)
 		}
+		if asked {
+			h.out.Printf("polled")
+		}
 		select {
 		case <-ctx.Done():
 		case <-time.After(*poll):
+			asked = false
+		case <-pollNow:
+			asked = true
 		}
 	}
 	h.mu.Lock()
@@ -210,6 +242,19 @@ func firstMac(vm mo.VirtualMachine) string {
 	return ""
 }
 
+// powerOn names a VM's current power-on: its boot time with nanoseconds ("" while off).
+// vcsim stamps every power-on (and reset) with time.Now(), so two power-ons never share it.
+func powerOn(vm mo.VirtualMachine) string {
+	if vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
+		return ""
+	}
+	if vm.Summary.Runtime.BootTime == nil {
+		// Powered on without a boot time (an inventory VM vcsim created powered on).
+		return "on"
+	}
+	return vm.Summary.Runtime.BootTime.UTC().Format(time.RFC3339Nano)
+}
+
 func (h *harness) tick(ctx context.Context) error {
 	m := view.NewManager(h.client.Client)
 	v, err := m.CreateContainerView(ctx, h.client.ServiceContent.RootFolder, []string{"VirtualMachine"}, true)
@@ -218,53 +263,81 @@ func (h *harness) tick(ctx context.Context) error {
 	}
 	defer v.Destroy(ctx)
 	var vms []mo.VirtualMachine
-	if err := v.Retrieve(ctx, []string{"VirtualMachine"}, []string{"name", "runtime.powerState", "config"}, &vms); err != nil {
+	props := []string{"name", "runtime.powerState", "summary.runtime.bootTime", "config"}
+	if err := v.Retrieve(ctx, []string{"VirtualMachine"}, props, &vms); err != nil {
 		return err
 	}
 	for _, vm := range vms {
 		id := vm.Self.Value
-		on := vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn
+		boot := powerOn(vm)
 		h.mu.Lock()
 		g := h.running[id]
+		ended := h.ended[id]
 		h.mu.Unlock()
-		switch {
-		case g != nil && !on:
+		if g != nil && g.boot != boot {
+			// Its power-on is over: the VM is off, or was powered off and on again
+			// (e.g. from disk) since the last poll. Kill it as the power-off would have.
 			h.mu.Lock()
 			g.stopping = true
 			h.mu.Unlock()
 			h.out.Printf("stop %s", vm.Name)
 			_ = g.cmd.Process.Kill()
 			<-g.done
-		case g == nil && on && vm.Config != nil:
-			isos := bootsFromIso(vm)
-			if len(isos) == 0 {
-				continue
-			}
-			if err := h.boot(ctx, vm, isos); err != nil {
-				fmt.Fprintf(os.Stderr, "hypervisor: boot %s: %v\n", vm.Name, err)
-				h.out.Printf("error %s %v", vm.Name, err)
-				h.powerOff(ctx, vm.Self)
-			}
+			ended = g.boot // the old power-on; the current one may boot its own QEMU
+			g = nil
+		}
+		if g != nil || boot == "" || boot == ended || vm.Config == nil {
+			continue
+		}
+		isos := bootsFromIso(vm)
+		if len(isos) == 0 {
+			continue
+		}
+		if err := h.boot(ctx, vm, boot, isos); err != nil {
+			fmt.Fprintf(os.Stderr, "hypervisor: boot %s: %v\n", vm.Name, err)
+			h.out.Printf("error %s %v", vm.Name, err)
+			h.mu.Lock()
+			h.ended[id] = boot
+			h.mu.Unlock()
+			h.powerOff(ctx, vm.Self, vm.Name, boot)
 		}
 	}
 	return nil
 }
 
-func (h *harness) powerOff(ctx context.Context, ref types.ManagedObjectReference) {
-	vm := object.NewVirtualMachine(h.client.Client, ref)
-	if st, err := vm.PowerState(ctx); err == nil && st != types.VirtualMachinePowerStatePoweredOn {
+// powerOff powers the VM off if it is still in power-on `boot`; a VM that is off already,
+// or powered on again since (a new power-on), is left as it is. The power-on is read right
+// before PowerOffVM_Task: there is no conditional power-off in vSphere, so the only window
+// left is that one round trip (the race this guards against spans a whole poll interval).
+func (h *harness) powerOff(ctx context.Context, ref types.ManagedObjectReference, name, boot string) {
+	var cur mo.VirtualMachine
+	pc := property.DefaultCollector(h.client.Client)
+	if err := pc.RetrieveOne(ctx, ref, []string{"runtime.powerState", "summary.runtime.bootTime"}, &cur); err != nil {
+		fmt.Fprintf(os.Stderr, "hypervisor: read power state of %s: %v\n", name, err)
+		h.out.Printf("keep %s cannot read its power state: %v", name, err)
 		return
 	}
-	task, err := vm.PowerOff(ctx)
+	switch now := powerOn(cur); {
+	case now == "":
+		h.out.Printf("keep %s already off", name)
+		return
+	case now != boot:
+		h.out.Printf("keep %s powered on again since QEMU started", name)
+		return
+	}
+	task, err := object.NewVirtualMachine(h.client.Client, ref).PowerOff(ctx)
 	if err == nil {
 		err = task.Wait(ctx)
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "hypervisor: power off %s: %v\n", ref.Value, err)
+		fmt.Fprintf(os.Stderr, "hypervisor: power off %s: %v\n", name, err)
+		h.out.Printf("keep %s power off failed: %v", name, err)
+		return
 	}
+	h.out.Printf("poweroff %s", name)
 }
 
-func (h *harness) boot(ctx context.Context, vm mo.VirtualMachine, isos []string) error {
+func (h *harness) boot(ctx context.Context, vm mo.VirtualMachine, boot string, isos []string) error {
 	var appliance, seed []string
 	for _, iso := range isos {
 		p, err := h.file(iso)
@@ -311,7 +384,7 @@ func (h *harness) boot(ctx context.Context, vm mo.VirtualMachine, isos []string)
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	g := &guest{cmd: cmd, done: make(chan struct{})}
+	g := &guest{cmd: cmd, done: make(chan struct{}), boot: boot}
 	h.mu.Lock()
 	h.running[vm.Self.Value] = g
 	h.mu.Unlock()
@@ -334,11 +407,13 @@ func (h *harness) boot(ctx context.Context, vm mo.VirtualMachine, isos []string)
 		h.mu.Lock()
 		stopping := g.stopping
 		delete(h.running, vm.Self.Value)
+		h.ended[vm.Self.Value] = boot
 		h.mu.Unlock()
 		h.out.Printf("exit %s %d", vm.Name, code)
 		if !stopping {
-			// The guest powered off or rebooted (-no-reboot): the VM is off now.
-			h.powerOff(ctx, vm.Self)
+			// The guest powered off or rebooted (-no-reboot): its power-on is over, unless
+			// the VM was powered off and on again meanwhile.
+			h.powerOff(ctx, vm.Self, vm.Name, boot)
 		}
 		close(g.done)
 	}()

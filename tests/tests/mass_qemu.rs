@@ -286,15 +286,164 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
     }
     // VMs on, ISOs detached, boot options as before.
     assert_vms_restored(&vc, &before).await;
-    // The harness booted each VM once from the ISOs and saw each guest power off by itself.
+    // The harness booted each VM once from the ISOs, and each guest's QEMU ended: the guest
+    // rebooted by itself (exit 0), or the orchestrator's power-off ended its power-on first
+    // (stop); which one comes first is a race between the client and the orchestrator's poll.
     let hl = std::fs::read_to_string(&hv_log).unwrap();
     for vm in vms {
-        assert_eq!(
-            hl.matches(&format!("boot {} ", vm.summary.name)).count(),
-            1,
+        let name = &vm.summary.name;
+        assert_eq!(hl.matches(&format!("boot {name} ")).count(), 1, "{hl}");
+        assert!(
+            hl.contains(&format!("exit {name} 0\n")) || hl.contains(&format!("stop {name}\n")),
             "{hl}"
         );
-        assert!(hl.contains(&format!("exit {} 0", vm.summary.name)), "{hl}");
     }
     eprintln!("QEMU E2E: 3 VMs x 64 MiB (1 delta, 2 full) failed back in {wall:.0} s wall");
+}
+
+/// The harness's lines on stdout, one at a time (60 s each at most).
+struct HarnessLines(std::sync::mpsc::Receiver<String>, Vec<String>);
+
+impl HarnessLines {
+    fn next(&mut self) -> String {
+        let l = self
+            .0
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("no line from the harness ({e}); so far: {:#?}", self.1));
+        self.1.push(l.clone());
+        l
+    }
+
+    fn expect(&mut self, want: &str) {
+        let l = self.next();
+        assert!(
+            l == want || l.starts_with(&format!("{want} ")),
+            "harness said {l:?}, expected {want:?}; so far: {:#?}",
+            self.1
+        );
+    }
+}
+
+/// The harness ties a QEMU to one power-on (the race behind a flaky `VM powered on` above:
+/// the orchestrator powered the appliance VM off, detached the ISOs, restored the boot
+/// options and powered it on from disk between two polls; the guest's own power-off that
+/// followed made the harness power off the VM in its new power-on). Deterministic: a fake
+/// QEMU that exits when told, and a harness that polls only when asked (`-poll 1h`, "poll"
+/// on stdin), so each interleaving is produced on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_ties_each_qemu_to_one_power_on() {
+    use failback_vcenter::{PowerOp, PowerState};
+    let work = tempfile::tempdir().unwrap();
+    let vcsim = Vcsim::start(&["-vm", "1", "-host", "1"]);
+    let vc = vcsim.client().await;
+    let vm = non_template_vms(&vc).await.remove(0);
+    let r = vm.vmref.clone();
+    let name = r.name.clone();
+    if vc.power_state(&r).await.unwrap() == PowerState::PoweredOn {
+        vc.power(&r, PowerOp::Off).await.unwrap();
+    }
+    let iso = vcsim.datastore_dir("LocalDS_0").join("isos/app.iso");
+    std::fs::create_dir_all(iso.parent().unwrap()).unwrap();
+    std::fs::write(&iso, vec![0u8; 64 << 10]).unwrap();
+    let disks = work.path().join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    std::fs::write(disks.join(format!("{name}.img")), b"").unwrap();
+    // Fake QEMU (the harness stops it like QEMU, with SIGKILL): runs until `exit` exists.
+    let flag = work.path().join("exit");
+    let qemu = work.path().join("qemu.sh");
+    std::fs::write(
+        &qemu,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e '{0}' ]; do sleep 0.05; done\nrm -f '{0}'\n",
+            flag.display()
+        ),
+    )
+    .unwrap();
+    let mut perm = std::fs::metadata(&qemu).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    std::fs::set_permissions(&qemu, perm).unwrap();
+    let boot_from_iso = || async {
+        vc.attach_iso(&r, "LocalDS_0", "isos/app.iso")
+            .await
+            .unwrap();
+        vc.set_boot_cdrom_first(&r).await.unwrap()
+    };
+    let saved = boot_from_iso().await;
+    vc.power(&r, PowerOp::On).await.unwrap();
+
+    let mut hv = Command::new(go_tool("target/hypervisor/hypervisor"))
+        .arg("-vcsim-env")
+        .arg(&vcsim.env_file)
+        .arg("-disk-dir")
+        .arg(&disks)
+        .arg("-qemu")
+        .arg(&qemu)
+        .args(["-poll", "1h", "-exit-on-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.path().join("hypervisor.err")).unwrap())
+        .spawn()
+        .expect("start hypervisor harness");
+    let mut stdin = hv.stdin.take().unwrap();
+    let out = hv.stdout.take().unwrap();
+    let _hv = KillOnDrop(hv);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut hl = HarnessLines(rx, Vec::new());
+    let mut poll = |hl: &mut HarnessLines, want: &[String]| {
+        writeln!(stdin, "poll").unwrap();
+        stdin.flush().unwrap();
+        for w in want {
+            hl.expect(w);
+        }
+        hl.expect("polled");
+    };
+    let exit_guest = || std::fs::write(&flag, b"").unwrap();
+    let on = || async { vc.power_state(&r).await.unwrap() };
+
+    // The first poll (at start) boots QEMU for the ISO power-on.
+    hl.expect("ready");
+    hl.expect(&format!("boot {name}"));
+
+    // The reported race: off, ISOs detached, boot options restored, on from disk, all before
+    // the next poll; then the old guest powers off. The new power-on must stay on.
+    vc.power(&r, PowerOp::Off).await.unwrap();
+    vc.detach_iso(&r, None).await.unwrap();
+    vc.restore_boot_options(&r, &saved).await.unwrap();
+    vc.power(&r, PowerOp::On).await.unwrap();
+    exit_guest();
+    hl.expect(&format!("exit {name} 0"));
+    hl.expect(&format!("keep {name} powered on again since QEMU started"));
+    assert_eq!(on().await, PowerState::PoweredOn, "{:#?}", hl.1);
+    poll(&mut hl, &[]); // a disk power-on: no QEMU
+    assert_eq!(on().await, PowerState::PoweredOn, "{:#?}", hl.1);
+
+    // A new ISO power-on gets its QEMU; power-cycled between polls, that QEMU is stopped
+    // (its power-on is over) without powering the VM off, and the new power-on gets a new one.
+    boot_from_iso().await;
+    vc.power(&r, PowerOp::Off).await.unwrap();
+    vc.power(&r, PowerOp::On).await.unwrap();
+    poll(&mut hl, &[format!("boot {name}")]);
+    vc.power(&r, PowerOp::Reset).await.unwrap();
+    poll(
+        &mut hl,
+        &[
+            format!("stop {name}"),
+            format!("exit {name} -1"),
+            format!("boot {name}"),
+        ],
+    );
+    assert_eq!(on().await, PowerState::PoweredOn, "{:#?}", hl.1);
+
+    // The guest powers off in its own power-on: the VM goes off, and stays so.
+    exit_guest();
+    hl.expect(&format!("exit {name} 0"));
+    hl.expect(&format!("poweroff {name}"));
+    assert_eq!(on().await, PowerState::PoweredOff, "{:#?}", hl.1);
+    poll(&mut hl, &[]);
+    assert_eq!(on().await, PowerState::PoweredOff, "{:#?}", hl.1);
 }
