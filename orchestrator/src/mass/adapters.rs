@@ -171,23 +171,55 @@ impl Hypervisor for VcenterBackend {
             .map_err(|e| BackendError::permanent(format!("encode boot options of VM {vm}: {e}")))
     }
 
-    async fn attach_isos(&self, moref: &str, isos: &[String]) -> BResult<Vec<AttachedCdrom>> {
+    async fn attach_isos(
+        &self,
+        moref: &str,
+        isos: &[String],
+        devices_before: Option<&[i32]>,
+    ) -> BResult<Vec<AttachedCdrom>> {
         let vm = self.vmref_named(moref).await?;
-        let mut out = vec![];
+        let mut atts = vec![];
         for iso in isos {
-            let att = self
-                .client
-                .attach_iso(&vm, &self.datastore, iso)
-                .await
-                .map_err(vc_err)?;
-            out.push(AttachedCdrom {
+            atts.push(
+                self.client
+                    .attach_iso(&vm, &self.datastore, iso)
+                    .await
+                    .map_err(vc_err)?,
+            );
+        }
+        if let Some(before) = devices_before {
+            // A drive already holding the ISO may be one an interrupted run added.
+            let now = self.client.vm(&vm.moref).await.map_err(vc_err)?;
+            for att in &mut atts {
+                if !before.contains(&att.device_key) {
+                    att.added_cdrom = true;
+                    if att.added_controller_key.is_none() {
+                        att.added_controller_key = now
+                            .device(att.device_key)
+                            .and_then(|d| d.controller_key)
+                            .filter(|c| !before.contains(c));
+                    }
+                }
+            }
+        }
+        Ok(atts
+            .into_iter()
+            .map(|att| AttachedCdrom {
                 device_key: att.device_key,
                 added: att.added_cdrom,
                 iso: att.iso.clone(),
                 detail: serde_json::to_string(&att).ok(),
-            });
-        }
-        Ok(out)
+            })
+            .collect())
+    }
+
+    async fn device_keys(&self, moref: &str) -> BResult<Vec<i32>> {
+        let vm = self
+            .client
+            .vm(&vc::MoRef::new("VirtualMachine", moref))
+            .await
+            .map_err(vc_err)?;
+        Ok(vm.devices.iter().map(|d| d.key).collect())
     }
 
     async fn set_cdrom_first(&self, moref: &str, _saved: &SavedBoot) -> BResult<()> {

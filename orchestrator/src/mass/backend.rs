@@ -130,9 +130,19 @@ pub trait Hypervisor: Send + Sync {
     /// Returns the snapshot's moref.
     async fn create_snapshot(&self, moref: &str, name: &str, description: &str) -> BResult<String>;
     async fn save_boot(&self, moref: &str) -> BResult<SavedBoot>;
-    /// Ensure a CD-ROM per ISO (reuse free ones, else add) and attach the ISOs
+    /// Ensure a CD-ROM per ISO (reuse free ones, else add) and attach the ISOs; a drive or
+    /// controller whose key is not in `devices_before` counts as added by this run
     /// (`ds_path`s in the run's datastore), connected at power on.
-    async fn attach_isos(&self, moref: &str, isos: &[String]) -> BResult<Vec<AttachedCdrom>>;
+    async fn attach_isos(
+        &self,
+        moref: &str,
+        isos: &[String],
+        devices_before: Option<&[i32]>,
+    ) -> BResult<Vec<AttachedCdrom>>;
+    /// Keys of all the VM's virtual devices. Recorded before ISOs are attached: a run resumed
+    /// after a crash mid-attach finds its ISO already in a drive and must still know that it
+    /// added that drive (and controller), or it would leave them behind.
+    async fn device_keys(&self, moref: &str) -> BResult<Vec<i32>>;
     /// Boot order: CD-ROM first, then what was there.
     async fn set_cdrom_first(&self, moref: &str, saved: &SavedBoot) -> BResult<()>;
     /// Detach the ISOs and remove the CD-ROMs the run added.

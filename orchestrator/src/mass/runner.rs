@@ -839,6 +839,12 @@ impl Runner {
                 Ok(Flow::Next)
             }
             Step::SaveBootOptions => {
+                if v.devices_before.is_none() {
+                    v.devices_before = Some(
+                        self.retry("read devices", &label, || self.hv.device_keys(&moref))
+                            .await?,
+                    );
+                }
                 if v.saved_boot.is_none() {
                     v.saved_boot = Some(
                         self.retry("save boot options", &label, || self.hv.save_boot(&moref))
@@ -852,8 +858,11 @@ impl Runner {
                     shared.appliance_ds.clone(),
                     v.seed_ds_path.clone().unwrap_or_default(),
                 ];
+                let before = v.devices_before.clone();
                 let att = self
-                    .retry("attach ISOs", &label, || self.hv.attach_isos(&moref, &isos))
+                    .retry("attach ISOs", &label, || {
+                        self.hv.attach_isos(&moref, &isos, before.as_deref())
+                    })
                     .await?;
                 v.attached = att;
                 Ok(Flow::Next)

@@ -180,6 +180,9 @@ pub struct VmState {
     pub snapshot: Option<String>,
     #[serde(default)]
     pub saved_boot: Option<SavedBoot>,
+    /// Keys of the VM's devices before ISOs were attached (see `Hypervisor::device_keys`).
+    #[serde(default)]
+    pub devices_before: Option<Vec<i32>>,
     #[serde(default)]
     pub attached: Vec<AttachedCdrom>,
     #[serde(default)]
@@ -219,6 +222,7 @@ impl VmState {
             was_powered_on: None,
             snapshot: None,
             saved_boot: None,
+            devices_before: None,
             attached: vec![],
             digests: vec![],
             disk_bytes: 0,

@@ -36,6 +36,8 @@ struct World {
     never_pairs: Vec<String>,
     /// transient failures to inject per op name
     flaky: HashMap<String, u32>,
+    /// VMs whose next attach adds a drive, then fails (connection lost mid-operation)
+    attach_breaks: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -134,13 +136,26 @@ impl Hypervisor for Fake {
         self.op("save_boot", moref)?;
         Ok(SavedBoot(self.w().vms[moref].boot.clone()))
     }
-    async fn attach_isos(&self, moref: &str, isos: &[String]) -> BResult<Vec<AttachedCdrom>> {
+    async fn device_keys(&self, moref: &str) -> BResult<Vec<i32>> {
+        Ok(self.w().vms[moref].cdroms.iter().map(|c| c.0).collect())
+    }
+    async fn attach_isos(
+        &self,
+        moref: &str,
+        isos: &[String],
+        devices_before: Option<&[i32]>,
+    ) -> BResult<Vec<AttachedCdrom>> {
         self.op("attach", moref)?;
         let mut w = self.w();
+        let breaks = w.attach_breaks.iter().position(|m| m == moref);
+        if let Some(i) = breaks {
+            w.attach_breaks.remove(i);
+        }
         let vm = w.vms.get_mut(moref).unwrap();
         let mut out = vec![];
         for iso in isos {
-            // Reuse a CD-ROM already holding this ISO (idempotent on resume), else a free one, else add.
+            // Reuse a CD-ROM already holding this ISO (idempotent on resume), else a free one,
+            // else add. Like vCenter, a reused drive does not tell who added it...
             let slot = vm
                 .cdroms
                 .iter()
@@ -149,7 +164,7 @@ impl Hypervisor for Fake {
             let (key, added) = match slot {
                 Some(i) => {
                     vm.cdroms[i].1 = Some(iso.clone());
-                    (vm.cdroms[i].0, vm.cdroms[i].2)
+                    (vm.cdroms[i].0, false)
                 }
                 None => {
                     vm.next_key += 1;
@@ -157,6 +172,14 @@ impl Hypervisor for Fake {
                     (vm.next_key, true)
                 }
             };
+            // ...so, like the vCenter adapter, a drive missing from the devices recorded
+            // before the run counts as added by it.
+            let added = added || devices_before.is_some_and(|b| !b.contains(&key));
+            if added && breaks.is_some() {
+                return Err(BackendError::transient(format!(
+                    "attach {moref}: connection reset after adding drive {key}"
+                )));
+            }
             out.push(AttachedCdrom {
                 device_key: key,
                 added,
@@ -562,6 +585,24 @@ async fn killed_mid_run_resume_finishes_without_repeating_destructive_steps() {
         .unwrap();
     assert_eq!(again.results.summary.succeeded, n);
     assert_eq!(f.count("power_on", "vm-0"), 2);
+}
+
+#[tokio::test]
+async fn attach_interrupted_after_adding_a_drive_still_removes_it() {
+    let n = 2;
+    let f = world(n);
+    f.w().attach_breaks.push("vm-1".into());
+    let plan = plan_for(&f, true);
+    let e = env(&plan);
+    let out = runner(&f, e.settings.clone())
+        .run(&plan, &e.plan_path, false)
+        .await
+        .unwrap();
+    assert_eq!(out.results.summary.succeeded, n, "{:#?}", out.results.vms);
+    assert_eq!(f.count("attach", "vm-1"), 2, "the attach was retried");
+    // The retry found the seed ISO already in the drive the first attempt added; the
+    // devices recorded before the run mark that drive as ours, so it is removed again.
+    assert_restored(&f, n);
 }
 
 #[tokio::test]
