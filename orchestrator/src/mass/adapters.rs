@@ -44,6 +44,23 @@ impl VcenterBackend {
     }
 }
 
+/// A power task refused because the VM already is where it was asked to go (the guest powered
+/// itself off between our state check and the task, e.g. when the appliance finishes) has done
+/// its job.
+fn already_there(res: vc::Result<()>) -> vc::Result<()> {
+    match res {
+        Err(e)
+            if e.fault().is_some_and(|f| {
+                matches!(&f.kind, vc::FaultKind::InvalidPowerState { requested: Some(r), existing: Some(x) } if r == x)
+            }) =>
+        {
+            tracing::debug!("{e}: already in that state");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 fn vm_info(s: &vc::VmSummary) -> VmInfo {
     VmInfo {
         moref: s.moref.clone(),
@@ -139,18 +156,12 @@ impl Hypervisor for VcenterBackend {
 
     async fn power_off(&self, moref: &str) -> BResult<()> {
         let vm = self.vmref_named(moref).await?;
-        self.client
-            .power(&vm, vc::PowerOp::Off)
-            .await
-            .map_err(vc_err)
+        already_there(self.client.power(&vm, vc::PowerOp::Off).await).map_err(vc_err)
     }
 
     async fn power_on(&self, moref: &str) -> BResult<()> {
         let vm = self.vmref_named(moref).await?;
-        self.client
-            .power(&vm, vc::PowerOp::On)
-            .await
-            .map_err(vc_err)
+        already_there(self.client.power(&vm, vc::PowerOp::On).await).map_err(vc_err)
     }
 
     async fn create_snapshot(&self, moref: &str, name: &str, description: &str) -> BResult<String> {
@@ -478,5 +489,32 @@ mod tests {
             failback_iso::seed::read_label(&out).unwrap().as_deref(),
             Some(seed::SEED_LABEL)
         );
+    }
+}
+
+#[cfg(test)]
+mod power_tests {
+    use super::*;
+
+    fn refused(requested: &str, existing: &str) -> vc::Result<()> {
+        Err(vc::Error::TaskFailed {
+            what: "power off VM 'vm1'".into(),
+            task: "task-1".into(),
+            fault: Box::new(vc::Fault {
+                kind: vc::FaultKind::InvalidPowerState {
+                    requested: Some(requested.into()),
+                    existing: Some(existing.into()),
+                },
+                message: String::new(),
+            }),
+        })
+    }
+
+    #[test]
+    fn a_vm_already_in_the_requested_power_state_is_success() {
+        assert!(already_there(refused("poweredOff", "poweredOff")).is_ok());
+        assert!(already_there(refused("poweredOn", "poweredOn")).is_ok());
+        assert!(already_there(refused("poweredOn", "suspended")).is_err());
+        assert!(already_there(Ok(())).is_ok());
     }
 }
