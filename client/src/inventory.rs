@@ -211,11 +211,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let sys = t.path().join("sys");
         let dev = t.path().join("dev");
-        let w = |p: &str, s: &str| {
-            let p = sys.join(p);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, s).unwrap();
-        };
+        let w = |p: &str, s: &str| write_under(&sys, p, s);
         w(
             "class/dmi/id/product_uuid",
             "4221A1B2-0000-1111-2222-333344445555\n",
@@ -252,6 +248,13 @@ mod tests {
         assert!(d.by_path.as_deref().unwrap().ends_with("scsi-0:0:0:0"));
     }
 
+    /// Writes `content` to `root/rel`, creating directories (a fake sysfs file).
+    fn write_under(root: &Path, rel: &str, content: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
     /// Writes an image with an ISO 9660 primary volume descriptor labelled `label`.
     fn iso_image(path: &Path, label: &str) {
         let mut data = vec![0u8; 64 << 10];
@@ -266,11 +269,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let sys = t.path().join("sys");
         let dev = t.path().join("dev");
-        let w = |p: &str, s: &str| {
-            let p = sys.join(p);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, s).unwrap();
-        };
+        let w = |p: &str, s: &str| write_under(&sys, p, s);
         std::fs::create_dir_all(&dev).unwrap();
         // sda: the local disk; sdb: the USB stick the appliance booted from (label on the
         // whole disk, as the hybrid ISO is written); sdc: a stick whose partition holds it;

@@ -263,6 +263,24 @@ fn check_agent_disks(disks: &[AgentDisk], field: &str) -> R<()> {
 }
 
 impl Service {
+    /// Recovery instances whose source server had this (normalised) VMware BIOS UUID: the
+    /// auto-match of pairing and of unauthenticated boot reports.
+    fn instances_with_bios_uuid(&self, uuid: &str) -> Result<Vec<RecoveryInstance>, ApiFailure> {
+        Ok(self
+            .store
+            .instances()?
+            .into_iter()
+            .filter(|i| {
+                i.source_hints
+                    .vmware_uuid
+                    .as_deref()
+                    .map(normalize_uuid)
+                    .as_deref()
+                    == Some(uuid)
+            })
+            .collect())
+    }
+
     pub fn new(store: Arc<dyn Store>, ca: Ca, settings: Settings) -> Service {
         Service {
             store,
@@ -707,19 +725,7 @@ impl Service {
                         message: "auto-match token but the client reported no SMBIOS UUID; pass --instance".into(),
                     });
                 };
-                let mut found: Vec<RecoveryInstance> = self
-                    .store
-                    .instances()?
-                    .into_iter()
-                    .filter(|i| {
-                        i.source_hints
-                            .vmware_uuid
-                            .as_deref()
-                            .map(normalize_uuid)
-                            .as_ref()
-                            == Some(uuid)
-                    })
-                    .collect();
+                let mut found = self.instances_with_bios_uuid(uuid)?;
                 match found.len() {
                     1 => (found.remove(0), MatchReason::SmbiosUuid),
                     0 => {

@@ -227,13 +227,12 @@ impl DiskWriter {
     /// cache nor leaves all the flushing to the final `fsync`.
     fn writeback(&mut self) {
         use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-        let now = std::mem::take(&mut self.pending);
+        let older = std::mem::replace(&mut self.started, std::mem::take(&mut self.pending));
         self.pending_bytes = 0;
-        let older = std::mem::replace(&mut self.started, now.clone());
         if !self.hints {
             return;
         }
-        for (s, e) in now.into_iter().chain(older) {
+        for &(s, e) in self.started.iter().chain(&older) {
             let (Ok(off), Ok(len)) = (i64::try_from(s), i64::try_from(e - s)) else {
                 continue;
             };

@@ -152,22 +152,8 @@ impl Service {
         }
         if instance.is_none() {
             if let Some(u) = &uuid {
-                let found: Vec<String> = self
-                    .store
-                    .instances()?
-                    .into_iter()
-                    .filter(|i| {
-                        i.source_hints
-                            .vmware_uuid
-                            .as_deref()
-                            .map(normalize_uuid)
-                            .as_ref()
-                            == Some(u)
-                    })
-                    .map(|i| i.recovery_instance_id)
-                    .collect();
-                if let [one] = found.as_slice() {
-                    instance = Some(one.clone());
+                if let [one] = self.instances_with_bios_uuid(u)?.as_slice() {
+                    instance = Some(one.recovery_instance_id.clone());
                     via = "BIOS UUID";
                 }
             }
