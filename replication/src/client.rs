@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_rustls::TlsConnector;
 
 use crate::block::{self, DiskDigest, VerifiedRun, ZeroHashes};
-use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender, TRANSPORT_READ_BUFFER};
+use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::report::{DiskReport, SyncReport};
@@ -199,14 +198,11 @@ impl Session {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        // rustls pulls at most 4 KiB per read from its transport; a buffer underneath turns
-        // ~600k small recv syscalls per 2.4 GiB into ~10k large ones.
-        let tcp = tokio::io::BufReader::with_capacity(TRANSPORT_READ_BUFFER, tcp);
         let name = rustls::pki_types::ServerName::try_from(AGENT_SERVER_NAME)
             .map_err(|e| Error::Usage(format!("server name: {e}")))?;
         let stream = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            TlsConnector::from(tls.config.clone()).connect(name, tcp),
+            crate::record::connect(tcp, tls.config.clone(), name),
         )
         .await
         .map_err(|_| timeout("TLS handshake"))?
@@ -214,7 +210,7 @@ impl Session {
             peer: peer.clone(),
             source,
         })?;
-        let (r, w) = tokio::io::split(stream);
+        let (r, w) = stream;
         let dead = DeadSlot::default();
         let (out, writer) = spawn_writer(w, dead.clone());
         let mut reader = FrameReader::new(r, peer.clone());

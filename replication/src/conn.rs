@@ -1,26 +1,22 @@
 //! Frame I/O over any async byte stream (TLS in production).
 //!
-//! Writes go through one writer task per connection with a large buffer, so TLS records stay
-//! full-sized and many small frames share a syscall; it flushes whenever its queue runs dry.
+//! Writes go through one writer task per connection; it flushes whenever its queue runs dry.
+//! Neither side adds a buffer of its own: the TLS halves ([`crate::record`]) already gather
+//! records into large socket writes and read the socket in large chunks, and a second buffer
+//! would only add a copy of every byte.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
 use crate::wire::{self, FrameError, Message};
 
-/// Read buffer between TCP and rustls (rustls itself reads at most 4 KiB per call).
-pub const TRANSPORT_READ_BUFFER: usize = 256 * 1024;
-
-/// Buffer size of the frame reader and writer.
-pub const IO_BUFFER: usize = 1024 * 1024;
-
-/// Reads frames from a stream.
+/// Reads frames from a stream (a buffered one: prefixes are read 4 bytes at a time).
 pub struct FrameReader<R> {
-    inner: BufReader<R>,
+    inner: R,
     peer: String,
 }
 
@@ -28,7 +24,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a read half.
     pub fn new(r: R, peer: impl Into<String>) -> Self {
         FrameReader {
-            inner: BufReader::with_capacity(IO_BUFFER, r),
+            inner: r,
             peer: peer.into(),
         }
     }
@@ -136,7 +132,7 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(32);
     let handle = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(IO_BUFFER, w);
+        let mut w = w;
         while let Some(frame) = rx.recv().await {
             let mut res = w.write_all(&frame).await;
             crate::pool::POOL.give(frame);

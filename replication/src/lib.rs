@@ -15,6 +15,7 @@ pub mod error;
 pub mod mapped;
 pub mod pool;
 pub mod progress;
+pub mod record;
 pub mod report;
 pub mod server;
 pub mod tls;

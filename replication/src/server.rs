@@ -15,7 +15,6 @@ use std::time::Duration;
 use rayon::prelude::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 
 use crate::block::{self, DiskDigest, ZeroHashes};
 use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
@@ -139,7 +138,7 @@ impl ServeOptions {
 
 struct Ctx {
     disks: Vec<SourceDisk>,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     instance: Option<String>,
     opts: ServeOptions,
 }
@@ -154,7 +153,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let ctx = Arc::new(Ctx {
         disks,
-        acceptor: TlsAcceptor::from(tls.config.clone()),
+        tls: tls.config.clone(),
         instance: tls.instance.clone(),
         opts,
     });
@@ -198,7 +197,9 @@ async fn send_error(out: &FrameSender, stream: u32, code: ErrorCode, message: St
 
 async fn handle(tcp: TcpStream, peer: String, ctx: Arc<Ctx>) -> Result<()> {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HELLO_TIMEOUT, ctx.acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(HELLO_TIMEOUT, crate::record::accept(tcp, ctx.tls.clone()))
+        .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
         Err(_) => {
@@ -209,13 +210,8 @@ async fn handle(tcp: TcpStream, peer: String, ctx: Arc<Ctx>) -> Result<()> {
             })
         }
     };
-    let client_instance = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| instance_id_from_cert(c));
-    let (r, w) = tokio::io::split(tls);
+    let (r, w, certs) = tls;
+    let client_instance = certs.first().and_then(|c| instance_id_from_cert(c));
     let dead = DeadSlot::default();
     let (out, writer) = spawn_writer(w, dead);
     let mut reader = FrameReader::new(r, peer.clone());
@@ -240,7 +236,7 @@ async fn handle(tcp: TcpStream, peer: String, ctx: Arc<Ctx>) -> Result<()> {
 }
 
 async fn session(
-    reader: &mut FrameReader<tokio::io::ReadHalf<tokio_rustls::server::TlsStream<TcpStream>>>,
+    reader: &mut FrameReader<crate::record::TlsReader>,
     out: &FrameSender,
     peer: &str,
     client_instance: Option<String>,

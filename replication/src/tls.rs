@@ -191,7 +191,7 @@ impl ClientTls {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<Self, TlsError> {
-        let config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
                 what: "protocol versions",
@@ -203,6 +203,8 @@ impl ClientTls {
                 what: "client certificate/key",
                 source,
             })?;
+        // The data path protects records itself after the handshake (see crate::record).
+        config.enable_secret_extraction = true;
         Ok(ClientTls {
             config: Arc::new(config),
         })
@@ -255,7 +257,7 @@ impl ServerTls {
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
                 .build()
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let config = ServerConfig::builder_with_provider(provider())
+        let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
                 what: "protocol versions",
@@ -267,6 +269,10 @@ impl ServerTls {
                 what: "agent certificate/key",
                 source,
             })?;
+        // The data path protects records itself after the handshake (see crate::record);
+        // no session tickets: connections are long-lived and never resumed.
+        config.enable_secret_extraction = true;
+        config.send_tls13_tickets = 0;
         Ok(ServerTls {
             config: Arc::new(config),
             instance,
