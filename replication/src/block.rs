@@ -274,6 +274,9 @@ pub struct BadBlock {
     pub reason: String,
 }
 
+/// Runs shorter than this are written buffered even where `O_DIRECT` works (see [`verify_run`]).
+pub const DIRECT_MIN_RUN: usize = 1024 * 1024;
+
 /// Decodes and verifies one received block of `len` bytes.
 fn verify_block(b: &WireBlock, len: usize, zeros: &ZeroHashes) -> Result<Piece, String> {
     let piece = match b.encoding {
@@ -313,26 +316,61 @@ fn verify_block(b: &WireBlock, len: usize, zeros: &ZeroHashes) -> Result<Piece, 
 /// several GB/s, faster than the link delivers, and handing each run to the rayon pool cost
 /// more in wake-ups and idle spinning than it saved (measured). Returns the verified
 /// sub-runs (consecutive good blocks) and the blocks that failed.
+///
+/// With `aligned` (the target is written with `O_DIRECT`), each verified block of whole pages
+/// of a run of at least [`DIRECT_MIN_RUN`] bytes is copied into a page-aligned buffer right
+/// after its hash check, while it is still in the CPU cache: the writer then hands those bytes
+/// to the device without a copy of its own. Shorter runs (scattered blocks of a delta) stay
+/// buffered: the page cache absorbs them and the final flush writes them together, where a
+/// direct write each would wait for the device (measured: slower for a 1 % delta).
 pub fn verify_run(
     first_block: u64,
     blocks: Vec<WireBlock>,
     size: u64,
     block_size: u32,
     zeros: &ZeroHashes,
+    aligned: bool,
 ) -> (Vec<VerifiedRun>, Vec<BadBlock>) {
+    use crate::pool::{ALIGNED, DIRECT_ALIGN};
     let bs = u64::from(block_size);
     let n = blocks.len() as u64;
     let in_disk = (0..n)
         .take_while(|i| block_len(size, block_size, first_block + i) > 0)
         .count();
-    let checks: Vec<Result<Piece, String>> = blocks[..in_disk]
+    let lens: Vec<usize> = (0..in_disk as u64)
+        .map(|i| usize::try_from(block_len(size, block_size, first_block + i)).unwrap_or(0))
+        .collect();
+    let total: usize = lens.iter().sum();
+    let mut slab = if aligned && total >= DIRECT_MIN_RUN {
+        ALIGNED.take(total)
+    } else {
+        None
+    };
+    // (block index, range in the slab) of the blocks copied there.
+    let mut copied: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    let mut fill = 0usize;
+    let mut checks: Vec<Result<Piece, String>> = blocks[..in_disk]
         .iter()
+        .zip(&lens)
         .enumerate()
-        .map(|(i, b)| {
-            let len = block_len(size, block_size, first_block + i as u64);
-            verify_block(b, usize::try_from(len).unwrap_or(usize::MAX), zeros)
+        .map(|(i, (b, &len))| {
+            let r = verify_block(b, len, zeros);
+            if let (Ok(Piece::Data(d)), Some(m)) = (&r, slab.as_mut()) {
+                if d.len() % DIRECT_ALIGN == 0 && fill + d.len() <= m.len() {
+                    m[fill..fill + d.len()].copy_from_slice(d);
+                    copied.push((i, fill..fill + d.len()));
+                    fill += d.len();
+                }
+            }
+            r
         })
         .collect();
+    if let Some(m) = slab.filter(|_| !copied.is_empty()) {
+        let shared = ALIGNED.shared(m);
+        for (i, range) in copied {
+            checks[i] = Ok(Piece::Data(shared.slice(range)));
+        }
+    }
 
     let mut bad: Vec<BadBlock> = (in_disk as u64..n)
         .map(|i| BadBlock {
@@ -421,17 +459,63 @@ mod tests {
         }
         assert_eq!(wire[0].encoding, Encoding::Zstd);
         assert_eq!(wire[2].encoding, Encoding::Zero);
-        let (runs, bad) = verify_run(0, wire.clone(), size, 4096, &zeros);
+        let (runs, bad) = verify_run(0, wire.clone(), size, 4096, &zeros, false);
         assert!(bad.is_empty());
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].len(), size);
         assert_eq!(&runs[0].to_vec()[4096..8192], &random[..]);
         assert_eq!(&runs[0].to_vec()[8192..12288], &zero[..]);
+        // For O_DIRECT: whole-page blocks of long runs are copied to page-aligned memory.
+        // Raw blocks the writer takes straight from the received frame (not copied).
+        let from_frame = |run: &VerifiedRun, wire: &[WireBlock], i: usize| match &run.pieces()[i] {
+            Piece::Data(d) => d.as_ptr() == wire[i].payload.as_ptr(),
+            Piece::Zero(_) => false,
+        };
+        let random_run = |n: usize| {
+            let z = ZeroHashes::new(n as u64 * 4096, 4096);
+            let w: Vec<WireBlock> = (0..n as u64)
+                .map(|i| {
+                    let d: Vec<u8> = failback_tests::random_bytes(i, 4096);
+                    let (h, zero) = hash_block(&d, &z);
+                    encode_block(&d, h, zero)
+                })
+                .collect();
+            (w, z)
+        };
+        let (short, z) = random_run(3);
+        let (direct, _) = verify_run(0, short.clone(), 3 * 4096, 4096, &z, true);
+        assert!(
+            (0..3).all(|i| from_frame(&direct[0], &short, i)),
+            "short run: buffered, uncopied"
+        );
+        let (big, z) = random_run(DIRECT_MIN_RUN / 4096);
+        let big_size = DIRECT_MIN_RUN as u64;
+        let (direct, bad) = verify_run(0, big.clone(), big_size, 4096, &z, true);
+        assert!(bad.is_empty());
+        assert_eq!(direct[0].len(), big_size);
+        assert!(
+            (0..big.len()).all(|i| !from_frame(&direct[0], &big, i)),
+            "copied for O_DIRECT"
+        );
+        assert!(direct[0].pieces().iter().all(|p| match p {
+            Piece::Data(d) => crate::pool::is_direct_aligned(d),
+            Piece::Zero(_) => false,
+        }));
+        let (buffered, _) = verify_run(0, big.clone(), big_size, 4096, &z, false);
+        assert_eq!(
+            direct[0].to_vec(),
+            buffered[0].to_vec(),
+            "same bytes either way"
+        );
+        assert!(
+            (0..big.len()).all(|i| from_frame(&buffered[0], &big, i)),
+            "buffered: no copy"
+        );
 
         let mut p = wire[1].payload.to_vec();
         p[10] ^= 0xff;
         wire[1].payload = p.into();
-        let (runs, bad) = verify_run(0, wire, size, 4096, &zeros);
+        let (runs, bad) = verify_run(0, wire, size, 4096, &zeros, true);
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].block, 1);
         assert_eq!(runs.len(), 2);

@@ -623,10 +623,12 @@ impl DiskJob {
         // `None` = commit: only then is the held-back head written. If the job fails, the
         // channel just closes and the head stays unwritten.
         let (wtx, mut wrx) = mpsc::channel::<Option<VerifiedRun>>(8);
+        let mut direct = false;
         let handle = if estimate {
             None
         } else {
             let mut w = target.writer()?;
+            direct = w.is_direct();
             let h = std::thread::Builder::new()
                 .name("failback-writer".into())
                 .spawn(move || -> Result<Option<u64>> {
@@ -723,7 +725,7 @@ impl DiskJob {
                                 }
                             }
                             let z = zeros.clone();
-                            let (runs, bad) = tokio::task::spawn_blocking(move || block::verify_run(first_block, blocks, size, bs, &z))
+                            let (runs, bad) = tokio::task::spawn_blocking(move || block::verify_run(first_block, blocks, size, bs, &z, direct))
                                 .await
                                 .map_err(|e| Error::Usage(format!("verify task: {e}")))?;
                             bytes_fetched += payload;

@@ -92,9 +92,95 @@ impl Drop for Pooled {
     }
 }
 
+/// Alignment of [`ALIGNED`] buffers and of what may be written from them with `O_DIRECT`
+/// (covers every logical sector size).
+pub const DIRECT_ALIGN: usize = 4096;
+/// [`ALIGNED`] buffers are sized in steps of this.
+const ALIGNED_STEP: usize = 1024 * 1024;
+
+/// Page-aligned buffers (anonymous mappings) for blocks written with `O_DIRECT`, recycled like
+/// [`POOL`] so a full sync does not map and fault in fresh memory per run.
+#[derive(Debug, Default)]
+pub struct AlignedPool(Mutex<Vec<memmap2::MmapMut>>);
+
+/// The process-wide pool of aligned buffers (client: verified blocks bound for the disk).
+pub static ALIGNED: AlignedPool = AlignedPool::new();
+
+impl AlignedPool {
+    /// An empty pool.
+    pub const fn new() -> Self {
+        AlignedPool(Mutex::new(Vec::new()))
+    }
+
+    /// A page-aligned buffer of at least `len` bytes; `None` if memory cannot be mapped.
+    pub fn take(&self, len: usize) -> Option<memmap2::MmapMut> {
+        {
+            let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = pool.iter().position(|m| m.len() >= len) {
+                return Some(pool.swap_remove(i));
+            }
+        }
+        memmap2::MmapMut::map_anon(len.div_ceil(ALIGNED_STEP).max(1) * ALIGNED_STEP).ok()
+    }
+
+    /// Shares a buffer as `Bytes`; it returns to this pool once every slice of it is dropped.
+    pub fn shared(&'static self, m: memmap2::MmapMut) -> bytes::Bytes {
+        bytes::Bytes::from_owner(AlignedOwner(Some(m), self))
+    }
+
+    fn give(&self, m: memmap2::MmapMut) {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < KEEP {
+            pool.push(m);
+        }
+    }
+}
+
+/// Owner of an aligned buffer inside [`bytes::Bytes`] (see [`AlignedPool::shared`]).
+struct AlignedOwner(Option<memmap2::MmapMut>, &'static AlignedPool);
+
+impl AsRef<[u8]> for AlignedOwner {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
+impl Drop for AlignedOwner {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            self.1.give(m);
+        }
+    }
+}
+
+/// True when `s` may be written with `O_DIRECT`: aligned start and length.
+pub fn is_direct_aligned(s: &[u8]) -> bool {
+    s.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) && s.len().is_multiple_of(DIRECT_ALIGN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_buffers_are_aligned_and_come_back() {
+        let pool: &'static AlignedPool = Box::leak(Box::new(AlignedPool::new()));
+        let mut m = pool.take(100_000).unwrap();
+        assert!(m.len() >= 100_000 && is_direct_aligned(&m[..8192]));
+        m[..5].copy_from_slice(b"hello");
+        let ptr = m.as_ptr();
+        let b = pool.shared(m);
+        let head = b.slice(0..4096);
+        assert!(is_direct_aligned(&head) && !is_direct_aligned(&b.slice(1..4097)));
+        drop(b);
+        assert!(
+            pool.0.lock().unwrap().is_empty(),
+            "returned while a slice lives"
+        );
+        assert_eq!(&head[..5], b"hello");
+        drop(head);
+        assert_eq!(pool.take(4096).unwrap().as_ptr(), ptr, "reused");
+    }
 
     #[test]
     fn buffers_come_back() {
