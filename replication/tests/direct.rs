@@ -18,12 +18,13 @@ fn wire(data: &[u8], bs: usize, zeros: &ZeroHashes) -> Vec<WireBlock> {
 #[test]
 fn direct_and_buffered_runs_land_byte_equal() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let bs = 64 * 1024;
+    const BS: u32 = 64 * 1024;
+    let bs = BS as usize;
     // 6 MiB + an odd tail; random data with a zero stretch.
     let size = 6 * 1024 * 1024 + 12345;
     let mut src = failback_tests::random_bytes(7, size);
     src[3 * 1024 * 1024..3 * 1024 * 1024 + 256 * 1024].fill(0);
-    let zeros = ZeroHashes::new(size as u64, bs as u32);
+    let zeros = ZeroHashes::new(size as u64, BS);
     let path = dir.path().join("target.img");
     let target = Target::open(&path, size as u64, true).unwrap();
     let mut w = target.writer().unwrap();
@@ -44,7 +45,7 @@ fn direct_and_buffered_runs_land_byte_equal() {
         let first = (at / bs) as u64;
         let blocks = wire(&src[at..at + len], bs, &zeros);
         let (verified, bad) =
-            block::verify_run(first, blocks, size as u64, bs as u32, &zeros, w.is_direct());
+            block::verify_run(first, blocks, size as u64, BS, &zeros, w.is_direct());
         assert!(bad.is_empty());
         for r in verified {
             w.write(r).unwrap();
@@ -52,7 +53,10 @@ fn direct_and_buffered_runs_land_byte_equal() {
         at += len;
     }
     assert_eq!(at, size);
-    assert!(w.is_direct(), "an O_DIRECT write was refused (writer fell back to buffered)");
+    assert!(
+        w.is_direct(),
+        "an O_DIRECT write was refused (writer fell back to buffered)"
+    );
     // Before finish: everything but the held-back first MiB is on disk.
     let before = std::fs::read(&path).unwrap();
     assert!(
