@@ -147,6 +147,10 @@ want rsync && start_server rsyncd rsync --daemon --no-detach --address=127.0.0.1
     --config="$DIR/rsyncd.conf" --log-file="$DIR/rsyncd-transfers.log"
 
 echo "== warming the page cache"
+# From a known state: cached pages left by the generator or an earlier run differ in how they
+# are held (e.g. large or small folios), which changes every tool's read cost by up to 30 %.
+sync
+if [ -w /proc/sys/vm/drop_caches ]; then echo 3 >/proc/sys/vm/drop_caches; else echo "   (not root: page cache not reset first)"; fi
 cat "$SRC" "$DATA/stale1.img" "$DATA/stale10.img" >/dev/null
 
 # ---------------------------------------------------------------- measuring

@@ -213,7 +213,7 @@ impl Session {
         let (r, w) = stream;
         let dead = DeadSlot::default();
         let (out, writer) = spawn_writer(w, dead.clone());
-        let mut reader = FrameReader::new(r, peer.clone());
+        let mut reader = FrameReader::new(r, peer.clone()).align_blocks();
         out.send(&Message::ClientHello { version }).await;
 
         let (agent_software, agent_instance) = match read_handshake(&mut reader, &peer).await? {
@@ -578,7 +578,8 @@ impl DiskJob {
             .map_err(|e| Error::Usage(format!("open task: {e}")))??;
         let target = Arc::new(target);
 
-        let (route_tx, mut rx) = mpsc::channel(64);
+        // Bounded: each queued message may be a multi-MiB Blocks frame (memory of the appliance).
+        let (route_tx, mut rx) = mpsc::channel(16);
         self.inner
             .routes
             .lock()

@@ -18,6 +18,8 @@ use crate::wire::{self, FrameError, Message};
 pub struct FrameReader<R> {
     inner: R,
     peer: String,
+    /// Place raw payloads of large `Blocks` frames page-aligned (see [`Self::align_blocks`]).
+    align_blocks: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -26,7 +28,115 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             inner: r,
             peer: peer.into(),
+            align_blocks: false,
         }
+    }
+
+    /// Reads the raw payloads of `Blocks` frames of at least [`block::DIRECT_MIN_RUN`] bytes
+    /// straight into page-aligned memory (one copy out of the TLS record, none after): the
+    /// client verifies them there and writes them to the disk with `O_DIRECT`.
+    ///
+    /// [`block::DIRECT_MIN_RUN`]: crate::block::DIRECT_MIN_RUN
+    pub fn align_blocks(mut self) -> Self {
+        self.align_blocks = true;
+        self
+    }
+
+    /// Fills `buf` from the stream; a close mid-frame is an error (see [`Self::read`]).
+    async fn fill(&mut self, buf: &mut [u8]) -> Result<(), Error> {
+        if let Err(e) = self.inner.read_exact(buf).await {
+            // A clean (TLS close_notify) close mid-frame is a truncated frame; a dropped TCP
+            // connection (no close_notify) is a network error.
+            if e.kind() == std::io::ErrorKind::UnexpectedEof
+                && !e.to_string().contains("close_notify")
+            {
+                return Err(self.frame(FrameError::Truncated(
+                    "connection closed in the middle of a frame",
+                )));
+            }
+            return Err(self.lost(e));
+        }
+        Ok(())
+    }
+
+    /// The rest of a `Blocks` frame of `len` bytes (tag already read), with the same checks
+    /// as [`Message::decode_shared`]; raw payloads of whole pages land page-aligned.
+    async fn read_blocks(&mut self, len: usize) -> Result<Message, Error> {
+        use crate::pool::{ALIGNED, DIRECT_ALIGN};
+        use crate::wire::{Encoding, WireBlock};
+        let mut left = len - 1;
+        let mut head = [0u8; 16];
+        if left < head.len() {
+            return Err(self.frame(FrameError::Truncated("blocks header")));
+        }
+        self.fill(&mut head).await?;
+        left -= head.len();
+        let word = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let stream = word(&head[0..4]);
+        let first_block = u64::from(word(&head[4..8])) << 32 | u64::from(word(&head[8..12]));
+        let count = word(&head[12..16]);
+        let Some(mut slab) = ALIGNED.take(left) else {
+            return Err(self.lost(std::io::Error::other("cannot map memory for blocks")));
+        };
+        let mut fill = 0usize;
+        /// Where a block's payload went: the aligned slab, or a buffer of its own.
+        enum At {
+            Slab(std::ops::Range<usize>),
+            Own(bytes::Bytes),
+        }
+        let mut parsed: Vec<(Encoding, [u8; 32], At)> =
+            Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(left / 37 + 1));
+        for _ in 0..count {
+            let mut bh = [0u8; 37];
+            if left < bh.len() {
+                return Err(self.frame(FrameError::Truncated("block header")));
+            }
+            self.fill(&mut bh).await?;
+            left -= bh.len();
+            let encoding = Encoding::from_u8(bh[0]).map_err(|e| self.frame(e))?;
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&bh[1..33]);
+            let plen = usize::try_from(word(&bh[33..37])).unwrap_or(usize::MAX);
+            if plen > left {
+                return Err(self.frame(FrameError::Truncated("block payload")));
+            }
+            if encoding == Encoding::Zero && plen > 0 {
+                return Err(self.frame(FrameError::Malformed(
+                    "zero-marker block carries a payload".into(),
+                )));
+            }
+            let at = if encoding == Encoding::Raw && plen > 0 && plen % DIRECT_ALIGN == 0 {
+                self.fill(&mut slab[fill..fill + plen]).await?;
+                fill += plen;
+                At::Slab(fill - plen..fill)
+            } else {
+                let mut own = vec![0u8; plen];
+                self.fill(&mut own).await?;
+                At::Own(bytes::Bytes::from(own))
+            };
+            left -= plen;
+            parsed.push((encoding, hash, at));
+        }
+        if left > 0 {
+            return Err(self.frame(FrameError::Trailing(left)));
+        }
+        let shared = ALIGNED.shared(slab);
+        let blocks = parsed
+            .into_iter()
+            .map(|(encoding, hash, at)| WireBlock {
+                encoding,
+                hash,
+                payload: match at {
+                    At::Slab(r) => shared.slice(r),
+                    At::Own(b) => b,
+                },
+            })
+            .collect();
+        Ok(Message::Blocks {
+            stream,
+            first_block,
+            blocks,
+        })
     }
 
     /// The next message and its size on the wire; `Ok(None)` on a clean close between frames.
@@ -50,17 +160,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let len = wire::frame_len(prefix).map_err(|e| self.frame(e))?;
         let mut body = crate::pool::POOL.take_filled(len);
-        if let Err(e) = self.inner.read_exact(&mut body).await {
-            // A clean (TLS close_notify) close mid-frame is a truncated frame; a dropped TCP
-            // connection (rustls reports the missing close_notify) is a network error.
-            if e.kind() == std::io::ErrorKind::UnexpectedEof
-                && !e.to_string().contains("close_notify")
-            {
-                return Err(self.frame(FrameError::Truncated(
-                    "connection closed in the middle of a frame",
-                )));
+        if self.align_blocks && len >= crate::block::DIRECT_MIN_RUN {
+            self.fill(&mut body[..1]).await?;
+            if body[0] == wire::T_BLOCKS {
+                crate::pool::POOL.give(body);
+                return Ok(Some((self.read_blocks(len).await?, len + 4)));
             }
-            return Err(self.lost(e));
+            self.fill(&mut body[1..]).await?;
+        } else {
+            self.fill(&mut body).await?;
         }
         let msg =
             Message::decode_shared(&crate::pool::POOL.shared(body)).map_err(|e| self.frame(e))?;
@@ -163,4 +271,103 @@ where
         },
         handle,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::is_direct_aligned;
+    use crate::wire::{Encoding, WireBlock};
+    use tokio::io::AsyncWriteExt;
+
+    /// A `Blocks` frame large enough for the aligned path: 17 raw 64 KiB blocks, a zstd one
+    /// and a zero marker.
+    fn frame() -> (Message, Vec<u8>) {
+        let mut blocks: Vec<WireBlock> = (0..17)
+            .map(|i| WireBlock {
+                encoding: Encoding::Raw,
+                hash: [i as u8; 32],
+                payload: failback_tests::random_bytes(i, 65536).into(),
+            })
+            .collect();
+        blocks.push(WireBlock {
+            encoding: Encoding::Zstd,
+            hash: [1; 32],
+            payload: vec![9u8; 100].into(),
+        });
+        blocks.push(WireBlock {
+            encoding: Encoding::Zero,
+            hash: [2; 32],
+            payload: bytes::Bytes::new(),
+        });
+        let m = Message::Blocks {
+            stream: 3,
+            first_block: 1 << 33,
+            blocks,
+        };
+        let bytes = m.encode();
+        (m, bytes)
+    }
+
+    async fn read_aligned(bytes: Vec<u8>) -> Result<Option<(Message, usize)>, Error> {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let w = tokio::spawn(async move {
+            let _ = a.write_all(&bytes).await;
+        });
+        let r = FrameReader::new(b, "test").align_blocks().read().await;
+        w.abort();
+        r
+    }
+
+    #[tokio::test]
+    async fn large_blocks_frames_land_aligned_and_decode_the_same() {
+        let (m, bytes) = frame();
+        assert!(bytes.len() >= crate::block::DIRECT_MIN_RUN);
+        let (got, len) = read_aligned(bytes.clone()).await.unwrap().unwrap();
+        assert_eq!(len, bytes.len());
+        assert_eq!(got, m, "streaming parse decodes like decode_shared");
+        let Message::Blocks { blocks, .. } = got else {
+            unreachable!()
+        };
+        assert!(blocks[..17].iter().all(|b| is_direct_aligned(&b.payload)));
+    }
+
+    #[tokio::test]
+    async fn malformed_large_blocks_frames_are_refused() {
+        let (_, good) = frame();
+        let body = 4 + 1 + 16; // prefix, tag, stream + first block + count
+        let payload_len_at = body + 1 + 32;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unknown block encoding", {
+                let mut b = good.clone();
+                b[body] = 7;
+                b
+            }),
+            ("block payload", {
+                let mut b = good.clone();
+                b[payload_len_at..payload_len_at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+                b
+            }),
+            ("trailing", {
+                let mut b = good.clone();
+                b.extend_from_slice(&[0; 5]);
+                let n = u32::try_from(b.len() - 4).unwrap();
+                b[..4].copy_from_slice(&n.to_be_bytes());
+                b
+            }),
+            ("zero-marker block carries a payload", {
+                let mut b = good.clone();
+                b[body] = 0;
+                b
+            }),
+            ("middle of a frame", good[..good.len() - 10].to_vec()),
+        ];
+        for (want, bytes) in cases {
+            let e = read_aligned(bytes).await.unwrap_err();
+            assert!(
+                matches!(e, Error::Frame { .. }) && e.to_string().contains(want),
+                "{want}: {e}"
+            );
+        }
+    }
 }

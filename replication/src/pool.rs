@@ -95,6 +95,9 @@ impl Drop for Pooled {
 /// Alignment of [`ALIGNED`] buffers and of what may be written from them with `O_DIRECT`
 /// (covers every logical sector size).
 pub const DIRECT_ALIGN: usize = 4096;
+/// Idle [`ALIGNED`] buffers kept: as many as a client has frames in flight (its queues hold
+/// up to ~26), so a sync does not map fresh memory per frame (measured: 330k page faults).
+const ALIGNED_KEEP: usize = 32;
 /// [`ALIGNED`] buffers are sized in steps of this.
 const ALIGNED_STEP: usize = 1024 * 1024;
 
@@ -130,7 +133,7 @@ impl AlignedPool {
 
     fn give(&self, m: memmap2::MmapMut) {
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < KEEP {
+        if pool.len() < ALIGNED_KEEP {
             pool.push(m);
         }
     }

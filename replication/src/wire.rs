@@ -109,7 +109,7 @@ impl Encoding {
             Encoding::Zstd => 2,
         }
     }
-    fn from_u8(v: u8) -> Result<Self, FrameError> {
+    pub(crate) fn from_u8(v: u8) -> Result<Self, FrameError> {
         Ok(match v {
             0 => Encoding::Zero,
             1 => Encoding::Raw,
@@ -234,7 +234,8 @@ const T_SYNC_START: u8 = 0x10;
 const T_HASHES: u8 = 0x11;
 const T_REFETCH: u8 = 0x12;
 const T_SYNC_END: u8 = 0x13;
-const T_BLOCKS: u8 = 0x20;
+/// Tag of [`Message::Blocks`] (the frame reader parses these itself to place payloads).
+pub(crate) const T_BLOCKS: u8 = 0x20;
 const T_WINDOW_DONE: u8 = 0x21;
 const T_SYNC_DONE: u8 = 0x22;
 const T_QUIESCE: u8 = 0x30;
