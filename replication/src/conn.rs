@@ -286,7 +286,7 @@ mod tests {
         let mut blocks: Vec<WireBlock> = (0..17)
             .map(|i| WireBlock {
                 encoding: Encoding::Raw,
-                hash: [i as u8; 32],
+                hash: [u8::try_from(i).unwrap(); 32],
                 payload: failback_tests::random_bytes(i, 65536).into(),
             })
             .collect();
