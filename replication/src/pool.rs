@@ -96,8 +96,8 @@ impl Drop for Pooled {
 /// (covers every logical sector size).
 pub const DIRECT_ALIGN: usize = 4096;
 /// Idle [`ALIGNED`] buffers kept: as many as a client has frames in flight (its queues hold
-/// up to ~26), so a sync does not map fresh memory per frame (measured: 330k page faults).
-const ALIGNED_KEEP: usize = 32;
+/// up to ~15), so a sync does not map fresh memory per frame (measured: 330k page faults).
+const ALIGNED_KEEP: usize = 16;
 /// [`ALIGNED`] buffers are sized in steps of this.
 const ALIGNED_STEP: usize = 1024 * 1024;
 
