@@ -5,12 +5,14 @@
 //! that boots half-written data.
 //!
 //! Runs are written with `O_DIRECT` where the target takes it (block devices, ext4, XFS) and
-//! the blocks sit page-aligned in memory ([`crate::block::verify_run`] puts them there while
-//! verifying): the bytes go from that buffer to the device, with none of the page-cache copy,
-//! dirty-page accounting and later writeback a buffered write costs (a third of the client's
-//! CPU in a 4 GiB full sync, measured), and a whole-disk restore does not evict everything
-//! else from the appliance's small memory. Otherwise (tmpfs, an odd-sized image's tail, the
-//! held-back head) writes are buffered.
+//! the blocks sit page-aligned in memory (the frame reader reads long runs' payloads there, see
+//! [`crate::conn::FrameReader::align_blocks`]; [`crate::block::verify_run`] copies what is not):
+//! the bytes go from that buffer to the device, with none of the page-cache copy, dirty-page
+//! accounting and later writeback a buffered write costs (a third of the client's CPU in a
+//! 4 GiB full sync, measured), and a whole-disk restore does not evict everything else from
+//! the appliance's small memory. Otherwise (tmpfs, short delta runs, an odd-sized image's tail,
+//! the held-back head) writes are buffered. `finish` flushes with `fdatasync` (which covers the
+//! direct writes too: same inode or device) before the head goes out.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
