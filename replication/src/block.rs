@@ -174,7 +174,8 @@ fn looks_random(data: &[u8]) -> bool {
 
 /// Chooses the wire encoding of a differing block: zero marker, zstd if it shrinks (returned
 /// compressed), else raw (the caller copies the block itself). Incompressible data is detected
-/// by [`looks_random`], then on a 4 KiB sample, so random data costs almost nothing.
+/// by a byte-value count (`looks_random`), then on a 4 KiB sample, so random data costs almost
+/// nothing.
 pub fn choose_encoding(data: &[u8], zero: bool) -> (Encoding, Option<Vec<u8>>) {
     if zero {
         return (Encoding::Zero, None);
