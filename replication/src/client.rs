@@ -87,9 +87,14 @@ impl RateLimiter {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (rate, start, used) = s.as_mut()?;
         *used += bytes as u64;
-        let due = Duration::from_secs_f64(*used as f64 / *rate as f64);
-        due.checked_sub(start.elapsed())
+        pace(*used, *rate, start.elapsed())
     }
+}
+
+/// How long to wait so that `used` bytes since the start take at least `used / rate` seconds,
+/// `elapsed` after the start; `None` when already that late.
+fn pace(used: u64, bytes_per_sec: u64, elapsed: Duration) -> Option<Duration> {
+    Duration::from_secs_f64(used as f64 / bytes_per_sec as f64).checked_sub(elapsed)
 }
 
 struct Inner {
@@ -970,5 +975,39 @@ fn hash_local(
             return;
         }
         first += count;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limiter's arithmetic without a clock: 8 Mbit/s = 1,000,000 bytes/s.
+    #[test]
+    fn pace_holds_bytes_to_the_rate() {
+        let rate = 1_000_000;
+        let ms = Duration::from_millis;
+        assert_eq!(pace(1_000_000, rate, ms(0)), Some(ms(1000)));
+        assert_eq!(pace(1_000_000, rate, ms(400)), Some(ms(600)));
+        assert_eq!(
+            pace(500_000, rate, ms(600)),
+            None,
+            "behind the rate: no wait"
+        );
+        assert_eq!(pace(3_000_000, rate, ms(1000)), Some(ms(2000)));
+    }
+
+    #[test]
+    fn limiter_is_off_without_a_limit_and_paces_with_one() {
+        let l = RateLimiter::default();
+        assert_eq!(l.delay_for(10 << 20), None, "no limit set");
+        l.set(Some(0));
+        assert_eq!(l.delay_for(10 << 20), None, "0 means no limit");
+        l.set(Some(8));
+        let d = l.delay_for(1_000_000).expect("1 MB at 8 Mbit/s must wait");
+        assert!(
+            d > Duration::from_millis(900) && d <= Duration::from_secs(1),
+            "{d:?}"
+        );
     }
 }

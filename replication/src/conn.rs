@@ -159,17 +159,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             got += n;
         }
         let len = wire::frame_len(prefix).map_err(|e| self.frame(e))?;
-        let mut body = crate::pool::POOL.take_filled(len);
-        if self.align_blocks && len >= crate::block::DIRECT_MIN_RUN {
-            self.fill(&mut body[..1]).await?;
-            if body[0] == wire::T_BLOCKS {
-                crate::pool::POOL.give(body);
-                return Ok(Some((self.read_blocks(len).await?, len + 4)));
-            }
-            self.fill(&mut body[1..]).await?;
-        } else {
-            self.fill(&mut body).await?;
+        let mut tag = [0u8; 1];
+        self.fill(&mut tag).await?;
+        if self.align_blocks && len >= crate::block::DIRECT_MIN_RUN && tag[0] == wire::T_BLOCKS {
+            return Ok(Some((self.read_blocks(len).await?, len + 4)));
         }
+        let mut body = crate::pool::POOL.take_filled(len);
+        body[0] = tag[0];
+        self.fill(&mut body[1..]).await?;
         let msg =
             Message::decode_shared(&crate::pool::POOL.shared(body)).map_err(|e| self.frame(e))?;
         Ok(Some((msg, len + 4)))

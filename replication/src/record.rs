@@ -641,6 +641,24 @@ mod tests {
         failback_tests::random_bytes(seed, n)
     }
 
+    /// Our client side: connects, sends `up` with a key update every `every` records, reads
+    /// until the peer closes; returns what it read and the write half.
+    async fn send_then_read_all(
+        addr: std::net::SocketAddr,
+        ct: &crate::tls::ClientTls,
+        every: u64,
+        up: &[u8],
+    ) -> (Vec<u8>, TlsWriter) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut r, mut w) = connect(tcp, ct.config(), name()).await.unwrap();
+        w.set_key_update_interval(every);
+        w.write_all(up).await.unwrap();
+        w.flush().await.unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        (got, w)
+    }
+
     /// Our client and our agent side, both directions, with a key update every 7 records on
     /// each writer (KeyUpdate sent, received and both keys rotated many times).
     #[tokio::test]
@@ -671,13 +689,7 @@ mod tests {
                 "clean end after close_notify"
             );
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut r, mut w) = connect(tcp, ct.config(), name()).await.unwrap();
-        w.set_key_update_interval(7);
-        w.write_all(&up).await.unwrap();
-        w.flush().await.unwrap();
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
+        let (got, mut w) = send_then_read_all(addr, &ct, 7, &up).await;
         assert!(
             got == down,
             "client received other bytes than the agent sent"
@@ -713,13 +725,7 @@ mod tests {
             s.write_all(&down2[1000..]).await.unwrap();
             s.shutdown().await.unwrap();
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut r, mut w) = connect(tcp, ct.config(), name()).await.unwrap();
-        w.set_key_update_interval(5);
-        w.write_all(&up).await.unwrap();
-        w.flush().await.unwrap();
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
+        let (got, _w) = send_then_read_all(addr, &ct, 5, &up).await;
         assert!(
             got == down,
             "ours received other bytes than stock rustls sent"
