@@ -52,6 +52,9 @@ pub struct SyncArgs {
     /// --no-mmap`).
     #[arg(long)]
     pub no_mmap: bool,
+    /// Threads hashing each local target (default: half the CPUs, at least 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub hash_threads: Option<u16>,
 }
 
 /// Parses sizes like `65536`, `64K`, `64KiB`, `1M`.
@@ -256,6 +259,7 @@ pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
         block_size: args.block_size,
         bandwidth_limit_mbps: args.bwlimit,
         estimate_only: args.estimate,
+        hash_threads: args.hash_threads.map(usize::from),
         ..SyncOptions::default()
     };
     let progress = progress::make(args.progress);

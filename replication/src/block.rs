@@ -5,8 +5,6 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use crate::wire::{Encoding, Hash, WireBlock};
 
 /// Smallest block size.
@@ -15,8 +13,21 @@ pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
 /// Default block size.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
-/// Bytes read per I/O when hashing (large reads, few syscalls).
+/// Bytes read and hashed per batch (one memory map, or several cache-sized reads).
 pub const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Bytes read per `pread` when scanning a disk to hash it: small enough that the buffer stays
+/// in the core's L2 cache, so the zero check and BLAKE3 read the bytes from cache right after
+/// the kernel copied them there. Measured on a 4 GiB image with a warm page cache (zero check
+/// and BLAKE3, one core): 0.86 s with 128 KiB reads, 0.88 s with 64 KiB, 1.1-1.25 s with
+/// 256 KiB and 4 MiB reads (the copy and the hash each go to DRAM). Whether reading beats a
+/// memory map depends on the page cache; see [`crate::scan`].
+pub const SCAN_BYTES: usize = 128 * 1024;
+
+/// Blocks per scan read: [`SCAN_BYTES`] worth, at least one block.
+pub fn scan_blocks(block_size: u32) -> u64 {
+    (SCAN_BYTES as u64 / u64::from(block_size)).max(1)
+}
 
 /// Checks a block size: power of two in 4 KiB..=4 MiB.
 pub fn validate_block_size(bs: u32) -> Result<(), String> {
@@ -94,13 +105,6 @@ pub fn hash_block(buf: &[u8], zeros: &ZeroHashes) -> (Hash, bool) {
     } else {
         (*blake3::hash(buf).as_bytes(), false)
     }
-}
-
-/// Hashes every block of `buf` (consecutive blocks, the last may be short) in parallel on the
-/// rayon pool (bounded by its thread count).
-pub fn hash_blocks(buf: &[u8], block_size: u32, zeros: &ZeroHashes) -> Vec<(Hash, bool)> {
-    let bs = usize::try_from(block_size).unwrap_or(usize::MAX);
-    buf.par_chunks(bs).map(|b| hash_block(b, zeros)).collect()
 }
 
 /// Whole-disk digest: BLAKE3 over the ordered block hashes.

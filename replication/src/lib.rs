@@ -17,6 +17,7 @@ pub mod pool;
 pub mod progress;
 pub mod record;
 pub mod report;
+pub mod scan;
 pub mod server;
 pub mod tls;
 pub mod wire;

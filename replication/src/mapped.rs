@@ -1,10 +1,9 @@
 //! Zero-copy reads for hashing: a read-only memory map of one batch of a disk or image.
 //!
-//! Hashing through `pread` first copies every byte out of the page cache; on a 4 GiB disk that
-//! copy cost about as much CPU as BLAKE3 itself (measured here: 0.52 s of CPU to `pread` 4 GiB,
-//! 0.07 s to map and fault in the same range). Each batch is faulted in with
-//! `MADV_POPULATE_READ`, which reports an unreadable page as an error instead of raising
-//! SIGBUS; callers then fall back to `pread`, whose error names the failing offset.
+//! One of the two ways [`crate::scan::Scanner`] reads a batch (it measures which is cheaper).
+//! Each batch is faulted in with `MADV_POPULATE_READ`, which reports an unreadable page as an
+//! error instead of raising SIGBUS; callers then fall back to `pread`, whose error names the
+//! failing offset.
 //!
 //! Residual risk, and why mapping can be turned off (`--no-mmap`): a source that *shrinks*
 //! while one of its batches is being hashed (an image truncated, a volume resized under a

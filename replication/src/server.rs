@@ -19,6 +19,7 @@ use crate::block::{self, DiskDigest, ZeroHashes};
 use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
 use crate::device;
 use crate::error::{Error, Result};
+use crate::scan::Scanner;
 use crate::tls::{instance_id_from_cert, ServerTls};
 use crate::wire::{
     BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION,
@@ -69,6 +70,25 @@ impl SourceDisk {
             },
             path: path.to_owned(),
             file: Arc::new(file),
+        })
+    }
+}
+
+impl crate::scan::Source for SourceDisk {
+    type Error = (ErrorCode, String);
+    fn map(&self, offset: u64, len: usize) -> Option<crate::mapped::Mapped> {
+        crate::mapped::map(&self.file, offset, len)
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), (ErrorCode, String)> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            (
+                ErrorCode::Io,
+                format!(
+                    "agent cannot read disk {} ({}) at offset {offset}: {e}",
+                    self.info.id,
+                    self.path.display()
+                ),
+            )
         })
     }
 }
@@ -417,11 +437,18 @@ async fn run_command(what: &str, cmd: Option<String>) -> std::result::Result<Str
 }
 
 /// One batch's outcome: block hashes in order, frames to send, counts.
+/// What comparing one window produced so far.
 struct Batch {
+    /// Hashes of the blocks compared, not yet added to the digest.
     hashes: Vec<Hash>,
+    /// Finished runs, not yet sent.
     frames: Vec<BlocksFrame>,
+    /// The run being built (continues into the next read).
+    frame: Option<BlocksFrame>,
     differing: u32,
     differing_bytes: u64,
+    /// Byte offset where the window ends (sizes the run buffers).
+    window_end: u64,
 }
 
 struct StreamWorker {
@@ -442,6 +469,7 @@ impl StreamWorker {
         let mut digest = DiskDigest::new();
         let mut next = 0u64;
         let mut buf = Vec::new();
+        let mut scanner = Scanner::new(self.block_size);
         while let Some(m) = rx.blocking_recv() {
             let res = match m {
                 Message::Hashes {
@@ -460,7 +488,7 @@ impl StreamWorker {
                         ))
                     } else {
                         next += hashes.len() as u64;
-                        self.window(first_block, &hashes, &zeros, &mut digest, &mut buf)
+                        self.window(first_block, &hashes, &zeros, &mut digest, &mut scanner)
                     }
                 }
                 Message::Refetch {
@@ -516,28 +544,7 @@ impl StreamWorker {
         let end = ((first + count) * bs).min(self.disk.info.size);
         let len = usize::try_from(end - offset).map_err(|_| (ErrorCode::Io, "batch".into()))?;
         buf.resize(len, 0);
-        self.disk.file.read_exact_at(buf, offset).map_err(|e| {
-            (
-                ErrorCode::Io,
-                format!(
-                    "agent cannot read disk {} ({}) at offset {offset}: {e}",
-                    self.disk.info.id,
-                    self.disk.path.display()
-                ),
-            )
-        })
-    }
-
-    /// The batch mapped for hashing (see [`crate::mapped`]); `None`: use [`Self::read`].
-    fn map(&self, first: u64, count: u64) -> Option<crate::mapped::Mapped> {
-        let bs = u64::from(self.block_size);
-        let offset = first * bs;
-        let end = ((first + count) * bs).min(self.disk.info.size);
-        crate::mapped::map(&self.disk.file, offset, usize::try_from(end - offset).ok()?)
-    }
-
-    fn batch_blocks(&self) -> u64 {
-        (block::BATCH_BYTES / u64::from(self.block_size)).max(1)
+        crate::scan::Source::read(&self.disk, buf, offset)
     }
 
     fn window(
@@ -546,47 +553,53 @@ impl StreamWorker {
         client: &[Hash],
         zeros: &ZeroHashes,
         digest: &mut DiskDigest,
-        buf: &mut Vec<u8>,
+        scanner: &mut Scanner,
     ) -> Result<(), (ErrorCode, String)> {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
-        let mut differing = 0u32;
-        let mut differing_bytes = 0u64;
         let total = client.len() as u64;
+        let end = ((first + total) * u64::from(self.block_size)).min(self.disk.info.size);
+        let mut g = Batch {
+            hashes: Vec::new(),
+            frames: Vec::new(),
+            frame: None,
+            differing: 0,
+            differing_bytes: 0,
+            window_end: end,
+        };
         let mut done = 0u64;
+        // One thread per stream: it hashes at several GB/s, more than the link it feeds, while
+        // splitting batches over the rayon pool cost more in wake-ups and idle spinning than it
+        // gained (measured: 3x the context switches, no time saved).
+        let bs64 = u64::from(self.block_size);
+        let batch_blocks = (block::BATCH_BYTES / bs64).max(1);
         while done < total {
-            let n = self.batch_blocks().min(total - done);
-            let batch_first = first + done;
-            let mapped = self.map(batch_first, n);
-            let data: &[u8] = match &mapped {
-                Some(m) => m,
-                None => {
-                    self.read(buf, batch_first, n)?;
-                    buf
+            let n = batch_blocks.min(total - done);
+            let offset = (first + done) * bs64;
+            let len =
+                usize::try_from(((first + done + n) * bs64).min(self.disk.info.size) - offset)
+                    .unwrap_or(0);
+            scanner.scan(&self.disk, offset, len, |at, data| {
+                let b = at / bs64;
+                let lo = usize::try_from(b - first).unwrap_or(usize::MAX);
+                let theirs = &client[lo..lo + data.len().div_ceil(bs)];
+                self.compare_batch(b, data, theirs, zeros, &mut g);
+                for h in g.hashes.drain(..) {
+                    digest.push(&h);
                 }
-            };
-            let lo = usize::try_from(done).unwrap_or(usize::MAX);
-            let theirs = &client[lo..lo + data.len().div_ceil(bs)];
-            // One thread per stream: it hashes at several GB/s, more than the link it feeds,
-            // while splitting batches over the rayon pool cost more in wake-ups and idle
-            // spinning than it gained (measured: 3x the context switches, no time saved).
-            let g = self.compare_batch(batch_first, data, theirs, zeros);
-            for h in &g.hashes {
-                digest.push(h);
-            }
-            differing += g.differing;
-            differing_bytes += g.differing_bytes;
-            for f in g.frames {
-                self.flush(Some(f));
-            }
+                for f in g.frames.drain(..) {
+                    self.flush(Some(f));
+                }
+            })?;
             done += n;
         }
+        self.flush(g.frame.take());
         self.out.blocking_send_raw(
             Message::WindowDone {
                 stream: self.stream,
                 first_block: first,
                 count: u32::try_from(total).unwrap_or(u32::MAX),
-                differing,
-                differing_bytes,
+                differing: g.differing,
+                differing_bytes: g.differing_bytes,
             }
             .encode(),
         );
@@ -594,17 +607,18 @@ impl StreamWorker {
     }
 
     /// Compares consecutive blocks starting at block `first` with the client's hashes and
-    /// frames the ones that differ. A differing block is copied into the frame and the copy is
+    /// frames the ones that differ (the open run in `g.frame` continues across calls; full
+    /// runs go to `g.frames`). A differing block is copied into the frame and the copy is
     /// hashed, so the hash sent matches the bytes sent even while the source disk changes.
-    fn compare_batch(&self, first: u64, data: &[u8], theirs: &[Hash], zeros: &ZeroHashes) -> Batch {
+    fn compare_batch(
+        &self,
+        first: u64,
+        data: &[u8],
+        theirs: &[Hash],
+        zeros: &ZeroHashes,
+        g: &mut Batch,
+    ) {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
-        let mut g = Batch {
-            hashes: Vec::with_capacity(theirs.len()),
-            frames: Vec::new(),
-            differing: 0,
-            differing_bytes: 0,
-        };
-        let mut frame: Option<BlocksFrame> = None;
         for (i, (block, their)) in data.chunks(bs).zip(theirs).enumerate() {
             let index = first + i as u64;
             let zero_hash = zeros.get(block.len());
@@ -627,14 +641,16 @@ impl StreamWorker {
                 }
                 continue;
             }
-            if frame
+            if g.frame
                 .as_ref()
                 .is_some_and(|f| f.next_block() != index || f.len() >= RUN_BYTES)
             {
-                g.frames.extend(frame.take());
+                g.frames.extend(g.frame.take());
             }
-            let f = frame.get_or_insert_with(|| {
-                BlocksFrame::new(self.stream, index, data.len().min(RUN_BYTES) + 2 * bs)
+            let f = g.frame.get_or_insert_with(|| {
+                let left = g.window_end - index * bs as u64;
+                let left = usize::try_from(left).unwrap_or(RUN_BYTES);
+                BlocksFrame::new(self.stream, index, left.min(RUN_BYTES) + 2 * bs)
             });
             let sent = if zero {
                 f.push(Encoding::Zero, &zero_hash, &[]);
@@ -649,8 +665,6 @@ impl StreamWorker {
             g.differing += 1;
             g.differing_bytes += block.len() as u64;
         }
-        g.frames.extend(frame);
-        g
     }
 
     #[cfg(feature = "fault-injection")]

@@ -123,7 +123,6 @@ impl Target {
         Ok(())
     }
 
-    /// True when `offset..offset+len` lies wholly beyond what existed locally (no read needed).
     /// The bytes at `offset..offset + len` mapped for hashing, if they lie within the local
     /// target and mapping works (see [`crate::mapped`]); otherwise use [`Self::read_at`].
     pub fn map(&self, offset: u64, len: usize) -> Option<crate::mapped::Mapped> {
@@ -133,6 +132,7 @@ impl Target {
         crate::mapped::map(&self.file, offset, len)
     }
 
+    /// True when `offset` lies beyond what existed locally (no read needed).
     pub fn is_beyond_local(&self, offset: u64) -> bool {
         offset >= self.local_len
     }
@@ -191,6 +191,16 @@ pub struct DiskWriter {
     started: Vec<(u64, u64)>,
     /// False when the target does not support the hints (tmpfs, pipes): skip them.
     hints: bool,
+}
+
+impl crate::scan::Source for Target {
+    type Error = Error;
+    fn map(&self, offset: u64, len: usize) -> Option<crate::mapped::Mapped> {
+        Target::map(self, offset, len)
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_at(buf, offset)
+    }
 }
 
 impl DiskWriter {

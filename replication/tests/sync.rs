@@ -125,6 +125,61 @@ async fn several_disks_at_once_with_odd_sizes() {
     }
 }
 
+/// Several hashing threads per target split each window between them: the hashes must come
+/// out in block order, so exactly the changed blocks are fetched, across window and share
+/// boundaries, in a short local target (its missing end hashes as zeros) and an odd tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_hash_threads_find_exactly_the_changed_blocks() {
+    let env = Env::new();
+    let src = env.path("src.img");
+    let dst = env.path("dst.img");
+    let size = 45 * MIB + 12345;
+    let mut data = make_disk(&src, size, 21);
+    // The target holds the first 40 MiB.
+    std::fs::write(&dst, &data[..40 * MIB]).unwrap();
+    let addr = env.agent(&[("d", &src)]).await;
+    // Blocks in window 0 (two shares), window 1 and window 2 (the 16 MiB windows).
+    let changed = [0usize, 5 * MIB, 11 * MIB + 65536, 17 * MIB, 39 * MIB];
+    for (i, at) in changed.iter().enumerate() {
+        scribble(&src, &mut data, *at, 65536, 100 + i as u64);
+    }
+    let tail_blocks = (size - 40 * MIB).div_ceil(65536) as u64;
+    for threads in [3usize, 2, 1] {
+        let o = SyncOptions {
+            hash_threads: Some(threads),
+            ..opts()
+        };
+        let r = sync(&addr, &env.client_tls(), &[("d", &dst)], &o)
+            .await
+            .unwrap();
+        let d = &r.disks[0];
+        assert_same(&dst, &data);
+        assert_eq!(d.digest.as_deref(), Some(d.agent_digest.as_str()));
+        if threads == 3 {
+            // Non-zero source blocks beyond the old local end differ too.
+            let beyond = (40 * MIB..size)
+                .step_by(65536)
+                .filter(|&o| data[o..(o + 65536).min(size)].iter().any(|&b| b != 0))
+                .count() as u64;
+            assert!(beyond <= tail_blocks);
+            assert_eq!(
+                d.blocks_differing,
+                changed.len() as u64 + beyond,
+                "{threads} threads"
+            );
+        } else {
+            assert_eq!(d.blocks_differing, 0, "{threads} threads: in sync");
+        }
+        // Change one block for the next round.
+        scribble(&src, &mut data, 33 * MIB, 4096, 200 + threads as u64);
+        let r2 = sync(&addr, &env.client_tls(), &[("d", &dst)], &o)
+            .await
+            .unwrap();
+        assert_eq!(r2.disks[0].blocks_differing, 1, "{threads} threads");
+        assert_same(&dst, &data);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn estimate_only_writes_nothing() {
     let env = Env::new();
