@@ -8,10 +8,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
+use crate::record::{Laid, TlsWriter};
 use crate::wire::{self, FrameError, Message};
 
 /// Reads frames from a stream (a buffered one: prefixes are read 4 bytes at a time).
@@ -207,7 +208,7 @@ impl DeadSlot {
 /// Handle to a connection's writer task.
 #[derive(Clone)]
 pub struct FrameSender {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Out>,
     /// Bytes queued for sending (for wire accounting).
     pub sent: Arc<AtomicU64>,
 }
@@ -216,7 +217,7 @@ impl FrameSender {
     /// Queues an encoded frame; `false` if the connection is gone.
     pub async fn send_raw(&self, frame: Vec<u8>) -> bool {
         self.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        self.tx.send(frame).await.is_ok()
+        self.tx.send(Out::Plain(frame)).await.is_ok()
     }
     /// Queues a message; `false` if the connection is gone.
     pub async fn send(&self, msg: &Message) -> bool {
@@ -225,39 +226,53 @@ impl FrameSender {
     /// Blocking variant for worker threads.
     pub fn blocking_send_raw(&self, frame: Vec<u8>) -> bool {
         self.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        self.tx.blocking_send(frame).is_ok()
+        self.tx.blocking_send(Out::Plain(frame)).is_ok()
     }
+    /// Blocking: queues a frame already laid out as TLS records (see [`Laid`]).
+    pub fn blocking_send_laid(&self, frame: Laid) -> bool {
+        self.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.tx.blocking_send(Out::Laid(frame)).is_ok()
+    }
+}
+
+/// What the writer task sends: an encoded frame, or one laid out as records.
+enum Out {
+    Plain(Vec<u8>),
+    Laid(Laid),
 }
 
 /// Spawns the writer task for a write half; it ends when every sender is dropped (after
 /// flushing and shutting the stream down) or on a write error (recorded in `dead`).
-pub fn spawn_writer<W>(w: W, dead: DeadSlot) -> (FrameSender, tokio::task::JoinHandle<()>)
-where
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(32);
+pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Out>(32);
     let handle = tokio::spawn(async move {
         let mut w = w;
-        while let Some(frame) = rx.recv().await {
-            let mut res = w.write_all(&frame).await;
-            crate::pool::POOL.give(frame);
-            // Drain whatever is already queued before flushing: big TLS records, few syscalls.
-            while res.is_ok() {
-                match rx.try_recv() {
-                    Ok(f) => {
-                        res = w.write_all(&f).await;
-                        crate::pool::POOL.give(f);
-                    }
-                    Err(_) => break,
+        let mut next = rx.recv().await;
+        while let Some(out) = next.take() {
+            let res = match out {
+                Out::Plain(frame) => {
+                    let res = w.write_all(&frame).await;
+                    crate::pool::POOL.give(frame);
+                    res
                 }
-            }
-            if res.is_ok() {
-                res = w.flush().await;
-            }
+                Out::Laid(laid) => w.write_laid(laid).await.map(|b| crate::pool::POOL.give(b)),
+            };
+            // Drain whatever is already queued before flushing: big TLS records, few syscalls.
+            let res = match res {
+                Ok(()) => match rx.try_recv() {
+                    Ok(out) => {
+                        next = Some(out);
+                        continue;
+                    }
+                    Err(_) => w.flush().await,
+                },
+                e => e,
+            };
             if let Err(e) = res {
                 dead.set(format!("write failed: {e}"));
                 return;
             }
+            next = rx.recv().await;
         }
         let _ = w.shutdown().await;
     });

@@ -54,6 +54,118 @@ const KEY_UPDATE_RECORDS: u64 = 1 << 20;
 /// connection (network error) from a clean close mid-frame (truncated frame) by it.
 const NO_CLOSE_NOTIFY: &str = "peer closed connection without sending TLS close_notify";
 
+/// Bytes of a full record in a [`Laid`] buffer: header, plaintext, content type, tag.
+const LAID_RECORD: usize = HEADER + MAX_PLAINTEXT + 1 + TAG;
+
+/// Plaintext written straight into the layout of TLS records, with room left for each record's
+/// header, content type and tag, so that [`TlsWriter::write_laid`] encrypts it where it lies
+/// and hands the buffer to the socket: the agent copies a block from its disk once, into the
+/// record, instead of into a frame and then into a record (a 4 GiB full sync copied 2.4 GiB
+/// twice; measured: a quarter of the agent's CPU went to the two copies).
+#[derive(Debug, Default)]
+pub struct Laid {
+    buf: Vec<u8>,
+    /// Plaintext bytes so far.
+    plain: usize,
+}
+
+impl Laid {
+    /// An empty buffer reusing `buf`'s memory.
+    pub fn new(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        Laid { buf, plain: 0 }
+    }
+
+    /// Buffer bytes taken by `plain` bytes of plaintext: full records, then a partial one.
+    pub fn buffer_len(plain: usize) -> usize {
+        plain.div_ceil(MAX_PLAINTEXT) * (HEADER + 1 + TAG) + plain
+    }
+
+    /// Where plaintext byte `p` lies in the buffer.
+    fn pos(p: usize) -> usize {
+        p / MAX_PLAINTEXT * LAID_RECORD + HEADER + p % MAX_PLAINTEXT
+    }
+
+    /// Plaintext bytes so far.
+    pub fn len(&self) -> usize {
+        self.plain
+    }
+
+    /// True when no plaintext was added.
+    pub fn is_empty(&self) -> bool {
+        self.plain == 0
+    }
+
+    /// Appends plaintext.
+    pub fn extend(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let in_record = self.plain % MAX_PLAINTEXT;
+            if in_record == 0 {
+                if self.plain > 0 {
+                    // The previous record is full: room for its content type and tag.
+                    self.buf.resize(self.buf.len() + 1 + TAG, 0);
+                }
+                self.buf.resize(self.buf.len() + HEADER, 0);
+            }
+            let n = (MAX_PLAINTEXT - in_record).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            self.plain += n;
+            data = &data[n..];
+        }
+    }
+
+    /// Drops the plaintext from `p` on.
+    pub fn truncate(&mut self, p: usize) {
+        if p < self.plain {
+            self.plain = p;
+            self.buf
+                .truncate(if p == 0 { 0 } else { Self::pos(p - 1) + 1 });
+        }
+    }
+
+    /// The plaintext `from..to` as the pieces it lies in, in order.
+    pub fn spans(&self, from: usize, to: usize) -> impl Iterator<Item = &[u8]> {
+        let to = to.min(self.plain);
+        let mut p = from;
+        std::iter::from_fn(move || {
+            if p >= to {
+                return None;
+            }
+            let n = (MAX_PLAINTEXT - p % MAX_PLAINTEXT).min(to - p);
+            let at = Self::pos(p);
+            p += n;
+            Some(&self.buf[at..at + n])
+        })
+    }
+
+    /// Overwrites plaintext at `p` (already written) with `data`.
+    pub fn write_at(&mut self, mut p: usize, mut data: &[u8]) {
+        while !data.is_empty() && p < self.plain {
+            let n = (MAX_PLAINTEXT - p % MAX_PLAINTEXT)
+                .min(data.len())
+                .min(self.plain - p);
+            let at = Self::pos(p);
+            self.buf[at..at + n].copy_from_slice(&data[..n]);
+            p += n;
+            data = &data[n..];
+        }
+    }
+
+    /// The plaintext as one buffer (tests, and peers without a record layer).
+    pub fn to_plain(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.plain);
+        for s in self.spans(0, self.plain) {
+            v.extend_from_slice(s);
+        }
+        v
+    }
+
+    /// The buffer, for reuse.
+    pub fn into_buf(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
@@ -345,8 +457,11 @@ pub struct TlsWriter {
 }
 
 impl TlsWriter {
-    fn seal(&mut self, content_type: u8, data: &[u8]) -> io::Result<()> {
-        if self.records >= self.update_every
+    /// Before `upcoming` more records: a KeyUpdate (update_not_requested, sealed into `out`
+    /// under the old key) and the switch to the next key, when our interval is reached or the
+    /// peer asked for one.
+    fn update_key_if_due(&mut self, upcoming: u64) -> io::Result<()> {
+        if self.records + upcoming > self.update_every
             || (self
                 .keys
                 .update_requested
@@ -356,13 +471,17 @@ impl TlsWriter {
                     .update_requested
                     .swap(false, std::sync::atomic::Ordering::AcqRel))
         {
-            // KeyUpdate(update_not_requested), sent under the old key; then switch.
             self.tx
                 .seal(&mut self.out, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])?;
             let (seq, secrets) = lock(&self.keys).update_tx().map_err(tls_error)?;
             self.tx = Protector::new(seq, &secrets)?;
             self.records = 0;
         }
+        Ok(())
+    }
+
+    fn seal(&mut self, content_type: u8, data: &[u8]) -> io::Result<()> {
+        self.update_key_if_due(1)?;
         self.records += 1;
         self.tx.seal(&mut self.out, content_type, data)
     }
@@ -379,6 +498,51 @@ impl TlsWriter {
         self.out.clear();
         self.sent = 0;
         Poll::Ready(Ok(()))
+    }
+}
+
+impl TlsWriter {
+    /// Encrypts the records of `laid` where they lie and writes them, after whatever was
+    /// written before. Returns the buffer for reuse.
+    pub async fn write_laid(&mut self, mut laid: Laid) -> io::Result<Vec<u8>> {
+        if laid.is_empty() {
+            return Ok(laid.into_buf());
+        }
+        let records = laid.plain.div_ceil(MAX_PLAINTEXT);
+        self.update_key_if_due(records as u64)?;
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
+        let total = Laid::buffer_len(laid.plain);
+        laid.buf.resize(total, 0);
+        // Seal and send a few records at a time: the socket copies each one while it is still
+        // in cache from being encrypted.
+        const BATCH: usize = 16;
+        let mut sent = 0;
+        for r in 0..records {
+            let start = r * LAID_RECORD;
+            let plain = (laid.plain - r * MAX_PLAINTEXT).min(MAX_PLAINTEXT);
+            let end = start + HEADER + plain + 1 + TAG;
+            let len = u16::try_from(plain + 1 + TAG)
+                .unwrap_or(u16::MAX)
+                .to_be_bytes();
+            let header = [APPLICATION_DATA, 3, 3, len[0], len[1]];
+            let rec = &mut laid.buf[start..end];
+            rec[..HEADER].copy_from_slice(&header);
+            rec[HEADER + plain] = APPLICATION_DATA;
+            let nonce = self.tx.next_nonce()?;
+            let (body, tag) = rec[HEADER..].split_at_mut(plain + 1);
+            let t = self
+                .tx
+                .key
+                .seal_in_place_separate_tag(nonce, aead::Aad::from(header), body)
+                .map_err(|_| invalid("TLS record encryption failed"))?;
+            tag.copy_from_slice(t.as_ref());
+            self.records += 1;
+            if (r + 1) % BATCH == 0 || r + 1 == records {
+                self.sock.write_all(&laid.buf[sent..end]).await?;
+                sent = end;
+            }
+        }
+        Ok(laid.into_buf())
     }
 }
 
@@ -755,6 +919,86 @@ mod tests {
         s.read_to_end(&mut echo).await.unwrap();
         assert!(echo == up, "echo through our agent side differs");
         server.await.unwrap();
+    }
+
+    /// Frames laid out as records ([`Laid`]) and sealed in place, mixed with ordinary writes
+    /// and key updates (every 3 records, so some fall right before a laid frame), reach a
+    /// stock rustls peer as the same byte stream.
+    #[tokio::test]
+    async fn laid_records_interoperate_with_stock_rustls() {
+        let certs = DevCerts::generate("i-1").unwrap();
+        let (ct, st) = (certs.client_tls().unwrap(), certs.server_tls(None).unwrap());
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let sizes = [1usize, 16384, 16385, 100_000, 0, 5, 3 * 16384];
+        let mut want = Vec::new();
+        let mut parts = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let p = payload(*n, 10 + i as u64);
+            want.extend_from_slice(&p);
+            parts.push(p);
+        }
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let (_r, mut w, _) = accept(tcp, st.config()).await.unwrap();
+            w.set_key_update_interval(3);
+            for (i, p) in parts.iter().enumerate() {
+                if i % 3 == 1 {
+                    w.write_all(p).await.unwrap();
+                } else {
+                    let mut laid = Laid::new(Vec::new());
+                    // Built in two pieces, with a patch across a record boundary.
+                    let half = p.len() / 2;
+                    laid.extend(&p[..half]);
+                    laid.extend(&p[half..]);
+                    laid.write_at(
+                        half.saturating_sub(2),
+                        &p[half.saturating_sub(2)..half.min(p.len())],
+                    );
+                    assert_eq!(laid.to_plain(), *p);
+                    w.write_laid(laid).await.unwrap();
+                }
+            }
+            w.shutdown().await.unwrap();
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(ct.config())
+            .connect(name(), tcp)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == want,
+            "stock rustls received other bytes than were laid"
+        );
+        server.await.unwrap();
+    }
+
+    #[test]
+    fn laid_layout_spans_truncate_and_patch() {
+        let data = payload(40000, 7);
+        let mut l = Laid::new(vec![1, 2, 3]);
+        l.extend(&data[..16384]);
+        assert_eq!(
+            l.buf.len(),
+            HEADER + 16384,
+            "a full record has no trailer yet"
+        );
+        l.extend(&data[16384..]);
+        assert_eq!(l.len(), 40000);
+        assert_eq!(Laid::buffer_len(40000), 3 * (HEADER + 1 + TAG) + 40000);
+        let pieces: Vec<usize> = l.spans(100, 33000).map(<[u8]>::len).collect();
+        assert_eq!(pieces, [16284, 16384, 232]);
+        l.truncate(16384);
+        assert_eq!(l.to_plain(), data[..16384]);
+        l.extend(&data[16384..20000]);
+        l.write_at(16380, b"abcdefgh");
+        let mut want = data[..20000].to_vec();
+        want[16380..16388].copy_from_slice(b"abcdefgh");
+        assert_eq!(l.to_plain(), want);
+        l.truncate(0);
+        assert!(l.is_empty() && l.buf.is_empty());
     }
 
     async fn pair() -> ((TlsReader, TlsWriter), (TlsReader, TlsWriter)) {

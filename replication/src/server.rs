@@ -447,8 +447,6 @@ struct Batch {
     frame: Option<BlocksFrame>,
     differing: u32,
     differing_bytes: u64,
-    /// Byte offset where the window ends (sizes the run buffers).
-    window_end: u64,
 }
 
 struct StreamWorker {
@@ -557,14 +555,12 @@ impl StreamWorker {
     ) -> Result<(), (ErrorCode, String)> {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
         let total = client.len() as u64;
-        let end = ((first + total) * u64::from(self.block_size)).min(self.disk.info.size);
         let mut g = Batch {
             hashes: Vec::new(),
             frames: Vec::new(),
             frame: None,
             differing: 0,
             differing_bytes: 0,
-            window_end: end,
         };
         let mut done = 0u64;
         // One thread per stream: it hashes at several GB/s, more than the link it feeds, while
@@ -608,8 +604,9 @@ impl StreamWorker {
 
     /// Compares consecutive blocks starting at block `first` with the client's hashes and
     /// frames the ones that differ (the open run in `g.frame` continues across calls; full
-    /// runs go to `g.frames`). A differing block is copied into the frame and the copy is
-    /// hashed, so the hash sent matches the bytes sent even while the source disk changes.
+    /// runs go to `g.frames`). A differing block is hashed once (for the compare, or as it is
+    /// framed when the client reported zeros) and copied once, into the TLS record that
+    /// carries it.
     fn compare_batch(
         &self,
         first: u64,
@@ -624,7 +621,7 @@ impl StreamWorker {
             let zero_hash = zeros.get(block.len());
             let zero = block::is_zero(block);
             // A non-zero block differs from one the client reported as zeros (an empty or new
-            // target) without being hashed here first; its copy is hashed below.
+            // target) without being compared first; it is hashed once, as it is framed.
             let (hash, differs) = if zero {
                 (Some(zero_hash), *their != zero_hash)
             } else if *their == zero_hash && !self.estimate {
@@ -647,16 +644,15 @@ impl StreamWorker {
             {
                 g.frames.extend(g.frame.take());
             }
-            let f = g.frame.get_or_insert_with(|| {
-                let left = g.window_end - index * bs as u64;
-                let left = usize::try_from(left).unwrap_or(RUN_BYTES);
-                BlocksFrame::new(self.stream, index, left.min(RUN_BYTES) + 2 * bs)
-            });
+            // Every run buffer the same size, so the pool's idle buffers fit any run.
+            let f = g
+                .frame
+                .get_or_insert_with(|| BlocksFrame::new(self.stream, index, RUN_BYTES + 2 * bs));
             let sent = if zero {
                 f.push(Encoding::Zero, &zero_hash, &[]);
                 zero_hash
             } else {
-                let (h, _at, _len) = f.push_copy(block, block::compress_if_smaller);
+                let (h, _at, _len) = f.push_hashed(block, hash, block::compress_if_smaller);
                 #[cfg(feature = "fault-injection")]
                 self.maybe_corrupt(f, _at, _len);
                 h
@@ -675,7 +671,7 @@ impl StreamWorker {
                     "fault injection: corrupting a block of stream {}",
                     self.stream
                 );
-                frame.bytes_mut()[at] ^= 0xff;
+                frame.flip(at);
             }
         }
     }
@@ -708,7 +704,7 @@ impl StreamWorker {
 
     fn flush(&self, run: Option<BlocksFrame>) {
         if let Some(frame) = run.filter(|f| !f.is_empty()) {
-            self.out.blocking_send_raw(frame.finish());
+            self.out.blocking_send_laid(frame.finish());
         }
     }
 }

@@ -15,6 +15,8 @@
 
 use std::fmt;
 
+use crate::record::Laid;
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// First four bytes of both hello messages.
@@ -548,11 +550,12 @@ impl Message {
     }
 }
 
-/// Builds a `Blocks` frame in place, copying each payload once (straight from the read buffer
-/// or the compressor's output). Produces exactly the bytes of [`Message::Blocks`].
+/// Builds a `Blocks` frame in place, laid out as TLS records ([`Laid`]): each payload is
+/// copied once, from the disk (or the compressor's output) straight into the record that
+/// carries it. Produces exactly the bytes of [`Message::Blocks`] as plaintext.
 #[derive(Debug)]
 pub struct BlocksFrame {
-    buf: Vec<u8>,
+    laid: Laid,
     first_block: u64,
     count: u32,
 }
@@ -561,15 +564,18 @@ impl BlocksFrame {
     /// Bytes before the first block: length, tag, stream, first block, count.
     const HEADER: usize = 4 + 1 + 4 + 8 + 4;
 
-    /// Starts a run at `first_block` of `stream`, reserving `capacity` bytes.
+    /// Starts a run at `first_block` of `stream`, reserving room for `capacity` bytes.
     pub fn new(stream: u32, first_block: u64, capacity: usize) -> Self {
-        let mut buf = crate::pool::POOL.take_empty(capacity + Self::HEADER);
-        buf.extend_from_slice(&[0, 0, 0, 0, T_BLOCKS]);
-        put_u32(&mut buf, stream);
-        put_u64(&mut buf, first_block);
-        put_u32(&mut buf, 0);
+        let buf = crate::pool::POOL.take_empty(Laid::buffer_len(capacity + Self::HEADER));
+        let mut laid = Laid::new(buf);
+        let mut head = Vec::with_capacity(Self::HEADER);
+        head.extend_from_slice(&[0, 0, 0, 0, T_BLOCKS]);
+        put_u32(&mut head, stream);
+        put_u64(&mut head, first_block);
+        put_u32(&mut head, 0);
+        laid.extend(&head);
         BlocksFrame {
-            buf,
+            laid,
             first_block,
             count: 0,
         }
@@ -582,7 +588,7 @@ impl BlocksFrame {
 
     /// Encoded size so far.
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.laid.len()
     }
 
     /// True when no block was added.
@@ -592,56 +598,52 @@ impl BlocksFrame {
 
     /// Appends a block; returns the offset of its payload in the frame.
     pub fn push(&mut self, encoding: Encoding, hash: &Hash, payload: &[u8]) -> usize {
-        self.buf.push(encoding.to_u8());
-        self.buf.extend_from_slice(hash);
-        put_u32(&mut self.buf, len_u32(payload.len()));
-        let at = self.buf.len();
-        self.buf.extend_from_slice(payload);
+        let mut head = [0u8; 37];
+        head[0] = encoding.to_u8();
+        head[1..33].copy_from_slice(hash);
+        head[33..].copy_from_slice(&len_u32(payload.len()).to_be_bytes());
+        self.laid.extend(&head);
+        let at = self.laid.len();
+        self.laid.extend(payload);
         self.count += 1;
         at
     }
 
-    /// Appends a block copied from `data` and hashes the *copy*: when `data` is a live disk
-    /// that changes meanwhile, the hash sent still matches the bytes sent. `compress` may
-    /// return a smaller encoding (zstd) of the copy. Returns the hash, the payload offset and
-    /// the payload length.
-    pub fn push_copy(
+    /// Appends block `data` whose BLAKE3 hash is `hash` (`None`: hashed here), zstd-compressed
+    /// when `compress` returns a smaller encoding. Returns the hash, the payload offset and the
+    /// payload length.
+    ///
+    /// `data` may be a memory map of a live disk that changes while this runs; then the bytes
+    /// sent can differ from the hash sent. The client's check catches that like corruption in
+    /// transit and asks for the block again, and the agent answers a refetch from a private
+    /// copy, hashed after reading, so the retry matches.
+    pub fn push_hashed(
         &mut self,
         data: &[u8],
+        hash: Option<Hash>,
         compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
     ) -> (Hash, usize, usize) {
-        let head = self.buf.len();
-        self.buf.push(Encoding::Raw.to_u8());
-        self.buf.extend_from_slice(&[0u8; 32]);
-        put_u32(&mut self.buf, len_u32(data.len()));
-        let at = self.buf.len();
-        self.buf.extend_from_slice(data);
-        let copy = &self.buf[at..];
-        let hash = *blake3::hash(copy).as_bytes();
-        let mut len = copy.len();
-        if let Some(z) = compress(copy) {
-            self.buf.truncate(at);
-            self.buf.extend_from_slice(&z);
-            self.buf[head] = Encoding::Zstd.to_u8();
-            len = z.len();
-            self.buf[head + 33..head + 37].copy_from_slice(&len_u32(len).to_be_bytes());
-        }
-        self.buf[head + 1..head + 33].copy_from_slice(&hash);
-        self.count += 1;
+        let hash = hash.unwrap_or_else(|| *blake3::hash(data).as_bytes());
+        let (at, len) = match compress(data) {
+            Some(z) => (self.push(Encoding::Zstd, &hash, &z), z.len()),
+            None => (self.push(Encoding::Raw, &hash, data), data.len()),
+        };
         (hash, at, len)
     }
 
-    /// Mutable access to the encoded bytes (test-only fault injection flips payload bytes).
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.buf
+    /// Flips the bits of the frame's byte at `at` (test-only fault injection).
+    pub fn flip(&mut self, at: usize) {
+        let b = self.laid.spans(at, at + 1).next().map_or(0, |s| s[0]);
+        self.laid.write_at(at, &[b ^ 0xff]);
     }
 
-    /// The finished frame.
-    pub fn finish(mut self) -> Vec<u8> {
-        let body = len_u32(self.buf.len() - 4);
-        self.buf[0..4].copy_from_slice(&body.to_be_bytes());
-        self.buf[Self::HEADER - 4..Self::HEADER].copy_from_slice(&self.count.to_be_bytes());
-        self.buf
+    /// The finished frame, laid out for [`crate::record::TlsWriter::write_laid`].
+    pub fn finish(mut self) -> Laid {
+        let body = len_u32(self.laid.len() - 4);
+        self.laid.write_at(0, &body.to_be_bytes());
+        self.laid
+            .write_at(Self::HEADER - 4, &self.count.to_be_bytes());
+        self.laid
     }
 }
 
@@ -939,23 +941,40 @@ mod tests {
             blocks,
         }
         .encode();
-        assert_eq!(f.finish(), want);
+        assert_eq!(f.finish().to_plain(), want);
     }
 
     #[test]
-    fn push_copy_encodes_like_push_and_hashes_the_copy() {
-        let raw: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fn push_hashed_encodes_like_push() {
+        let raw: Vec<u8> = (0..50000u32).map(|i| (i * 7 % 251) as u8).collect();
         let text: Vec<u8> = b"abc ".iter().cycle().take(4096).copied().collect();
         let mut a = BlocksFrame::new(1, 10, 0);
-        let (h1, _, n1) = a.push_copy(&raw, |_| None);
-        let (h2, _, n2) = a.push_copy(&text, |_| Some(vec![5, 6, 7]));
+        let (h1, at1, n1) = a.push_hashed(&raw, None, |_| None);
+        let (h2, _, n2) = a.push_hashed(&text, Some([3; 32]), |_| Some(vec![5, 6, 7]));
         assert_eq!(h1, *blake3::hash(&raw).as_bytes());
-        assert_eq!(h2, *blake3::hash(&text).as_bytes());
+        assert_eq!(h2, [3; 32], "a known hash is sent as given");
         assert_eq!((n1, n2), (raw.len(), 3));
         let mut b = BlocksFrame::new(1, 10, 0);
         b.push(Encoding::Raw, &h1, &raw);
         b.push(Encoding::Zstd, &h2, &[5, 6, 7]);
-        assert_eq!(a.finish(), b.finish());
+        let plain = a.finish().to_plain();
+        assert_eq!(plain, b.finish().to_plain());
+        assert_eq!(&plain[at1..at1 + 100], &raw[..100]);
+        // Flipping a payload byte (fault injection) changes exactly that byte.
+        let one = |flip: bool| {
+            let mut c = BlocksFrame::new(1, 10, 0);
+            let (_, at, _) = c.push_hashed(&raw, None, |_| None);
+            if flip {
+                c.flip(at + 20000);
+            }
+            (at, c.finish().to_plain())
+        };
+        let ((at, clean), (_, flipped)) = (one(false), one(true));
+        assert_eq!(clean.len(), flipped.len());
+        let diff: Vec<usize> = (0..clean.len())
+            .filter(|&i| clean[i] != flipped[i])
+            .collect();
+        assert_eq!(diff, [at + 20000]);
     }
 
     #[test]
