@@ -949,20 +949,15 @@ fn hash_local(
     tx: &mpsc::Sender<Result<(u64, Vec<Hash>)>>,
 ) {
     let nblocks = block::block_count(size, bs);
-    let batch_blocks = (block::BATCH_BYTES / u64::from(bs)).max(1);
     let mut scanners: Vec<Scanner> = (0..threads.max(1)).map(|_| Scanner::new(bs)).collect();
     let mut first = 0u64;
     while first < nblocks {
         let count = window_blocks.min(nblocks - first);
-        let batches = count.div_ceil(batch_blocks);
-        let k = scanners
-            .len()
-            .min(usize::try_from(batches).unwrap_or(1))
-            .max(1);
-        // Thread t hashes the t-th contiguous share of the window's batches.
+        let k = scanners.len().min(usize::try_from(count).unwrap_or(1)).max(1);
+        // Thread t hashes the t-th contiguous share of the window (whole blocks).
         let share = |t: usize| {
-            let lo = batches * t as u64 / k as u64 * batch_blocks;
-            let hi = (batches * (t as u64 + 1) / k as u64 * batch_blocks).min(count);
+            let lo = count * t as u64 / k as u64;
+            let hi = count * (t as u64 + 1) / k as u64;
             (first + lo, hi - lo)
         };
         let parts: Vec<Result<Vec<Hash>>> = if k == 1 {

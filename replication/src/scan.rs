@@ -24,10 +24,20 @@ use std::time::Duration;
 use crate::block;
 use crate::mapped::Mapped;
 
-/// Batches between two trials.
-pub const TRIAL_EVERY: u32 = 256;
-/// Batches in a trial (half read each way).
-pub const TRIAL_BATCHES: u32 = 16;
+/// Batches between two trials: 1 GiB.
+pub const TRIAL_EVERY: u64 = batches(1 << 30);
+/// Batches in a trial (half read each way): 64 MiB.
+pub const TRIAL_BATCHES: u64 = batches(64 << 20);
+
+/// Whole batches in `bytes` (at least two).
+const fn batches(bytes: u64) -> u64 {
+    let n = bytes / block::BATCH_BYTES;
+    if n < 2 {
+        2
+    } else {
+        n
+    }
+}
 
 /// Something a [`Scanner`] can read: a source disk on the agent, the local target on the client.
 pub trait Source {
@@ -54,7 +64,7 @@ pub struct Scanner {
     block_size: usize,
     method: Method,
     /// Batches left in the current trial, or before the next one (see `in_trial`).
-    left: u32,
+    left: u64,
     in_trial: bool,
     /// Alternates which method a trial starts with.
     map_first: bool,
@@ -252,7 +262,7 @@ mod tests {
             }
         }
         let mut s = Scanner::new(4096);
-        for batch in 0..TRIAL_BATCHES as u64 + 2 {
+        for batch in 0..TRIAL_BATCHES + 2 {
             let mut pieces = 0;
             s.scan(&Unmappable, batch << 20, 1 << 20, |off, p| {
                 assert!(p.len() <= block::SCAN_BYTES);
