@@ -953,7 +953,10 @@ fn hash_local(
     let mut first = 0u64;
     while first < nblocks {
         let count = window_blocks.min(nblocks - first);
-        let k = scanners.len().min(usize::try_from(count).unwrap_or(1)).max(1);
+        let k = scanners
+            .len()
+            .min(usize::try_from(count).unwrap_or(1))
+            .max(1);
         // Thread t hashes the t-th contiguous share of the window (whole blocks).
         let share = |t: usize| {
             let lo = count * t as u64 / k as u64;

@@ -908,11 +908,7 @@ mod tests {
             w.write_all(&got).await.unwrap();
             w.shutdown().await.unwrap();
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(ct.config())
-            .connect(name(), tcp)
-            .await
-            .unwrap();
+        let mut s = stock_client(addr, &ct).await;
         s.write_all(&up).await.unwrap();
         s.shutdown().await.unwrap();
         let mut echo = Vec::new();
@@ -961,11 +957,7 @@ mod tests {
             }
             w.shutdown().await.unwrap();
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(ct.config())
-            .connect(name(), tcp)
-            .await
-            .unwrap();
+        let mut s = stock_client(addr, &ct).await;
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         assert!(
@@ -999,6 +991,18 @@ mod tests {
         assert_eq!(l.to_plain(), want);
         l.truncate(0);
         assert!(l.is_empty() && l.buf.is_empty());
+    }
+
+    /// A stock tokio-rustls client connected to `addr`.
+    async fn stock_client(
+        addr: std::net::SocketAddr,
+        ct: &crate::tls::ClientTls,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(ct.config())
+            .connect(name(), tcp)
+            .await
+            .unwrap()
     }
 
     async fn pair() -> ((TlsReader, TlsWriter), (TlsReader, TlsWriter)) {
