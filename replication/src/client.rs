@@ -936,9 +936,9 @@ pub fn default_hash_threads() -> usize {
         .max(1)
 }
 
-/// Hashes the local target window by window, each window's batches split over `threads`
-/// threads (each with its own [`Scanner`] and cache-sized buffer), and sends each window's
-/// hashes to the disk task. Regions beyond the local length hash as zeros unread.
+/// Hashes the local target window by window, each window split into `threads` contiguous
+/// shares of whole blocks (one thread each, with its own [`Scanner`] and cache-sized buffer),
+/// and sends each window's hashes to the disk task. Regions beyond the local length hash as zeros unread.
 fn hash_local(
     target: &Target,
     size: u64,

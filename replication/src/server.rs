@@ -436,7 +436,6 @@ async fn run_command(what: &str, cmd: Option<String>) -> std::result::Result<Str
     }
 }
 
-/// One batch's outcome: block hashes in order, frames to send, counts.
 /// What comparing one window produced so far.
 struct Batch {
     /// Hashes of the blocks compared, not yet added to the digest.
