@@ -48,10 +48,6 @@ pub struct SyncArgs {
     /// Write the JSON report (per disk: bytes fetched, digests, timings) to this file.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-    /// Read local targets with pread only, never memory-mapped (see `failback-agent serve
-    /// --no-mmap`).
-    #[arg(long)]
-    pub no_mmap: bool,
     /// Threads hashing each local target (default: half the CPUs, at least 1).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub hash_threads: Option<u16>,
@@ -180,7 +176,6 @@ pub fn main(args: SyncArgs) -> Exit {
 
 /// Runs `sync` (must be called inside a tokio runtime).
 pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
-    failback_replication::mapped::set_enabled(!args.no_mmap);
     let mappings = parse_maps(&args.maps)?;
     let out = Out {
         json: args.progress == ProgressMode::Json,
