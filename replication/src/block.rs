@@ -24,11 +24,6 @@ pub const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// memory map depends on the page cache; see [`crate::scan`].
 pub const SCAN_BYTES: usize = 128 * 1024;
 
-/// Blocks per scan read: [`SCAN_BYTES`] worth, at least one block.
-pub fn scan_blocks(block_size: u32) -> u64 {
-    (SCAN_BYTES as u64 / u64::from(block_size)).max(1)
-}
-
 /// Checks a block size: power of two in 4 KiB..=4 MiB.
 pub fn validate_block_size(bs: u32) -> Result<(), String> {
     if bs.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {

@@ -111,17 +111,9 @@ impl Scanner {
         }
         self.left -= 1;
         if self.in_trial {
-            let first = if self.map_first {
-                Method::Map
-            } else {
-                Method::Read
-            };
-            let other = if first == Method::Map {
-                Method::Read
-            } else {
-                Method::Map
-            };
-            self.method = if self.left % 2 == 1 { first } else { other };
+            // Alternate batch by batch, starting with the method this trial begins with.
+            let map_now = (self.left % 2 == 1) == self.map_first;
+            self.method = if map_now { Method::Map } else { Method::Read };
         }
         let t0 = self.in_trial.then(thread_cpu);
         let mut used = Method::Read;
