@@ -48,7 +48,8 @@ pub struct SyncArgs {
     /// Write the JSON report (per disk: bytes fetched, digests, timings) to this file.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-    /// Threads hashing each local target (default: half the CPUs, at least 1).
+    /// Threads hashing each local target (default: one per CPU; all but the first run at idle
+    /// priority, so they only use CPU time nothing else wants).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub hash_threads: Option<u16>,
 }

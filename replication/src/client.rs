@@ -1,8 +1,8 @@
 //! Client side: [`Session::connect`] (TLS, handshake, manifest) and [`Session::sync`] (one
 //! delta round over any number of disks in parallel).
 //!
-//! Per disk: a hashing thread reads the local target in large batches and hashes blocks in
-//! parallel; the disk task sends hash windows (a bounded number outstanding), verifies the
+//! Per disk: hashing threads read the local target window by window ([`crate::hashing`]);
+//! the disk task sends hash windows in disk order (a bounded number outstanding), verifies the
 //! blocks the agent returns and hands [`VerifiedRun`]s to the disk's single writer thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -17,9 +17,10 @@ use tokio::sync::mpsc;
 use crate::block::{self, DiskDigest, VerifiedRun, ZeroHashes};
 use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
 use crate::error::{Error, Result};
+pub use crate::hashing::default_hash_threads;
+use crate::hashing::LocalHashes;
 use crate::progress::Progress;
 use crate::report::{DiskReport, SyncReport};
-use crate::scan::Scanner;
 use crate::tls::{ClientTls, AGENT_SERVER_NAME};
 use crate::wire::{DiskInfo, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION};
 use crate::writer::Target;
@@ -56,8 +57,9 @@ pub struct SyncOptions {
     pub estimate_only: bool,
     /// How often one block may fail verification and be fetched again before giving up.
     pub max_block_retries: u32,
-    /// Threads hashing each local target (None: half the CPUs, at least one, leaving the rest
-    /// to receive, decrypt, verify and write).
+    /// Threads hashing each local target (None: one per CPU). The first runs at normal
+    /// priority, the others at idle priority, so they never slow receiving, decrypting,
+    /// verifying and writing.
     pub hash_threads: Option<usize>,
 }
 
@@ -619,18 +621,18 @@ impl DiskJob {
         }
         self.progress.disk_started(&id, size);
 
-        // Hashing thread: local target -> windows of hashes.
+        // Hashing threads: local target -> windows of hashes, in disk order.
         let window_blocks = (WINDOW_BYTES / bs64).max(1);
-        let (htx, mut hrx) = mpsc::channel::<Result<(u64, Vec<Hash>)>>(2);
+        let threads = self.opts.hash_threads.unwrap_or_else(default_hash_threads);
         let zeros = Arc::new(ZeroHashes::new(size, bs));
-        {
-            let target = target.clone();
-            let zeros = zeros.clone();
-            let threads = self.opts.hash_threads.unwrap_or_else(default_hash_threads);
-            tokio::task::spawn_blocking(move || {
-                hash_local(&target, size, bs, window_blocks, &zeros, threads, &htx)
-            });
-        }
+        let mut local_hashes = LocalHashes::spawn(
+            target.clone(),
+            size,
+            bs,
+            window_blocks,
+            threads,
+            (MAX_OUTSTANDING + threads) as u64,
+        )?;
 
         // Writer thread: verified runs -> disk; head last.
         // `None` = commit: only then is the held-back head written. If the job fails, the
@@ -680,7 +682,7 @@ impl DiskJob {
 
         loop {
             tokio::select! {
-                w = hrx.recv(), if !hashing_done && windows.len() < MAX_OUTSTANDING => match w {
+                w = local_hashes.next(), if !hashing_done => match w {
                     Some(Ok((first, hashes))) => {
                         let count = hashes.len();
                         windows.insert(first, Window {
@@ -838,6 +840,7 @@ impl DiskJob {
                 for h in &w.hashes {
                     digest.push(h);
                 }
+                local_hashes.retired();
                 let end = ((first + w.hashes.len() as u64) * bs64).min(size);
                 self.progress.disk_advanced(&id, end - first * bs64, 0);
             }
@@ -925,116 +928,6 @@ impl Drop for WriterGuard {
             let _ = h.join();
         }
     }
-}
-
-/// Default of [`SyncOptions::hash_threads`]: half the CPUs, at least one. BLAKE3 with a zero
-/// check runs at several GB/s per core, faster than the disks it reads, and the other half
-/// receives, decrypts, verifies and writes.
-pub fn default_hash_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get() / 2)
-        .max(1)
-}
-
-/// Hashes the local target window by window, each window split into `threads` contiguous
-/// shares of whole blocks (one thread each, with its own [`Scanner`] and cache-sized buffer),
-/// and sends each window's hashes to the disk task. Regions beyond the local length hash as zeros unread.
-fn hash_local(
-    target: &Target,
-    size: u64,
-    bs: u32,
-    window_blocks: u64,
-    zeros: &ZeroHashes,
-    threads: usize,
-    tx: &mpsc::Sender<Result<(u64, Vec<Hash>)>>,
-) {
-    let nblocks = block::block_count(size, bs);
-    let mut scanners: Vec<Scanner> = (0..threads.max(1)).map(|_| Scanner::new(bs)).collect();
-    let mut first = 0u64;
-    while first < nblocks {
-        let count = window_blocks.min(nblocks - first);
-        let k = scanners
-            .len()
-            .min(usize::try_from(count).unwrap_or(1))
-            .max(1);
-        // Thread t hashes the t-th contiguous share of the window (whole blocks).
-        let share = |t: usize| {
-            let lo = count * t as u64 / k as u64;
-            let hi = count * (t as u64 + 1) / k as u64;
-            (first + lo, hi - lo)
-        };
-        let parts: Vec<Result<Vec<Hash>>> = if k == 1 {
-            vec![hash_blocks(
-                target,
-                size,
-                bs,
-                first,
-                count,
-                zeros,
-                &mut scanners[0],
-            )]
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = scanners[..k]
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(t, sc)| {
-                        let (b, n) = share(t);
-                        s.spawn(move || hash_blocks(target, size, bs, b, n, zeros, sc))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            })
-        };
-        let hashes = match parts.into_iter().collect::<Result<Vec<_>>>() {
-            Ok(p) => p.concat(),
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-        };
-        if tx.blocking_send(Ok((first, hashes))).is_err() {
-            return;
-        }
-        first += count;
-    }
-}
-
-/// Hashes blocks `first..first + count` of the local target, batch by batch.
-fn hash_blocks(
-    target: &Target,
-    size: u64,
-    bs: u32,
-    first: u64,
-    count: u64,
-    zeros: &ZeroHashes,
-    scanner: &mut Scanner,
-) -> Result<Vec<Hash>> {
-    let bs64 = u64::from(bs);
-    let bsz = usize::try_from(bs).unwrap_or(usize::MAX);
-    let batch_blocks = (block::BATCH_BYTES / bs64).max(1);
-    let mut hashes = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-    let mut b = first;
-    while b < first + count {
-        let n = batch_blocks.min(first + count - b);
-        let offset = b * bs64;
-        if target.is_beyond_local(offset) {
-            for i in b..b + n {
-                let len = usize::try_from(block::block_len(size, bs, i)).unwrap_or(0);
-                hashes.push(zeros.get(len));
-            }
-        } else {
-            let len = usize::try_from(((b + n) * bs64).min(size) - offset).unwrap_or(0);
-            scanner.scan(target, offset, len, |_, data| {
-                hashes.extend(data.chunks(bsz).map(|blk| block::hash_block(blk, zeros).0));
-            })?;
-        }
-        b += n;
-    }
-    Ok(hashes)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod client;
 pub mod conn;
 pub mod device;
 pub mod error;
+mod hashing;
 pub mod mapped;
 pub mod pool;
 pub mod progress;
