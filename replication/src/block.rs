@@ -202,11 +202,7 @@ pub fn encode_block(data: &[u8], hash: Hash, zero: bool) -> WireBlock {
         Encoding::Zstd => z.unwrap_or_default().into(),
         Encoding::Raw => data.to_vec().into(),
     };
-    WireBlock {
-        encoding,
-        hash,
-        payload,
-    }
+    WireBlock::new(encoding, hash, payload)
 }
 
 /// The verified bytes of one block, without copying them out of the received frame.
@@ -319,7 +315,9 @@ fn verify_block(b: &WireBlock, len: usize, zeros: &ZeroHashes) -> Result<Piece, 
             bytes::Bytes::from(out)
         }
     };
-    if *blake3::hash(&piece).as_bytes() != b.hash {
+    // A raw block's hash may have been computed as it arrived (`WireBlock::arrived`).
+    let arrived = b.arrived.filter(|_| b.encoding == Encoding::Raw);
+    if arrived.unwrap_or_else(|| *blake3::hash(&piece).as_bytes()) != b.hash {
         return Err("BLAKE3 hash mismatch (corrupted in transit)".into());
     }
     Ok(Piece::Data(piece))
@@ -480,6 +478,36 @@ mod tests {
             assert!(!is_zero(&odd), "non-zero byte at {at}");
         }
         assert_eq!(z.get(10000 - 8192), *blake3::hash(&[0u8; 1808]).as_bytes());
+    }
+
+    /// A hash computed on arrival counts only when it equals the agent's, and only for raw
+    /// payloads (a compressed payload's own hash says nothing about the block).
+    #[test]
+    fn hash_computed_on_arrival_is_still_checked() {
+        let zeros = ZeroHashes::new(2 * 4096, 4096);
+        let data = failback_tests::random_bytes(3, 4096);
+        let h = *blake3::hash(&data).as_bytes();
+        let mut good = WireBlock::new(Encoding::Raw, h, data.clone().into());
+        good.arrived = Some(h);
+        let mut bad = WireBlock::new(Encoding::Raw, h, data.into());
+        bad.arrived = Some([9; 32]);
+        let text: Vec<u8> = b"some text ".iter().cycle().take(4096).copied().collect();
+        let th = *blake3::hash(&text).as_bytes();
+        let mut zstd = encode_block(&text, th, false);
+        assert_eq!(zstd.encoding, Encoding::Zstd);
+        zstd.arrived = Some(th);
+        zstd.payload = vec![0u8; 20].into();
+        let (runs, failed) = verify_run(0, vec![good, bad], 2 * 4096, 4096, &zeros, false);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].first_block(), 0);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].block, 1);
+        assert!(failed[0].reason.contains("BLAKE3"), "{}", failed[0].reason);
+        let (runs, failed) = verify_run(0, vec![zstd], 4096, 4096, &zeros, false);
+        assert!(
+            runs.is_empty() && failed.len() == 1,
+            "garbage zstd payload accepted"
+        );
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl Encoding {
 }
 
 /// One block inside a [`Message::Blocks`] run. The payload is untrusted until its hash has been
-/// checked (see `block::ReceivedBlock::verify`).
+/// checked (see `block::verify_run`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireBlock {
     pub encoding: Encoding,
@@ -134,6 +134,22 @@ pub struct WireBlock {
     pub hash: Hash,
     /// A slice of the received frame (no copy).
     pub payload: bytes::Bytes,
+    /// BLAKE3 of `payload`, computed by this crate's frame reader as the bytes arrived (while
+    /// they were in the CPU cache), so verification need not read them from memory again.
+    /// Never taken from the wire; verification still compares it with `hash`.
+    pub(crate) arrived: Option<Hash>,
+}
+
+impl WireBlock {
+    /// A block as sent (nothing computed on arrival).
+    pub fn new(encoding: Encoding, hash: Hash, payload: bytes::Bytes) -> Self {
+        WireBlock {
+            encoding,
+            hash,
+            payload,
+            arrived: None,
+        }
+    }
 }
 
 /// Every message of protocol v1.
@@ -507,11 +523,7 @@ impl Message {
                             "zero-marker block carries a payload".into(),
                         ));
                     }
-                    blocks.push(WireBlock {
-                        encoding,
-                        hash,
-                        payload,
-                    });
+                    blocks.push(WireBlock::new(encoding, hash, payload));
                 }
                 Message::Blocks {
                     stream,
@@ -847,16 +859,8 @@ mod tests {
                     stream: 1,
                     first_block: 5,
                     blocks: vec![
-                        WireBlock {
-                            encoding: Encoding::Zero,
-                            hash: h1,
-                            payload: vec![].into(),
-                        },
-                        WireBlock {
-                            encoding: Encoding::Raw,
-                            hash: h2,
-                            payload: vec![0xab, 0xcd].into(),
-                        },
+                        WireBlock::new(Encoding::Zero, h1, vec![].into()),
+                        WireBlock::new(Encoding::Raw, h2, vec![0xab, 0xcd].into()),
                     ],
                 },
                 format!(
@@ -919,16 +923,8 @@ mod tests {
     #[test]
     fn blocks_frame_builder_matches_message_encoding() {
         let blocks = vec![
-            WireBlock {
-                encoding: Encoding::Zero,
-                hash: [1; 32],
-                payload: vec![].into(),
-            },
-            WireBlock {
-                encoding: Encoding::Zstd,
-                hash: [2; 32],
-                payload: vec![9, 8, 7].into(),
-            },
+            WireBlock::new(Encoding::Zero, [1; 32], vec![].into()),
+            WireBlock::new(Encoding::Zstd, [2; 32], vec![9, 8, 7].into()),
         ];
         let mut f = BlocksFrame::new(4, 77, 0);
         for b in &blocks {

@@ -264,11 +264,11 @@ async fn garbage_or_truncated_frames_from_agent_write_nothing() {
             let mut f = Message::Blocks {
                 stream: 1,
                 first_block: 20,
-                blocks: vec![WireBlock {
-                    encoding: wire::Encoding::Raw,
-                    hash: [0; 32],
-                    payload: vec![7; 65536].into(),
-                }],
+                blocks: vec![WireBlock::new(
+                    wire::Encoding::Raw,
+                    [0; 32],
+                    vec![7; 65536].into(),
+                )],
             }
             .encode();
             f.truncate(1000);
@@ -314,11 +314,11 @@ async fn block_for_an_offset_not_asked_for_is_rejected() {
             c.read_msg().await; // SyncStart
             c.read_msg().await; // Hashes (the whole 4 MiB disk)
             let data = vec![9u8; 65536];
-            let block = WireBlock {
-                encoding: wire::Encoding::Raw,
-                hash: *blake3::hash(&data).as_bytes(),
-                payload: data.into(),
-            };
+            let block = WireBlock::new(
+                wire::Encoding::Raw,
+                *blake3::hash(&data).as_bytes(),
+                data.into(),
+            );
             let m = Message::Blocks {
                 stream: 1,
                 first_block: index,
