@@ -264,6 +264,21 @@ mod tests {
                 .is_err(),
             "a window beyond the claim limit arrived"
         );
+        // The threads now wait at the claim limit: the first at normal priority, the helpers
+        // at idle priority.
+        let policies = thread_policies();
+        assert!(
+            policies.iter().any(|(n, _)| n == "failback-hash1"),
+            "{policies:?}"
+        );
+        for (name, policy) in &policies {
+            let want = if name == "failback-hash0" {
+                0
+            } else {
+                libc::SCHED_IDLE
+            };
+            assert_eq!(*policy, want, "{name}: {policies:?}");
+        }
         for _ in 0..4 {
             h.retired();
         }
@@ -274,6 +289,24 @@ mod tests {
             h.retired();
         }
         assert_eq!(got, want);
+    }
+
+    /// (thread name, scheduling policy) of this process's hashing threads, from /proc.
+    fn thread_policies() -> Vec<(String, i32)> {
+        let mut out = Vec::new();
+        for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+            else {
+                continue;
+            };
+            if name.starts_with("failback-hash") {
+                // Field 41 of stat is the policy; `rest` starts at field 3.
+                let policy = rest.split(' ').nth(38).and_then(|p| p.parse().ok());
+                out.push((name.to_owned(), policy.unwrap_or(-1)));
+            }
+        }
+        out
     }
 
     /// A read error reaches the disk task (the target shrank under the hashing thread).
