@@ -31,7 +31,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes of disk covered by one hash window.
 const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
-/// Hash windows in flight per disk (bounds memory and keeps the agent busy).
+/// Hash windows per disk that may be hashed ahead of the last one done, besides one per hashing
+/// thread (keeps the agent busy; hashes are small, blocks in flight are bounded by the channels).
 const MAX_OUTSTANDING: usize = 6;
 /// Wait for quiesce/thaw commands.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
