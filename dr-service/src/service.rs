@@ -1008,6 +1008,7 @@ impl Service {
                 f.first_byte_at = Some(now);
             }
         }
+        let was_disconnected = f.replication_state == ReplicationState::Disconnected;
         match rep.phase {
             ClientPhase::Connecting => {
                 set_step(
@@ -1076,6 +1077,18 @@ impl Service {
                 f.last_error_message = None;
             }
             ClientPhase::AgentUnreachable => {
+                if !was_disconnected {
+                    // Once per outage: the client retries every few seconds and says so in
+                    // each heartbeat.
+                    b.event(
+                        now,
+                        Some(&id),
+                        "AGENT_DISCONNECTED",
+                        rep.error
+                            .clone()
+                            .unwrap_or_else(|| "recovery agent not reachable".into()),
+                    );
+                }
                 f.replication_state = ReplicationState::Disconnected;
                 if f.state == FailbackState::FailbackReadyForLaunch {
                     f.state = FailbackState::FailbackNotReadyForLaunch;
@@ -1129,6 +1142,17 @@ impl Service {
                 f.state = FailbackState::FailbackNotStarted;
                 f.replication_state = ReplicationState::Stopped;
             }
+        }
+        if was_disconnected
+            && matches!(rep.phase, ClientPhase::Syncing | ClientPhase::Idle)
+            && !f.errors.contains(&ReplicationError::AgentNotSeen)
+        {
+            b.event(
+                now,
+                Some(&id),
+                "AGENT_RECONNECTED",
+                format!("replication resumed (round {})", rep.round),
+            );
         }
         // A client between rounds does not notice a dead agent; the missed agent
         // heartbeats win until the agent is back.

@@ -539,6 +539,63 @@ async fn launch_stop_and_config_drive_the_client_commands() {
     s.shutdown().await;
 }
 
+/// A lost connection to the recovery agent is one event per outage (the client reports it in
+/// every heartbeat while it retries), and so is the reconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_outage_is_one_event_and_reconnection_another() {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path()).await;
+    let c = C::new(&s);
+    let (a, _) = c.enroll(None, 1 << 30).await;
+    let t = c.token("pairing", Some(&a), None).await;
+    let (_, p) = c.pair(&t, None, None).await;
+    let secret = p["client_secret"].as_str().unwrap().to_string();
+    let beat = |body: serde_json::Value| {
+        let (c, secret) = (&c, secret.clone());
+        async move {
+            let (st, v) = c
+                .send(
+                    reqwest::Method::POST,
+                    "/v1/client/heartbeat",
+                    Some(&secret),
+                    Some(body.to_string()),
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+        }
+    };
+    beat(json!({"phase": "IDLE", "round": 1})).await;
+    for _ in 0..3 {
+        beat(json!({"phase": "AGENT_UNREACHABLE", "round": 1,
+            "error": "agent 10.0.0.5:1500: connection reset by peer"}))
+        .await;
+    }
+    let (_, v) = c.admin_get(&format!("/v1/admin/instances/{a}")).await;
+    assert_eq!(v["failback"]["replication_state"], "DISCONNECTED", "{v}");
+    beat(json!({"phase": "SYNCING", "round": 2})).await;
+    beat(json!({"phase": "IDLE", "round": 2})).await;
+    let (_, e) = c.admin_get(&format!("/v1/admin/events?instance={a}")).await;
+    let items = e["items"].as_array().unwrap();
+    let of = |k: &str| -> Vec<String> {
+        items
+            .iter()
+            .filter(|x| x["kind"] == k)
+            .map(|x| x["message"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        of("AGENT_DISCONNECTED"),
+        ["agent 10.0.0.5:1500: connection reset by peer"],
+        "{items:?}"
+    );
+    assert_eq!(
+        of("AGENT_RECONNECTED"),
+        ["replication resumed (round 2)"],
+        "{items:?}"
+    );
+    s.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missed_agent_heartbeats_raise_agent_not_seen() {
     let d = tempfile::tempdir().unwrap();
