@@ -173,11 +173,22 @@ impl Drop for LocalHashes {
 
 /// Lowers the calling thread to `SCHED_IDLE`. Best effort: on failure it keeps normal priority,
 /// which costs only speed where the agent shares the machine.
+/// The raw system call, not the libc wrapper: musl's `sched_setscheduler` refuses (ENOSYS)
+/// because the kernel call works per thread, which is exactly what is wanted here, and musl's
+/// `sched_param` has extra fields (so it is zero-initialised rather than spelled out).
 #[allow(unsafe_code)]
 fn idle_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid sched_param for the call; pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    // SAFETY: sched_param is a plain C struct of integers; all-zero is valid (priority 0, the
+    // only one SCHED_IDLE takes). The kernel reads it during the call; tid 0 = this thread.
+    let rc = unsafe {
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_IDLE,
+            &param as *const libc::sched_param,
+        )
+    };
     if rc != 0 {
         tracing::debug!(
             "hashing thread stays at normal priority: {}",
