@@ -631,6 +631,7 @@ impl DiskJob {
             size,
             bs,
             window_blocks,
+            zeros.clone(),
             threads,
             (MAX_OUTSTANDING + threads) as u64,
         )?;

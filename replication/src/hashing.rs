@@ -72,17 +72,21 @@ pub(crate) struct LocalHashes {
     /// First block of the next window to deliver.
     next_first: u64,
     nblocks: u64,
+    /// For errors: the target's path and block size.
+    path: std::path::PathBuf,
+    bs: u32,
 }
 
 impl LocalHashes {
-    /// Starts `threads` hashing threads over `target` (`size` bytes in `bs`-byte blocks) in
-    /// windows of `window_blocks`; at most `ahead` windows are claimed beyond the last one
+    /// Starts `threads` hashing threads over `target` (`size` bytes in `bs`-byte blocks, all-zero
+    /// block hashes in `zeros`) in windows of `window_blocks`; at most `ahead` windows are claimed beyond the last one
     /// [`retired`](Self::retired).
     pub(crate) fn spawn(
         target: Arc<Target>,
         size: u64,
         bs: u32,
         window_blocks: u64,
+        zeros: Arc<ZeroHashes>,
         threads: usize,
         ahead: u64,
     ) -> Result<Self> {
@@ -97,7 +101,6 @@ impl LocalHashes {
             cv: Condvar::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let zeros = Arc::new(ZeroHashes::new(size, bs));
         for t in 0..threads.max(1) {
             let path = target.path().to_owned();
             let (target, zeros, gate, tx) =
@@ -132,6 +135,8 @@ impl LocalHashes {
             ready: BTreeMap::new(),
             next_first: 0,
             nblocks,
+            path: target.path().to_owned(),
+            bs,
         })
     }
 
@@ -150,10 +155,15 @@ impl LocalHashes {
                 Some(Err(e)) => return Some(Err(e)),
                 None if self.next_first >= self.nblocks => return None,
                 None => {
-                    return Some(Err(Error::Usage(format!(
-                        "hashing threads stopped before block {} of {}",
-                        self.next_first, self.nblocks
-                    ))))
+                    return Some(Err(Error::LocalIo {
+                        op: "hash",
+                        path: self.path.clone(),
+                        offset: self.next_first * u64::from(self.bs),
+                        source: std::io::Error::other(format!(
+                            "hashing threads stopped before block {} of {}",
+                            self.next_first, self.nblocks
+                        )),
+                    }))
                 }
             }
         }
@@ -261,7 +271,7 @@ mod tests {
             .map(|b| block::hash_block(b, &zeros).0)
             .collect();
 
-        let mut h = LocalHashes::spawn(t.clone(), size, bs, 3, 3, 4).unwrap();
+        let mut h = LocalHashes::spawn(t.clone(), size, bs, 3, Arc::new(zeros), 3, 4).unwrap();
         let mut got = Vec::new();
         for i in 0..4u64 {
             let (first, hashes) = h.next().await.unwrap().unwrap();
@@ -331,7 +341,9 @@ mod tests {
             .unwrap()
             .set_len(4096)
             .unwrap();
-        let mut h = LocalHashes::spawn(t, data.len() as u64, 4096, 4, 1, 8).unwrap();
+        let size = data.len() as u64;
+        let zeros = Arc::new(ZeroHashes::new(size, 4096));
+        let mut h = LocalHashes::spawn(t, size, 4096, 4, zeros, 1, 8).unwrap();
         let e = loop {
             match h.next().await {
                 Some(Ok(_)) => h.retired(),

@@ -45,6 +45,10 @@ pub trait Source {
     type Error;
     /// The range mapped and faulted in, or `None` (mapping off or impossible: use `read`).
     fn map(&self, offset: u64, len: usize) -> Option<Mapped>;
+    /// False for a source that never maps (then no trial is run: every batch is read).
+    fn mappable(&self) -> bool {
+        true
+    }
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Self::Error>;
 }
@@ -102,7 +106,7 @@ impl Scanner {
         len: usize,
         mut f: impl FnMut(u64, &[u8]),
     ) -> Result<(), S::Error> {
-        if !crate::mapped::enabled() {
+        if !crate::mapped::enabled() || !src.mappable() {
             self.method = Method::Read;
             return self.read_pieces(src, offset, len, f);
         }
@@ -264,6 +268,30 @@ mod tests {
             .unwrap();
             assert_eq!(pieces, (1 << 20) / block::SCAN_BYTES);
             assert_eq!(s.method(), Method::Read);
+        }
+    }
+
+    /// A source that says it never maps is never asked to, through trials and after.
+    #[test]
+    fn a_source_that_never_maps_is_never_asked_to() {
+        struct NeverMaps;
+        impl Source for NeverMaps {
+            type Error = std::io::Error;
+            fn map(&self, _: u64, _: usize) -> Option<Mapped> {
+                panic!("map() called on a source that never maps")
+            }
+            fn mappable(&self) -> bool {
+                false
+            }
+            fn read(&self, buf: &mut [u8], _: u64) -> std::io::Result<()> {
+                buf.fill(1);
+                Ok(())
+            }
+        }
+        let mut s = Scanner::new(4096);
+        for batch in 0..TRIAL_EVERY + TRIAL_BATCHES + 2 {
+            s.scan(&NeverMaps, batch << 20, 1 << 20, |_, p| assert_eq!(p[0], 1))
+                .unwrap();
         }
     }
 }

@@ -195,6 +195,9 @@ impl crate::scan::Source for Target {
     fn map(&self, _offset: u64, _len: usize) -> Option<crate::mapped::Mapped> {
         None
     }
+    fn mappable(&self) -> bool {
+        false
+    }
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_at(buf, offset)
     }
