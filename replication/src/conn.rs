@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
-use crate::record::{Laid, TlsWriter};
+use crate::record::{Pieces, TlsWriter};
 use crate::wire::{self, FrameError, Message};
 
 /// Reads frames from a stream (a buffered one: prefixes are read 4 bytes at a time).
@@ -61,10 +61,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The rest of a `Blocks` frame of `len` bytes (tag already read), with the same checks
-    /// as [`Message::decode_shared`]; raw payloads of whole pages land page-aligned.
+    /// as [`Message::decode_shared`]; raw payloads of whole pages land page-aligned, read
+    /// straight into place by the TLS layer a group at a time and hashed while in cache.
     async fn read_blocks(&mut self, len: usize) -> Result<Message, Error> {
         use crate::pool::{ALIGNED, DIRECT_ALIGN};
-        use crate::wire::{Encoding, WireBlock};
+        use crate::wire::{Encoding, WireBlock, BLOCK_ENTRY};
+        /// Raw payloads read (and decrypted) in one go before they are hashed: large, so that
+        /// most records are decrypted straight into the slab (the last record of a read that
+        /// ends exactly on a record boundary has no room for its content type byte and goes
+        /// through the TLS buffer), small enough to stay in the core's L2 cache for hashing.
+        const GROUP: usize = 512 * 1024;
         let mut left = len - 1;
         let mut head = [0u8; 16];
         if left < head.len() {
@@ -75,67 +81,94 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let word = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
         let stream = word(&head[0..4]);
         let first_block = u64::from(word(&head[4..8])) << 32 | u64::from(word(&head[8..12]));
-        let count = word(&head[12..16]);
-        let Some(mut slab) = ALIGNED.take(left) else {
-            return Err(self.lost(std::io::Error::other("cannot map memory for blocks")));
-        };
-        let mut fill = 0usize;
-        /// Where a block's payload went: the aligned slab, or a buffer of its own.
-        enum At {
-            Slab(std::ops::Range<usize>),
-            Own(bytes::Bytes),
+        let count = usize::try_from(word(&head[12..16])).unwrap_or(usize::MAX);
+        if count > left / BLOCK_ENTRY {
+            return Err(self.frame(FrameError::Truncated("block table")));
         }
-        /// A block read: encoding, claimed hash, where its payload is, hash on arrival.
-        type Parsed = (Encoding, [u8; 32], At, Option<[u8; 32]>);
-        let mut parsed: Vec<Parsed> =
-            Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(left / 37 + 1));
-        for _ in 0..count {
-            let mut bh = [0u8; 37];
-            if left < bh.len() {
-                return Err(self.frame(FrameError::Truncated("block header")));
-            }
-            self.fill(&mut bh).await?;
-            left -= bh.len();
-            let encoding = Encoding::from_u8(bh[0]).map_err(|e| self.frame(e))?;
+        let mut table = vec![0u8; count * BLOCK_ENTRY];
+        self.fill(&mut table).await?;
+        left -= table.len();
+        let mut entries = Vec::with_capacity(count);
+        let (mut payloads, mut aligned) = (0usize, 0usize);
+        for e in table.chunks(BLOCK_ENTRY) {
+            let encoding = Encoding::from_u8(e[0]).map_err(|e| self.frame(e))?;
             let mut hash = [0u8; 32];
-            hash.copy_from_slice(&bh[1..33]);
-            let plen = usize::try_from(word(&bh[33..37])).unwrap_or(usize::MAX);
-            if plen > left {
-                return Err(self.frame(FrameError::Truncated("block payload")));
-            }
+            hash.copy_from_slice(&e[1..33]);
+            let plen = usize::try_from(word(&e[33..37])).unwrap_or(usize::MAX);
             if encoding == Encoding::Zero && plen > 0 {
                 return Err(self.frame(FrameError::Malformed(
                     "zero-marker block carries a payload".into(),
                 )));
             }
-            let (at, arrived) = if encoding == Encoding::Raw && plen > 0 && plen % DIRECT_ALIGN == 0
-            {
-                self.fill(&mut slab[fill..fill + plen]).await?;
-                fill += plen;
-                // Hashed now, while the bytes just copied out of the TLS record are in cache:
-                // verification later would read them from memory again (measured: a third of
-                // the client's hashing time in a full sync).
-                let arrived = *blake3::hash(&slab[fill - plen..fill]).as_bytes();
-                (At::Slab(fill - plen..fill), Some(arrived))
-            } else {
-                let mut own = vec![0u8; plen];
-                self.fill(&mut own).await?;
-                (At::Own(bytes::Bytes::from(own)), None)
+            payloads = payloads.saturating_add(plen);
+            if payloads > left {
+                return Err(self.frame(FrameError::Truncated("block payload")));
+            }
+            let in_slab = encoding == Encoding::Raw && plen > 0 && plen % DIRECT_ALIGN == 0;
+            if in_slab {
+                aligned += plen;
+            }
+            entries.push((encoding, hash, plen, in_slab));
+        }
+        if payloads < left {
+            return Err(self.frame(FrameError::Trailing(left - payloads)));
+        }
+        let mut slab =
+            match aligned {
+                0 => None,
+                n => Some(ALIGNED.take(n).ok_or_else(|| {
+                    self.lost(std::io::Error::other("cannot map memory for blocks"))
+                })?),
             };
-            left -= plen;
-            parsed.push((encoding, hash, at, arrived));
+        /// Where a block's payload went: the aligned slab, or a buffer of its own.
+        enum At {
+            Slab(std::ops::Range<usize>),
+            Own(bytes::Bytes),
         }
-        if left > 0 {
-            return Err(self.frame(FrameError::Trailing(left)));
+        let mut placed: Vec<(At, Option<[u8; 32]>)> = Vec::with_capacity(count);
+        let mut fill = 0usize;
+        let mut i = 0;
+        while i < count {
+            let (_, _, plen, in_slab) = entries[i];
+            match slab.as_mut().filter(|_| in_slab) {
+                Some(slab) => {
+                    let mut j = i;
+                    let mut end = fill;
+                    while j < count
+                        && entries[j].3
+                        && (j == i || end - fill + entries[j].2 <= GROUP)
+                    {
+                        end += entries[j].2;
+                        j += 1;
+                    }
+                    self.fill(&mut slab[fill..end]).await?;
+                    for (_, _, plen, _) in &entries[i..j] {
+                        // Hashed now, while the bytes just decrypted are in cache:
+                        // verification later would read them from memory again (measured: a
+                        // third of the client's hashing time in a full sync).
+                        let arrived = *blake3::hash(&slab[fill..fill + plen]).as_bytes();
+                        placed.push((At::Slab(fill..fill + plen), Some(arrived)));
+                        fill += plen;
+                    }
+                    i = j;
+                }
+                None => {
+                    let mut own = vec![0u8; plen];
+                    self.fill(&mut own).await?;
+                    placed.push((At::Own(bytes::Bytes::from(own)), None));
+                    i += 1;
+                }
+            }
         }
-        let shared = ALIGNED.shared(slab);
-        let blocks = parsed
+        let shared = slab.map(|s| ALIGNED.shared(s));
+        let blocks = entries
             .into_iter()
-            .map(|(encoding, hash, at, arrived)| WireBlock {
+            .zip(placed)
+            .map(|((encoding, hash, _, _), (at, arrived))| WireBlock {
                 encoding,
                 hash,
                 payload: match at {
-                    At::Slab(r) => shared.slice(r),
+                    At::Slab(r) => shared.as_ref().map(|s| s.slice(r)).unwrap_or_default(),
                     At::Own(b) => b,
                 },
                 arrived,
@@ -236,17 +269,17 @@ impl FrameSender {
         self.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.tx.blocking_send(Out::Plain(frame)).is_ok()
     }
-    /// Blocking: queues a frame already laid out as TLS records (see [`Laid`]).
-    pub fn blocking_send_laid(&self, frame: Laid) -> bool {
+    /// Blocking: queues a frame whose payloads stay in their buffers (see [`Pieces`]).
+    pub fn blocking_send_pieces(&self, frame: Pieces) -> bool {
         self.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        self.tx.blocking_send(Out::Laid(frame)).is_ok()
+        self.tx.blocking_send(Out::Pieces(frame)).is_ok()
     }
 }
 
-/// What the writer task sends: an encoded frame, or one laid out as records.
+/// What the writer task sends: an encoded frame, or a head and pieces.
 enum Out {
     Plain(Vec<u8>),
-    Laid(Laid),
+    Pieces(Pieces),
 }
 
 /// Spawns the writer task for a write half; it ends when every sender is dropped (after
@@ -263,7 +296,7 @@ pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::
                     crate::pool::POOL.give(frame);
                     res
                 }
-                Out::Laid(laid) => w.write_laid(laid).await.map(|b| crate::pool::POOL.give(b)),
+                Out::Pieces(p) => w.write_pieces(p).await,
             };
             // Drain whatever is already queued before flushing: big TLS records, few syscalls.
             let res = match res {

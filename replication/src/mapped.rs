@@ -29,6 +29,12 @@ pub fn enabled() -> bool {
 #[derive(Debug)]
 pub struct Mapped(memmap2::Mmap);
 
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl std::ops::Deref for Mapped {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -35,23 +35,50 @@ fn with_huge_pages(buf: Vec<u8>) -> Vec<u8> {
 }
 
 /// A set of idle buffers.
-#[derive(Debug, Default)]
-pub struct Pool(Mutex<Vec<Vec<u8>>>);
+#[derive(Debug)]
+pub struct Pool {
+    idle: Mutex<Vec<Vec<u8>>>,
+    /// Smaller buffers are not kept.
+    min_keep: usize,
+    /// At most this many idle buffers are kept.
+    keep: usize,
+}
 
 /// The process-wide pool used by the frame reader, writer and agent.
 pub static POOL: Pool = Pool::new();
 
+/// Read buffers of disk pieces ([`crate::scan`], 128 KiB each): the agent's frames hold slices
+/// of them until the writer has encrypted them, so as many are in flight as its writer queue
+/// holds runs (32 x 4 MiB); kept here, a 128 KiB buffer is not mapped and unmapped by malloc
+/// for every read.
+pub static PIECES: Pool = Pool::with_limits(64 * 1024, 1024);
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pool {
-    /// An empty pool.
+    /// An empty pool for frame buffers.
     pub const fn new() -> Self {
-        Pool(Mutex::new(Vec::new()))
+        Self::with_limits(MIN_KEEP, KEEP)
+    }
+
+    /// An empty pool keeping up to `keep` buffers of at least `min_keep` bytes.
+    pub const fn with_limits(min_keep: usize, keep: usize) -> Self {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            min_keep,
+            keep,
+        }
     }
 
     fn pop(&self, min_capacity: usize) -> Option<Vec<u8>> {
-        if min_capacity < MIN_KEEP {
+        if min_capacity < self.min_keep {
             return None;
         }
-        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let i = best_fit(pool.iter().map(Vec::capacity), min_capacity)?;
         Some(pool.swap_remove(i))
     }
@@ -82,16 +109,16 @@ impl Pool {
 
     /// Returns a buffer for reuse.
     pub fn give(&self, buf: Vec<u8>) {
-        if buf.capacity() < MIN_KEEP {
+        if buf.capacity() < self.min_keep {
             return;
         }
-        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        keep(&mut pool, buf, KEEP, Vec::capacity);
+        let mut pool = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        keep(&mut pool, buf, self.keep, Vec::capacity);
     }
 
     /// Shares a buffer as `Bytes`; it returns to this pool once every slice of it is dropped.
     pub fn shared(&'static self, buf: Vec<u8>) -> bytes::Bytes {
-        if buf.capacity() < MIN_KEEP {
+        if buf.capacity() < self.min_keep {
             return bytes::Bytes::from(buf);
         }
         bytes::Bytes::from_owner(Pooled(buf, self))
@@ -260,7 +287,7 @@ mod tests {
         let slice = s.slice(10..20);
         drop(s);
         assert!(
-            pool.0.lock().unwrap().is_empty(),
+            pool.idle.lock().unwrap().is_empty(),
             "returned while a slice lives"
         );
         drop(slice);

@@ -74,7 +74,6 @@ pub struct Scanner {
     map_first: bool,
     /// Per method (map, read): CPU time and bytes in the current trial.
     cost: [(Duration, u64); 2],
-    buf: Vec<u8>,
 }
 
 impl Scanner {
@@ -87,7 +86,6 @@ impl Scanner {
             in_trial: false,
             map_first: true,
             cost: [(Duration::ZERO, 0); 2],
-            buf: Vec::new(),
         }
     }
 
@@ -98,13 +96,14 @@ impl Scanner {
 
     /// Reads `len` bytes at `offset` (a batch starting on a block boundary) and hands them to
     /// `f` in order, in pieces of whole blocks (the last block of the disk may be short), each
-    /// with its offset.
+    /// with its offset. A piece is shared (a map, or a pooled read buffer): the agent keeps
+    /// slices of it in its frames until they are encrypted.
     pub fn scan<S: Source>(
         &mut self,
         src: &S,
         offset: u64,
         len: usize,
-        mut f: impl FnMut(u64, &[u8]),
+        mut f: impl FnMut(u64, &bytes::Bytes),
     ) -> Result<(), S::Error> {
         if !crate::mapped::enabled() || !src.mappable() {
             self.method = Method::Read;
@@ -123,7 +122,7 @@ impl Scanner {
         let mut used = Method::Read;
         if self.method == Method::Map {
             if let Some(m) = src.map(offset, len) {
-                f(offset, &m);
+                f(offset, &bytes::Bytes::from_owner(m));
                 used = Method::Map;
             }
         }
@@ -176,15 +175,15 @@ impl Scanner {
         src: &S,
         offset: u64,
         len: usize,
-        mut f: impl FnMut(u64, &[u8]),
+        mut f: impl FnMut(u64, &bytes::Bytes),
     ) -> Result<(), S::Error> {
         let piece = (block::SCAN_BYTES / self.block_size).max(1) * self.block_size;
         let mut at = 0;
         while at < len {
             let n = piece.min(len - at);
-            self.buf.resize(n, 0);
-            src.read(&mut self.buf[..n], offset + at as u64)?;
-            f(offset + at as u64, &self.buf[..n]);
+            let mut buf = crate::pool::PIECES.take_filled(n);
+            src.read(&mut buf, offset + at as u64)?;
+            f(offset + at as u64, &crate::pool::PIECES.shared(buf));
             at += n;
         }
         Ok(())

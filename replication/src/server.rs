@@ -609,7 +609,7 @@ impl StreamWorker {
     fn compare_batch(
         &self,
         first: u64,
-        data: &[u8],
+        data: &bytes::Bytes,
         theirs: &[Hash],
         zeros: &ZeroHashes,
         g: &mut Batch,
@@ -617,6 +617,7 @@ impl StreamWorker {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
         for (i, (block, their)) in data.chunks(bs).zip(theirs).enumerate() {
             let index = first + i as u64;
+            let range = i * bs..i * bs + block.len();
             let zero_hash = zeros.get(block.len());
             let zero = block::is_zero(block);
             // A non-zero block differs from one the client reported as zeros (an empty or new
@@ -643,18 +644,16 @@ impl StreamWorker {
             {
                 g.frames.extend(g.frame.take());
             }
-            // Every run buffer the same size, so the pool's idle buffers fit any run.
-            let f = g
-                .frame
-                .get_or_insert_with(|| BlocksFrame::new(self.stream, index, RUN_BYTES + 2 * bs));
+            let f = g.frame.get_or_insert_with(|| {
+                BlocksFrame::new(self.stream, index, RUN_BYTES.div_ceil(bs) + 1)
+            });
             let sent = if zero {
-                f.push(Encoding::Zero, &zero_hash, &[]);
+                f.push(Encoding::Zero, &zero_hash, data, 0..0);
                 zero_hash
-            } else {
-                let (h, _at, _len) = f.push_hashed(block, hash, block::compress_if_smaller);
-                #[cfg(feature = "fault-injection")]
-                self.maybe_corrupt(f, _at, _len);
+            } else if let Some(h) = self.maybe_corrupt(f, block, hash) {
                 h
+            } else {
+                f.push_hashed(data, range, hash, block::compress_if_smaller)
             };
             g.hashes.push(sent);
             g.differing += 1;
@@ -662,17 +661,33 @@ impl StreamWorker {
         }
     }
 
+    /// Fault injection (tests only): when due, frames `block` as a raw copy with one byte
+    /// flipped, under the hash of the intact block; returns that hash.
     #[cfg(feature = "fault-injection")]
-    fn maybe_corrupt(&self, frame: &mut BlocksFrame, at: usize, len: usize) {
-        if let Some(f) = &self.fault {
-            if len > 0 && f.take() {
-                tracing::warn!(
-                    "fault injection: corrupting a block of stream {}",
-                    self.stream
-                );
-                frame.flip(at);
-            }
+    fn maybe_corrupt(
+        &self,
+        frame: &mut BlocksFrame,
+        block: &[u8],
+        hash: Option<Hash>,
+    ) -> Option<Hash> {
+        let f = self.fault.as_ref()?;
+        if block.is_empty() || !f.take() {
+            return None;
         }
+        tracing::warn!(
+            "fault injection: corrupting a block of stream {}",
+            self.stream
+        );
+        let h = hash.unwrap_or_else(|| *blake3::hash(block).as_bytes());
+        let mut bad = block.to_vec();
+        bad[block.len() / 2] ^= 0xff;
+        frame.push_owned(Encoding::Raw, &h, bad);
+        Some(h)
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn maybe_corrupt(&self, _: &mut BlocksFrame, _: &[u8], _: Option<Hash>) -> Option<Hash> {
+        None
     }
 
     fn refetch(
@@ -684,18 +699,21 @@ impl StreamWorker {
     ) -> Result<(), (ErrorCode, String)> {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
         self.read(buf, first, u64::from(count))?;
-        let mut frame = BlocksFrame::new(self.stream, first, buf.len() + 64);
-        for data in buf.chunks(bs) {
-            let (hash, zero) = block::hash_block(data, zeros);
-            let (encoding, compressed) = block::choose_encoding(data, zero);
-            let payload: &[u8] = match encoding {
-                Encoding::Zero => &[],
-                Encoding::Zstd => compressed.as_deref().unwrap_or_default(),
-                Encoding::Raw => data,
-            };
-            let _at = frame.push(encoding, &hash, payload);
-            #[cfg(feature = "fault-injection")]
-            self.maybe_corrupt(&mut frame, _at, payload.len());
+        // A private copy: hashed after reading, so what is sent matches its hash even on a
+        // disk that changes.
+        let data = bytes::Bytes::from(std::mem::take(buf));
+        let mut frame = BlocksFrame::new(self.stream, first, data.len().div_ceil(bs));
+        for (i, block) in data.chunks(bs).enumerate() {
+            let (hash, zero) = block::hash_block(block, zeros);
+            let (encoding, compressed) = block::choose_encoding(block, zero);
+            if self.maybe_corrupt(&mut frame, block, Some(hash)).is_some() {
+                continue;
+            }
+            match (encoding, compressed) {
+                (Encoding::Zero, _) => frame.push(Encoding::Zero, &hash, &data, 0..0),
+                (Encoding::Zstd, Some(z)) => frame.push_owned(Encoding::Zstd, &hash, z),
+                _ => frame.push(Encoding::Raw, &hash, &data, i * bs..i * bs + block.len()),
+            }
         }
         self.flush(Some(frame));
         Ok(())
@@ -703,7 +721,7 @@ impl StreamWorker {
 
     fn flush(&self, run: Option<BlocksFrame>) {
         if let Some(frame) = run.filter(|f| !f.is_empty()) {
-            self.out.blocking_send_laid(frame.finish());
+            self.out.blocking_send_pieces(frame.finish());
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Wire protocol v1: framing and message encoding.
+//! Wire protocol v2: framing and message encoding.
 //!
 //! Every message travels in one frame: `len: u32 BE` (bytes that follow, tag included, at most
 //! [`MAX_FRAME`]) then `tag: u8` then the body. Integers are big-endian; strings are
@@ -15,10 +15,15 @@
 
 use std::fmt;
 
-use crate::record::Laid;
+use crate::record::Pieces;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// 2: a `Blocks` frame carries its block table first and the payloads after it, back to back
+/// (v1 put each payload after its block's entry), so consecutive raw blocks are one contiguous
+/// stretch on both sides: the agent encrypts it straight from the disk buffer and the client
+/// decrypts it straight into page-aligned memory.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First four bytes of both hello messages.
 pub const MAGIC: [u8; 4] = *b"FBRP";
 /// Largest frame (tag + body) either side accepts. Block runs are cut well below this.
@@ -187,7 +192,9 @@ pub enum Message {
     },
     /// C→A: no more windows for this stream; answer with `SyncDone`.
     SyncEnd { stream: u32 },
-    /// A→C: a run of consecutive differing blocks starting at `first_block`.
+    /// A→C: a run of consecutive differing blocks starting at `first_block`. Encoded as the
+    /// block count, then per block `encoding: u8, hash, payload length: u32`, then all
+    /// payloads in block order.
     Blocks {
         stream: u32,
         first_block: u64,
@@ -366,6 +373,8 @@ impl Message {
                     out.push(b.encoding.to_u8());
                     out.extend_from_slice(&b.hash);
                     put_u32(out, len_u32(b.payload.len()));
+                }
+                for b in blocks {
                     out.extend_from_slice(&b.payload);
                 }
             }
@@ -509,21 +518,28 @@ impl Message {
                 let stream = r.u32("stream")?;
                 let first_block = r.u64("first block")?;
                 let n = r.u32("block count")?;
-                let mut blocks = Vec::new();
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if n > r.buf.len() / BLOCK_ENTRY {
+                    return Err(FrameError::Truncated("block table"));
+                }
+                let mut table = Vec::with_capacity(n);
                 for _ in 0..n {
                     let encoding = Encoding::from_u8(r.u8("encoding")?)?;
                     let hash = r.hash("block hash")?;
                     let len = r.u32("payload length")?;
                     let len = usize::try_from(len).map_err(|_| FrameError::Truncated("payload"))?;
-                    let at = shared.len() - r.buf.len();
-                    r.take(len, "block payload")?;
-                    let payload = shared.slice(at..at + len);
-                    if encoding == Encoding::Zero && !payload.is_empty() {
+                    if encoding == Encoding::Zero && len > 0 {
                         return Err(FrameError::Malformed(
                             "zero-marker block carries a payload".into(),
                         ));
                     }
-                    blocks.push(WireBlock::new(encoding, hash, payload));
+                    table.push((encoding, hash, len));
+                }
+                let mut blocks = Vec::with_capacity(n);
+                for (encoding, hash, len) in table {
+                    let at = shared.len() - r.buf.len();
+                    r.take(len, "block payload")?;
+                    blocks.push(WireBlock::new(encoding, hash, shared.slice(at..at + len)));
                 }
                 Message::Blocks {
                     stream,
@@ -562,32 +578,41 @@ impl Message {
     }
 }
 
-/// Builds a `Blocks` frame in place, laid out as TLS records ([`Laid`]): each payload is
-/// copied once, from the disk (or the compressor's output) straight into the record that
-/// carries it. Produces exactly the bytes of [`Message::Blocks`] as plaintext.
+/// Bytes of one block's entry in a `Blocks` frame's table: encoding, hash, payload length.
+pub const BLOCK_ENTRY: usize = 1 + HASH_LEN + 4;
+
+/// Builds a `Blocks` frame without copying payloads: the table grows in a small buffer, the
+/// payloads stay slices of the buffers they were read into (consecutive blocks of one buffer
+/// become one slice), and [`crate::record::TlsWriter::write_pieces`] encrypts them from there.
+/// Produces exactly the bytes of [`Message::Blocks`] as plaintext.
 #[derive(Debug)]
 pub struct BlocksFrame {
-    laid: Laid,
+    head: Vec<u8>,
+    pieces: Vec<bytes::Bytes>,
+    /// The buffer the last piece is a slice of (its address and length) and where the piece
+    /// ends in it: a block right after it in the same buffer extends the piece.
+    last: Option<(usize, usize, usize)>,
+    payload: usize,
     first_block: u64,
     count: u32,
 }
 
 impl BlocksFrame {
-    /// Bytes before the first block: length, tag, stream, first block, count.
+    /// Bytes before the table: length, tag, stream, first block, count.
     const HEADER: usize = 4 + 1 + 4 + 8 + 4;
 
-    /// Starts a run at `first_block` of `stream`, reserving room for `capacity` bytes.
-    pub fn new(stream: u32, first_block: u64, capacity: usize) -> Self {
-        let buf = crate::pool::POOL.take_empty(Laid::buffer_len(capacity + Self::HEADER));
-        let mut laid = Laid::new(buf);
-        let mut head = Vec::with_capacity(Self::HEADER);
+    /// Starts a run at `first_block` of `stream`, with room in the table for `blocks` blocks.
+    pub fn new(stream: u32, first_block: u64, blocks: usize) -> Self {
+        let mut head = Vec::with_capacity(Self::HEADER + blocks * BLOCK_ENTRY);
         head.extend_from_slice(&[0, 0, 0, 0, T_BLOCKS]);
         put_u32(&mut head, stream);
         put_u64(&mut head, first_block);
         put_u32(&mut head, 0);
-        laid.extend(&head);
         BlocksFrame {
-            laid,
+            head,
+            pieces: Vec::new(),
+            last: None,
+            payload: 0,
             first_block,
             count: 0,
         }
@@ -600,7 +625,7 @@ impl BlocksFrame {
 
     /// Encoded size so far.
     pub fn len(&self) -> usize {
-        self.laid.len()
+        self.head.len() + self.payload
     }
 
     /// True when no block was added.
@@ -608,54 +633,73 @@ impl BlocksFrame {
         self.count == 0
     }
 
-    /// Appends a block; returns the offset of its payload in the frame.
-    pub fn push(&mut self, encoding: Encoding, hash: &Hash, payload: &[u8]) -> usize {
-        let mut head = [0u8; 37];
-        head[0] = encoding.to_u8();
-        head[1..33].copy_from_slice(hash);
-        head[33..].copy_from_slice(&len_u32(payload.len()).to_be_bytes());
-        self.laid.extend(&head);
-        let at = self.laid.len();
-        self.laid.extend(payload);
+    /// Appends a block whose payload is `buf[range]` (`buf` is kept, not copied).
+    pub fn push(
+        &mut self,
+        encoding: Encoding,
+        hash: &Hash,
+        buf: &bytes::Bytes,
+        range: std::ops::Range<usize>,
+    ) {
+        self.head.push(encoding.to_u8());
+        self.head.extend_from_slice(hash);
+        put_u32(&mut self.head, len_u32(range.len()));
         self.count += 1;
-        at
+        if range.is_empty() {
+            return;
+        }
+        self.payload += range.len();
+        let id = (buf.as_ptr().addr(), buf.len());
+        match (&mut self.last, self.pieces.last_mut()) {
+            (Some((addr, len, end)), Some(piece)) if (*addr, *len) == id && *end == range.start => {
+                *piece = buf.slice(range.start - piece.len()..range.end);
+                *end = range.end;
+            }
+            _ => {
+                self.pieces.push(buf.slice(range.clone()));
+                self.last = Some((id.0, id.1, range.end));
+            }
+        }
     }
 
-    /// Appends block `data` whose BLAKE3 hash is `hash` (`None`: hashed here), zstd-compressed
-    /// when `compress` returns a smaller encoding. Returns the hash, the payload offset and the
-    /// payload length.
+    /// Appends a block with its own payload.
+    pub fn push_owned(&mut self, encoding: Encoding, hash: &Hash, payload: Vec<u8>) {
+        let b = bytes::Bytes::from(payload);
+        self.push(encoding, hash, &b, 0..b.len());
+    }
+
+    /// Appends block `buf[range]` whose BLAKE3 hash is `hash` (`None`: hashed here),
+    /// zstd-compressed when `compress` returns a smaller encoding. Returns the hash.
     ///
-    /// `data` may be a memory map of a live disk that changes while this runs; then the bytes
-    /// sent can differ from the hash sent. The client's check catches that like corruption in
-    /// transit and asks for the block again, and the agent answers a refetch from a private
-    /// copy, hashed after reading, so the retry matches.
+    /// `buf` may be a memory map of a live disk that changes while this runs (or before the
+    /// frame is encrypted); then the bytes sent can differ from the hash sent. The client's
+    /// check catches that like corruption in transit and asks for the block again, and the
+    /// agent answers a refetch from a private copy, hashed after reading, so the retry matches.
     pub fn push_hashed(
         &mut self,
-        data: &[u8],
+        buf: &bytes::Bytes,
+        range: std::ops::Range<usize>,
         hash: Option<Hash>,
         compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
-    ) -> (Hash, usize, usize) {
+    ) -> Hash {
+        let data = &buf[range.clone()];
         let hash = hash.unwrap_or_else(|| *blake3::hash(data).as_bytes());
-        let (at, len) = match compress(data) {
-            Some(z) => (self.push(Encoding::Zstd, &hash, &z), z.len()),
-            None => (self.push(Encoding::Raw, &hash, data), data.len()),
-        };
-        (hash, at, len)
+        match compress(data) {
+            Some(z) => self.push_owned(Encoding::Zstd, &hash, z),
+            None => self.push(Encoding::Raw, &hash, buf, range),
+        }
+        hash
     }
 
-    /// Flips the bits of the frame's byte at `at` (test-only fault injection).
-    pub fn flip(&mut self, at: usize) {
-        let b = self.laid.spans(at, at + 1).next().map_or(0, |s| s[0]);
-        self.laid.write_at(at, &[b ^ 0xff]);
-    }
-
-    /// The finished frame, laid out for [`crate::record::TlsWriter::write_laid`].
-    pub fn finish(mut self) -> Laid {
-        let body = len_u32(self.laid.len() - 4);
-        self.laid.write_at(0, &body.to_be_bytes());
-        self.laid
-            .write_at(Self::HEADER - 4, &self.count.to_be_bytes());
-        self.laid
+    /// The finished frame, for [`crate::record::TlsWriter::write_pieces`].
+    pub fn finish(mut self) -> Pieces {
+        let body = len_u32(self.len() - 4);
+        self.head[..4].copy_from_slice(&body.to_be_bytes());
+        self.head[Self::HEADER - 4..Self::HEADER].copy_from_slice(&self.count.to_be_bytes());
+        Pieces {
+            head: self.head,
+            pieces: self.pieces,
+        }
     }
 }
 
@@ -800,16 +844,16 @@ mod tests {
         let h2 = [0x22u8; 32];
         let cases: Vec<(Message, String)> = vec![
             (
-                Message::ClientHello { version: 1 },
-                "0000000701464252500001".into(),
+                Message::ClientHello { version: 2 },
+                "0000000701464252500002".into(),
             ),
             (
                 Message::AgentHello {
-                    version: 1,
+                    version: 2,
                     software: "0.1".into(),
                     instance: Some("i-1".into()),
                 },
-                "0000001202464252500001000330 2e3101000369 2d31".replace(' ', ""),
+                "0000001202464252500002000330 2e3101000369 2d31".replace(' ', ""),
             ),
             (
                 Message::Manifest {
@@ -859,14 +903,15 @@ mod tests {
                     stream: 1,
                     first_block: 5,
                     blocks: vec![
-                        WireBlock::new(Encoding::Zero, h1, vec![].into()),
                         WireBlock::new(Encoding::Raw, h2, vec![0xab, 0xcd].into()),
+                        WireBlock::new(Encoding::Zero, h1, vec![].into()),
                     ],
                 },
+                // v2: the table, then the payloads.
                 format!(
-                    "0000005d20000000010000000000000005000000 02 00{}00000000 01{}00000002abcd",
-                    hex(&h1),
-                    hex(&h2)
+                    "0000005d20000000010000000000000005000000 02 01{}00000002 00{}00000000 abcd",
+                    hex(&h2),
+                    hex(&h1)
                 )
                 .replace(' ', ""),
             ),
@@ -925,52 +970,60 @@ mod tests {
         let blocks = vec![
             WireBlock::new(Encoding::Zero, [1; 32], vec![].into()),
             WireBlock::new(Encoding::Zstd, [2; 32], vec![9, 8, 7].into()),
+            WireBlock::new(Encoding::Raw, [3; 32], vec![4; 5000].into()),
         ];
         let mut f = BlocksFrame::new(4, 77, 0);
         for b in &blocks {
-            f.push(b.encoding, &b.hash, &b.payload);
+            f.push(b.encoding, &b.hash, &b.payload, 0..b.payload.len());
         }
-        assert_eq!(f.next_block(), 79);
+        assert_eq!(f.next_block(), 80);
         let want = Message::Blocks {
             stream: 4,
             first_block: 77,
             blocks,
         }
         .encode();
+        assert_eq!(f.len(), want.len());
         assert_eq!(f.finish().to_plain(), want);
     }
 
+    /// Blocks that lie next to each other in one buffer travel as one piece (encrypted in one
+    /// stretch); a gap, another buffer or an owned payload starts a new piece.
     #[test]
-    fn push_hashed_encodes_like_push() {
-        let raw: Vec<u8> = (0..50000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let text: Vec<u8> = b"abc ".iter().cycle().take(4096).copied().collect();
-        let mut a = BlocksFrame::new(1, 10, 0);
-        let (h1, at1, n1) = a.push_hashed(&raw, None, |_| None);
-        let (h2, _, n2) = a.push_hashed(&text, Some([3; 32]), |_| Some(vec![5, 6, 7]));
-        assert_eq!(h1, *blake3::hash(&raw).as_bytes());
-        assert_eq!(h2, [3; 32], "a known hash is sent as given");
-        assert_eq!((n1, n2), (raw.len(), 3));
+    fn push_hashed_joins_neighbours_and_encodes_like_push() {
+        let disk = bytes::Bytes::from(failback_tests::random_bytes(5, 4 * 4096));
+        let other = bytes::Bytes::from(failback_tests::random_bytes(6, 4096));
+        let mut a = BlocksFrame::new(1, 10, 8);
+        let h0 = a.push_hashed(&disk, 0..4096, None, |_| None);
+        let h1 = a.push_hashed(&disk, 4096..8192, Some([3; 32]), |_| None);
+        let h2 = a.push_hashed(&disk, 8192..12288, None, |_| Some(vec![5, 6, 7]));
+        a.push(Encoding::Zero, &[0; 32], &disk, 0..0);
+        let h4 = a.push_hashed(&disk, 12288..16384, None, |_| None);
+        let h5 = a.push_hashed(&other, 0..4096, None, |_| None);
+        assert_eq!(h0, *blake3::hash(&disk[..4096]).as_bytes());
+        assert_eq!(h1, [3; 32], "a known hash is sent as given");
+        assert_eq!(h2, *blake3::hash(&disk[8192..12288]).as_bytes());
+        let lens: Vec<usize> = a.pieces.iter().map(bytes::Bytes::len).collect();
+        assert_eq!(
+            lens,
+            [8192, 3, 4096, 4096],
+            "neighbours joined, the rest apart"
+        );
         let mut b = BlocksFrame::new(1, 10, 0);
-        b.push(Encoding::Raw, &h1, &raw);
-        b.push(Encoding::Zstd, &h2, &[5, 6, 7]);
+        b.push_owned(Encoding::Raw, &h0, disk[..4096].to_vec());
+        b.push_owned(Encoding::Raw, &h1, disk[4096..8192].to_vec());
+        b.push_owned(Encoding::Zstd, &h2, vec![5, 6, 7]);
+        b.push_owned(Encoding::Zero, &[0; 32], Vec::new());
+        b.push_owned(Encoding::Raw, &h4, disk[12288..].to_vec());
+        b.push_owned(Encoding::Raw, &h5, other.to_vec());
         let plain = a.finish().to_plain();
         assert_eq!(plain, b.finish().to_plain());
-        assert_eq!(&plain[at1..at1 + 100], &raw[..100]);
-        // Flipping a payload byte (fault injection) changes exactly that byte.
-        let one = |flip: bool| {
-            let mut c = BlocksFrame::new(1, 10, 0);
-            let (_, at, _) = c.push_hashed(&raw, None, |_| None);
-            if flip {
-                c.flip(at + 20000);
-            }
-            (at, c.finish().to_plain())
+        let (_, m) = (0, Message::decode(&plain[4..]).unwrap());
+        let Message::Blocks { blocks, .. } = m else {
+            panic!("not blocks")
         };
-        let ((at, clean), (_, flipped)) = (one(false), one(true));
-        assert_eq!(clean.len(), flipped.len());
-        let diff: Vec<usize> = (0..clean.len())
-            .filter(|&i| clean[i] != flipped[i])
-            .collect();
-        assert_eq!(diff, [at + 20000]);
+        assert_eq!(blocks.len(), 6);
+        assert_eq!(blocks[4].payload, disk[12288..]);
     }
 
     #[test]

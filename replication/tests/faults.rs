@@ -199,7 +199,10 @@ async fn protocol_version_mismatch_is_clear_on_the_client_side() {
         .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Protocol);
     assert!(
-        e.to_string().contains("agent speaks protocol 1, client 2"),
+        e.to_string().contains(&format!(
+            "agent speaks protocol {PROTOCOL_VERSION}, client {}",
+            PROTOCOL_VERSION + 1
+        )),
         "{e}"
     );
 
@@ -219,7 +222,10 @@ async fn protocol_version_mismatch_is_clear_on_the_client_side() {
         .await
         .unwrap_err();
     assert!(
-        e.to_string().contains("agent speaks protocol 2, client 1"),
+        e.to_string().contains(&format!(
+            "agent speaks protocol {}, client {PROTOCOL_VERSION}",
+            PROTOCOL_VERSION + 1
+        )),
         "{e}"
     );
 }
