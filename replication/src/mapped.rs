@@ -51,8 +51,8 @@ pub fn map(file: &File, offset: u64, len: usize) -> Option<Mapped> {
     }
     // SAFETY: a read-only, shared mapping of a range the caller keeps inside the file or
     // device. The bytes may change while mapped (the agent serves live disks); they are only
-    // ever hashed or copied, never assumed to stay equal: a block that changes between its
-    // hash and its copy fails the client's check and is fetched again from a private copy
+    // ever hashed or encrypted, never assumed to stay equal: a block that changes between its
+    // hash and its encryption fails the client's check and is fetched again from a private copy
     // (see `BlocksFrame::push_hashed`).
     let map = unsafe {
         memmap2::MmapOptions::new()
