@@ -8,9 +8,12 @@
 //! supports exactly this split for such cases: the handshake runs in its unbuffered API, the
 //! traffic secrets are handed over (`dangerous_into_kernel_connection`) and rustls keeps
 //! deriving the secrets of later key updates. What goes over the wire is plain TLS 1.3 (stock
-//! rustls peers interoperate; tested), with one copy per byte each way: a read decrypts a record
-//! in place and copies its plaintext straight into the caller's buffer; a write copies the
-//! caller's bytes into a record and encrypts it in place.
+//! rustls peers interoperate; tested). Block payloads are not copied in user space at all:
+//! [`TlsWriter::write_pieces`] encrypts them from where they lie into the records, and a read
+//! that has room for a whole record decrypts it straight into the caller's buffer (aws-lc-rs
+//! does AES-GCM out of place; ring, used for the handshake, only in place). Other writes are
+//! copied into a record and encrypted there; a read without room for a whole record decrypts
+//! it in place and copies out what fits.
 
 use std::io;
 use std::pin::Pin;
@@ -179,9 +182,7 @@ impl Protector {
         out.extend_from_slice(tag.as_ref());
         Ok(())
     }
-}
 
-impl Protector {
     /// Writes one application-data record carrying `data` (at most [`MAX_PLAINTEXT`]) at the
     /// start of `out`, encrypting `data` where it lies; returns the record's length.
     fn seal_into(&mut self, out: &mut [u8], data: &[u8]) -> io::Result<usize> {
