@@ -59,9 +59,10 @@ const NO_CLOSE_NOTIFY: &str = "peer closed connection without sending TLS close_
 
 /// Bytes of a full record: header, plaintext, content type, tag.
 const FULL_RECORD: usize = HEADER + MAX_PLAINTEXT + 1 + TAG;
-/// Records sealed before they go to the socket together: the socket copies each one while it
-/// is still in cache from being encrypted.
-const SEAL_BATCH: usize = 16;
+/// Records sealed before they go to the socket together (~1 MiB): the socket copies them while
+/// they are still in the L2 cache from being encrypted, and fewer, larger sends wake the
+/// reader less often (measured: 16 alternating full-sync pairs, 64 faster than 16 in 11).
+const SEAL_BATCH: usize = 64;
 /// Pieces shorter than this are copied and gathered into shared records; longer ones get
 /// records of their own, sealed straight from where they lie.
 const GATHER_BELOW: usize = 4096;
