@@ -340,7 +340,7 @@ impl TlsReader {
         }
         self.start = body + len;
         let nonce = self.rx.next_nonce()?;
-        let dst = &mut out.initialize_unfilled()[..inner_len];
+        let dst = out.initialize_unfilled_to(inner_len);
         let (ct, tag) = self.buf[body..body + len].split_at(inner_len);
         self.rx
             .key
