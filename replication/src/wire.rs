@@ -1018,8 +1018,7 @@ mod tests {
         b.push_owned(Encoding::Raw, &h5, other.to_vec());
         let plain = a.finish().to_plain();
         assert_eq!(plain, b.finish().to_plain());
-        let (_, m) = (0, Message::decode(&plain[4..]).unwrap());
-        let Message::Blocks { blocks, .. } = m else {
+        let Message::Blocks { blocks, .. } = Message::decode(&plain[4..]).unwrap() else {
             panic!("not blocks")
         };
         assert_eq!(blocks.len(), 6);
