@@ -569,7 +569,8 @@ pub struct AgentEnrollRequest {
     /// Identification hints of the source server this instance was recovered from.
     #[serde(default)]
     pub source_hints: Option<IdentificationHints>,
-    /// Extra IPs / DNS names for the agent certificate.
+    /// Refused unless empty: agent certificates carry only `failback-agent` and the instance
+    /// (kept so that agents of the previous release, which send `[]`, still enroll).
     #[serde(default)]
     pub cert_sans: Vec<String>,
 }
@@ -581,7 +582,7 @@ pub struct AgentEnrollResponse {
     /// Bearer secret for `/v1/agent/*` calls.
     pub agent_secret: String,
     pub ca_pem: String,
-    /// Agent server certificate (DNS SAN `failback-agent`).
+    /// Agent server certificate (agent role, DNS SAN `failback-agent`, instance URI SAN).
     pub agent_cert_pem: String,
     pub agent_key_pem: String,
     pub heartbeat_interval_secs: u64,

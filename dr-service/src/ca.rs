@@ -2,9 +2,13 @@
 //! directory (`ca.pem`, `ca-key.pem`, mode 0600 for the key) and reused afterwards, so that
 //! agents and clients that pinned the CA keep trusting the service across restarts.
 //!
-//! It issues: the service's own HTTPS certificate (DNS `localhost`, IP 127.0.0.1, `--san`
-//! extras), agent server certificates (DNS `failback-agent` + the agent's addresses) and client
-//! certificates scoped to one recovery instance (URI SAN `urn:failback:instance:<ID>`).
+//! It issues one certificate per role (see `failback_trust`), each marked with its role's URI
+//! SAN, which every verifier checks, so that no holder of one role can pose as another:
+//! - the service's own HTTPS certificate (role `service`; DNS `localhost`, IP 127.0.0.1, ::1
+//!   and the operator's `--san` extras) — never issued to anyone else;
+//! - agent server certificates (role `agent`; DNS `failback-agent` and the URI SAN of their
+//!   recovery instance, nothing a caller chooses);
+//! - client certificates (role `client`; the URI SAN of the paired instance).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -14,10 +18,8 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
-/// DNS name every agent certificate carries (the client verifies against it).
-pub const AGENT_SERVER_NAME: &str = "failback-agent";
-/// Prefix of the client certificate's URI SAN.
-pub const INSTANCE_URI_PREFIX: &str = "urn:failback:instance:";
+use failback_trust::{instance_uri, Role};
+pub use failback_trust::{AGENT_SERVER_NAME, INSTANCE_URI_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -176,11 +178,13 @@ impl Ca {
         })
     }
 
-    /// The service's HTTPS certificate: `localhost`, 127.0.0.1, ::1 and `extra` (IPs or DNS).
+    /// The service's HTTPS certificate: `localhost`, 127.0.0.1, ::1 and `extra` (IPs or DNS,
+    /// from the operator's `--san`), marked with the service role.
     pub fn server_cert(&self, extra: &[String]) -> Result<Issued, CaError> {
         let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
         names.extend(extra.iter().cloned());
-        let sans = sans_from(&names)?;
+        let mut sans = vec![uri_san(Role::Service.uri())?];
+        sans.extend(sans_from(&names)?);
         self.issue(
             "service certificate",
             "failback DR service",
@@ -190,11 +194,19 @@ impl Ca {
         )
     }
 
-    /// An agent server certificate: DNS `failback-agent` plus the agent's addresses.
-    pub fn agent_cert(&self, instance_id: &str, extra: &[String]) -> Result<Issued, CaError> {
-        let mut names = vec![AGENT_SERVER_NAME.to_string()];
-        names.extend(extra.iter().cloned());
-        let sans = sans_from(&names)?;
+    /// An agent server certificate: the agent role, DNS `failback-agent` and the instance's
+    /// URI SAN. Nothing in it is chosen by the caller.
+    pub fn agent_cert(&self, instance_id: &str) -> Result<Issued, CaError> {
+        let sans = vec![
+            uri_san(Role::Agent.uri())?,
+            uri_san(instance_uri(instance_id))?,
+            SanType::DnsName(
+                AGENT_SERVER_NAME
+                    .to_string()
+                    .try_into()
+                    .map_err(|_| CaError::BadSan(AGENT_SERVER_NAME.into()))?,
+            ),
+        ];
         self.issue(
             "agent certificate",
             &format!("failback-agent {instance_id}"),
@@ -204,21 +216,25 @@ impl Ca {
         )
     }
 
-    /// A client certificate that names exactly one recovery instance.
+    /// A client certificate: the client role and exactly one recovery instance.
     pub fn client_cert(&self, instance_id: &str, client_id: &str) -> Result<Issued, CaError> {
-        let uri = format!("{INSTANCE_URI_PREFIX}{instance_id}");
-        let uri = uri
-            .clone()
-            .try_into()
-            .map_err(|_| CaError::BadSan(uri.clone()))?;
         self.issue(
             "client certificate",
             &format!("failback-client {client_id}"),
-            vec![SanType::URI(uri)],
+            vec![
+                uri_san(Role::Client.uri())?,
+                uri_san(instance_uri(instance_id))?,
+            ],
             ExtendedKeyUsagePurpose::ClientAuth,
             30,
         )
     }
+}
+
+fn uri_san(uri: String) -> Result<SanType, CaError> {
+    Ok(SanType::URI(
+        uri.clone().try_into().map_err(|_| CaError::BadSan(uri))?,
+    ))
 }
 
 /// Turns `host` / `host:port` / IP strings into SANs (ports are dropped, duplicates removed).
@@ -272,8 +288,7 @@ mod tests {
         assert_eq!(a.ca_pem(), b.ca_pem());
         let c = b.client_cert("i-0123456789abcdef", "fc-1").unwrap();
         assert!(c.cert_pem.contains("BEGIN CERTIFICATE"));
-        b.agent_cert("i-0123456789abcdef", &["10.0.0.5:1500".into()])
-            .unwrap();
+        b.agent_cert("i-0123456789abcdef").unwrap();
         b.server_cert(&["10.0.2.2".into(), "svc.example".into()])
             .unwrap();
     }

@@ -392,12 +392,11 @@ fn admin_token(cfg: &ServerConfig) -> Result<String, ServerError> {
 
 fn tls_config(ca: &Ca, sans: &[String]) -> Result<rustls::ServerConfig, ServerError> {
     let issued = ca.server_cert(sans)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut issued.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
+    let here = std::path::Path::new("<issued service certificate>");
+    let certs = failback_trust::pem::certs("certificate", here, issued.cert_pem.as_bytes())
         .map_err(|e| ServerError::Tls(e.to_string()))?;
-    let key = rustls_pemfile::private_key(&mut issued.key_pem.as_bytes())
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .ok_or_else(|| ServerError::Tls("no key generated".into()))?;
+    let key = failback_trust::pem::private_key(here, issued.key_pem.as_bytes())
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -552,6 +552,14 @@ impl Service {
             check_address("private_address", p)?;
         }
         check_agent_disks(&req.disks, "disks")?;
+        if !req.cert_sans.is_empty() {
+            // An agent certificate names only `failback-agent` and its instance: a caller-chosen
+            // name would let an enrollment token buy a certificate for someone else's name.
+            return Err(ApiFailure::bad(
+                "cert_sans",
+                "field cert_sans: agents cannot choose certificate names; leave it empty",
+            ));
+        }
         let now = now_secs();
         let _g = self.guard();
         let tok = check_token(
@@ -576,10 +584,7 @@ impl Service {
             inst.source_hints = h;
         }
         clear_error(&mut inst.failback, ReplicationError::AgentNotSeen);
-        let mut sans = vec![req.address.clone()];
-        sans.extend(req.private_address.clone());
-        sans.extend(req.cert_sans.iter().cloned());
-        let cert = self.ca.agent_cert(&id, &sans)?;
+        let cert = self.ca.agent_cert(&id)?;
         let secret = format!("fbs_{}", random_hex(32));
         let mut b = Batch::default();
         b.tokens.push(TokenRecord {

@@ -18,6 +18,12 @@ pub enum AdminError {
     /// The service could not be reached (retryable).
     #[error("DR service {url} unreachable: {message}")]
     Network { url: String, message: String },
+    /// The server's certificate is not the pinned DR service's (not retried).
+    #[error("DR service {url} not trusted: {cause}")]
+    Untrusted {
+        url: String,
+        cause: failback_trust::TlsCause,
+    },
     /// The service answered with an error.
     #[error("DR service {url}: HTTP {status} {}: {}", .error.error, .error.message)]
     Api {
@@ -49,6 +55,21 @@ pub struct AdminClient {
     token: String,
 }
 
+/// A certificate problem is [`AdminError::Untrusted`]; anything else is a network error,
+/// described with its causes (reqwest alone says only "error sending request").
+fn send_error(url: &str, e: reqwest::Error) -> AdminError {
+    match failback_trust::tls_cause(&e) {
+        Some(cause) => AdminError::Untrusted {
+            url: url.to_owned(),
+            cause,
+        },
+        None => AdminError::Network {
+            url: url.to_owned(),
+            message: failback_trust::describe(&e),
+        },
+    }
+}
+
 impl AdminClient {
     /// `server`: `https://host:port`; `ca`: PEM file of the service CA (pinned).
     pub fn new(server: &str, token: &str, ca: Option<&Path>) -> Result<Self, AdminError> {
@@ -78,16 +99,19 @@ impl AdminClient {
                 "admin token is empty (--admin-token or FAILBACK_ADMIN_TOKEN)".into(),
             ));
         }
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
+        let pem = ca_pem.ok_or_else(|| {
+            AdminError::Usage(
+                "the DR service's CA is required (--ca or FAILBACK_CA: its data-dir/ca.pem); \
+                 the service's certificate is checked against it and its service role"
+                    .into(),
+            )
+        })?;
+        let tls = failback_trust::service_client_config(pem, Path::new("--ca"))
+            .map_err(|e| AdminError::Usage(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(10));
-        if let Some(pem) = ca_pem {
-            let cert = reqwest::Certificate::from_pem(pem)
-                .map_err(|e| AdminError::Usage(format!("CA is not a PEM certificate: {e}")))?;
-            b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
-        }
-        let http = b
+            .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| AdminError::Usage(format!("HTTP client: {e}")))?;
         Ok(AdminClient {
@@ -115,10 +139,7 @@ impl AdminClient {
         if let Some(b) = body {
             rq = rq.json(b);
         }
-        let resp = rq.send().await.map_err(|e| AdminError::Network {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+        let resp = rq.send().await.map_err(|e| send_error(&url, e))?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| AdminError::Network {
             url: url.clone(),

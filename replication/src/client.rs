@@ -181,6 +181,20 @@ impl Drop for Session {
     }
 }
 
+/// A certificate problem is [`Error::Untrusted`] (not retried), anything else a network error.
+fn handshake_error(peer: &str, source: std::io::Error) -> Error {
+    match failback_trust::tls_cause(&source) {
+        Some(cause) => Error::Untrusted {
+            peer: format!("agent {peer}"),
+            cause,
+        },
+        None => Error::Handshake {
+            peer: peer.to_owned(),
+            source,
+        },
+    }
+}
+
 impl Session {
     /// Connects to the agent at `addr` (host:port), runs the TLS handshake (verifying the agent
     /// as [`AGENT_SERVER_NAME`] against the pinned CA), the protocol handshake, and reads the
@@ -219,10 +233,7 @@ impl Session {
         )
         .await
         .map_err(|_| timeout("TLS handshake"))?
-        .map_err(|source| Error::Handshake {
-            peer: peer.clone(),
-            source,
-        })?;
+        .map_err(|source| handshake_error(&peer, source))?;
         let (r, w) = stream;
         let dead = DeadSlot::default();
         let (out, writer) = spawn_writer(w, dead.clone());
@@ -442,6 +453,14 @@ async fn read_handshake<R: tokio::io::AsyncRead + Unpin>(
             what: "hello",
             secs: CONNECT_TIMEOUT.as_secs(),
         }),
+        Ok(Err(Error::ConnectionLost { peer, reason })) if refused_certificate(&reason) => {
+            Err(Error::Untrusted {
+                peer: format!("agent {peer}"),
+                cause: failback_trust::TlsCause::PeerRefused(format!(
+                    "{reason}; is the client certificate from the agent's CA and for its instance?"
+                )),
+            })
+        }
         Ok(Err(Error::ConnectionLost { peer, reason })) => Err(Error::Handshake {
             peer,
             source: std::io::Error::new(
@@ -456,6 +475,21 @@ async fn read_handshake<R: tokio::io::AsyncRead + Unpin>(
         }),
         Ok(Ok(Some((m, _)))) => Ok(m),
     }
+}
+
+/// Whether a lost handshake is the agent's TLS alert refusing our certificate (the record
+/// layer reports alerts as text).
+fn refused_certificate(reason: &str) -> bool {
+    const ALERTS: [&str; 7] = [
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "CertificateRequired",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "AccessDenied",
+    ];
+    reason.contains("alert") && ALERTS.iter().any(|a| reason.contains(a))
 }
 
 fn stream_of(m: &Message) -> Option<u32> {

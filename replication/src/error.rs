@@ -45,6 +45,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The peer's certificate is not trusted for this connection (other CA, wrong role or
+    /// instance, expired, key too small) or the peer refused ours: retrying cannot help.
+    #[error("refusing TLS peer {peer}: {cause}")]
+    Untrusted {
+        peer: String,
+        cause: failback_trust::TlsCause,
+    },
     /// A frame could not be decoded: the connection is closed.
     #[error("garbage from {peer}: {source}; connection closed")]
     Frame {
@@ -122,6 +129,7 @@ impl Error {
             Error::Frame { .. }
             | Error::VersionMismatch { .. }
             | Error::Remote { .. }
+            | Error::Untrusted { .. }
             | Error::Protocol { .. } => ErrorClass::Protocol,
             Error::LocalIo { .. } => ErrorClass::LocalIo,
             Error::TargetBusy { .. } => ErrorClass::LocalIo,

@@ -7,6 +7,7 @@
 //! - [`block`]: hashing, wire encoding, and verification into [`block::VerifiedRun`] (the only
 //!   thing the disk writer in [`writer`] accepts).
 
+pub mod allow;
 pub mod block;
 pub mod client;
 pub mod conn;

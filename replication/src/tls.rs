@@ -1,20 +1,23 @@
-//! Mutual TLS 1.3 between client and agent, both sides pinned to one private CA.
+//! Mutual TLS 1.3 between client and agent, both sides pinned to one private CA, each
+//! checking the other's role (see `failback_trust`).
 //!
-//! The agent presents a certificate with DNS SAN [`AGENT_SERVER_NAME`]; the client always
-//! verifies against that name whatever address it dials. The client presents a certificate with
-//! URI SAN `urn:failback:instance:<ID>`; an agent scoped to an instance refuses other clients.
+//! The agent presents a certificate with the agent role, DNS SAN [`AGENT_SERVER_NAME`] and the
+//! URI SAN of its recovery instance; the client verifies all three (the instance must be the
+//! one it paired with) whatever address it dials. The client presents a certificate with the
+//! client role and its instance's URI SAN; the agent serves only clients of its own instance.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use failback_trust::pem::PemError;
+use failback_trust::verify::{provider, roots, RoleClientVerifier, RoleServerVerifier};
+use failback_trust::{Identity, Role};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 
-/// The name the client verifies in the agent's certificate.
-pub const AGENT_SERVER_NAME: &str = "failback-agent";
-/// Prefix of the client certificate's URI SAN.
-pub const INSTANCE_URI_PREFIX: &str = "urn:failback:instance:";
+#[cfg(feature = "dev-ca")]
+pub use failback_trust::dev::DevCa;
+pub use failback_trust::{AGENT_SERVER_NAME, INSTANCE_URI_PREFIX};
 
 /// Loading or building TLS material failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +47,15 @@ pub enum TlsError {
     /// The client verifier could not be built from the CA.
     #[error("invalid CA for client verification: {0}")]
     Verifier(String),
+    /// A PEM buffer or file held nothing usable.
+    #[error(transparent)]
+    Pem(#[from] PemError),
     /// Certificate generation failed.
     #[error("generating certificates: {0}")]
     Generate(String),
+    /// Our own certificate does not say which instance we are (client certificates must).
+    #[error("{0}")]
+    Identity(String),
     /// Writing generated certificates failed.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -68,11 +77,13 @@ pub struct TlsFiles {
 #[derive(Clone)]
 pub struct ClientTls {
     pub(crate) config: Arc<ClientConfig>,
+    /// The instance the agent's certificate must name.
+    instance: String,
 }
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClientTls")
+        write!(f, "ClientTls {{ instance: {} }}", self.instance)
     }
 }
 
@@ -90,23 +101,8 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-/// ring's provider with TLS 1.3 AES-128-GCM preferred: it is the suite every TLS 1.3 stack
-/// must implement, and ~30 % cheaper per byte than AES-256-GCM (10 AES rounds instead of
-/// 14), which counts when every disk byte is encrypted once and decrypted once.
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites
-        .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256.suite());
-    Arc::new(p)
-}
-
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
+    Ok(failback_trust::pem::read_file(what, path)?)
 }
 
 /// Parses all certificates of a PEM buffer.
@@ -115,46 +111,15 @@ pub fn certs_from_pem(
     path: &Path,
     pem: &[u8],
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
-            what,
-            path: path.to_owned(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Empty {
-            what,
-            path: path.to_owned(),
-            expected: "PEM certificate",
-        });
-    }
-    Ok(certs)
+    Ok(failback_trust::pem::certs(what, path, pem)?)
 }
 
 fn key_from_pem(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|source| TlsError::Read {
-            what: "private key",
-            path: path.to_owned(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::Empty {
-            what: "private key",
-            path: path.to_owned(),
-            expected: "PEM private key",
-        })
+    Ok(failback_trust::pem::private_key(path, pem)?)
 }
 
-fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in ca {
-        roots.add(c.clone()).map_err(|source| TlsError::Rustls {
-            what: "CA certificate",
-            source,
-        })?;
-    }
-    Ok(roots)
+fn verifier_error(e: failback_trust::VerifyError) -> TlsError {
+    TlsError::Verifier(e.to_string())
 }
 
 impl ClientTls {
@@ -170,6 +135,7 @@ impl ClientTls {
             &certs_from_pem("CA", p, ca)?,
             certs_from_pem("certificate", p, cert)?,
             key_from_pem(p, key)?,
+            None,
         )
     }
 
@@ -183,21 +149,54 @@ impl ClientTls {
                 &read("certificate", &files.cert)?,
             )?,
             key_from_pem(&files.key, &read("private key", &files.key)?)?,
+            None,
         )
+    }
+
+    /// Like [`from_files`](Self::from_files), but the agent must name `instance` instead of
+    /// the instance of our own certificate (`failback-client sync --instance`).
+    pub fn from_files_for(files: &TlsFiles, instance: Option<String>) -> Result<Self, TlsError> {
+        Self::build(
+            &certs_from_pem("CA", &files.ca, &read("CA", &files.ca)?)?,
+            certs_from_pem(
+                "certificate",
+                &files.cert,
+                &read("certificate", &files.cert)?,
+            )?,
+            key_from_pem(&files.key, &read("private key", &files.key)?)?,
+            instance,
+        )
+    }
+
+    /// The recovery instance an agent must name to be trusted.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     fn build(
         ca: &[CertificateDer<'static>],
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
+        instance: Option<String>,
     ) -> Result<Self, TlsError> {
+        let instance = match instance {
+            Some(i) => i,
+            None => own_instance(&chain, "client")?,
+        };
+        let verifier = RoleServerVerifier::new(
+            roots(ca).map_err(verifier_error)?,
+            Role::Agent,
+            Some(instance.clone()),
+        )
+        .map_err(verifier_error)?;
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
                 what: "protocol versions",
                 source,
             })?
-            .with_root_certificates(roots(ca)?)
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(chain, key)
             .map_err(|source| TlsError::Rustls {
                 what: "client certificate/key",
@@ -207,8 +206,24 @@ impl ClientTls {
         config.enable_secret_extraction = true;
         Ok(ClientTls {
             config: Arc::new(config),
+            instance,
         })
     }
+}
+
+/// The one instance our own certificate (first of `chain`) names.
+fn own_instance(chain: &[CertificateDer<'static>], what: &str) -> Result<String, TlsError> {
+    let first = chain
+        .first()
+        .ok_or_else(|| TlsError::Identity(format!("no {what} certificate")))?;
+    let id = Identity::from_der(first).map_err(|e| TlsError::Identity(format!("{what} {e}")))?;
+    id.instance().map(str::to_owned).ok_or_else(|| {
+        TlsError::Identity(format!(
+            "the {what} certificate names {} recovery instances; it must name exactly one \
+             (URI SAN {INSTANCE_URI_PREFIX}<ID>)",
+            id.instances.len()
+        ))
+    })
 }
 
 impl ServerTls {
@@ -253,10 +268,12 @@ impl ServerTls {
         key: PrivateKeyDer<'static>,
         instance: Option<String>,
     ) -> Result<Self, TlsError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let instance = match instance {
+            Some(i) => i,
+            None => own_instance(&chain, "agent")?,
+        };
+        let verifier = RoleClientVerifier::new(roots(ca).map_err(verifier_error)?, Role::Client)
+            .map_err(verifier_error)?;
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| TlsError::Rustls {
@@ -275,26 +292,19 @@ impl ServerTls {
         config.send_tls13_tickets = 0;
         Ok(ServerTls {
             config: Arc::new(config),
-            instance,
+            instance: Some(instance),
         })
     }
 }
 
-/// The recovery-instance id named by a client certificate's URI SAN
-/// `urn:failback:instance:<ID>`, if any.
+/// The recovery-instance id named by a certificate's URI SAN `urn:failback:instance:<ID>`,
+/// if it names exactly one.
 pub fn instance_id_from_cert(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(uri) => uri
-            .strip_prefix(INSTANCE_URI_PREFIX)
-            .filter(|id| !id.is_empty())
-            .map(str::to_owned),
-        _ => None,
-    })
+    Identity::from_der(der).ok()?.instance().map(str::to_owned)
 }
 
 /// A generated development CA with an agent and a client certificate, all PEM.
+#[cfg(feature = "dev-ca")]
 #[derive(Debug, Clone)]
 pub struct DevCerts {
     pub ca: String,
@@ -305,13 +315,15 @@ pub struct DevCerts {
     pub client_key: String,
 }
 
+#[cfg(feature = "dev-ca")]
 impl DevCerts {
-    /// A fresh CA, an agent certificate (`failback-agent`, `localhost`, 127.0.0.1) and a client
-    /// certificate for `instance`.
+    /// A fresh CA, an agent certificate ([`AGENT_SERVER_NAME`]) and a client certificate,
+    /// both for `instance`.
     pub fn generate(instance: &str) -> Result<Self, TlsError> {
-        let ca = DevCa::generate("failback dev CA")?;
-        let (agent, agent_key) = ca.issue_agent(&[])?;
-        let (client, client_key) = ca.issue_client(instance)?;
+        let gen = |e: failback_trust::dev::DevCaError| TlsError::Generate(e.to_string());
+        let ca = DevCa::generate("failback dev CA").map_err(gen)?;
+        let (agent, agent_key) = ca.issue_agent(instance, &[]).map_err(gen)?;
+        let (client, client_key) = ca.issue_client(instance).map_err(gen)?;
         Ok(DevCerts {
             ca: ca.cert_pem(),
             ca_key: ca.key_pem(),
@@ -362,103 +374,18 @@ impl DevCerts {
     }
 }
 
-/// A development CA able to issue agent and client certificates (tests, `dev-certs`).
-pub struct DevCa {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl std::fmt::Debug for DevCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DevCa")
-    }
-}
-
-fn gen_err(e: rcgen::Error) -> TlsError {
-    TlsError::Generate(e.to_string())
-}
-
-impl DevCa {
-    /// A new self-signed CA.
-    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, common_name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = rcgen::KeyPair::generate().map_err(gen_err)?;
-        let cert = params.self_signed(&key).map_err(gen_err)?;
-        Ok(DevCa { cert, key })
-    }
-
-    /// The CA certificate, PEM.
-    pub fn cert_pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// The CA key, PEM.
-    pub fn key_pem(&self) -> String {
-        self.key.serialize_pem()
-    }
-
-    /// An agent (server) certificate for [`AGENT_SERVER_NAME`], `localhost`, 127.0.0.1 and
-    /// `extra_sans` (DNS names or IP addresses). Returns (cert PEM, key PEM).
-    pub fn issue_agent(&self, extra_sans: &[String]) -> Result<(String, String), TlsError> {
-        let mut names = vec![
-            AGENT_SERVER_NAME.to_owned(),
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-        ];
-        names.extend(extra_sans.iter().cloned());
-        let mut params = rcgen::CertificateParams::new(names).map_err(gen_err)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, AGENT_SERVER_NAME);
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params)
-    }
-
-    /// A client certificate naming `instance` in its URI SAN. Returns (cert PEM, key PEM).
-    pub fn issue_client(&self, instance: &str) -> Result<(String, String), TlsError> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-        let uri = format!("{INSTANCE_URI_PREFIX}{instance}");
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            rcgen::Ia5String::try_from(uri).map_err(gen_err)?,
-        )];
-        params.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            format!("failback client {instance}"),
-        );
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params)
-    }
-
-    fn sign(&self, params: rcgen::CertificateParams) -> Result<(String, String), TlsError> {
-        let key = rcgen::KeyPair::generate().map_err(gen_err)?;
-        let cert = params
-            .signed_by(&key, &self.cert, &self.key)
-            .map_err(gen_err)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn instance_id_is_read_from_uri_san() {
-        let ca = DevCa::generate("t").unwrap();
-        let (client, _) = ca.issue_client("i-0abc").unwrap();
-        let der = certs_from_pem("c", Path::new("x"), client.as_bytes()).unwrap();
+        let certs = DevCerts::generate("i-0abc").unwrap();
+        let der = certs_from_pem("c", Path::new("x"), certs.client.as_bytes()).unwrap();
         assert_eq!(instance_id_from_cert(&der[0]).as_deref(), Some("i-0abc"));
-        let (agent, _) = ca.issue_agent(&[]).unwrap();
-        let der = certs_from_pem("c", Path::new("x"), agent.as_bytes()).unwrap();
+        let der = certs_from_pem("c", Path::new("x"), certs.agent.as_bytes()).unwrap();
+        assert_eq!(instance_id_from_cert(&der[0]).as_deref(), Some("i-0abc"));
+        let der = certs_from_pem("c", Path::new("x"), certs.ca.as_bytes()).unwrap();
         assert_eq!(instance_id_from_cert(&der[0]), None);
     }
 }

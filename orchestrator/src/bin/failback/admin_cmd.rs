@@ -264,6 +264,7 @@ fn fail(e: AdminError) -> ExitCode {
         AdminError::Usage(_) => 2,
         AdminError::Network { .. } => 4,
         AdminError::Api { status, .. } if status < 500 => 7,
+        AdminError::Untrusted { .. } => 7,
         _ => 1,
     })
 }
