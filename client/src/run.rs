@@ -29,7 +29,7 @@ pub struct RunOptions {
     pub server: String,
     /// One-time pairing token.
     pub token: String,
-    /// CA to pin for the service (PEM file). `None`: `ca_pem`, else system roots.
+    /// CA to pin for the service (PEM file). `None`: `ca_pem` (one of them is required).
     pub ca: Option<PathBuf>,
     /// CA PEM text (alternative to `ca`, e.g. from a seed file).
     pub ca_pem: Option<String>,
@@ -230,26 +230,41 @@ enum ApiErr {
     Refused(u16, String),
 }
 
-impl Api {
-    fn new(opts: &RunOptions) -> Result<Api, RunError> {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10));
-        let pem = match (&opts.ca, &opts.ca_pem) {
-            (Some(p), _) => Some(std::fs::read(p).map_err(|e| {
-                RunError::Usage(format!("cannot read CA file {}: {e}", p.display()))
-            })?),
-            (None, Some(s)) => Some(s.as_bytes().to_vec()),
-            (None, None) => None,
-        };
-        if let Some(pem) = pem {
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
-                RunError::Usage(format!("service CA is not a PEM certificate: {e}"))
-            })?;
-            b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
+impl ApiErr {
+    /// A certificate problem (not the pinned DR service) is refused at once: retrying for the
+    /// pairing timeout cannot fix it, and nothing was sent to that server.
+    fn from_send(url: &str, e: &reqwest::Error) -> ApiErr {
+        match failback_trust::tls_cause(e) {
+            Some(cause) => ApiErr::Refused(0, format!("TLS: {cause}")),
+            None => ApiErr::Transient(format!("POST {url}: {}", failback_trust::describe(e))),
         }
-        let http = b
+    }
+}
+
+impl Api {
+    /// The DR service's HTTPS client: only the pinned CA, and only a certificate with the
+    /// service role (an agent's or client's certificate from the same CA is refused).
+    fn new(opts: &RunOptions) -> Result<Api, RunError> {
+        let (pem, source) = match (&opts.ca, &opts.ca_pem) {
+            (Some(p), _) => (
+                std::fs::read(p).map_err(|e| {
+                    RunError::Usage(format!("cannot read CA file {}: {e}", p.display()))
+                })?,
+                p.clone(),
+            ),
+            (None, Some(s)) => (s.as_bytes().to_vec(), PathBuf::from("<seed ca_pem>")),
+            (None, None) => {
+                return Err(RunError::Usage(
+                    "the DR service's CA is required (--ca, or ca_pem in the seed)".into(),
+                ))
+            }
+        };
+        let tls = failback_trust::service_client_config(&pem, &source)
+            .map_err(|e| RunError::Usage(format!("service CA: {e}")))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| RunError::Internal(format!("HTTP client: {e}")))?;
         let base = opts.server.trim_end_matches('/').to_string();
@@ -272,10 +287,7 @@ impl Api {
         if let Some(b) = bearer {
             rq = rq.bearer_auth(b);
         }
-        let resp = rq
-            .send()
-            .await
-            .map_err(|e| ApiErr::Transient(format!("POST {url}: {e}")))?;
+        let resp = rq.send().await.map_err(|e| ApiErr::from_send(&url, &e))?;
         Self::decode(url, resp).await
     }
 
@@ -317,7 +329,7 @@ impl Api {
             .body(text)
             .send()
             .await
-            .map_err(|e| ApiErr::Transient(format!("POST {url}: {e}")))?;
+            .map_err(|e| ApiErr::from_send(&url, &e))?;
         Self::decode(url, resp).await
     }
 }

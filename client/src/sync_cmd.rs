@@ -30,6 +30,10 @@ pub struct SyncArgs {
     /// Client private key (PEM).
     #[arg(long)]
     pub key: PathBuf,
+    /// Recovery instance the agent's certificate must name (default: the instance named by
+    /// --cert). An agent of any other instance is refused before anything is written.
+    #[arg(long)]
+    pub instance: Option<String>,
     /// Block size: power of two between 4K and 4M (e.g. 65536, 64K, 1M).
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub block_size: u32,
@@ -181,12 +185,13 @@ pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
     let out = Out {
         json: args.progress == ProgressMode::Json,
     };
-    let tls = ClientTls::from_files(&TlsFiles {
+    let files = TlsFiles {
         ca: args.ca.clone(),
         cert: args.cert.clone(),
         key: args.key.clone(),
-    })
-    .map_err(failback_replication::Error::from)?;
+    };
+    let tls = ClientTls::from_files_for(&files, args.instance.clone())
+        .map_err(failback_replication::Error::from)?;
     let session = Session::connect(&args.agent, &tls).await?;
     let disks = session.check_mappings(&mappings)?;
 

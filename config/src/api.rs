@@ -604,6 +604,11 @@ pub struct AgentHeartbeat {
 pub struct AgentHeartbeatResponse {
     pub recovery_instance_id: String,
     pub heartbeat_interval_secs: u64,
+    /// SHA-256 fingerprints (hex) of the client certificates the agent may serve now: the
+    /// current pairing's while a failback is in progress, none after stop or completion.
+    /// The agent closes connections of certificates not on it (revocation).
+    #[serde(default)]
+    pub allowed_clients: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------- admin
@@ -737,6 +742,10 @@ pub struct FailbackStatus {
     pub digests: Vec<DiskDigest>,
     /// Client hardware as presented at pairing.
     pub client_inventory: Option<Inventory>,
+    /// SHA-256 (hex) of the current pairing's client certificate: the one certificate the
+    /// instance's agent serves while the failback runs.
+    #[serde(default)]
+    pub client_cert_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

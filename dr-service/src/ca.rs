@@ -11,6 +11,8 @@
 //! - client certificates (role `client`; the URI SAN of the paired instance).
 
 use std::net::IpAddr;
+
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -50,6 +52,8 @@ pub enum CaError {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
+    /// SHA-256 of the certificate's DER (hex): what agents' allow lists name.
+    pub sha256: String,
 }
 
 pub struct Ca {
@@ -175,6 +179,7 @@ impl Ca {
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            sha256: hex::encode(sha2::Sha256::digest(cert.der())),
         })
     }
 

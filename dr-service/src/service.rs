@@ -653,11 +653,13 @@ impl Service {
         inst.agent.last_seen_at = Some(now);
         clear_error(&mut inst.failback, ReplicationError::AgentNotSeen);
         diff_events(&old, &inst, now, &mut b);
+        let inst_after = inst.clone();
         b.instances.push(inst);
         self.store.apply(b)?;
         Ok(AgentHeartbeatResponse {
             recovery_instance_id: agent.instance_id,
             heartbeat_interval_secs: self.settings.heartbeat_secs,
+            allowed_clients: Some(allowed_clients(&inst_after)),
         })
     }
 
@@ -813,6 +815,7 @@ impl Service {
                 .collect(),
             device_mapping: device_mapping.clone(),
             client_inventory: Some(req.inventory.clone()),
+            client_cert_sha256: Some(cert.sha256.clone()),
             ..Default::default()
         };
         set_step(
@@ -1272,5 +1275,19 @@ impl Service {
         }
         self.store.apply(b)?;
         Ok(n)
+    }
+}
+
+/// The client certificates an instance's agent may serve: the current pairing's, while the
+/// failback runs (not before pairing, after stop or after completion).
+fn allowed_clients(inst: &RecoveryInstance) -> Vec<String> {
+    let f = &inst.failback;
+    let running = !matches!(
+        f.state,
+        FailbackState::FailbackNotStarted | FailbackState::FailbackCompleted
+    );
+    match &f.client_cert_sha256 {
+        Some(fp) if running => vec![fp.clone()],
+        _ => Vec::new(),
     }
 }

@@ -9,12 +9,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use failback_config::api::{
     AgentDisk, AgentEnrollRequest, AgentEnrollResponse, AgentHeartbeat, AgentHeartbeatResponse,
     ApiError, IdentificationHints,
 };
+use failback_replication::allow::ClientAllowlist;
 use failback_replication::ServerTls;
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +62,11 @@ pub enum EnrollError {
     Refused { url: String, message: String },
     #[error("DR service {url} unreachable: {message}")]
     Network { url: String, message: String },
+    #[error("DR service {url} not trusted: {cause}")]
+    Untrusted {
+        url: String,
+        cause: failback_trust::TlsCause,
+    },
     #[error("enrollment state {path}: {message}")]
     State { path: PathBuf, message: String },
     #[error("TLS material from the DR service: {0}")]
@@ -72,7 +79,7 @@ impl EnrollError {
         match self {
             EnrollError::Usage(_) => 2,
             EnrollError::Network { .. } => 4,
-            EnrollError::Refused { .. } => 7,
+            EnrollError::Refused { .. } | EnrollError::Untrusted { .. } => 7,
             EnrollError::Agent(AgentError::Listen { .. }) => 4,
             EnrollError::Agent(
                 AgentError::DiskSpec(_) | AgentError::DuplicateDisk(_) | AgentError::NoDisks,
@@ -101,18 +108,20 @@ pub struct EnrollServe {
     pub agent: AgentOptions,
 }
 
+/// The DR service's HTTPS client: only the pinned CA, and only a certificate with the service
+/// role (an agent's or client's certificate from the same CA is refused).
 fn http_client(ca: Option<&Path>) -> Result<reqwest::Client, EnrollError> {
-    let mut b = reqwest::Client::builder()
-        .use_rustls_tls()
-        .timeout(Duration::from_secs(30));
-    if let Some(p) = ca {
-        let pem = std::fs::read(p)
-            .map_err(|e| EnrollError::Usage(format!("cannot read --ca {}: {e}", p.display())))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| EnrollError::Usage(format!("--ca {}: {e}", p.display())))?;
-        b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
-    }
-    b.build()
+    let p = ca.ok_or_else(|| {
+        EnrollError::Usage("--ca is required with --server: the DR service's CA (ca.pem)".into())
+    })?;
+    let pem = std::fs::read(p)
+        .map_err(|e| EnrollError::Usage(format!("cannot read --ca {}: {e}", p.display())))?;
+    let tls = failback_trust::service_client_config(&pem, p)
+        .map_err(|e| EnrollError::Usage(format!("--ca: {e}")))?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
         .map_err(|e| EnrollError::Usage(format!("HTTP client: {e}")))
 }
 
@@ -128,10 +137,20 @@ async fn post<T: Serialize, R: serde::de::DeserializeOwned>(
     if let Some(b) = bearer {
         rq = rq.bearer_auth(b);
     }
-    let resp = rq.send().await.map_err(|e| EnrollError::Network {
-        url: url.clone(),
-        message: e.to_string(),
-    })?;
+    let resp = rq
+        .send()
+        .await
+        .map_err(|e| match failback_trust::tls_cause(&e) {
+            // Not the pinned DR service: retrying cannot help, and nothing was sent to it.
+            Some(cause) => EnrollError::Untrusted {
+                url: url.clone(),
+                cause,
+            },
+            None => EnrollError::Network {
+                url: url.clone(),
+                message: failback_trust::describe(&e),
+            },
+        })?;
     let status = resp.status();
     let bytes = resp.bytes().await.map_err(|e| EnrollError::Network {
         url: url.clone(),
@@ -151,6 +170,21 @@ async fn post<T: Serialize, R: serde::de::DeserializeOwned>(
     } else {
         Err(EnrollError::Refused { url, message })
     }
+}
+
+/// Whether a saved enrollment's certificate carries the agent role and its instance.
+fn agent_cert_current(e: &AgentEnrollResponse) -> bool {
+    failback_trust::pem::certs(
+        "agent certificate",
+        Path::new("<saved>"),
+        e.agent_cert_pem.as_bytes(),
+    )
+    .ok()
+    .and_then(|c| failback_trust::Identity::from_der(&c[0]).ok())
+    .is_some_and(|id| {
+        id.expect(failback_trust::Role::Agent, Some(&e.recovery_instance_id))
+            .is_ok()
+    })
 }
 
 fn load_saved(dir: &Path, server: &str) -> Result<Option<Saved>, EnrollError> {
@@ -261,6 +295,17 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
             )
             .await
             {
+                Ok(_) if !agent_cert_current(&saved.enrollment) => {
+                    if o.args.enroll_token.is_none() {
+                        return Err(EnrollError::Usage(format!(
+                            "the saved enrollment in {} holds an agent certificate without the \
+                             agent role (issued before role checks); enroll again with a new \
+                             --enroll-token",
+                            dir.display()
+                        )));
+                    }
+                    tracing::warn!("saved agent certificate has no agent role; enrolling again");
+                }
                 Ok(_) => enrollment = Some(saved.enrollment),
                 Err(EnrollError::Refused { message, .. }) if o.args.enroll_token.is_some() => {
                     tracing::warn!("saved enrollment refused ({message}); enrolling again");
@@ -318,40 +363,69 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
     )
     .map_err(|e| EnrollError::Tls(e.to_string()))?;
 
-    let secret = enrollment.agent_secret.clone();
-    let interval = enrollment.heartbeat_interval_secs.max(1);
-    let hb_task = tokio::spawn(async move {
-        let hb = AgentHeartbeat { disks: None, ..hb };
-        let mut failing = false;
-        loop {
-            tokio::time::sleep(Duration::from_secs(interval)).await;
-            match post::<_, AgentHeartbeatResponse>(
-                &http,
-                &base,
-                "/v1/agent/heartbeat",
-                Some(&secret),
-                &hb,
-            )
-            .await
-            {
-                Ok(_) => {
-                    if failing {
-                        tracing::info!("DR service heartbeat OK again");
-                    }
-                    failing = false;
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!("heartbeat: {e}");
-                    }
-                    failing = true;
-                }
-            }
-        }
-    });
-    let r = crate::serve(listener, disks, tls, o.agent).await;
+    let allow = Arc::new(ClientAllowlist::default());
+    let hb_task = tokio::spawn(heartbeats(
+        http,
+        base,
+        enrollment.agent_secret.clone(),
+        AgentHeartbeat { disks: None, ..hb },
+        enrollment.heartbeat_interval_secs.max(1),
+        allow.clone(),
+    ));
+    let mut agent = o.agent;
+    agent.allow = Some(allow);
+    let r = crate::serve(listener, disks, tls, agent).await;
     hb_task.abort();
     Ok(r?)
+}
+
+/// Heartbeats the DR service every `interval` seconds, and at once (at most once a second)
+/// when a connection presents a client certificate the allow list does not know. Each answer
+/// replaces the allow list: revocation reaches the agent within one interval.
+async fn heartbeats(
+    http: reqwest::Client,
+    base: String,
+    secret: String,
+    hb: AgentHeartbeat,
+    interval: u64,
+    allow: Arc<ClientAllowlist>,
+) {
+    let mut failing = false;
+    loop {
+        let asked = Instant::now();
+        match post::<_, AgentHeartbeatResponse>(
+            &http,
+            &base,
+            "/v1/agent/heartbeat",
+            Some(&secret),
+            &hb,
+        )
+        .await
+        {
+            Ok(r) => {
+                if failing {
+                    tracing::info!("DR service heartbeat OK again");
+                }
+                failing = false;
+                if let Some(list) = r.allowed_clients {
+                    allow.set(list);
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("heartbeat: {e}");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
+            _ = allow.refresh_requested() => {
+                // Unknown certificates cannot make the agent hammer the service.
+                tokio::time::sleep_until((asked + Duration::from_secs(1)).into()).await;
+            }
+        }
+    }
 }
 
 /// Entry for `failback-agent serve --server ...` (own runtime; maps errors to exit codes).

@@ -129,6 +129,9 @@ pub struct ServeOptions {
     pub quiesce_cmd: Option<String>,
     /// Shell command run on `Thaw`.
     pub thaw_cmd: Option<String>,
+    /// Client certificates the DR service currently allows (revocation); `None` serves every
+    /// client certificate the TLS checks accept (an agent given certificates by hand).
+    pub allow: Option<Arc<crate::allow::ClientAllowlist>>,
     /// Test-only fault injection.
     #[cfg(feature = "fault-injection")]
     pub fault: Option<Arc<FaultInjection>>,

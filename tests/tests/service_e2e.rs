@@ -539,3 +539,308 @@ fn service_client_cert_for_instance_a_is_refused_by_agent_b() {
         );
     });
 }
+
+// ---------------------------------------------------------------- trust (issue 14)
+
+/// Pairs for `instance` over the API; returns the pairing answer (client certificate + key).
+fn pair_over_api(
+    env: &Env,
+    rt: &tokio::runtime::Runtime,
+    instance: &str,
+) -> failback_config::api::PairResponse {
+    let ca_pem = std::fs::read(env.ca()).unwrap();
+    let token = env.token("pairing", Some(instance));
+    rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(
+                failback_trust::service_client_config(&ca_pem, Path::new("ca.pem")).unwrap(),
+            )
+            .build()
+            .unwrap();
+        let body = serde_json::json!({
+            "token": token,
+            "inventory": {"disks": [{"path": "/dev/sdx", "size_bytes": 1u64 << 30}]},
+        });
+        let r = http
+            .post(format!("{}/v1/pair", env.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+        r.json().await.unwrap()
+    })
+}
+
+fn client_tls(p: &failback_config::api::PairResponse) -> failback_replication::ClientTls {
+    failback_replication::ClientTls::from_pem(
+        p.ca_pem.as_bytes(),
+        p.client_cert_pem.as_bytes(),
+        p.client_key_pem.as_bytes(),
+    )
+    .unwrap()
+}
+
+fn agent_addr(p: &Proc) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some(a) = p
+            .log()
+            .lines()
+            .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
+        {
+            return a;
+        }
+        assert!(t.elapsed() < DEADLINE, "agent did not listen: {}", p.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls `f` until it returns true, at most `bound`; panics naming `what`.
+fn within(bound: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < bound, "{what}: not within {bound:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue 14, item 6: stop, a new pairing and completion end the old client certificate at the
+/// agent. Bound: the agent heartbeats every `--heartbeat-secs` (1 s here) and asks at once
+/// about certificates it does not know, so a revoked certificate is refused, and its open
+/// connections closed, within one heartbeat interval plus a request (asserted: 10 s).
+#[test]
+fn service_stop_and_new_pairing_revoke_the_old_client_certificate() {
+    let env = Env::new();
+    let remote = env.path("remote.img");
+    write_image(&remote, MIB, 9);
+    let agent = env.agent("agent", &remote, Some(&env.token("agent", None)));
+    let id = env.agent_instance(&agent);
+    let addr = agent_addr(&agent);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bound = Duration::from_secs(10);
+
+    // A fresh pairing is served at once (the agent asks the service about the new certificate).
+    let first = client_tls(&pair_over_api(&env, &rt, &id));
+    let open = rt
+        .block_on(failback_replication::Session::connect(&addr, &first))
+        .unwrap_or_else(|e| panic!("first pairing refused: {e}\n{}", agent.log()));
+
+    // A new pairing replaces the first: its certificate is refused from now on.
+    let second = client_tls(&pair_over_api(&env, &rt, &id));
+    rt.block_on(failback_replication::Session::connect(&addr, &second))
+        .map(drop)
+        .unwrap_or_else(|e| panic!("second pairing refused: {e}"));
+    within(
+        bound,
+        "first certificate refused after a new pairing",
+        || match rt.block_on(failback_replication::Session::connect(&addr, &first)) {
+            Ok(s) => {
+                drop(s);
+                false
+            }
+            Err(e) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("no longer") || m.contains("not authorized"),
+                    "{m}"
+                );
+                true
+            }
+        },
+    );
+    // The connection opened with the first certificate was closed by the agent.
+    let mappings = [failback_replication::Mapping {
+        remote: "disk0".into(),
+        local: env.path("never-written.img"),
+    }];
+    std::fs::write(env.path("never-written.img"), vec![0u8; MIB]).unwrap();
+    let r = rt.block_on(open.sync(
+        &mappings,
+        &failback_replication::SyncOptions::default(),
+        std::sync::Arc::new(failback_replication::NoProgress),
+    ));
+    assert!(
+        r.is_err(),
+        "a revoked certificate's open connection still syncs"
+    );
+    assert_eq!(read_all(&env.path("never-written.img")), vec![0u8; MIB]);
+
+    // Stop ends the second pairing's certificate too.
+    let (code, v) = env.cli(&["stop", &id]);
+    assert_eq!(code, 0, "{v}");
+    within(bound, "certificate refused after stop", || {
+        rt.block_on(failback_replication::Session::connect(&addr, &second))
+            .map(drop)
+            .is_err()
+    });
+}
+
+/// A certificate with another role, issued by the service's own CA for the service's address
+/// (what an agent enrollment token could buy before: `cert_sans` chosen by the caller), and a
+/// fake HTTPS server presenting it. Before: `failback instances list` and `failback-client run`
+/// trusted it and sent it the admin token and the pairing token. Now both refuse at the
+/// handshake (exit 7, naming the cause, at once: no retries), and the fake server receives
+/// no request at all.
+#[test]
+fn service_impostor_with_a_certificate_from_the_same_ca_gets_no_secrets() {
+    let env = Env::new();
+    // Enrollment cannot choose certificate names any more.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca_pem = std::fs::read(env.ca()).unwrap();
+    let token = env.token("agent", None);
+    let status = rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(
+                failback_trust::service_client_config(&ca_pem, Path::new("ca.pem")).unwrap(),
+            )
+            .build()
+            .unwrap();
+        let body = serde_json::json!({
+            "token": token, "address": "127.0.0.1:1740",
+            "disks": [{"id": "disk0", "size_bytes": 1048576, "logical_sector_size": 512}],
+            "cert_sans": ["127.0.0.1", "*.example.com"],
+        });
+        let r = http
+            .post(format!("{}/v1/agent/enroll", env.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    assert_eq!(status.0, 400, "{}", status.1);
+    assert!(status.1.contains("cert_sans"), "{}", status.1);
+
+    // The impostor: an agent-role certificate for 127.0.0.1 signed by the service's CA key.
+    let key_pem = std::fs::read_to_string(env.path("data/ca-key.pem")).unwrap();
+    let (cert, key) = impostor_cert(&key_pem);
+    let (fake_addr, got_bytes) = fake_https_server(&rt, cert, key);
+    let fake_url = format!("https://{fake_addr}");
+
+    let out = Command::new(bin("failback"))
+        .args(["instances", "list", "--server", &fake_url])
+        .env("FAILBACK_ADMIN_TOKEN", &env.admin)
+        .env("FAILBACK_CA", env.ca())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("not a failback service certificate"), "{err}");
+
+    let local = env.path("local.img");
+    std::fs::write(&local, vec![0u8; MIB]).unwrap();
+    let t = Instant::now();
+    let out = Command::new(bin("failback-client"))
+        .args([
+            "run",
+            "--server",
+            &fake_url,
+            "--token",
+            "fbp_secret_pairing_token",
+        ])
+        .args(["--ca", env.ca().to_str().unwrap(), "--map"])
+        .arg(format!("disk0={}", local.display()))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(7), "{text}");
+    assert!(
+        text.contains("not a failback service certificate"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "retried a certificate error"
+    );
+    assert_eq!(
+        got_bytes.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the impostor received request bytes (tokens)"
+    );
+
+    // A wrong CA pin names the cause.
+    let other = failback_trust::dev::DevCa::generate("another CA").unwrap();
+    std::fs::write(env.path("other-ca.pem"), other.cert_pem()).unwrap();
+    let out = Command::new(bin("failback"))
+        .args(["instances", "list", "--server", &env.url()])
+        .env("FAILBACK_ADMIN_TOKEN", &env.admin)
+        .env("FAILBACK_CA", env.path("other-ca.pem"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("not signed by the pinned CA"), "{err}");
+}
+
+/// An agent-role certificate for 127.0.0.1, signed with the DR service's CA key (rebuilt the
+/// way the service rebuilds its issuer: same subject, same key).
+fn impostor_cert(ca_key_pem: &str) -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::from_pem(ca_key_pem).unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "failback private CA");
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "failback");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = ca.self_signed(&ca_key).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![
+        SanType::URI("urn:failback:role:agent".try_into().unwrap()),
+        SanType::URI("urn:failback:instance:i-0123".try_into().unwrap()),
+        SanType::IpAddress("127.0.0.1".parse().unwrap()),
+        SanType::DnsName("localhost".try_into().unwrap()),
+    ];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &issuer, &ca_key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// An HTTPS server presenting `cert`; counts the application bytes it receives.
+fn fake_https_server(
+    rt: &tokio::runtime::Runtime,
+    cert: String,
+    key: String,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let here = Path::new("<impostor>");
+    let certs = failback_trust::pem::certs("c", here, cert.as_bytes()).unwrap();
+    let key = failback_trust::pem::private_key(here, key.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let counter = got.clone();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counter) = (acceptor.clone(), counter.clone());
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        counter.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (addr, got)
+}
