@@ -209,3 +209,46 @@ impl Identity {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate with a 1024-bit RSA key (made by openssl: ring cannot make RSA keys).
+    fn rsa1024_der() -> Vec<u8> {
+        let dir = tempfile_dir();
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:1024", "-nodes", "-subj", "/CN=weak",
+            ])
+            .args(["-days", "1", "-outform", "DER", "-keyout"])
+            .arg(dir.join("k.pem"))
+            .arg("-out")
+            .arg(dir.join("c.der"))
+            .output()
+            .expect("openssl (Debian package openssl) must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(dir.join("c.der")).unwrap()
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("trust-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn small_rsa_keys_are_refused_by_name() {
+        let id = Identity::from_der(&rsa1024_der()).unwrap();
+        assert_eq!(id.key, KeyStrength::Rsa { bits: 1024 });
+        let e = id.expect(Role::Service, None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "certificate key too small (RSA 1024 bits; at least 2048 bits needed)"
+        );
+    }
+}
