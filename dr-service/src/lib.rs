@@ -7,11 +7,16 @@
 
 pub mod bench;
 pub mod ca;
+pub mod conn;
 pub mod http;
+pub mod limits;
 pub mod mapping;
 pub mod service;
+pub mod startup;
 pub mod store;
 pub mod util;
+pub mod validate;
 
 pub use http::{start, RunningServer, ServerConfig, ServerError};
+pub use limits::Limits;
 pub use service::{ApiFailure, Service, Settings};
