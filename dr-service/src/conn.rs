@@ -351,7 +351,7 @@ async fn serve(
         state: st.clone(),
     };
     let (app, svc_state) = (t.app.clone(), st.clone());
-    let svc = hyper::service::service_fn(move |mut req: axum::http::Request<_>| {
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         svc_state.request_started();
         req.extensions_mut().insert(ConnectInfo(peer));
         let done = RequestDone(svc_state.clone());

@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{MatchedPath, Path, Query, Request};
+use axum::extract::path::ErrorKind;
+use axum::extract::{Path, Query, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use failback_config::api::{self, *};
@@ -159,16 +160,19 @@ fn param(route: &str, key: &str, value: &str) -> R<()> {
 /// Route layer: checks every path parameter and the `instance` query parameter (400 naming
 /// the parameter) before the handler runs.
 pub async fn path_params(
-    matched: Option<MatchedPath>,
-    params: Result<Path<HashMap<String, String>>, PathRejection>,
+    params: Result<Path<Vec<(String, String)>>, PathRejection>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     req: Request,
     next: Next,
 ) -> Response {
-    let route = matched.as_ref().map(MatchedPath::as_str).unwrap_or("");
+    let route = req.uri().path();
     let checked = match params {
         Ok(Path(p)) => p.iter().try_for_each(|(k, v)| param(route, k, v)),
-        Err(_) if !route.contains('{') => Ok(()),
+        Err(PathRejection::FailedToDeserializePathParams(e))
+            if matches!(e.kind(), ErrorKind::WrongNumberOfParameters { got: 0, .. }) =>
+        {
+            Ok(())
+        }
         // Undecodable parameters (invalid UTF-8 after percent-decoding, e.g. `%ff`).
         Err(e) => Err(ApiFailure::bad("path", format!("path parameter: {e}"))),
     };

@@ -639,3 +639,79 @@ async fn unusable_data_files_stop_the_binary_naming_the_file() {
         assert!(err.contains(&named), "{what}: stderr does not name {named}: {err}");
     }
 }
+
+/// Starts `failback-server serve` on `dir` under `sh -c 'ulimit -n FDS; exec ...'` and waits
+/// for its address.
+fn running_binary(dir: &Path, fds: u32) -> (std::process::Child, std::net::SocketAddr) {
+    let addr_file = dir.join("addr");
+    let cmd = format!(
+        "ulimit -n {fds} && exec \"$0\" serve --listen 127.0.0.1:0 --data-dir \"$1\" --addr-file \"$2\""
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &cmd, env!("CARGO_BIN_EXE_failback-server")])
+        .arg(dir)
+        .arg(&addr_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            return (child, a.trim().parse().unwrap());
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("failback-server exited: {st}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no address file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop_binary(mut child: std::process::Child) -> String {
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_up_to_the_fd_limit_cannot_starve_health_of_the_binary() {
+    let _g = GATE.read().await;
+    let d = data_dir().await;
+    // Secret files others can read are worth a warning naming them.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let p = d.path().join("admin-token");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (child, addr) = running_binary(d.path(), 200);
+    // More idle connections than the process may open files.
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => held.push(c),
+            _ => break,
+        }
+    }
+    let ca = std::fs::read(d.path().join("ca.pem")).unwrap();
+    let c = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .resolve("localhost", addr)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = c.get(format!("https://localhost:{}/v1/health", addr.port())).send().await;
+    let err = stop_binary(child);
+    let r = r.unwrap_or_else(|e| panic!("health with {} idle connections: {e}\n{err}", held.len()));
+    assert_eq!(r.status(), 200);
+    let token = d.path().join("admin-token").display().to_string();
+    assert!(
+        err.contains(&token) && err.contains("mode 644"),
+        "no warning about {token}: {err}"
+    );
+}

@@ -32,9 +32,17 @@ const UNVERIFIED_PER_MINUTE: u32 = 60;
 const MAX_KEYS: usize = 10_000;
 
 /// One counter per key in fixed one-minute windows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Window<K> {
     counts: HashMap<K, u32>,
+}
+
+impl<K> Default for Window<K> {
+    fn default() -> Self {
+        Window {
+            counts: HashMap::new(),
+        }
+    }
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Window<K> {
