@@ -187,6 +187,10 @@ async fn path_traversal_is_refused_on_every_route_taking_an_id_or_name() {
     let key = std::fs::read_to_string(d.path().join("ca-key.pem")).unwrap();
     let key_line = key.lines().nth(1).unwrap().to_string();
     let secrets = [key_line.as_str(), s.admin_token.as_str()];
+    // The attack from the issue, exactly.
+    let (st, body) = raw(&s, "GET", "/v1/admin/instances/..%2F/logs/ca-key.pem", "").await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("not a recovery instance id"), "{body}");
     let abs = d.path().join("ca-key.pem").display().to_string().replace('/', "%2F");
     let long = "a".repeat(5000);
     let ids = [
@@ -245,10 +249,6 @@ async fn path_traversal_is_refused_on_every_route_taking_an_id_or_name() {
         let (st, body) = raw(&s, "GET", &target, "").await;
         assert_refused(&format!("GET {target}"), st, &body, &secrets);
     }
-    // The attack from the issue, exactly.
-    let (st, body) = raw(&s, "GET", "/v1/admin/instances/..%2F/logs/ca-key.pem", "").await;
-    assert_eq!(st, 400, "{body}");
-    assert!(body.contains("not a recovery instance id"), "{body}");
     s.shutdown().await;
 }
 
@@ -272,6 +272,7 @@ async fn chunked_upload(
     path: &str,
     bearer: &str,
     total: usize,
+    terminate: bool,
 ) -> (u16, String, usize) {
     let t = tls(s).await;
     let (mut rd, mut wr) = tokio::io::split(t);
@@ -282,7 +283,7 @@ async fn chunked_upload(
     });
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {bearer}\r\n\
-         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     );
     let chunk = [b' '; 16 << 10];
     let mut sent = 0;
@@ -294,9 +295,13 @@ async fn chunked_upload(
             }
             sent += chunk.len();
         }
+        if terminate {
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        }
     }
-    // The body is never terminated: an answer can only come from the limit.
-    let out = tokio::time::timeout(Duration::from_secs(10), reader)
+    // Unless terminated, the body never ends: an answer can only come from the limit.
+    let wait = Duration::from_secs(if terminate { 120 } else { 10 });
+    let out = tokio::time::timeout(wait, reader)
         .await
         .expect("an answer before the body ended")
         .unwrap();
@@ -310,7 +315,7 @@ async fn oversized_bodies_are_cut_at_the_route_limit_while_reading() {
     let d = tempfile::tempdir().unwrap();
     let s = server(d.path()).await;
     // 256 KiB of an unterminated chunked boot report (limit 48 KiB): 413 without the end.
-    let (st, body, _) = chunked_upload(&s, "/v1/client/boot-report", "-", 256 << 10).await;
+    let (st, body, _) = chunked_upload(&s, "/v1/client/boot-report", "-", 256 << 10, false).await;
     assert_eq!(st, 413, "{body}");
     let e: ApiError = serde_json::from_str(&body).unwrap();
     assert_eq!(e.error, "PAYLOAD_TOO_LARGE");
@@ -329,7 +334,7 @@ async fn oversized_bodies_are_cut_at_the_route_limit_while_reading() {
         .ok();
     assert_eq!(parse_response(&out).0, 413);
     // Log uploads (16 MiB limit) are read only with a valid client secret.
-    let (st, body, _) = chunked_upload(&s, "/v1/client/log", "fbc_forged", 4 << 20).await;
+    let (st, body, _) = chunked_upload(&s, "/v1/client/log", "fbc_forged", 4 << 20, false).await;
     assert_eq!(st, 401, "{body}");
     s.shutdown().await;
 }
@@ -347,19 +352,22 @@ async fn parallel_oversized_uploads_keep_memory_bounded() {
         .map(|i| {
             let s = s.clone();
             tokio::spawn(async move {
-                chunked_upload(&s, routes[i % 3], "fbc_forged", 8 << 20).await
+                chunked_upload(&s, routes[i % 3], "fbc_forged", 8 << 20, true).await
             })
         })
         .collect();
+    let mut answers = Vec::new();
     for t in tasks {
-        let (st, body, sent) = t.await.unwrap();
-        assert!(st == 413 || st == 401, "{st} {body}");
-        assert!(sent < 8 << 20, "the server read all {sent} bytes");
+        answers.push(t.await.unwrap());
     }
     let (peak, _) = rss_kib();
     let grown_mib = peak.saturating_sub(before) / 1024;
     // Buffering the bodies would take 24 x 8 MiB = 192 MiB.
     assert!(grown_mib < 64, "peak RSS grew by {grown_mib} MiB");
+    for (st, body, sent) in answers {
+        assert!(st == 413 || st == 401, "{st} {body}");
+        assert!(sent < 8 << 20, "the server read all {sent} bytes");
+    }
 }
 
 /// True when the server closes `stream` within `within`.
