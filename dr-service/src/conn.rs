@@ -286,9 +286,7 @@ pub fn connection_budget(wanted: usize) -> usize {
     let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
     let budget = usize::try_from(soft.saturating_sub(RESERVED_FDS).max(16)).unwrap_or(usize::MAX);
     if budget < wanted {
-        tracing::warn!(
-            "open-file limit {soft}: at most {budget} connections (not {wanted})"
-        );
+        tracing::warn!("open-file limit {soft}: at most {budget} connections (not {wanted})");
     }
     wanted.min(budget)
 }

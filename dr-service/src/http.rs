@@ -20,10 +20,10 @@ use tokio::sync::watch;
 
 use crate::ca::Ca;
 use crate::limits::{self, BodyLimit, Limits};
-use crate::validate::Validate;
 use crate::service::{ApiFailure, Service, Settings};
 use crate::store::SqliteStore;
 use crate::util::{random_hex, secret_hash};
+use crate::validate::Validate;
 
 /// How to run the service.
 #[derive(Debug, Clone)]
@@ -255,7 +255,11 @@ async fn client_log(State(st): St, h: HeaderMap, body: Bytes) -> Response {
 
 /// Unauthenticated: its body limit is [`BOOT_REPORT_MAX_BODY`] (see [`crate::limits`]), its
 /// rate limit per source address unless it names a token or UUID the service knows.
-async fn boot_report(State(st): St, ConnectInfo(peer): ConnectInfo<SocketAddr>, body: Bytes) -> Response {
+async fn boot_report(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
     reply(parse(&body).and_then(|r| st.service.boot_report_from(r, Some(peer.ip()))))
 }
 
@@ -361,7 +365,10 @@ fn router(state: Arc<AppState>, body: BodyLimit) -> Router {
         .route("/v1/admin/events", get(events))
         .route_layer(axum::middleware::from_fn(crate::validate::path_params))
         .fallback(fallback)
-        .layer(axum::middleware::from_fn_with_state(body, limits::body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body,
+            limits::body_limit,
+        ))
         .layer(DefaultBodyLimit::max(limits::LOG_UPLOAD_MAX_BODY))
         .with_state(state)
 }

@@ -121,7 +121,10 @@ pub async fn body_limit(State(st): State<BodyLimit>, req: Request, next: Next) -
         Err(_) => refuse(
             StatusCode::REQUEST_TIMEOUT,
             "REQUEST_TIMEOUT",
-            format!("request body for {path} not received within {:?}", st.timeout),
+            format!(
+                "request body for {path} not received within {:?}",
+                st.timeout
+            ),
         ),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             too_large(&path, max, "more than that sent")

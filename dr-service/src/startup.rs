@@ -28,8 +28,18 @@ pub fn check_data_dir(dir: &Path) -> Result<(), StartupError> {
     let key_path = dir.join("ca-key.pem");
     match (cert_path.exists(), key_path.exists()) {
         (false, false) => {}
-        (true, false) => return Err(bad(&key_path, format!("missing while ca.pem exists; {RESTORE}"))),
-        (false, true) => return Err(bad(&cert_path, format!("missing while ca-key.pem exists; {RESTORE}"))),
+        (true, false) => {
+            return Err(bad(
+                &key_path,
+                format!("missing while ca.pem exists; {RESTORE}"),
+            ))
+        }
+        (false, true) => {
+            return Err(bad(
+                &cert_path,
+                format!("missing while ca-key.pem exists; {RESTORE}"),
+            ))
+        }
         (true, true) => check_ca(&cert_path, &key_path)?,
     }
     for f in [key_path, dir.join("admin-token")] {
@@ -52,9 +62,12 @@ fn check_ca(cert_path: &Path, key_path: &Path) -> Result<(), StartupError> {
             format!("holds a PEM {:?}, not a CERTIFICATE; {RESTORE}", pem.label),
         ));
     }
-    let cert = pem
-        .parse_x509()
-        .map_err(|e| bad(cert_path, format!("not an X.509 certificate ({e}); {RESTORE}")))?;
+    let cert = pem.parse_x509().map_err(|e| {
+        bad(
+            cert_path,
+            format!("not an X.509 certificate ({e}); {RESTORE}"),
+        )
+    })?;
     let key = rcgen::KeyPair::from_pem(&read(key_path)?)
         .map_err(|e| bad(key_path, format!("not a PEM private key ({e}); {RESTORE}")))?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
@@ -109,7 +122,10 @@ mod tests {
     #[test]
     fn empty_or_spaced_tokens_are_refused() {
         let p = Path::new("/x/admin-token");
-        assert!(admin_token_file(p, " \n").unwrap_err().to_string().contains("/x/admin-token"));
+        assert!(admin_token_file(p, " \n")
+            .unwrap_err()
+            .to_string()
+            .contains("/x/admin-token"));
         assert!(admin_token_file(p, "a b").is_err());
         assert_eq!(admin_token_file(p, "fbadm_1\n").unwrap(), "fbadm_1");
     }

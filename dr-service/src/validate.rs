@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -39,10 +39,7 @@ pub const MAX_TEXT: usize = 8 << 10;
 pub const MAX_ITEMS: usize = 256;
 
 fn too_long(field: &str, len: usize, max: usize) -> ApiFailure {
-    ApiFailure::bad(
-        field,
-        format!("field {field}: {len} bytes, at most {max}"),
-    )
+    ApiFailure::bad(field, format!("field {field}: {len} bytes, at most {max}"))
 }
 
 /// Checks a string's length, naming `field`.
@@ -176,10 +173,12 @@ pub async fn path_params(
         // Undecodable parameters (invalid UTF-8 after percent-decoding, e.g. `%ff`).
         Err(e) => Err(ApiFailure::bad("path", format!("path parameter: {e}"))),
     };
-    let checked = checked.and_then(|_| match query.as_ref().ok().and_then(|q| q.get("instance")) {
-        Some(i) => instance_id("instance", i),
-        None => Ok(()),
-    });
+    let checked = checked.and_then(
+        |_| match query.as_ref().ok().and_then(|q| q.get("instance")) {
+            Some(i) => instance_id("instance", i),
+            None => Ok(()),
+        },
+    );
     match checked {
         Ok(()) => next.run(req).await,
         Err(e) => crate::http::failure_response(e),
@@ -250,7 +249,11 @@ impl Validate for PairRequest {
     fn validate(&self) -> R<()> {
         len("token", &self.token, MAX_TOKEN)?;
         inventory("inventory", &self.inventory)?;
-        opt("recovery_instance_id", &self.recovery_instance_id, MAX_PARAM)?;
+        opt(
+            "recovery_instance_id",
+            &self.recovery_instance_id,
+            MAX_PARAM,
+        )?;
         if let Some(m) = &self.device_mapping {
             mapping("device_mapping", m)?;
         }
@@ -282,7 +285,11 @@ impl Validate for BootReport {
     fn validate(&self) -> R<()> {
         opt("token", &self.token, MAX_TOKEN)?;
         opt("smbios_uuid", &self.smbios_uuid, MAX_SHORT)?;
-        opt("recovery_instance_id", &self.recovery_instance_id, MAX_PARAM)?;
+        opt(
+            "recovery_instance_id",
+            &self.recovery_instance_id,
+            MAX_PARAM,
+        )?;
         opt("client_version", &self.client_version, MAX_SHORT)
     }
 }
@@ -329,7 +336,11 @@ impl Validate for UpdateReplicationConfig {
 
 impl Validate for CreateTokenRequest {
     fn validate(&self) -> R<()> {
-        opt("recovery_instance_id", &self.recovery_instance_id, MAX_PARAM)
+        opt(
+            "recovery_instance_id",
+            &self.recovery_instance_id,
+            MAX_PARAM,
+        )
     }
 }
 
@@ -371,7 +382,16 @@ mod tests {
     #[test]
     fn words_refuse_traversal() {
         assert!(word("x", "cred-1.a_b").is_ok());
-        for bad in ["..", ".x", "a..b", "a/b", "a\\b", "a\0", "", &"a".repeat(129)] {
+        for bad in [
+            "..",
+            ".x",
+            "a..b",
+            "a/b",
+            "a\\b",
+            "a\0",
+            "",
+            &"a".repeat(129),
+        ] {
             assert!(word("x", bad).is_err(), "{bad:?}");
         }
     }

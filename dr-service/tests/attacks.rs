@@ -181,7 +181,13 @@ async fn path_traversal_is_refused_on_every_route_taking_an_id_or_name() {
     let s = server(d.path()).await;
     let (id, _, log) = instance_with_log(&s);
     // The genuine names still work.
-    let (st, body) = raw(&s, "GET", &format!("/v1/admin/instances/{id}/logs/{log}"), "").await;
+    let (st, body) = raw(
+        &s,
+        "GET",
+        &format!("/v1/admin/instances/{id}/logs/{log}"),
+        "",
+    )
+    .await;
     assert_eq!((st, body.as_str()), (200, "genuine client log\n"));
 
     let key = std::fs::read_to_string(d.path().join("ca-key.pem")).unwrap();
@@ -191,7 +197,12 @@ async fn path_traversal_is_refused_on_every_route_taking_an_id_or_name() {
     let (st, body) = raw(&s, "GET", "/v1/admin/instances/..%2F/logs/ca-key.pem", "").await;
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("not a recovery instance id"), "{body}");
-    let abs = d.path().join("ca-key.pem").display().to_string().replace('/', "%2F");
+    let abs = d
+        .path()
+        .join("ca-key.pem")
+        .display()
+        .to_string()
+        .replace('/', "%2F");
     let long = "a".repeat(5000);
     let ids = [
         "..%2F",
@@ -214,7 +225,11 @@ async fn path_traversal_is_refused_on_every_route_taking_an_id_or_name() {
     ];
     let routes: [(&str, &str, &str); 8] = [
         ("GET", "/v1/admin/instances/{}", ""),
-        ("PUT", "/v1/admin/instances/{}/hints", r#"{"source_hints":{}}"#),
+        (
+            "PUT",
+            "/v1/admin/instances/{}/hints",
+            r#"{"source_hints":{}}"#,
+        ),
         ("POST", "/v1/admin/instances/{}/stop", ""),
         ("GET", "/v1/admin/instances/{}/config", ""),
         ("PUT", "/v1/admin/instances/{}/config", "{}"),
@@ -322,11 +337,9 @@ async fn oversized_bodies_are_cut_at_the_route_limit_while_reading() {
     assert!(e.message.contains("/v1/client/boot-report"), "{e:?}");
     // A declared Content-Length over the limit is refused before any body byte.
     let mut t = tls(&s).await;
-    t.write_all(
-        b"POST /v1/pair HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    t.write_all(b"POST /v1/pair HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut out))
         .await
@@ -403,11 +416,15 @@ async fn idle_slow_and_half_open_connections_are_closed_after_their_timeout() {
         plain.push(TcpStream::connect(s.addr).await.unwrap());
         // The first bytes of a TLS ClientHello record, then silence.
         let mut h = TcpStream::connect(s.addr).await.unwrap();
-        h.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+        h.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
         half_open.push(h);
         idle.push(tls(&s).await);
         let mut w = tls(&s).await;
-        w.write_all(b"GET /v1/health HTTP/1.1\r\nHost: loc").await.unwrap();
+        w.write_all(b"GET /v1/health HTTP/1.1\r\nHost: loc")
+            .await
+            .unwrap();
         slow.push(w);
     }
     // A keep-alive connection that already served a request, then idles.
@@ -526,7 +543,13 @@ async fn over_long_strings_are_refused_naming_the_field() {
     let c = https(&s);
     let long = |n: usize| "x".repeat(n);
     let cases: Vec<(&str, String, Option<&str>, Value, &str)> = vec![
-        ("POST", "/v1/pair".into(), None, json!({"token": long(300), "inventory": {}}), "token"),
+        (
+            "POST",
+            "/v1/pair".into(),
+            None,
+            json!({"token": long(300), "inventory": {}}),
+            "token",
+        ),
         (
             "POST",
             "/v1/pair".into(),
@@ -628,11 +651,31 @@ async fn unusable_data_files_stop_the_binary_naming_the_file() {
     let other_ca = std::fs::read_to_string(other.path().join("ca.pem")).unwrap();
     type Spoil = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, &str, Spoil)> = vec![
-        ("garbage ca.pem", "ca.pem", Box::new(|d| std::fs::write(d.join("ca.pem"), "garbage\n").unwrap())),
-        ("empty ca.pem", "ca.pem", Box::new(|d| std::fs::write(d.join("ca.pem"), "").unwrap())),
-        ("garbage ca-key.pem", "ca-key.pem", Box::new(|d| std::fs::write(d.join("ca-key.pem"), "garbage\n").unwrap())),
-        ("missing ca-key.pem", "ca-key.pem", Box::new(|d| std::fs::remove_file(d.join("ca-key.pem")).unwrap())),
-        ("empty admin-token", "admin-token", Box::new(|d| std::fs::write(d.join("admin-token"), "\n").unwrap())),
+        (
+            "garbage ca.pem",
+            "ca.pem",
+            Box::new(|d| std::fs::write(d.join("ca.pem"), "garbage\n").unwrap()),
+        ),
+        (
+            "empty ca.pem",
+            "ca.pem",
+            Box::new(|d| std::fs::write(d.join("ca.pem"), "").unwrap()),
+        ),
+        (
+            "garbage ca-key.pem",
+            "ca-key.pem",
+            Box::new(|d| std::fs::write(d.join("ca-key.pem"), "garbage\n").unwrap()),
+        ),
+        (
+            "missing ca-key.pem",
+            "ca-key.pem",
+            Box::new(|d| std::fs::remove_file(d.join("ca-key.pem")).unwrap()),
+        ),
+        (
+            "empty admin-token",
+            "admin-token",
+            Box::new(|d| std::fs::write(d.join("admin-token"), "\n").unwrap()),
+        ),
         ("another CA's ca.pem", "ca.pem", {
             let pem = other_ca.clone();
             Box::new(move |d| std::fs::write(d.join("ca.pem"), &pem).unwrap())
@@ -644,7 +687,10 @@ async fn unusable_data_files_stop_the_binary_naming_the_file() {
         let (code, err) = serve_binary(d.path());
         assert_eq!(code, Some(2), "{what}: exit {code:?}, stderr {err}");
         let named = d.path().join(file).display().to_string();
-        assert!(err.contains(&named), "{what}: stderr does not name {named}: {err}");
+        assert!(
+            err.contains(&named),
+            "{what}: stderr does not name {named}: {err}"
+        );
     }
 }
 
@@ -713,7 +759,10 @@ async fn idle_connections_up_to_the_fd_limit_cannot_starve_health_of_the_binary(
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let r = c.get(format!("https://localhost:{}/v1/health", addr.port())).send().await;
+    let r = c
+        .get(format!("https://localhost:{}/v1/health", addr.port()))
+        .send()
+        .await;
     let err = stop_binary(child);
     let r = r.unwrap_or_else(|e| panic!("health with {} idle connections: {e}\n{err}", held.len()));
     assert_eq!(r.status(), 200);

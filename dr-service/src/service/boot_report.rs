@@ -298,16 +298,25 @@ mod tests {
         }
         assert_eq!(l.admit_known("a", t + 1), Err(Refused::Key));
         assert!(l.admit_known("b", t + 1).is_ok());
-        assert!(l.admit_known("a", t + 60).is_ok(), "a new minute starts afresh");
+        assert!(
+            l.admit_known("a", t + 60).is_ok(),
+            "a new minute starts afresh"
+        );
         let ip = |i: u32| Some(IpAddr::from(i.to_be_bytes()));
         for _ in 0..PER_SOURCE_PER_MINUTE {
             assert!(l.admit_unverified(ip(1), None, t + 60).is_ok());
         }
-        assert_eq!(l.admit_unverified(ip(1), None, t + 60), Err(Refused::Source));
+        assert_eq!(
+            l.admit_unverified(ip(1), None, t + 60),
+            Err(Refused::Source)
+        );
         for i in 0..UNVERIFIED_PER_MINUTE - PER_SOURCE_PER_MINUTE {
             assert!(l.admit_unverified(ip(100 + i), None, t + 60).is_ok());
         }
-        assert_eq!(l.admit_unverified(ip(9), None, t + 60), Err(Refused::Unverified));
+        assert_eq!(
+            l.admit_unverified(ip(9), None, t + 60),
+            Err(Refused::Unverified)
+        );
         assert!(
             l.admit_known("c", t + 60).is_ok(),
             "an issued token is not silenced by the unverified flood"
