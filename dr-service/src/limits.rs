@@ -19,7 +19,7 @@ use crate::service::{ApiFailure, Service};
 
 /// Largest client log upload (`POST /v1/client/log`; read only after the client secret was
 /// checked).
-pub const LOG_UPLOAD_MAX_BODY: usize = 16 << 20;
+pub use failback_config::api::LOG_UPLOAD_MAX_BODY;
 /// Pairing, enrollment and heartbeats (inventories and progress of up to 256 disks).
 pub const PEER_MAX_BODY: usize = 256 << 10;
 /// Every other route (admin requests).
