@@ -254,7 +254,7 @@ async fn client_log(State(st): St, h: HeaderMap, body: Bytes) -> Response {
 }
 
 /// Unauthenticated: its body limit is [`BOOT_REPORT_MAX_BODY`] (see [`crate::limits`]), its
-/// rate limit per source address unless it names a token or UUID the service knows.
+/// rate budget per source address unless it names a pairing token the service issued.
 async fn boot_report(
     State(st): St,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -375,7 +375,7 @@ fn router(state: Arc<AppState>, body: BodyLimit) -> Router {
 
 fn admin_token(cfg: &ServerConfig) -> Result<String, ServerError> {
     if let Some(t) = &cfg.admin_token {
-        return Ok(t.trim().to_string());
+        return Ok(crate::startup::admin_token_flag(t)?);
     }
     let path = cfg.data_dir.join("admin-token");
     let dd = |source| ServerError::DataDir {

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 pub enum StartupError {
     #[error("{path}: {problem}")]
     BadFile { path: PathBuf, problem: String },
+    /// `--admin-token` / `FAILBACK_ADMIN_TOKEN` is empty: `Bearer ` alone would be admin.
+    #[error("--admin-token (FAILBACK_ADMIN_TOKEN) is empty")]
+    EmptyAdminToken,
 }
 
 fn bad(path: &Path, problem: impl Into<String>) -> StartupError {
@@ -115,6 +118,14 @@ pub fn admin_token_file(path: &Path, text: &str) -> Result<String, StartupError>
     Ok(t.to_string())
 }
 
+/// The admin token given by flag or environment: refused when empty.
+pub fn admin_token_flag(text: &str) -> Result<String, StartupError> {
+    match text.trim() {
+        "" => Err(StartupError::EmptyAdminToken),
+        t => Ok(t.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +139,6 @@ mod tests {
             .contains("/x/admin-token"));
         assert!(admin_token_file(p, "a b").is_err());
         assert_eq!(admin_token_file(p, "fbadm_1\n").unwrap(), "fbadm_1");
+        assert!(admin_token_flag(" ").is_err());
     }
 }
