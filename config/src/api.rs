@@ -514,6 +514,8 @@ pub struct BootReport {
 pub const BOOT_REPORT_MAX_MESSAGE: usize = 2 << 10;
 pub const BOOT_REPORT_MAX_LOG: usize = 32 << 10;
 pub const BOOT_REPORT_MAX_BODY: usize = 48 << 10;
+/// Largest client log upload (`POST /client/log`); the service answers 413 beyond it.
+pub const LOG_UPLOAD_MAX_BODY: usize = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -69,6 +69,12 @@ async fn run_in(
             client_timeout_secs: 3600,
             ..Settings::default()
         },
+        // All simulated clients share 127.0.0.1.
+        limits: crate::limits::Limits {
+            max_connections_per_ip: clients + 64,
+            max_connections: (clients + 64).max(crate::limits::Limits::default().max_connections),
+            ..Default::default()
+        },
     })
     .await
     .map_err(e)?;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,9 +19,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::ca::Ca;
+use crate::limits::{self, BodyLimit, Limits};
 use crate::service::{ApiFailure, Service, Settings};
 use crate::store::SqliteStore;
 use crate::util::{random_hex, secret_hash};
+use crate::validate::Validate;
 
 /// How to run the service.
 #[derive(Debug, Clone)]
@@ -33,6 +35,8 @@ pub struct ServerConfig {
     /// Admin token; `None` = read `data_dir/admin-token`, creating it on first start.
     pub admin_token: Option<String>,
     pub settings: Settings,
+    /// Timeouts and connection caps of the HTTPS transport.
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,9 @@ pub enum ServerError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
+    /// A file in the data directory is unusable (garbage, empty, mismatched).
+    #[error(transparent)]
+    Startup(#[from] crate::startup::StartupError),
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -64,6 +71,8 @@ pub struct RunningServer {
     pub ca_pem: String,
     pub admin_token: String,
     pub service: Arc<Service>,
+    /// Open HTTPS connections (for tests and diagnostics).
+    pub connections: Arc<crate::conn::Conns>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -96,7 +105,7 @@ struct AppState {
 
 type St = State<Arc<AppState>>;
 
-fn failure_response(e: ApiFailure) -> Response {
+pub(crate) fn failure_response(e: ApiFailure) -> Response {
     let (status, code, field) = match &e {
         ApiFailure::BadRequest { field, .. } => {
             (StatusCode::BAD_REQUEST, "BAD_REQUEST", Some(field.clone()))
@@ -136,8 +145,14 @@ fn reply<T: serde::Serialize>(r: Result<T, ApiFailure>) -> Response {
     }
 }
 
-/// Parses a JSON body, naming the offending field path on error.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiFailure> {
+/// Parses a JSON body and checks its length limits, naming the offending field path on error.
+fn parse<T: DeserializeOwned + Validate>(body: &Bytes) -> Result<T, ApiFailure> {
+    let v: T = parse_json(body)?;
+    v.validate()?;
+    Ok(v)
+}
+
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiFailure> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -238,23 +253,14 @@ async fn client_log(State(st): St, h: HeaderMap, body: Bytes) -> Response {
     })())
 }
 
-/// Unauthenticated, so its own small body limit (the router allows 32 MiB for logs).
-async fn boot_report(State(st): St, body: Bytes) -> Response {
-    if body.len() > BOOT_REPORT_MAX_BODY {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Json(ApiError {
-                error: "PAYLOAD_TOO_LARGE".into(),
-                message: format!(
-                    "boot report of {} bytes; at most {BOOT_REPORT_MAX_BODY}",
-                    body.len()
-                ),
-                field: None,
-            }),
-        )
-            .into_response();
-    }
-    reply(parse(&body).and_then(|r| st.service.boot_report(r)))
+/// Unauthenticated: its body limit is [`BOOT_REPORT_MAX_BODY`] (see [`crate::limits`]), its
+/// rate budget per source address unless it names a pairing token the service issued.
+async fn boot_report(
+    State(st): St,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    reply(parse(&body).and_then(|r| st.service.boot_report_from(r, Some(peer.ip()))))
 }
 
 async fn list(State(st): St, h: HeaderMap) -> Response {
@@ -332,7 +338,7 @@ async fn fallback() -> Response {
     failure_response(ApiFailure::NotFound("no such API route".into()))
 }
 
-fn router(state: Arc<AppState>) -> Router {
+fn router(state: Arc<AppState>, body: BodyLimit) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/agent/enroll", post(enroll))
@@ -357,14 +363,19 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/tokens", post(tokens))
         .route("/v1/admin/launch", post(launch))
         .route("/v1/admin/events", get(events))
+        .route_layer(axum::middleware::from_fn(crate::validate::path_params))
         .fallback(fallback)
-        .layer(DefaultBodyLimit::max(32 << 20))
+        .layer(axum::middleware::from_fn_with_state(
+            body,
+            limits::body_limit,
+        ))
+        .layer(DefaultBodyLimit::max(limits::LOG_UPLOAD_MAX_BODY))
         .with_state(state)
 }
 
 fn admin_token(cfg: &ServerConfig) -> Result<String, ServerError> {
     if let Some(t) = &cfg.admin_token {
-        return Ok(t.trim().to_string());
+        return Ok(crate::startup::admin_token_flag(t)?);
     }
     let path = cfg.data_dir.join("admin-token");
     let dd = |source| ServerError::DataDir {
@@ -372,10 +383,8 @@ fn admin_token(cfg: &ServerConfig) -> Result<String, ServerError> {
         source,
     };
     if path.exists() {
-        return Ok(std::fs::read_to_string(&path)
-            .map_err(dd)?
-            .trim()
-            .to_string());
+        let t = std::fs::read_to_string(&path).map_err(dd)?;
+        return Ok(crate::startup::admin_token_file(&path, &t)?);
     }
     let t = format!("fbadm_{}", random_hex(24));
     use std::io::Write;
@@ -414,6 +423,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         path: cfg.data_dir.clone(),
         source,
     })?;
+    crate::startup::check_data_dir(&cfg.data_dir)?;
     let store = Arc::new(SqliteStore::open(&cfg.data_dir.join("failback.db"))?);
     let ca = Ca::load_or_create(&cfg.data_dir)?;
     let tls = Arc::new(tls_config(&ca, &cfg.sans)?);
@@ -427,7 +437,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         service: service.clone(),
         admin_hash: secret_hash(&token),
     });
-    let app = router(state);
+    let body = BodyLimit {
+        service: service.clone(),
+        timeout: cfg.limits.body_timeout,
+    };
+    let app = router(state, body);
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -467,59 +481,24 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             }
         }
     });
-    let mut accept_rx = rx;
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("accept on {addr}: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = accept_rx.changed() => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let app = app.clone();
-            let mut conn_rx = accept_rx.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(
-                    std::time::Duration::from_secs(30),
-                    acceptor.accept(tcp),
-                )
-                .await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        tracing::debug!("TLS handshake from {peer}: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let svc = hyper_util::service::TowerToHyperService::new(app);
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!("connection from {peer}: {e}");
-                        }
-                    }
-                    _ = conn_rx.changed() => {}
-                }
-            });
-        }
-    });
+    let connections = crate::conn::Conns::new(
+        crate::conn::connection_budget(cfg.limits.max_connections),
+        cfg.limits.max_connections_per_ip,
+    );
+    let transport = crate::conn::Transport {
+        acceptor,
+        app,
+        conns: connections.clone(),
+        limits: cfg.limits.clone(),
+    };
+    let task = tokio::spawn(crate::conn::accept_loop(listener, transport, rx));
     tracing::info!("DR service listening on https://{addr}");
     Ok(RunningServer {
         addr,
         ca_pem: service.ca_pem().to_string(),
         admin_token: token,
         service,
+        connections,
         shutdown: tx,
         task,
     })

@@ -3,15 +3,22 @@
 //!
 //! Layers: [`store`] (persistence trait + SQLite), [`ca`] (rcgen CA), [`mapping`] (device
 //! mapping rules), [`service`] (all logic, transport-free), [`http`] (HTTPS + JSON routes),
-//! [`bench`] (simulated heartbeating clients for `failback-server bench`).
+//! [`conn`] (accept loop, timeouts, connection caps), [`limits`] (transport limits, per-route
+//! body limits), [`validate`] (URL parameters and body length limits), [`startup`] (data
+//! directory checks), [`bench`] (simulated heartbeating clients for `failback-server bench`).
 
 pub mod bench;
 pub mod ca;
+pub mod conn;
 pub mod http;
+pub mod limits;
 pub mod mapping;
 pub mod service;
+pub mod startup;
 pub mod store;
 pub mod util;
+pub mod validate;
 
 pub use http::{start, RunningServer, ServerConfig, ServerError};
+pub use limits::Limits;
 pub use service::{ApiFailure, Service, Settings};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use failback_server::{bench, ServerConfig, Settings};
+use failback_server::{bench, Limits, ServerConfig, Settings};
 
 #[derive(Parser, Debug)]
 #[command(name = "failback-server", version, about = "The failback DR service")]
@@ -57,6 +57,52 @@ struct ServeArgs {
     /// Write the bound address (host:port) to this file once listening (for scripts/tests).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Transport limits (defaults in `failback_server::Limits`).
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
+    /// A TLS handshake must finish within this many seconds.
+    #[arg(long, default_value_t = 10.0)]
+    handshake_timeout_secs: f64,
+    /// A request head must arrive within this many seconds of its first byte.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout_secs: f64,
+    /// Close a connection idle (no request in progress) for this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    idle_timeout_secs: f64,
+    /// A request body must arrive within this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    body_timeout_secs: f64,
+    /// Open connections in all (also kept below the open-file limit).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Open connections per source address (IPv6: per /64); beyond it the oldest idle one
+    /// of that source is closed.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_ip: usize,
+}
+
+fn secs(flag: &str, v: f64) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("--{flag} {v}: not a positive number of seconds"))
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Result<Limits, String> {
+        Ok(Limits {
+            handshake_timeout: secs("handshake-timeout-secs", self.handshake_timeout_secs)?,
+            header_timeout: secs("header-timeout-secs", self.header_timeout_secs)?,
+            idle_timeout: secs("idle-timeout-secs", self.idle_timeout_secs)?,
+            body_timeout: secs("body-timeout-secs", self.body_timeout_secs)?,
+            max_connections: self.max_connections.max(1),
+            max_connections_per_ip: self.max_connections_per_ip.max(1),
+        })
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,6 +162,13 @@ async fn serve(a: ServeArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let limits = match a.limits.limits() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = ServerConfig {
         data_dir: a.data_dir.clone(),
         listen: a.listen,
@@ -128,6 +181,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
             block_size: a.block_size,
             ..Settings::default()
         },
+        limits,
     };
     let server = match failback_server::start(cfg).await {
         Ok(s) => s,
@@ -135,7 +189,8 @@ async fn serve(a: ServeArgs) -> ExitCode {
             eprintln!("error: {e}");
             return match e {
                 failback_server::ServerError::Listen { .. } => ExitCode::from(4),
-                failback_server::ServerError::DataDir { .. } => ExitCode::from(2),
+                failback_server::ServerError::DataDir { .. }
+                | failback_server::ServerError::Startup(_) => ExitCode::from(2),
                 _ => ExitCode::from(1),
             };
         }

@@ -17,6 +17,7 @@ use crate::mapping::{self, MappingError};
 use crate::store::{AgentRecord, Batch, ClientRecord, Store, StoreError, TokenRecord};
 use crate::util::{new_instance_id, now_secs, random_hex, secret_hash};
 
+mod access;
 mod boot_report;
 
 /// Tunables (defaults suit production; tests shorten the intervals).
@@ -1227,12 +1228,7 @@ impl Service {
     }
 
     pub fn read_log(&self, id: &str, name: &str) -> R<Vec<u8>> {
-        if name.contains('/') || name.contains("..") {
-            return Err(ApiFailure::bad(
-                "name",
-                format!("field name: {name:?} is not a log name"),
-            ));
-        }
+        crate::validate::instance_id("id", id).and(crate::validate::log_name("name", name))?;
         let path = self.settings.log_dir.join(id).join(name);
         std::fs::read(&path)
             .map_err(|e| ApiFailure::NotFound(format!("log {}: {e}", path.display())))

@@ -21,6 +21,7 @@ async fn server(dir: &Path) -> RunningServer {
             client_timeout_secs: 600,
             ..Settings::default()
         },
+        limits: Default::default(),
     })
     .await
     .expect("service starts")
@@ -610,6 +611,7 @@ async fn missed_agent_heartbeats_raise_agent_not_seen() {
             client_timeout_secs: 600,
             ..Settings::default()
         },
+        limits: Default::default(),
     })
     .await
     .unwrap();
