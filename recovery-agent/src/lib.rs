@@ -7,7 +7,7 @@ pub mod enroll;
 use std::path::{Path, PathBuf};
 
 pub use failback_replication::server::ServeOptions as AgentOptions;
-use failback_replication::server::SourceDisk;
+use failback_replication::server::{Limits, SourceDisk};
 pub use failback_replication::tls::DevCerts;
 use failback_replication::ServerTls;
 use tokio::net::TcpListener;
@@ -36,6 +36,53 @@ pub enum AgentError {
     },
 }
 
+/// Flags for the limits that keep one peer from exhausting the agent (see [`Limits`]).
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct LimitArgs {
+    /// Connections in the TLS handshake (not yet authorized) at once; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = count(Limits::default().max_unauthenticated),
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unauthenticated: u32,
+    /// Seconds a new connection has for the TLS handshake and its hello.
+    #[arg(long = "handshake-timeout", value_name = "SECS",
+          default_value_t = Limits::default().handshake_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_secs: u64,
+    /// Seconds an authorized connection may send nothing (while no quiesce/thaw command runs)
+    /// before it is closed; must exceed the time a 16 MiB hash window takes on the slowest link.
+    #[arg(long = "idle-timeout", value_name = "SECS",
+          default_value_t = Limits::default().idle_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+    /// Disk syncs one connection may run at once (a client syncing more disks at once is
+    /// refused with "agent busy").
+    #[arg(long, value_name = "N", default_value_t = count(Limits::default().max_streams_per_connection),
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// Disk syncs the agent runs at once over all connections (one thread each).
+    #[arg(long, value_name = "N", default_value_t = count(Limits::default().max_streams),
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams: u32,
+}
+
+impl LimitArgs {
+    /// The limits these flags set.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_unauthenticated: usize::try_from(self.max_unauthenticated).unwrap_or(usize::MAX),
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
+            max_streams_per_connection: usize::try_from(self.max_streams_per_connection).unwrap_or(usize::MAX),
+            max_streams: usize::try_from(self.max_streams).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// A default count as a flag value.
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// Parses `NAME=PATH`.
 pub fn parse_disk_spec(spec: &str) -> Result<(String, PathBuf), AgentError> {
     match spec.split_once('=') {
@@ -61,7 +108,7 @@ pub fn open_disks(specs: &[(String, PathBuf)]) -> Result<Vec<SourceDisk>, AgentE
     Ok(out)
 }
 
-/// Serves `disks` on `listener` until the listener fails (connections are independent).
+/// Serves `disks` on `listener` (connections are independent; failed accepts are retried).
 pub async fn serve(
     listener: TcpListener,
     disks: Vec<SourceDisk>,

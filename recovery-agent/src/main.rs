@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use failback_agent::{AgentError, AgentOptions};
+use failback_agent::{AgentError, AgentOptions, LimitArgs};
 use failback_replication::{ServerTls, TlsFiles};
 
 #[derive(Parser, Debug)]
@@ -69,6 +69,8 @@ struct ServeArgs {
     /// hashed, but a disk that shrinks mid-sync then kills the agent with SIGBUS).
     #[arg(long)]
     no_mmap: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
                 agent: AgentOptions {
                     quiesce_cmd: args.quiesce_cmd,
                     thaw_cmd: args.thaw_cmd,
+                    limits: args.limits.limits(),
                     ..Default::default()
                 }
                 .with_fault_env(),
@@ -149,13 +152,19 @@ fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let opts = AgentOptions {
         quiesce_cmd: args.quiesce_cmd,
         thaw_cmd: args.thaw_cmd,
+        limits: args.limits.limits(),
         ..Default::default()
     }
     .with_fault_env();
-    let rt = tokio::runtime::Runtime::new().map_err(|source| AgentError::Listen {
-        addr: args.listen.clone(),
-        source,
-    })?;
+    // Disk syncs run on blocking threads, at most `max_streams` of them; a few more for the rest.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(opts.limits.max_streams + 8)
+        .build()
+        .map_err(|source| AgentError::Listen {
+            addr: args.listen.clone(),
+            source,
+        })?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await

@@ -15,12 +15,26 @@ use crate::error::Error;
 use crate::record::{Pieces, TlsWriter};
 use crate::wire::{self, FrameError, Message};
 
+/// Bodies of frames capped below [`wire::MAX_FRAME`] (see [`FrameReader::max_frame`]) are read
+/// into a buffer of at most this size first, grown as more bytes arrive.
+const GROW_FROM: usize = 64 * 1024;
+
 /// Reads frames from a stream (a buffered one: prefixes are read 4 bytes at a time).
+///
+/// [`Self::read`] is cancel-safe until a frame has begun: a timeout around it that fires while
+/// no byte of the next frame has arrived loses nothing ([`Self::mid_frame`] tells).
 pub struct FrameReader<R> {
     inner: R,
     peer: String,
     /// Place raw payloads of large `Blocks` frames page-aligned (see [`Self::align_blocks`]).
     align_blocks: bool,
+    /// Largest frame accepted (see [`Self::max_frame`]).
+    max_frame: usize,
+    /// Length prefix read so far (kept across a cancelled read).
+    prefix: [u8; 4],
+    got: usize,
+    /// A frame's body is being read (a cancelled read leaves this set: the stream is unusable).
+    in_body: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -30,7 +44,31 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner: r,
             peer: peer.into(),
             align_blocks: false,
+            max_frame: wire::MAX_FRAME,
+            prefix: [0; 4],
+            got: 0,
+            in_body: false,
         }
+    }
+
+    /// Accepts frames of at most `max` bytes (tag and body) from now on; a longer one is an
+    /// [`Error::Frame`] ([`FrameError::TooLarge`]) before anything is allocated for it. Below
+    /// [`wire::MAX_FRAME`], a body's buffer starts small and grows only as its bytes arrive, so
+    /// a peer that announces a large frame and sends little holds little memory.
+    pub fn max_frame(mut self, max: usize) -> Self {
+        self.set_max_frame(max);
+        self
+    }
+
+    /// See [`Self::max_frame`].
+    pub fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max.min(wire::MAX_FRAME);
+    }
+
+    /// True after a read was cancelled with part of a frame consumed: the stream can no longer
+    /// be parsed and must be closed.
+    pub fn mid_frame(&self) -> bool {
+        self.got > 0 || self.in_body
     }
 
     /// Reads the raw payloads of `Blocks` frames of at least [`block::DIRECT_MIN_RUN`] bytes
@@ -184,12 +222,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message and its size on the wire; `Ok(None)` on a clean close between frames.
     /// A bad length, unknown tag, bad body or a close mid-frame is an [`Error::Frame`].
     pub async fn read(&mut self) -> Result<Option<(Message, usize)>, Error> {
-        let mut prefix = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
+        if self.in_body {
+            return Err(self.frame(FrameError::Truncated("frame abandoned by a cancelled read")));
+        }
+        while self.got < 4 {
+            let got = self.got;
             let n = self
                 .inner
-                .read(&mut prefix[got..])
+                .read(&mut self.prefix[got..])
                 .await
                 .map_err(|e| self.lost(e))?;
             if n == 0 {
@@ -198,20 +238,50 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 return Err(self.frame(FrameError::Truncated("length prefix")));
             }
-            got += n;
+            self.got += n;
         }
-        let len = wire::frame_len(prefix).map_err(|e| self.frame(e))?;
+        self.got = 0;
+        let len = wire::frame_len(self.prefix).map_err(|e| self.frame(e))?;
+        if len > self.max_frame {
+            let max = self.max_frame;
+            return Err(self.frame(FrameError::TooLarge { len, max }));
+        }
+        self.in_body = true;
+        let msg = self.read_body(len).await?;
+        self.in_body = false;
+        Ok(Some((msg, len + 4)))
+    }
+
+    /// The tag and body of a frame of `len` bytes, decoded.
+    async fn read_body(&mut self, len: usize) -> Result<Message, Error> {
         let mut tag = [0u8; 1];
         self.fill(&mut tag).await?;
         if self.align_blocks && len >= crate::block::DIRECT_MIN_RUN && tag[0] == wire::T_BLOCKS {
-            return Ok(Some((self.read_blocks(len).await?, len + 4)));
+            return self.read_blocks(len).await;
         }
-        let mut body = crate::pool::POOL.take_filled(len);
+        let mut body = if self.max_frame < wire::MAX_FRAME && len > GROW_FROM {
+            self.grow_into(len).await?
+        } else {
+            let mut body = crate::pool::POOL.take_filled(len);
+            self.fill(&mut body[1..]).await?;
+            body
+        };
         body[0] = tag[0];
-        self.fill(&mut body[1..]).await?;
-        let msg =
-            Message::decode_shared(&crate::pool::POOL.shared(body)).map_err(|e| self.frame(e))?;
-        Ok(Some((msg, len + 4)))
+        Message::decode_shared(&crate::pool::POOL.shared(body)).map_err(|e| self.frame(e))
+    }
+
+    /// A buffer of `len` bytes whose bytes after the first are read from the stream, grown
+    /// (doubling) as they arrive rather than reserved up front.
+    async fn grow_into(&mut self, len: usize) -> Result<Vec<u8>, Error> {
+        let mut body = Vec::new();
+        let mut have = 1;
+        while have < len {
+            let want = (have * 2).clamp(GROW_FROM, len);
+            body.resize(want, 0);
+            self.fill(&mut body[have..want]).await?;
+            have = want;
+        }
+        Ok(body)
     }
 
     fn frame(&self, source: FrameError) -> Error {

@@ -9,24 +9,25 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::block::{self, DiskDigest, ZeroHashes};
 use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
 use crate::device;
 use crate::error::{Error, Result};
+use crate::record::TlsReader;
 use crate::scan::Scanner;
 use crate::tls::{instance_id_from_cert, ServerTls};
 use crate::wire::{
-    BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION,
+    BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM,
+    MAX_CLIENT_FRAME, PROTOCOL_VERSION,
 };
 
-/// How long a client may take to finish the TLS handshake and send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest payload of one `Blocks` frame (a run is cut here).
 const RUN_BYTES: usize = 4 * 1024 * 1024;
 
@@ -122,6 +123,37 @@ impl FaultInjection {
     }
 }
 
+/// Limits that keep one peer (with or without credentials) from exhausting the agent.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections in the TLS handshake or hello (not yet authorized) at once; more are
+    /// closed at once, before the handshake.
+    pub max_unauthenticated: usize,
+    /// Time a new connection has for the TLS handshake and its hello together.
+    pub handshake_timeout: Duration,
+    /// An authorized connection that sends nothing for this long (while no quiesce/thaw
+    /// command runs for it) is closed. Must exceed the time one hash window's answer (16 MiB
+    /// of disk) takes over the slowest link.
+    pub idle_timeout: Duration,
+    /// Disk syncs one connection may run at once; more are refused with [`ErrorCode::Busy`].
+    pub max_streams_per_connection: usize,
+    /// Disk syncs the agent runs at once over all connections (each runs on a thread of its
+    /// own); more are refused with [`ErrorCode::Busy`].
+    pub max_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_unauthenticated: 64,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            max_streams_per_connection: 16,
+            max_streams: 32,
+        }
+    }
+}
+
 /// Agent behaviour beyond the disks and TLS.
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
@@ -132,6 +164,8 @@ pub struct ServeOptions {
     /// Client certificates the DR service currently allows (revocation); `None` serves every
     /// client certificate the TLS checks accept (an agent given certificates by hand).
     pub allow: Option<Arc<crate::allow::ClientAllowlist>>,
+    /// Connection, time and stream limits.
+    pub limits: Limits,
     /// Test-only fault injection.
     #[cfg(feature = "fault-injection")]
     pub fault: Option<Arc<FaultInjection>>,
@@ -163,10 +197,15 @@ struct Ctx {
     tls: Arc<rustls::ServerConfig>,
     instance: Option<String>,
     opts: ServeOptions,
+    /// Permits for connections not yet authorized ([`Limits::max_unauthenticated`]).
+    unauthenticated: Arc<Semaphore>,
+    /// Permits for disk syncs over all connections ([`Limits::max_streams`]).
+    streams: Arc<Semaphore>,
 }
 
-/// Serves `disks` on `listener` until the listener fails. Each connection runs in its own task;
-/// a failing connection is logged and closed without affecting others.
+/// Serves `disks` on `listener`. Each connection runs in its own task; a failing connection is
+/// logged and closed without affecting others. A failed accept (e.g. out of file descriptors)
+/// is logged and retried after a pause (50 ms, doubling up to 1 s), so this never returns.
 pub async fn serve(
     listener: TcpListener,
     disks: Vec<SourceDisk>,
@@ -177,20 +216,72 @@ pub async fn serve(
         disks,
         tls: tls.config.clone(),
         instance: tls.instance.clone(),
+        unauthenticated: Arc::new(Semaphore::new(opts.limits.max_unauthenticated)),
+        streams: Arc::new(Semaphore::new(opts.limits.max_streams)),
         opts,
     });
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut refused = Throttled::default();
     loop {
-        let (tcp, addr) = listener.accept().await?;
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let peer = addr.to_string();
-            tracing::info!(%peer, "client connected");
-            match handle(tcp, peer.clone(), ctx).await {
-                Ok(()) => tracing::info!(%peer, "client disconnected"),
-                Err(e) => tracing::error!(%peer, "connection closed: {e}"),
+        match listener.accept().await {
+            Ok((tcp, addr)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                spawn_connection(&ctx, tcp, addr.to_string(), &mut refused);
             }
-        });
+            Err(e) => {
+                tracing::warn!(
+                    "accepting a connection failed: {e}; retrying in {} ms",
+                    backoff.as_millis()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
     }
+}
+
+/// Pause after the first failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Counts refused connections and logs them at most every 10 s (a flood must not flood the log).
+#[derive(Default)]
+struct Throttled {
+    count: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl Throttled {
+    fn refused(&mut self, peer: &str, limit: usize) {
+        self.count += 1;
+        if self.logged.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        tracing::warn!(
+            %peer,
+            "closed {} connection(s) at once: {limit} connections are already in the TLS handshake (limit max-unauthenticated)",
+            self.count
+        );
+        self.count = 0;
+        self.logged = Some(std::time::Instant::now());
+    }
+}
+
+/// Runs a connection in a task of its own, if a permit for an unauthenticated connection is
+/// free; otherwise closes it at once.
+fn spawn_connection(ctx: &Arc<Ctx>, tcp: TcpStream, peer: String, refused: &mut Throttled) {
+    let Ok(permit) = ctx.unauthenticated.clone().try_acquire_owned() else {
+        refused.refused(&peer, ctx.opts.limits.max_unauthenticated);
+        return;
+    };
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        tracing::info!(%peer, "client connected");
+        match handle(tcp, peer.clone(), ctx, permit).await {
+            Ok(()) => tracing::info!(%peer, "client disconnected"),
+            Err(e) => tracing::error!(%peer, "connection closed: {e}"),
+        }
+    });
 }
 
 fn stream_of(m: &Message) -> Option<u32> {
@@ -217,27 +308,77 @@ async fn send_error(out: &FrameSender, stream: u32, code: ErrorCode, message: St
         .await;
 }
 
-async fn handle(tcp: TcpStream, peer: String, ctx: Arc<Ctx>) -> Result<()> {
+/// Largest frame read before the peer's hello was accepted (a hello is 7 bytes).
+const HELLO_FRAME: usize = 1024;
+/// How long a refused peer's hello is waited for (read and dropped, so that closing the
+/// connection does not reset it before the peer has read why it was refused).
+const REFUSAL_DRAIN: Duration = Duration::from_secs(1);
+
+/// Decides whether the client that completed the TLS handshake with certificate chain `certs`
+/// may use this agent. Called right after the handshake, before anything is read from the
+/// connection or allocated for it. Returns the instance the client certificate names.
+fn authorize_peer(
+    ctx: &Ctx,
+    peer: &str,
+    certs: &[CertificateDer<'_>],
+) -> Result<Option<String>> {
+    let client = certs.first().and_then(|c| instance_id_from_cert(c));
+    if let Some(want) = &ctx.instance {
+        if client.as_deref() != Some(want.as_str()) {
+            let message = format!(
+                "client certificate is for instance {}, but this agent serves instance {want}",
+                client.as_deref().unwrap_or("<none>")
+            );
+            return Err(Error::Remote {
+                peer: peer.to_owned(),
+                code: ErrorCode::NotAuthorized,
+                message,
+            });
+        }
+    }
+    Ok(client)
+}
+
+async fn handle(
+    tcp: TcpStream,
+    peer: String,
+    ctx: Arc<Ctx>,
+    permit: OwnedSemaphorePermit,
+) -> Result<()> {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HELLO_TIMEOUT, crate::record::accept(tcp, ctx.tls.clone()))
-        .await
-    {
+    let limit = ctx.opts.limits.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let accept = crate::record::accept(tcp, ctx.tls.clone());
+    let (r, w, certs) = match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(Error::Handshake { peer, source }),
         Err(_) => {
             return Err(Error::Timeout {
                 peer,
                 what: "TLS handshake",
-                secs: HELLO_TIMEOUT.as_secs(),
+                secs: limit.as_secs(),
             })
         }
     };
-    let (r, w, certs) = tls;
-    let client_instance = certs.first().and_then(|c| instance_id_from_cert(c));
-    let dead = DeadSlot::default();
-    let (out, writer) = spawn_writer(w, dead);
-    let mut reader = FrameReader::new(r, peer.clone());
-    let res = session(&mut reader, &out, &peer, client_instance, &ctx).await;
+    let (out, mut writer) = spawn_writer(w, DeadSlot::default());
+    let mut reader = FrameReader::new(r, peer.clone()).max_frame(HELLO_FRAME);
+    let res = match authorize_peer(&ctx, &peer, &certs) {
+        Ok(_) => {
+            let hello = hello(&mut reader, &peer, deadline, limit).await;
+            drop(permit);
+            match hello {
+                Ok(()) => {
+                    reader.set_max_frame(MAX_CLIENT_FRAME);
+                    session(&mut reader, &out, &peer, &ctx).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => {
+            let _ = tokio::time::timeout(REFUSAL_DRAIN, reader.read()).await;
+            Err(e)
+        }
+    };
     if let Err(e) = &res {
         // Tell the client why before closing (best effort; the connection may be gone).
         let code = match e {
@@ -253,61 +394,93 @@ async fn handle(tcp: TcpStream, peer: String, ctx: Arc<Ctx>) -> Result<()> {
         send_error(&out, CONNECTION_STREAM, code, message).await;
     }
     drop(out);
-    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    // A peer that stopped reading must not keep the writer (and its queued frames) forever.
+    if tokio::time::timeout(Duration::from_secs(10), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     res
 }
 
-async fn session(
-    reader: &mut FrameReader<crate::record::TlsReader>,
-    out: &FrameSender,
+/// Reads the client's hello (before `deadline`) and checks its protocol version.
+async fn hello(
+    reader: &mut FrameReader<TlsReader>,
     peer: &str,
-    client_instance: Option<String>,
-    ctx: &Arc<Ctx>,
+    deadline: tokio::time::Instant,
+    limit: Duration,
 ) -> Result<()> {
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.read()).await {
+    let first = match tokio::time::timeout_at(deadline, reader.read()).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(Error::Timeout {
                 peer: peer.to_owned(),
                 what: "hello",
-                secs: HELLO_TIMEOUT.as_secs(),
+                secs: limit.as_secs(),
             })
         }
     };
     match first {
-        Some((Message::ClientHello { version }, _)) if version == PROTOCOL_VERSION => {}
-        Some((Message::ClientHello { version }, _)) => {
-            return Err(Error::VersionMismatch {
-                agent: PROTOCOL_VERSION,
-                client: version,
-            })
-        }
-        Some((other, _)) => {
-            return Err(Error::Protocol {
-                peer: peer.to_owned(),
-                message: format!("expected ClientHello, got {}", other.name()),
-            })
-        }
-        None => {
-            return Err(Error::ConnectionLost {
-                peer: peer.to_owned(),
-                reason: "closed before hello".into(),
-            })
+        Some((Message::ClientHello { version }, _)) if version == PROTOCOL_VERSION => Ok(()),
+        Some((Message::ClientHello { version }, _)) => Err(Error::VersionMismatch {
+            agent: PROTOCOL_VERSION,
+            client: version,
+        }),
+        Some((other, _)) => Err(Error::Protocol {
+            peer: peer.to_owned(),
+            message: format!("expected ClientHello, got {}", other.name()),
+        }),
+        None => Err(Error::ConnectionLost {
+            peer: peer.to_owned(),
+            reason: "closed before hello".into(),
+        }),
+    }
+}
+
+/// The next message from an authorized client. Fails when it sends nothing for the idle
+/// timeout while `busy()` is false, or stops in the middle of a frame for that long.
+async fn next_frame(
+    reader: &mut FrameReader<TlsReader>,
+    peer: &str,
+    idle: Duration,
+    busy: impl Fn() -> bool,
+) -> Result<Option<Message>> {
+    loop {
+        match tokio::time::timeout(idle, reader.read()).await {
+            Ok(r) => return Ok(r?.map(|(m, _)| m)),
+            Err(_) if !reader.mid_frame() && busy() => continue,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    peer: peer.to_owned(),
+                    what: if reader.mid_frame() {
+                        "the rest of a frame"
+                    } else {
+                        "a request on an idle connection"
+                    },
+                    secs: idle.as_secs(),
+                })
+            }
         }
     }
-    if let Some(want) = &ctx.instance {
-        if client_instance.as_deref() != Some(want.as_str()) {
-            let message = format!(
-                "client certificate is for instance {}, but this agent serves instance {want}",
-                client_instance.as_deref().unwrap_or("<none>")
-            );
-            return Err(Error::Remote {
-                peer: peer.to_owned(),
-                code: ErrorCode::NotAuthorized,
-                message,
-            });
-        }
-    }
+}
+
+/// One authorized connection's state.
+struct Conn<'a> {
+    out: &'a FrameSender,
+    peer: &'a str,
+    ctx: &'a Arc<Ctx>,
+    streams: HashMap<u32, mpsc::Sender<Message>>,
+    /// The quiesce/thaw command running for this connection (one at a time).
+    command: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn session(
+    reader: &mut FrameReader<TlsReader>,
+    out: &FrameSender,
+    peer: &str,
+    ctx: &Arc<Ctx>,
+) -> Result<()> {
     out.send(&Message::AgentHello {
         version: PROTOCOL_VERSION,
         software: env!("CARGO_PKG_VERSION").to_owned(),
@@ -318,97 +491,160 @@ async fn session(
         disks: ctx.disks.iter().map(|d| d.info.clone()).collect(),
     })
     .await;
-
-    let mut streams: HashMap<u32, mpsc::Sender<Message>> = HashMap::new();
+    let mut conn = Conn {
+        out,
+        peer,
+        ctx,
+        streams: HashMap::new(),
+        command: None,
+    };
+    let idle = ctx.opts.limits.idle_timeout;
     loop {
-        let Some((msg, _)) = reader.read().await? else {
+        let running = || conn.command.as_ref().is_some_and(|c| !c.is_finished());
+        let Some(msg) = next_frame(reader, peer, idle, running).await? else {
             return Ok(());
         };
+        conn.dispatch(msg).await?;
+    }
+}
+
+impl Conn<'_> {
+    async fn dispatch(&mut self, msg: Message) -> Result<()> {
         match msg {
             Message::SyncStart {
                 stream,
                 disk,
                 block_size,
                 estimate,
-            } => {
-                if stream == CONNECTION_STREAM || streams.contains_key(&stream) {
-                    return Err(Error::Protocol {
-                        peer: peer.to_owned(),
-                        message: format!("stream id {stream} reused"),
-                    });
-                }
-                let Some(src) = ctx.disks.iter().find(|d| d.info.id == disk) else {
-                    send_error(
-                        out,
-                        stream,
-                        ErrorCode::UnknownDisk,
-                        format!("this agent serves no disk {disk:?}"),
-                    )
-                    .await;
-                    continue;
-                };
-                if let Err(m) = block::validate_block_size(block_size) {
-                    send_error(out, stream, ErrorCode::BadRequest, m).await;
-                    continue;
-                }
-                streams.retain(|_, tx| !tx.is_closed());
-                let (tx, rx) = mpsc::channel(16);
-                streams.insert(stream, tx);
-                let worker = StreamWorker {
-                    disk: src.clone(),
-                    stream,
-                    block_size,
-                    estimate,
-                    out: out.clone(),
-                    #[cfg(feature = "fault-injection")]
-                    fault: ctx.opts.fault.clone(),
-                };
-                tokio::task::spawn_blocking(move || worker.run(rx));
-            }
+            } => self.start_stream(stream, &disk, block_size, estimate).await,
             m @ (Message::Hashes { .. } | Message::Refetch { .. } | Message::SyncEnd { .. }) => {
-                let stream = stream_of(&m).unwrap_or(CONNECTION_STREAM);
-                match streams.get(&stream) {
-                    Some(tx) => {
-                        // A closed worker already reported its error; drop the message.
-                        let _ = tx.send(m).await;
-                    }
-                    None => {
-                        return Err(Error::Protocol {
-                            peer: peer.to_owned(),
-                            message: format!("{} for unknown stream {stream}", m.name()),
-                        })
-                    }
-                }
+                self.forward(m).await
             }
-            Message::Quiesce | Message::Thaw => {
-                let quiesce = matches!(msg, Message::Quiesce);
-                let cmd = if quiesce {
-                    ctx.opts.quiesce_cmd.clone()
-                } else {
-                    ctx.opts.thaw_cmd.clone()
-                };
-                let out = out.clone();
-                tokio::spawn(async move {
-                    let what = if quiesce { "quiesce" } else { "thaw" };
-                    let reply = run_command(what, cmd).await;
-                    let msg = match reply {
-                        Ok(message) => Message::CommandDone { message },
-                        Err(message) => Message::Error {
-                            stream: CONNECTION_STREAM,
-                            code: ErrorCode::CommandFailed,
-                            message,
-                        },
-                    };
-                    out.send(&msg).await;
-                });
+            Message::Quiesce => {
+                self.command(true).await;
+                Ok(())
             }
-            other => {
-                return Err(Error::Protocol {
-                    peer: peer.to_owned(),
-                    message: format!("unexpected {} from client", other.name()),
-                })
+            Message::Thaw => {
+                self.command(false).await;
+                Ok(())
             }
+            other => Err(self.protocol(format!("unexpected {} from client", other.name()))),
         }
+    }
+
+    fn protocol(&self, message: String) -> Error {
+        Error::Protocol {
+            peer: self.peer.to_owned(),
+            message,
+        }
+    }
+
+    async fn start_stream(
+        &mut self,
+        stream: u32,
+        disk: &str,
+        block_size: u32,
+        estimate: bool,
+    ) -> Result<()> {
+        if stream == CONNECTION_STREAM || self.streams.contains_key(&stream) {
+            return Err(self.protocol(format!("stream id {stream} reused")));
+        }
+        let Some(src) = self.ctx.disks.iter().find(|d| d.info.id == disk) else {
+            let m = format!("this agent serves no disk {disk:?}");
+            send_error(self.out, stream, ErrorCode::UnknownDisk, m).await;
+            return Ok(());
+        };
+        if let Err(m) = block::validate_block_size(block_size) {
+            send_error(self.out, stream, ErrorCode::BadRequest, m).await;
+            return Ok(());
+        }
+        let permit = match self.stream_permit(disk) {
+            Ok(p) => p,
+            Err(m) => {
+                tracing::warn!(peer = %self.peer, "{m}");
+                send_error(self.out, stream, ErrorCode::Busy, m).await;
+                return Ok(());
+            }
+        };
+        let (tx, rx) = mpsc::channel(16);
+        self.streams.insert(stream, tx);
+        let worker = StreamWorker {
+            disk: src.clone(),
+            stream,
+            block_size,
+            estimate,
+            out: self.out.clone(),
+            #[cfg(feature = "fault-injection")]
+            fault: self.ctx.opts.fault.clone(),
+        };
+        tokio::task::spawn_blocking(move || worker.run(rx, permit));
+        Ok(())
+    }
+
+    /// A permit for one more disk sync, or why there is none.
+    fn stream_permit(&mut self, disk: &str) -> std::result::Result<OwnedSemaphorePermit, String> {
+        let limits = &self.ctx.opts.limits;
+        self.streams.retain(|_, tx| !tx.is_closed());
+        let mine = limits.max_streams_per_connection;
+        if self.streams.len() >= mine {
+            return Err(format!(
+                "sync of disk {disk:?} refused: this connection already runs {mine} disk syncs \
+                 (limit max-streams-per-connection {mine})"
+            ));
+        }
+        let all = limits.max_streams;
+        self.ctx.streams.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "sync of disk {disk:?} refused: the agent already runs {all} disk syncs for \
+                 its clients (limit max-streams {all})"
+            )
+        })
+    }
+
+    /// Hands a stream's message to its worker (waiting at most the idle timeout for room).
+    async fn forward(&mut self, m: Message) -> Result<()> {
+        let stream = stream_of(&m).unwrap_or(CONNECTION_STREAM);
+        let Some(tx) = self.streams.get(&stream) else {
+            return Err(self.protocol(format!("{} for unknown stream {stream}", m.name())));
+        };
+        let idle = self.ctx.opts.limits.idle_timeout;
+        // A closed worker already reported its error; the message is dropped.
+        if tokio::time::timeout(idle, tx.send(m)).await.is_err() {
+            return Err(Error::Timeout {
+                peer: self.peer.to_owned(),
+                what: "the connection to take the answers of a stream",
+                secs: idle.as_secs(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the quiesce (or thaw) command in a task; refused while one is still running.
+    async fn command(&mut self, quiesce: bool) {
+        let what = if quiesce { "quiesce" } else { "thaw" };
+        if self.command.as_ref().is_some_and(|c| !c.is_finished()) {
+            let m = format!("{what} refused: a quiesce or thaw command is still running");
+            send_error(self.out, CONNECTION_STREAM, ErrorCode::CommandFailed, m).await;
+            return;
+        }
+        let opts = &self.ctx.opts;
+        let cmd = if quiesce {
+            opts.quiesce_cmd.clone()
+        } else {
+            opts.thaw_cmd.clone()
+        };
+        let out = self.out.clone();
+        self.command = Some(tokio::spawn(async move {
+            let msg = match run_command(what, cmd).await {
+                Ok(message) => Message::CommandDone { message },
+                Err(message) => Message::Error {
+                    stream: CONNECTION_STREAM,
+                    code: ErrorCode::CommandFailed,
+                    message,
+                },
+            };
+            out.send(&msg).await;
+        }));
     }
 }
 
@@ -462,14 +698,17 @@ struct StreamWorker {
 }
 
 impl StreamWorker {
-    fn run(self, mut rx: mpsc::Receiver<Message>) {
+    /// Answers the stream's messages until `SyncEnd`, an error or the connection's end; the
+    /// stream's `permit` is returned before the last answer goes out, so a client that starts
+    /// its next sync on receiving it finds the slot free.
+    fn run(self, mut rx: mpsc::Receiver<Message>, permit: OwnedSemaphorePermit) {
         let size = self.disk.info.size;
         let nblocks = block::block_count(size, self.block_size);
         let zeros = ZeroHashes::new(size, self.block_size);
         let mut digest = DiskDigest::new();
         let mut next = 0u64;
-        let mut buf = Vec::new();
         let mut scanner = Scanner::new(self.block_size);
+        let in_flight = Arc::new(InFlight::default());
         while let Some(m) = rx.blocking_recv() {
             let res = match m {
                 Message::Hashes {
@@ -477,74 +716,97 @@ impl StreamWorker {
                     hashes,
                     ..
                 } => {
-                    if first_block != next || first_block + hashes.len() as u64 > nblocks {
-                        Err((
-                            ErrorCode::BadRequest,
-                            format!(
-                                "hash window {first_block}+{} out of order or beyond the {nblocks} blocks of disk {}",
-                                hashes.len(),
-                                self.disk.info.id
-                            ),
-                        ))
+                    let count = hashes.len() as u64;
+                    if first_block != next || self.beyond(first_block, count, nblocks) {
+                        Err(self.out_of_range("hash window", first_block, count, next, nblocks))
                     } else {
-                        next += hashes.len() as u64;
+                        next += count;
                         self.window(first_block, &hashes, &zeros, &mut digest, &mut scanner)
                     }
                 }
                 Message::Refetch {
                     first_block, count, ..
                 } => {
-                    if first_block + u64::from(count) > next {
-                        Err((
-                            ErrorCode::BadRequest,
-                            format!("refetch of blocks {first_block}+{count} not yet compared"),
-                        ))
+                    let count = u64::from(count);
+                    if self.beyond(first_block, count, next) {
+                        Err(self.out_of_range("refetch", first_block, count, next, nblocks))
                     } else {
-                        self.refetch(first_block, count, &zeros, &mut buf)
+                        self.refetch(first_block, count, &zeros, &in_flight)
                     }
                 }
-                Message::SyncEnd { .. } => {
-                    if next != nblocks {
-                        Err((
-                            ErrorCode::BadRequest,
-                            format!("sync ended after {next} of {nblocks} blocks"),
-                        ))
-                    } else {
-                        self.out.blocking_send_raw(
-                            Message::SyncDone {
-                                stream: self.stream,
-                                blocks: digest.blocks(),
-                                digest: digest.finish(),
-                            }
-                            .encode(),
-                        );
-                        return;
-                    }
+                Message::SyncEnd { .. } if next == nblocks => {
+                    let done = Message::SyncDone {
+                        stream: self.stream,
+                        blocks: digest.blocks(),
+                        digest: digest.finish(),
+                    };
+                    drop((rx, permit));
+                    self.out.blocking_send_raw(done.encode());
+                    return;
                 }
+                Message::SyncEnd { .. } => Err((
+                    ErrorCode::BadRequest,
+                    format!(
+                        "sync of disk {} ended after {next} of {nblocks} blocks",
+                        self.disk.info.id
+                    ),
+                )),
                 _ => Ok(()),
             };
             if let Err((code, message)) = res {
                 tracing::error!(disk = %self.disk.info.id, "{message}");
-                self.out.blocking_send_raw(
-                    Message::Error {
-                        stream: self.stream,
-                        code,
-                        message,
-                    }
-                    .encode(),
-                );
+                drop((rx, permit));
+                let stream = self.stream;
+                let error = Message::Error {
+                    stream,
+                    code,
+                    message,
+                };
+                self.out.blocking_send_raw(error.encode());
                 return;
             }
         }
     }
 
-    fn read(&self, buf: &mut Vec<u8>, first: u64, count: u64) -> Result<(), (ErrorCode, String)> {
+    /// True when blocks `first..first + count` do not all lie below block `limit`.
+    fn beyond(&self, first: u64, count: u64, limit: u64) -> bool {
+        first.checked_add(count).is_none_or(|end| end > limit)
+    }
+
+    /// The error for a request of blocks `first..first + count` outside what may be asked.
+    fn out_of_range(
+        &self,
+        what: &str,
+        first: u64,
+        count: u64,
+        compared: u64,
+        nblocks: u64,
+    ) -> (ErrorCode, String) {
+        let bs = u64::from(self.block_size);
+        let offset = first
+            .checked_mul(bs)
+            .map_or_else(|| "beyond 2^64".to_owned(), |o| o.to_string());
+        let d = &self.disk.info;
+        (
+            ErrorCode::BadRequest,
+            format!(
+                "{what} of {count} blocks from block {first} (byte offset {offset}) of disk {} \
+                 is out of order or outside the {compared} blocks compared so far (the disk \
+                 has {nblocks} blocks of {bs} bytes, {} bytes)",
+                d.id, d.size
+            ),
+        )
+    }
+
+    /// Reads blocks `first..first + count` (inside the disk) into a fresh buffer.
+    fn read(&self, first: u64, count: u64) -> Result<Vec<u8>, (ErrorCode, String)> {
         let bs = u64::from(self.block_size);
         let offset = first * bs;
         let end = ((first + count) * bs).min(self.disk.info.size);
         let len = usize::try_from(end - offset).map_err(|_| (ErrorCode::Io, "batch".into()))?;
-        buf.resize(len, 0);
-        crate::scan::Source::read(&self.disk, buf, offset)
+        let mut buf = crate::pool::POOL.take_filled(len);
+        crate::scan::Source::read(&self.disk, &mut buf, offset)?;
+        Ok(buf)
     }
 
     fn window(
@@ -693,18 +955,43 @@ impl StreamWorker {
         None
     }
 
+    /// Sends blocks `first..first + count` (already compared, so inside the disk) again, read
+    /// afresh, in runs of at most [`RUN_BYTES`]; waits while [`REFETCH_IN_FLIGHT`] bytes of
+    /// them are not yet written to the connection, so any range costs bounded memory.
     fn refetch(
         &self,
         first: u64,
-        count: u32,
+        count: u64,
         zeros: &ZeroHashes,
-        buf: &mut Vec<u8>,
+        in_flight: &Arc<InFlight>,
     ) -> Result<(), (ErrorCode, String)> {
+        let bs = u64::from(self.block_size);
+        let chunk = (RUN_BYTES as u64 / bs).max(1);
+        let mut at = first;
+        while at < first + count {
+            let n = chunk.min(first + count - at);
+            let len = usize::try_from(n * bs).unwrap_or(usize::MAX);
+            in_flight.wait_below(REFETCH_IN_FLIGHT.saturating_sub(len));
+            // A private copy: hashed after reading, so what is sent matches its hash even on a
+            // disk that changes.
+            let data = in_flight.track(self.read(at, n)?);
+            if !self.flush(Some(self.refetch_run(at, &data, zeros, in_flight))) {
+                break; // the connection is gone
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// One run of refetched blocks from `data`, starting at block `first`.
+    fn refetch_run(
+        &self,
+        first: u64,
+        data: &bytes::Bytes,
+        zeros: &ZeroHashes,
+        in_flight: &Arc<InFlight>,
+    ) -> BlocksFrame {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
-        self.read(buf, first, u64::from(count))?;
-        // A private copy: hashed after reading, so what is sent matches its hash even on a
-        // disk that changes.
-        let data = bytes::Bytes::from(std::mem::take(buf));
         let mut frame = BlocksFrame::new(self.stream, first, data.len().div_ceil(bs));
         for (i, block) in data.chunks(bs).enumerate() {
             let (hash, zero) = block::hash_block(block, zeros);
@@ -713,18 +1000,75 @@ impl StreamWorker {
                 continue;
             }
             match (encoding, compressed) {
-                (Encoding::Zero, _) => frame.push(Encoding::Zero, &hash, &data, 0..0),
-                (Encoding::Zstd, Some(z)) => frame.push_owned(Encoding::Zstd, &hash, z),
-                _ => frame.push(Encoding::Raw, &hash, &data, i * bs..i * bs + block.len()),
+                (Encoding::Zero, _) => frame.push(Encoding::Zero, &hash, data, 0..0),
+                (Encoding::Zstd, Some(z)) => {
+                    let z = in_flight.track(z);
+                    frame.push(Encoding::Zstd, &hash, &z, 0..z.len());
+                }
+                _ => frame.push(Encoding::Raw, &hash, data, i * bs..i * bs + block.len()),
             }
         }
-        self.flush(Some(frame));
-        Ok(())
+        frame
     }
 
-    fn flush(&self, run: Option<BlocksFrame>) {
-        if let Some(frame) = run.filter(|f| !f.is_empty()) {
-            self.out.blocking_send_pieces(frame.finish());
+    /// Queues a run (if any); `false` when the connection is gone.
+    fn flush(&self, run: Option<BlocksFrame>) -> bool {
+        match run.filter(|f| !f.is_empty()) {
+            Some(frame) => self.out.blocking_send_pieces(frame.finish()),
+            None => true,
         }
+    }
+}
+
+/// Bytes of refetched blocks one stream may have queued for the connection's writer and not
+/// yet seen written (two runs: one being written while the next is read).
+const REFETCH_IN_FLIGHT: usize = 2 * RUN_BYTES;
+
+/// Payload bytes a stream has handed to the connection's writer that are not written yet.
+#[derive(Debug, Default)]
+struct InFlight {
+    bytes: Mutex<usize>,
+    written: Condvar,
+}
+
+impl InFlight {
+    /// `data` as shared bytes that count as in flight until every slice of them is dropped.
+    fn track(self: &Arc<Self>, data: Vec<u8>) -> bytes::Bytes {
+        *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) += data.len();
+        bytes::Bytes::from_owner(Tracked {
+            data,
+            budget: self.clone(),
+        })
+    }
+
+    /// Blocks until at most `limit` bytes are in flight.
+    fn wait_below(&self, limit: usize) {
+        let mut n = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > limit {
+            n = self.written.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Owner of tracked bytes (see [`InFlight::track`]); dropping it releases them (and the buffer
+/// goes back to the frame pool).
+struct Tracked {
+    data: Vec<u8>,
+    budget: Arc<InFlight>,
+}
+
+impl AsRef<[u8]> for Tracked {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let len = self.data.len();
+        crate::pool::POOL.give(std::mem::take(&mut self.data));
+        let mut n = self.budget.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(len);
+        self.budget.written.notify_all();
     }
 }

@@ -28,6 +28,10 @@ pub const PROTOCOL_VERSION: u16 = 2;
 pub const MAGIC: [u8; 4] = *b"FBRP";
 /// Largest frame (tag + body) either side accepts. Block runs are cut well below this.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024 + 4096;
+/// Largest frame an agent accepts from a client: a `Hashes` window of up to 32768 blocks
+/// (clients send windows of 16 MiB of disk: at most 4096 hashes, 128 KiB). Every other client
+/// message is a few dozen bytes, so a peer cannot make the agent reserve more per connection.
+pub const MAX_CLIENT_FRAME: usize = 32768 * HASH_LEN + 64;
 /// `stream` value of an error that concerns the whole connection, not one disk sync.
 pub const CONNECTION_STREAM: u32 = u32::MAX;
 /// BLAKE3 digest length.
@@ -51,6 +55,9 @@ pub enum ErrorCode {
     Io,
     /// A quiesce/thaw command failed.
     CommandFailed,
+    /// The agent refuses the request for now: too many disk syncs on this connection or on the
+    /// agent, or a quiesce/thaw command still running (the message names the limit).
+    Busy,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -65,6 +72,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => 4,
             ErrorCode::Io => 5,
             ErrorCode::CommandFailed => 6,
+            ErrorCode::Busy => 7,
             ErrorCode::Other(n) => n,
         }
     }
@@ -77,6 +85,7 @@ impl ErrorCode {
             4 => ErrorCode::BadRequest,
             5 => ErrorCode::Io,
             6 => ErrorCode::CommandFailed,
+            7 => ErrorCode::Busy,
             n => ErrorCode::Other(n),
         }
     }
@@ -235,6 +244,10 @@ pub enum FrameError {
     /// Length prefix above [`MAX_FRAME`] (or zero).
     #[error("frame length {0} is outside 1..={MAX_FRAME} bytes")]
     BadLength(u64),
+    /// Length prefix within [`MAX_FRAME`] but above what this side accepts from this peer
+    /// (e.g. [`MAX_CLIENT_FRAME`] on the agent).
+    #[error("frame length {len} exceeds the {max} bytes accepted here")]
+    TooLarge { len: usize, max: usize },
     /// Unknown message tag.
     #[error("unknown message tag 0x{0:02x}")]
     UnknownTag(u8),
@@ -822,6 +835,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::BadRequest => "bad request",
             ErrorCode::Io => "agent I/O error",
             ErrorCode::CommandFailed => "command failed",
+            ErrorCode::Busy => "agent busy",
             ErrorCode::Other(n) => return write!(f, "error code {n}"),
         };
         f.write_str(s)
