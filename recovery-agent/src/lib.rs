@@ -72,7 +72,8 @@ impl LimitArgs {
             max_unauthenticated: usize::try_from(self.max_unauthenticated).unwrap_or(usize::MAX),
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
             idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
-            max_streams_per_connection: usize::try_from(self.max_streams_per_connection).unwrap_or(usize::MAX),
+            max_streams_per_connection: usize::try_from(self.max_streams_per_connection)
+                .unwrap_or(usize::MAX),
             max_streams: usize::try_from(self.max_streams).unwrap_or(usize::MAX),
         }
     }
@@ -140,4 +141,35 @@ pub fn write_dev_certs(dir: &Path, instance: &str) -> Result<(), AgentError> {
         .write_to(dir)
         .map_err(failback_replication::Error::from)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        limits: LimitArgs,
+    }
+
+    #[test]
+    fn limit_flags_default_to_the_library_limits_and_refuse_zero() {
+        let cli = Cli::parse_from(["agent"]);
+        assert_eq!(cli.limits.limits(), Limits::default());
+        let cli = Cli::parse_from(["agent", "--idle-timeout", "5", "--max-streams", "3"]);
+        let l = cli.limits.limits();
+        assert_eq!((l.idle_timeout.as_secs(), l.max_streams), (5, 3));
+        for flag in [
+            "--max-unauthenticated",
+            "--handshake-timeout",
+            "--max-streams",
+        ] {
+            assert!(
+                Cli::try_parse_from(["agent", flag, "0"]).is_err(),
+                "{flag} 0"
+            );
+        }
+    }
 }

@@ -50,7 +50,9 @@ impl Agent {
         }
         cmd.arg("--key").arg(dir.join("agent-key.pem"));
         cmd.arg("--disk").arg(format!("d={}", disk.display()));
-        cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start failback-agent");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -113,7 +115,12 @@ fn setup(size: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
 
 fn client_tls(dir: &Path) -> ClientTls {
     let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    ClientTls::from_pem(&read("ca.pem"), &read("client.pem"), &read("client-key.pem")).unwrap()
+    ClientTls::from_pem(
+        &read("ca.pem"),
+        &read("client.pem"),
+        &read("client-key.pem"),
+    )
+    .unwrap()
 }
 
 /// Anonymous resident memory of process `pid`, in bytes.
@@ -218,7 +225,10 @@ async fn other_instance_peers_cannot_make_the_agent_reserve_memory() {
     }
     let grew = peak.peak().saturating_sub(before);
     drop(conns);
-    eprintln!("refused peers: agent anonymous memory grew by {} MiB", grew >> 20);
+    eprintln!(
+        "refused peers: agent anonymous memory grew by {} MiB",
+        grew >> 20
+    );
     assert!(
         grew < 64 * MIB as u64,
         "agent memory grew by {} MiB for 40 refused peers",

@@ -440,6 +440,52 @@ mod tests {
         r
     }
 
+    /// A capped reader refuses a frame from its length prefix, and reads one within the cap
+    /// into a buffer grown as the bytes arrive.
+    #[tokio::test]
+    async fn capped_reader_refuses_long_frames_and_reads_the_rest() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let hashes = Message::Hashes {
+            stream: 1,
+            first_block: 0,
+            hashes: vec![[7; 32]; 4096],
+        };
+        let bytes = hashes.encode();
+        let w = tokio::spawn(async move {
+            a.write_all(&bytes).await.unwrap();
+            a.write_all(&(2_000_000u32).to_be_bytes()).await.unwrap();
+            a
+        });
+        let mut r = FrameReader::new(b, "test").max_frame(wire::MAX_CLIENT_FRAME);
+        let (got, _) = r.read().await.unwrap().unwrap();
+        assert_eq!(got, hashes);
+        let e = r.read().await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("frame length 2000000 exceeds the 1048640 bytes"),
+            "{e}"
+        );
+        drop(w.await);
+    }
+
+    /// A read cancelled before a frame began, or within its length prefix, loses nothing.
+    #[tokio::test]
+    async fn read_is_cancel_safe_until_the_body() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut r = FrameReader::new(b, "test");
+        let wait = std::time::Duration::from_millis(20);
+        assert!(tokio::time::timeout(wait, r.read()).await.is_err());
+        assert!(!r.mid_frame());
+        let frame = Message::SyncEnd { stream: 9 }.encode();
+        a.write_all(&frame[..2]).await.unwrap();
+        assert!(tokio::time::timeout(wait, r.read()).await.is_err());
+        assert!(r.mid_frame(), "half a prefix was read");
+        a.write_all(&frame[2..]).await.unwrap();
+        let (got, _) = r.read().await.unwrap().unwrap();
+        assert_eq!(got, Message::SyncEnd { stream: 9 });
+        assert!(!r.mid_frame());
+    }
+
     #[tokio::test]
     async fn large_blocks_frames_land_aligned_and_decode_the_same() {
         let (m, bytes) = frame();

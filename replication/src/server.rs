@@ -24,8 +24,8 @@ use crate::record::TlsReader;
 use crate::scan::Scanner;
 use crate::tls::{instance_id_from_cert, ServerTls};
 use crate::wire::{
-    BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM,
-    MAX_CLIENT_FRAME, PROTOCOL_VERSION,
+    BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM, MAX_CLIENT_FRAME,
+    PROTOCOL_VERSION,
 };
 
 /// Largest payload of one `Blocks` frame (a run is cut here).
@@ -124,7 +124,7 @@ impl FaultInjection {
 }
 
 /// Limits that keep one peer (with or without credentials) from exhausting the agent.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Connections in the TLS handshake or hello (not yet authorized) at once; more are
     /// closed at once, before the handshake.
@@ -254,7 +254,10 @@ struct Throttled {
 impl Throttled {
     fn refused(&mut self, peer: &str, limit: usize) {
         self.count += 1;
-        if self.logged.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+        if self
+            .logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
             return;
         }
         tracing::warn!(
@@ -317,11 +320,7 @@ const REFUSAL_DRAIN: Duration = Duration::from_secs(1);
 /// Decides whether the client that completed the TLS handshake with certificate chain `certs`
 /// may use this agent. Called right after the handshake, before anything is read from the
 /// connection or allocated for it. Returns the instance the client certificate names.
-fn authorize_peer(
-    ctx: &Ctx,
-    peer: &str,
-    certs: &[CertificateDer<'_>],
-) -> Result<Option<String>> {
+fn authorize_peer(ctx: &Ctx, peer: &str, certs: &[CertificateDer<'_>]) -> Result<Option<String>> {
     let client = certs.first().and_then(|c| instance_id_from_cert(c));
     if let Some(want) = &ctx.instance {
         if client.as_deref() != Some(want.as_str()) {

@@ -1039,6 +1039,24 @@ mod tests {
         assert_eq!(blocks[4].payload, disk[12288..]);
     }
 
+    /// Error codes are part of the wire contract: new ones are added, none renumbered.
+    #[test]
+    fn error_codes_keep_their_numbers() {
+        let codes = [
+            (ErrorCode::VersionMismatch, 1),
+            (ErrorCode::NotAuthorized, 2),
+            (ErrorCode::UnknownDisk, 3),
+            (ErrorCode::BadRequest, 4),
+            (ErrorCode::Io, 5),
+            (ErrorCode::CommandFailed, 6),
+            (ErrorCode::Busy, 7),
+            (ErrorCode::Other(8), 8),
+        ];
+        for (code, n) in codes {
+            assert_eq!((code.to_u16(), ErrorCode::from_u16(n)), (n, code));
+        }
+    }
+
     #[test]
     fn garbage_is_rejected_clearly() {
         assert_eq!(Message::decode(&[0x99]), Err(FrameError::UnknownTag(0x99)));
