@@ -14,7 +14,7 @@ use common::{assert_same, make_disk, opts, sync, Env};
 use failback_replication::server::{Limits, ServeOptions, SourceDisk};
 use failback_replication::tls::DevCa;
 use failback_replication::wire::{ErrorCode, Hash, Message, CONNECTION_STREAM};
-use failback_replication::{ClientTls, Error, ServerTls, Session};
+use failback_replication::{ClientTls, Error, ServerTls, Session, TlsFiles};
 use raw::Raw;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -325,10 +325,10 @@ async fn agent_wide_stream_limit_and_release() {
     legit_sync(&env, &addr, &data, "dst.img").await;
 }
 
-/// An agent for instance `i-a` and a client certificate for `i-b` from the same CA.
-async fn scoped_agent(src: &Path) -> (String, ClientTls) {
+/// An agent for instance `i-a` and a client with a certificate for `i-b` from the same CA.
+async fn scoped_agent(dir: &Path, src: &Path) -> (String, ClientTls) {
     let ca = DevCa::generate("attack CA").unwrap();
-    let (cert, key) = ca.issue_agent(&[]).unwrap();
+    let (cert, key) = ca.issue_agent("i-a", &[]).unwrap();
     let tls = ServerTls::from_pem(
         ca.cert_pem().as_bytes(),
         cert.as_bytes(),
@@ -336,8 +336,17 @@ async fn scoped_agent(src: &Path) -> (String, ClientTls) {
         Some("i-a".into()),
     )
     .unwrap();
+    // A client of instance i-b that expects the agent of i-a (`sync --instance i-a`).
     let (c, k) = ca.issue_client("i-b").unwrap();
-    let client = ClientTls::from_pem(ca.cert_pem().as_bytes(), c.as_bytes(), k.as_bytes()).unwrap();
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client-b.pem"),
+        key: dir.join("client-b-key.pem"),
+    };
+    std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+    std::fs::write(&files.cert, c).unwrap();
+    std::fs::write(&files.key, k).unwrap();
+    let client = ClientTls::from_files_for(&files, Some("i-a".into())).unwrap();
     let disks = vec![SourceDisk::open("d", src).unwrap()];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -358,7 +367,7 @@ async fn other_instance_is_refused_before_any_frame() {
     let env = Env::new();
     let src = env.path("src.img");
     make_disk(&src, MIB, 3);
-    let (addr, other) = scoped_agent(&src).await;
+    let (addr, other) = scoped_agent(env.dir.path(), &src).await;
     match Session::connect(&addr, &other).await {
         Err(Error::Remote { code, message, .. }) => {
             assert_eq!(code, ErrorCode::NotAuthorized);
