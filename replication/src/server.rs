@@ -22,11 +22,12 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::record::TlsReader;
 use crate::scan::Scanner;
-use crate::tls::{instance_id_from_cert, ServerTls};
+use crate::tls::ServerTls;
 use crate::wire::{
     BlocksFrame, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM, MAX_CLIENT_FRAME,
     PROTOCOL_VERSION,
 };
+use failback_trust::Identity;
 
 /// Largest payload of one `Blocks` frame (a run is cut here).
 const RUN_BYTES: usize = 4 * 1024 * 1024;
@@ -319,23 +320,58 @@ const REFUSAL_DRAIN: Duration = Duration::from_secs(1);
 
 /// Decides whether the client that completed the TLS handshake with certificate chain `certs`
 /// may use this agent. Called right after the handshake, before anything is read from the
-/// connection or allocated for it. Returns the instance the client certificate names.
-fn authorize_peer(ctx: &Ctx, peer: &str, certs: &[CertificateDer<'_>]) -> Result<Option<String>> {
-    let client = certs.first().and_then(|c| instance_id_from_cert(c));
+/// connection or allocated for it. The TLS verifier already checked the CA and the client
+/// role; this checks the instance and, with an allow list, that the DR service still allows
+/// this certificate (waiting at most until `deadline` for its answer about a new one).
+/// Returns the certificate's fingerprint (hex SHA-256).
+async fn authorize_peer(
+    ctx: &Ctx,
+    peer: &str,
+    certs: &[CertificateDer<'_>],
+    deadline: tokio::time::Instant,
+) -> Result<String> {
+    let refuse = |message: String| Error::Remote {
+        peer: peer.to_owned(),
+        code: ErrorCode::NotAuthorized,
+        message,
+    };
+    let id = certs
+        .first()
+        .and_then(|c| Identity::from_der(c).ok())
+        .ok_or_else(|| refuse("no readable client certificate".into()))?;
+    let client = id.instance();
     if let Some(want) = &ctx.instance {
-        if client.as_deref() != Some(want.as_str()) {
-            let message = format!(
+        if client != Some(want.as_str()) {
+            return Err(refuse(format!(
                 "client certificate is for instance {}, but this agent serves instance {want}",
-                client.as_deref().unwrap_or("<none>")
-            );
-            return Err(Error::Remote {
-                peer: peer.to_owned(),
-                code: ErrorCode::NotAuthorized,
-                message,
-            });
+                client.unwrap_or("<none>")
+            )));
         }
     }
-    Ok(client)
+    let fingerprint = id.fingerprint_hex();
+    if let Some(allow) = &ctx.opts.allow {
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(crate::allow::REFRESH_WAIT);
+        allow.admit(&fingerprint, wait).await.map_err(refuse)?;
+    }
+    Ok(fingerprint)
+}
+
+/// Resolves when the DR service revokes `fingerprint` (never without an allow list).
+async fn revoked(ctx: &Ctx, peer: &str, fingerprint: &str) -> Error {
+    match &ctx.opts.allow {
+        Some(allow) => allow.revoked(fingerprint).await,
+        None => std::future::pending::<()>().await,
+    }
+    Error::Remote {
+        peer: peer.to_owned(),
+        code: ErrorCode::NotAuthorized,
+        message: format!(
+            "client certificate sha256:{fingerprint} was revoked by the DR service (stopped, \
+             re-paired or completed); connection closed"
+        ),
+    }
 }
 
 async fn handle(
@@ -361,14 +397,17 @@ async fn handle(
     };
     let (out, mut writer) = spawn_writer(w, DeadSlot::default());
     let mut reader = FrameReader::new(r, peer.clone()).max_frame(HELLO_FRAME);
-    let res = match authorize_peer(&ctx, &peer, &certs) {
-        Ok(_) => {
+    let res = match authorize_peer(&ctx, &peer, &certs, deadline).await {
+        Ok(fingerprint) => {
             let hello = hello(&mut reader, &peer, deadline, limit).await;
             drop(permit);
             match hello {
                 Ok(()) => {
                     reader.set_max_frame(MAX_CLIENT_FRAME);
-                    session(&mut reader, &out, &peer, &ctx).await
+                    tokio::select! {
+                        r = session(&mut reader, &out, &peer, &ctx) => r,
+                        e = revoked(&ctx, &peer, &fingerprint) => Err(e),
+                    }
                 }
                 Err(e) => Err(e),
             }
