@@ -78,7 +78,7 @@ async fn run_in(
     let mut secrets = Vec::with_capacity(clients);
     for i in 0..clients {
         let at = svc
-            .create_token(CreateTokenRequest {
+            .create_token(crate::service::BOOTSTRAP_ADMIN, CreateTokenRequest {
                 kind: TokenKind::Agent,
                 recovery_instance_id: None,
                 ttl_secs: None,
@@ -101,7 +101,7 @@ async fn run_in(
             })
             .map_err(e)?;
         let pt = svc
-            .create_token(CreateTokenRequest {
+            .create_token(crate::service::BOOTSTRAP_ADMIN, CreateTokenRequest {
                 kind: TokenKind::Pairing,
                 recovery_instance_id: Some(en.recovery_instance_id),
                 ttl_secs: None,

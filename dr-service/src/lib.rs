@@ -14,4 +14,4 @@ pub mod store;
 pub mod util;
 
 pub use http::{start, RunningServer, ServerConfig, ServerError};
-pub use service::{ApiFailure, Service, Settings};
+pub use service::{ApiFailure, Caller, Service, Settings, BOOTSTRAP_ADMIN};
