@@ -830,9 +830,7 @@ pub struct ApiError {
 
 /// Role of an admin credential. Roles are nested: each allows everything the one before it
 /// does (`viewer` < `operator` < `admin`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read: instances, configuration, events, logs.
@@ -925,7 +923,9 @@ pub struct CredentialList {
 /// A credential id: `cred-` followed by exactly 16 lower-case hex digits.
 pub fn valid_credential_id(id: &str) -> bool {
     id.strip_prefix("cred-").is_some_and(|h| {
-        h.len() == 16 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -933,7 +933,10 @@ pub fn valid_credential_id(id: &str) -> bool {
 /// letter or digit (so it can be shown and grepped without quoting).
 pub fn valid_credential_name(name: &str) -> bool {
     name.len() <= CREDENTIAL_NAME_MAX
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
@@ -1001,7 +1004,10 @@ mod tests {
 
     #[test]
     fn roles_are_lowercase_and_ordered() {
-        assert_eq!(serde_json::to_string(&Role::Operator).unwrap(), "\"operator\"");
+        assert_eq!(
+            serde_json::to_string(&Role::Operator).unwrap(),
+            "\"operator\""
+        );
         assert_eq!("viewer".parse::<Role>(), Ok(Role::Viewer));
         assert!("Admin".parse::<Role>().is_err());
         assert!(serde_json::from_str::<Role>("\"root\"").is_err());

@@ -321,9 +321,7 @@ async fn tokens(State(st): St, h: HeaderMap, body: Bytes) -> Response {
 }
 
 async fn launch(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply(
-        require(&st, &h, Role::Operator).and_then(|c| st.service.launch(&c.actor, parse(&body)?)),
-    )
+    reply(require(&st, &h, Role::Operator).and_then(|c| st.service.launch(&c.actor, parse(&body)?)))
 }
 
 #[derive(Deserialize)]
@@ -363,9 +361,7 @@ async fn credential_create(State(st): St, h: HeaderMap, body: Bytes) -> Response
 
 /// The service checks the id's format (`cred-` + 16 hex) before any lookup.
 async fn credential_revoke(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(
-        require(&st, &h, Role::Admin).and_then(|c| st.service.revoke_credential(&c.actor, &id)),
-    )
+    reply(require(&st, &h, Role::Admin).and_then(|c| st.service.revoke_credential(&c.actor, &id)))
 }
 
 async fn fallback() -> Response {

@@ -206,7 +206,11 @@ async fn viewer_reads_but_every_change_is_refused_naming_the_role() {
             "{m} {path}: {body}"
         );
     }
-    assert_eq!(c.events().await.len(), before, "a refused request stored events");
+    assert_eq!(
+        c.events().await.len(),
+        before,
+        "a refused request stored events"
+    );
     s.shutdown().await;
 }
 
@@ -222,7 +226,9 @@ async fn operator_runs_a_failback_and_events_name_it_but_only_admin_manages() {
     let o = Some(op.as_str());
     let id = c.enroll(&op).await;
 
-    let (st, v) = c.send(Method::GET, "/v1/admin/instances", o, Value::Null).await;
+    let (st, v) = c
+        .send(Method::GET, "/v1/admin/instances", o, Value::Null)
+        .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["items"][0]["recovery_instance_id"], id.as_str());
     let (st, v) = c
@@ -268,7 +274,12 @@ async fn operator_runs_a_failback_and_events_name_it_but_only_admin_manages() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["results"][0]["accepted"], true, "{v}");
     let (st, v) = c
-        .send(Method::GET, &format!("/v1/admin/instances/{id}"), o, Value::Null)
+        .send(
+            Method::GET,
+            &format!("/v1/admin/instances/{id}"),
+            o,
+            Value::Null,
+        )
         .await;
     assert_eq!(st, 200, "{v}");
     assert!(v["failback"]["launch_requested_at"].is_u64(), "{v}");
@@ -292,13 +303,21 @@ async fn operator_runs_a_failback_and_events_name_it_but_only_admin_manages() {
             .clone()
     };
     let me = format!("credential:{op_id}:ci-bot");
-    for kind in ["TOKEN_CREATED", "HINTS_UPDATED", "LAUNCH_REQUESTED", "STOP_REQUESTED"] {
+    for kind in [
+        "TOKEN_CREATED",
+        "HINTS_UPDATED",
+        "LAUNCH_REQUESTED",
+        "STOP_REQUESTED",
+    ] {
         assert_eq!(actor(kind).as_deref(), Some(me.as_str()), "{kind}");
     }
     assert_eq!(actor("AGENT_ENROLLED"), Some(format!("agent:{id}")));
     let client = p["client_id"].as_str().unwrap();
     assert_eq!(actor("PAIRED"), Some(format!("client:{client}")));
-    assert_eq!(actor("CREDENTIAL_CREATED").as_deref(), Some("bootstrap-admin"));
+    assert_eq!(
+        actor("CREDENTIAL_CREATED").as_deref(),
+        Some("bootstrap-admin")
+    );
     assert!(ev.iter().all(|e| e.actor.is_some()), "{ev:?}");
 
     // Configuration and credentials: operator refused, an admin credential allowed.
@@ -320,7 +339,14 @@ async fn operator_runs_a_failback_and_events_name_it_but_only_admin_manages() {
         .send(Method::POST, "/v1/admin/credentials", a, newcred)
         .await;
     assert_eq!(st, 200, "{v}");
-    assert_eq!(v["credential"]["created_by"].as_str().unwrap().split(':').nth(2), Some("alice"));
+    assert_eq!(
+        v["credential"]["created_by"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .nth(2),
+        Some("alice")
+    );
     s.shutdown().await;
 }
 
@@ -349,15 +375,27 @@ async fn revoked_credential_is_refused_on_its_next_request() {
     let m = v["message"].as_str().unwrap();
     assert!(m.contains("'ci-bot'") && m.contains("revoked"), "{m}");
     let (st, v) = c.send(Method::DELETE, &path, Some(&adm), Value::Null).await;
-    assert_eq!((st, v["error"].as_str()), (409, Some("CREDENTIAL_REVOKED")), "{v}");
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (409, Some("CREDENTIAL_REVOKED")),
+        "{v}"
+    );
 
     let (_, v) = c
-        .send(Method::GET, "/v1/admin/credentials", Some(&adm), Value::Null)
+        .send(
+            Method::GET,
+            "/v1/admin/credentials",
+            Some(&adm),
+            Value::Null,
+        )
         .await;
     let l: CredentialList = serde_json::from_value(v).unwrap();
     let r = l.items.iter().find(|x| x.id == id).unwrap();
     assert!(r.revoked_at.is_some());
-    assert!(r.revoked_by.as_deref().unwrap().ends_with(":alice"), "{r:?}");
+    assert!(
+        r.revoked_by.as_deref().unwrap().ends_with(":alice"),
+        "{r:?}"
+    );
     // The name is free again once revoked; a second active one is refused.
     let (_, new) = c.credential("operator", "ci-bot").await;
     let (st, v) = c
@@ -368,7 +406,11 @@ async fn revoked_credential_is_refused_on_its_next_request() {
             json!({"role": "viewer", "name": "ci-bot"}),
         )
         .await;
-    assert_eq!((st, v["error"].as_str()), (409, Some("CREDENTIAL_NAME_TAKEN")), "{v}");
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (409, Some("CREDENTIAL_NAME_TAKEN")),
+        "{v}"
+    );
     let (st, _) = c.send(Method::GET, list, Some(&new), Value::Null).await;
     assert_eq!(st, 200);
 
@@ -410,7 +452,12 @@ async fn revoked_credential_is_refused_on_its_next_request() {
         assert_eq!((st, v["field"].as_str()), (400, Some(field)), "{v}");
     }
     let (st, _) = c
-        .send(Method::GET, list, Some("fbcr_not-a-credential"), Value::Null)
+        .send(
+            Method::GET,
+            list,
+            Some("fbcr_not-a-credential"),
+            Value::Null,
+        )
         .await;
     assert_eq!(st, 401);
     s.shutdown().await;
@@ -437,7 +484,12 @@ async fn secret_is_shown_once_and_stored_only_as_a_hash() {
     assert_eq!(st, 200);
     assert!(secret.starts_with("fbcr_") && secret.len() > 60, "{secret}");
     let (_, v) = c
-        .send(Method::GET, "/v1/admin/credentials", Some(&c.bootstrap), Value::Null)
+        .send(
+            Method::GET,
+            "/v1/admin/credentials",
+            Some(&c.bootstrap),
+            Value::Null,
+        )
         .await;
     assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
     assert!(!v.to_string().contains(&secret), "{v}");
@@ -453,14 +505,22 @@ async fn secret_is_shown_once_and_stored_only_as_a_hash() {
     }
     let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
     let hash = hex::encode(Sha256::digest(secret.as_bytes()));
-    assert!(contains(&hash), "the hash is not stored: the test reads the wrong files");
+    assert!(
+        contains(&hash),
+        "the hash is not stored: the test reads the wrong files"
+    );
     assert!(!contains(&secret), "the secret is stored in clear");
     assert!(!contains(&secret["fbcr_".len()..]));
 
     let s = server(d.path()).await;
     let c = C::new(&s);
     let (st, _) = c
-        .send(Method::GET, "/v1/admin/instances", Some(&secret), Value::Null)
+        .send(
+            Method::GET,
+            "/v1/admin/instances",
+            Some(&secret),
+            Value::Null,
+        )
         .await;
     assert_eq!(st, 200);
     let (st, _) = c

@@ -89,7 +89,14 @@ async fn operator_credential_runs_mass_failback_calls_until_revoked() {
         &s,
         &ca,
         &boot,
-        &["credentials", "create", "--role", "operator", "--name", "mass"],
+        &[
+            "credentials",
+            "create",
+            "--role",
+            "operator",
+            "--name",
+            "mass",
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -104,11 +111,18 @@ async fn operator_credential_runs_mass_failback_calls_until_revoked() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let l: CredentialList = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(l.items.len(), 1);
-    assert_eq!((l.items[0].role, l.items[0].name.as_str()), (Role::Operator, "mass"));
+    assert_eq!(
+        (l.items[0].role, l.items[0].name.as_str()),
+        (Role::Operator, "mass")
+    );
     assert!(!text(&out.stdout).contains(&secret));
     let out = cli(&s, &ca, &secret, &["credentials", "list"]).await;
     assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("this needs admin"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("this needs admin"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Every DR call of a mass failback, as the operator.
     let dr = DrHttp::new(&s.url(), &secret, &s.ca_pem).unwrap();
@@ -120,7 +134,9 @@ async fn operator_credential_runs_mass_failback_calls_until_revoked() {
     pair_until_ready(&s, &token);
     let all = dr.instances().await.expect("operator lists instances");
     assert_eq!(all.len(), 1);
-    dr.instance(&id_inst).await.expect("operator reads an instance");
+    dr.instance(&id_inst)
+        .await
+        .expect("operator reads an instance");
     dr.launch(&id_inst).await.expect("operator launches");
     dr.stop(&id_inst).await.expect("operator stops");
     let ev = s.service.events(Some(&id_inst), 0, 1000).unwrap().items;
@@ -136,12 +152,23 @@ async fn operator_credential_runs_mass_failback_calls_until_revoked() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let out = cli(&s, &ca, &boot, &["credentials", "revoke", &id]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let e = dr.instances().await.expect_err("revoked credential refused");
+    let e = dr
+        .instances()
+        .await
+        .expect_err("revoked credential refused");
     assert!(!e.transient, "{}", e.message);
-    assert!(e.message.contains("401") && e.message.contains("revoked"), "{}", e.message);
+    assert!(
+        e.message.contains("401") && e.message.contains("revoked"),
+        "{}",
+        e.message
+    );
     let out = cli(&s, &ca, &secret, &["instances", "list"]).await;
     assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
     let out = cli(&s, &ca, &boot, &["credentials", "list"]).await;
-    assert!(text(&out.stdout).contains("revoked"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("revoked"),
+        "{}",
+        text(&out.stdout)
+    );
     s.shutdown().await;
 }

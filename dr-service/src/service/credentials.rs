@@ -4,8 +4,8 @@
 //! The data-dir `admin-token` stays as the bootstrap credential with role `admin`.
 
 use failback_config::api::{
-    valid_credential_id, valid_credential_name, CreateCredentialRequest,
-    CreateCredentialResponse, Credential, CredentialList, Role, CREDENTIAL_NAME_MAX,
+    valid_credential_id, valid_credential_name, CreateCredentialRequest, CreateCredentialResponse,
+    Credential, CredentialList, Role, CREDENTIAL_NAME_MAX,
 };
 
 use super::{ApiFailure, Service, R};

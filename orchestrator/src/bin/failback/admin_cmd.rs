@@ -311,7 +311,11 @@ fn credential_line(c: &Credential) {
         when(Some(c.created_at)),
         c.created_by,
         match (&c.revoked_at, &c.revoked_by) {
-            (Some(at), by) => format!("revoked {} by {}", when(Some(*at)), by.as_deref().unwrap_or("-")),
+            (Some(at), by) => format!(
+                "revoked {} by {}",
+                when(Some(*at)),
+                by.as_deref().unwrap_or("-")
+            ),
             (None, _) => "active".into(),
         }
     );
