@@ -14,10 +14,14 @@
 //! - `POST /pair` [`PairRequest`] -> [`PairResponse`]
 //! - `POST /client/heartbeat` (bearer client secret) [`ClientReport`] -> [`ClientCommandResponse`]
 //! - `POST /client/log` (bearer client secret, text body) -> [`LogUploadResponse`]
-//! - admin (bearer admin token): `GET /admin/instances`, `GET /admin/instances/{id}`,
-//!   `PUT /admin/instances/{id}/hints`, `POST /admin/tokens`, `POST /admin/launch`,
-//!   `POST /admin/instances/{id}/stop`, `GET|PUT /admin/instances/{id}/config`,
-//!   `GET /admin/events?instance=ID&after=SEQ&limit=N`, `GET /admin/instances/{id}/logs`.
+//! - admin (bearer: the bootstrap admin token or a credential secret; the [`Role`] each route
+//!   needs in brackets): `GET /admin/instances`, `GET /admin/instances/{id}` [viewer],
+//!   `PUT /admin/instances/{id}/hints` [operator], `POST /admin/tokens` [operator],
+//!   `POST /admin/launch` [operator], `POST /admin/instances/{id}/stop` [operator],
+//!   `GET /admin/instances/{id}/config` [viewer], `PUT /admin/instances/{id}/config` [admin],
+//!   `GET /admin/events?instance=ID&after=SEQ&limit=N` [viewer],
+//!   `GET /admin/instances/{id}/logs[/{name}]` [viewer],
+//!   `GET|POST /admin/credentials`, `DELETE /admin/credentials/{id}` [admin].
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -778,6 +782,12 @@ pub struct Event {
     /// Short machine-readable kind, e.g. `FAILBACK_STATE`, `REPLICATION_STATE`, `PAIRED`.
     pub kind: String,
     pub message: String,
+    /// Who caused it: `credential:<id>:<name>`, `bootstrap-admin` (the data-dir admin token),
+    /// `agent:<instance id>`, `client:<client id>`, `monitor` (missed heartbeats) or
+    /// `anonymous` (unauthenticated boot reports). `None` for events stored before actors
+    /// were recorded.
+    #[serde(default)]
+    pub actor: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -818,6 +828,120 @@ pub struct ApiError {
     /// Offending field, when the error is about one.
     #[serde(default)]
     pub field: Option<String>,
+}
+
+/// Role of an admin credential. Roles are nested: each allows everything the one before it
+/// does (`viewer` < `operator` < `admin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read: instances, configuration, events, logs.
+    Viewer,
+    /// Day-to-day failback: pairing and agent tokens, identification hints, launch, stop
+    /// (everything a mass failback calls).
+    Operator,
+    /// Configuration (bandwidth, private address) and credentials.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is not `viewer`, `operator` or `admin`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?} (viewer, operator or admin)")]
+pub struct UnknownRole(pub String);
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownRole(s.to_string()))
+    }
+}
+
+/// Longest credential name.
+pub const CREDENTIAL_NAME_MAX: usize = 64;
+
+/// `POST /v1/admin/credentials` (role admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCredentialRequest {
+    pub role: Role,
+    /// Who or what holds it, e.g. `ci-bot`: see [`valid_credential_name`]. Unique among the
+    /// credentials not revoked.
+    pub name: String,
+}
+
+/// An admin credential as listed: never its secret (the service keeps only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// `cred-` + 16 lower-case hex digits ([`valid_credential_id`]).
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: u64,
+    /// Actor that created it (see [`Event::actor`]).
+    pub created_by: String,
+    #[serde(default)]
+    pub revoked_at: Option<u64>,
+    #[serde(default)]
+    pub revoked_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCredentialResponse {
+    pub credential: Credential,
+    /// The bearer secret; shown once, the service stores only its hash.
+    pub secret: String,
+}
+
+/// `GET /v1/admin/credentials`: all credentials, revoked ones included, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialList {
+    pub items: Vec<Credential>,
+}
+
+/// A credential id: `cred-` followed by exactly 16 lower-case hex digits.
+pub fn valid_credential_id(id: &str) -> bool {
+    id.strip_prefix("cred-").is_some_and(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A credential name: 1..=64 of ASCII letters, digits, `.`, `_`, `-`, `@`, starting with a
+/// letter or digit (so it can be shown and grepped without quoting).
+pub fn valid_credential_name(name: &str) -> bool {
+    name.len() <= CREDENTIAL_NAME_MAX
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
 }
 
 /// Checks an AWS-style recovery instance id (`i-` + 8..=32 hex digits; we also accept our own
@@ -878,6 +1002,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("recovery_instance_idz"), "{e}");
+    }
+
+    #[test]
+    fn roles_are_lowercase_and_ordered() {
+        assert_eq!(
+            serde_json::to_string(&Role::Operator).unwrap(),
+            "\"operator\""
+        );
+        assert_eq!("viewer".parse::<Role>(), Ok(Role::Viewer));
+        assert!("Admin".parse::<Role>().is_err());
+        assert!(serde_json::from_str::<Role>("\"root\"").is_err());
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+
+    #[test]
+    fn credential_ids_and_names() {
+        assert!(valid_credential_id("cred-0123456789abcdef"));
+        for bad in [
+            "cred-0123456789ABCDEF",
+            "cred-0123456789abcde",
+            "cred-0123456789abcdef0",
+            "cred-..%2F456789abcdef",
+            "0123456789abcdef",
+            "",
+        ] {
+            assert!(!valid_credential_id(bad), "{bad}");
+        }
+        assert!(valid_credential_name("ci-bot"));
+        assert!(valid_credential_name("alice@example.org"));
+        for bad in ["", "-x", "a b", "a/b", "ü", &"a".repeat(65)] {
+            assert!(!valid_credential_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn events_without_actor_still_parse() {
+        let e: Event = serde_json::from_str(
+            r#"{"seq":1,"at":2,"recovery_instance_id":null,"kind":"PAIRED","message":"m"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.actor, None);
     }
 
     #[test]

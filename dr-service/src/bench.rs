@@ -84,11 +84,14 @@ async fn run_in(
     let mut secrets = Vec::with_capacity(clients);
     for i in 0..clients {
         let at = svc
-            .create_token(CreateTokenRequest {
-                kind: TokenKind::Agent,
-                recovery_instance_id: None,
-                ttl_secs: None,
-            })
+            .create_token(
+                crate::service::BOOTSTRAP_ADMIN,
+                CreateTokenRequest {
+                    kind: TokenKind::Agent,
+                    recovery_instance_id: None,
+                    ttl_secs: None,
+                },
+            )
             .map_err(e)?;
         let en = svc
             .enroll_agent(AgentEnrollRequest {
@@ -107,11 +110,14 @@ async fn run_in(
             })
             .map_err(e)?;
         let pt = svc
-            .create_token(CreateTokenRequest {
-                kind: TokenKind::Pairing,
-                recovery_instance_id: Some(en.recovery_instance_id),
-                ttl_secs: None,
-            })
+            .create_token(
+                crate::service::BOOTSTRAP_ADMIN,
+                CreateTokenRequest {
+                    kind: TokenKind::Pairing,
+                    recovery_instance_id: Some(en.recovery_instance_id),
+                    ttl_secs: None,
+                },
+            )
             .map_err(e)?;
         let p = svc
             .pair(PairRequest {

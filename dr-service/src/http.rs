@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::ca::Ca;
 use crate::limits::{self, BodyLimit, Limits};
-use crate::service::{ApiFailure, Service, Settings};
+use crate::service::{ApiFailure, Caller, Service, Settings};
 use crate::store::SqliteStore;
 use crate::util::{random_hex, secret_hash};
 use crate::validate::Validate;
@@ -111,6 +111,7 @@ pub(crate) fn failure_response(e: ApiFailure) -> Response {
             (StatusCode::BAD_REQUEST, "BAD_REQUEST", Some(field.clone()))
         }
         ApiFailure::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", None),
+        ApiFailure::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN", None),
         ApiFailure::Token { code, .. } => {
             let s = if *code == "TOKEN_SCOPE" {
                 StatusCode::FORBIDDEN
@@ -201,17 +202,27 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn admin(st: &AppState, h: &HeaderMap) -> Result<(), ApiFailure> {
-    match bearer(h) {
-        // Compare hashes: equal-length strings, so no early-exit length leak.
-        Some(t) if secret_hash(t) == st.admin_hash => Ok(()),
-        Some(_) => Err(ApiFailure::Unauthorized(
-            "admin token not recognised".into(),
-        )),
-        None => Err(ApiFailure::Unauthorized(
-            "missing Authorization: Bearer <admin token>".into(),
-        )),
+/// The caller behind the bearer: the bootstrap admin token (data-dir `admin-token`) or a
+/// credential, looked up on every request (a revoked one is refused at once).
+fn caller(st: &AppState, h: &HeaderMap) -> Result<Caller, ApiFailure> {
+    let Some(t) = bearer(h) else {
+        return Err(ApiFailure::Unauthorized(
+            "missing Authorization: Bearer <admin token or credential secret>".into(),
+        ));
+    };
+    let hash = secret_hash(t);
+    // Compare hashes: equal-length strings, so no early-exit length leak.
+    if hash == st.admin_hash {
+        return Ok(Caller::bootstrap());
     }
+    st.service.credential_caller(&hash)
+}
+
+/// Authenticates the caller and requires at least role `need` (401 / 403 otherwise).
+fn require(st: &AppState, h: &HeaderMap, need: Role) -> Result<Caller, ApiFailure> {
+    let c = caller(st, h)?;
+    c.require(need)?;
+    Ok(c)
 }
 
 fn need_bearer(h: &HeaderMap, what: &str) -> Result<String, ApiFailure> {
@@ -264,31 +275,37 @@ async fn boot_report(
 }
 
 async fn list(State(st): St, h: HeaderMap) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.list()))
+    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.list()))
 }
 
 async fn describe(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.describe(&id)))
+    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.describe(&id)))
 }
 
 async fn set_hints(State(st): St, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.set_hints(&id, parse(&body)?)))
+    reply(
+        require(&st, &h, Role::Operator)
+            .and_then(|c| st.service.set_hints(&c.actor, &id, parse(&body)?)),
+    )
 }
 
 async fn stop(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.stop(&id)))
+    reply(require(&st, &h, Role::Operator).and_then(|c| st.service.stop(&c.actor, &id)))
 }
 
 async fn get_config(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.get_config(&id)))
+    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.get_config(&id)))
 }
 
 async fn put_config(State(st): St, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.update_config(&id, parse(&body)?)))
+    reply(
+        require(&st, &h, Role::Admin)
+            .and_then(|c| st.service.update_config(&c.actor, &id, parse(&body)?)),
+    )
 }
 
 async fn logs(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.list_logs(&id)))
+    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.list_logs(&id)))
 }
 
 async fn log_get(
@@ -296,18 +313,21 @@ async fn log_get(
     h: HeaderMap,
     Path((id, name)): Path<(String, String)>,
 ) -> Response {
-    match admin(&st, &h).and_then(|_| st.service.read_log(&id, &name)) {
+    match require(&st, &h, Role::Viewer).and_then(|_| st.service.read_log(&id, &name)) {
         Ok(b) => b.into_response(),
         Err(e) => failure_response(e),
     }
 }
 
 async fn tokens(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.create_token(parse(&body)?)))
+    reply(
+        require(&st, &h, Role::Operator)
+            .and_then(|c| st.service.create_token(&c.actor, parse(&body)?)),
+    )
 }
 
 async fn launch(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply(admin(&st, &h).and_then(|_| st.service.launch(parse(&body)?)))
+    reply(require(&st, &h, Role::Operator).and_then(|c| st.service.launch(&c.actor, parse(&body)?)))
 }
 
 #[derive(Deserialize)]
@@ -328,10 +348,26 @@ async fn events(
         Ok(Query(q)) => q,
         Err(e) => return failure_response(ApiFailure::bad("query", format!("query string: {e}"))),
     };
-    reply(admin(&st, &h).and_then(|_| {
+    reply(require(&st, &h, Role::Viewer).and_then(|_| {
         st.service
             .events(q.instance.as_deref(), q.after, q.limit.unwrap_or(1000))
     }))
+}
+
+async fn credentials(State(st): St, h: HeaderMap) -> Response {
+    reply(require(&st, &h, Role::Admin).and_then(|_| st.service.credentials()))
+}
+
+async fn credential_create(State(st): St, h: HeaderMap, body: Bytes) -> Response {
+    reply(
+        require(&st, &h, Role::Admin)
+            .and_then(|c| st.service.create_credential(&c.actor, parse(&body)?)),
+    )
+}
+
+/// The service checks the id's format (`cred-` + 16 hex) before any lookup.
+async fn credential_revoke(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
+    reply(require(&st, &h, Role::Admin).and_then(|c| st.service.revoke_credential(&c.actor, &id)))
 }
 
 async fn fallback() -> Response {
@@ -363,6 +399,14 @@ fn router(state: Arc<AppState>, body: BodyLimit) -> Router {
         .route("/v1/admin/tokens", post(tokens))
         .route("/v1/admin/launch", post(launch))
         .route("/v1/admin/events", get(events))
+        .route(
+            "/v1/admin/credentials",
+            get(credentials).post(credential_create),
+        )
+        .route(
+            "/v1/admin/credentials/{id}",
+            axum::routing::delete(credential_revoke),
+        )
         .route_layer(axum::middleware::from_fn(crate::validate::path_params))
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(

@@ -21,4 +21,4 @@ pub mod validate;
 
 pub use http::{start, RunningServer, ServerConfig, ServerError};
 pub use limits::Limits;
-pub use service::{ApiFailure, Service, Settings};
+pub use service::{ApiFailure, Caller, Service, Settings, BOOTSTRAP_ADMIN};

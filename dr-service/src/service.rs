@@ -19,6 +19,9 @@ use crate::util::{new_instance_id, now_secs, random_hex, secret_hash};
 
 mod access;
 mod boot_report;
+mod credentials;
+
+pub use credentials::{Caller, BOOTSTRAP_ADMIN};
 
 /// Tunables (defaults suit production; tests shorten the intervals).
 #[derive(Debug, Clone)]
@@ -55,6 +58,9 @@ pub enum ApiFailure {
     BadRequest { field: String, message: String },
     #[error("{0}")]
     Unauthorized(String),
+    /// Authenticated, but the credential's role is below what the route needs (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// A pairing or agent token was refused (`TOKEN_INVALID`, `TOKEN_USED`, `TOKEN_EXPIRED`,
     /// `TOKEN_SCOPE`, `TOKEN_KIND`).
     #[error("{message}")]
@@ -322,7 +328,7 @@ impl Service {
 
     // ------------------------------------------------------------ admin
 
-    pub fn create_token(&self, req: CreateTokenRequest) -> R<CreateTokenResponse> {
+    pub fn create_token(&self, actor: &str, req: CreateTokenRequest) -> R<CreateTokenResponse> {
         let now = now_secs();
         let ttl = req.ttl_secs.unwrap_or(self.settings.default_token_ttl_secs);
         if ttl == 0 || ttl > MAX_TTL {
@@ -352,7 +358,7 @@ impl Service {
             TokenKind::Agent => "fba_",
         };
         let token = format!("{prefix}{}", random_hex(24));
-        let mut b = Batch::default();
+        let mut b = Batch::by(actor);
         b.tokens.push(TokenRecord {
             hash: secret_hash(&token),
             kind: req.kind,
@@ -392,12 +398,12 @@ impl Service {
         Ok(self.present(self.instance(id)?, now_secs()))
     }
 
-    pub fn set_hints(&self, id: &str, req: SetHintsRequest) -> R<RecoveryInstance> {
+    pub fn set_hints(&self, actor: &str, id: &str, req: SetHintsRequest) -> R<RecoveryInstance> {
         let now = now_secs();
         let _g = self.guard();
         let mut inst = self.instance(id)?;
         inst.source_hints = req.source_hints;
-        let mut b = Batch::default();
+        let mut b = Batch::by(actor);
         b.event(
             now,
             Some(id),
@@ -413,7 +419,12 @@ impl Service {
         Ok(self.instance(id)?.config)
     }
 
-    pub fn update_config(&self, id: &str, req: UpdateReplicationConfig) -> R<ReplicationConfig> {
+    pub fn update_config(
+        &self,
+        actor: &str,
+        id: &str,
+        req: UpdateReplicationConfig,
+    ) -> R<ReplicationConfig> {
         if let Some(bw) = req.bandwidth_throttling_mbps {
             if bw > 1_000_000 {
                 return Err(ApiFailure::bad(
@@ -434,7 +445,7 @@ impl Service {
         if let Some(n) = req.name {
             inst.config.name = Some(n);
         }
-        let mut b = Batch::default();
+        let mut b = Batch::by(actor);
         b.event(
             now,
             Some(id),
@@ -451,7 +462,7 @@ impl Service {
     }
 
     /// AWS `StartFailbackLaunch`: only instances in `FAILBACK_READY_FOR_LAUNCH` are accepted.
-    pub fn launch(&self, req: LaunchRequest) -> R<LaunchResponse> {
+    pub fn launch(&self, actor: &str, req: LaunchRequest) -> R<LaunchResponse> {
         let n = req.recovery_instance_ids.len();
         if n == 0 || n > 200 {
             return Err(ApiFailure::bad(
@@ -471,7 +482,7 @@ impl Service {
         let now = now_secs();
         let job = format!("drsjob-{}", &random_hex(9)[..17]);
         let _g = self.guard();
-        let mut b = Batch::default();
+        let mut b = Batch::by(actor);
         let mut results = Vec::new();
         for id in &req.recovery_instance_ids {
             let Some(mut inst) = self.store.instance(id)? else {
@@ -511,7 +522,7 @@ impl Service {
     }
 
     /// AWS `StopFailback`: back to `FAILBACK_NOT_STARTED`; the client is told to stop.
-    pub fn stop(&self, id: &str) -> R<RecoveryInstance> {
+    pub fn stop(&self, actor: &str, id: &str) -> R<RecoveryInstance> {
         let now = now_secs();
         let _g = self.guard();
         let old = self.instance(id)?;
@@ -522,7 +533,7 @@ impl Service {
         f.launch_requested_at = None;
         f.launch_job_id = None;
         f.errors.clear();
-        let mut b = Batch::default();
+        let mut b = Batch::by(actor);
         for mut c in self.store.clients_of(id)? {
             if !c.stopped {
                 c.stopped = true;
@@ -587,7 +598,7 @@ impl Service {
         clear_error(&mut inst.failback, ReplicationError::AgentNotSeen);
         let cert = self.ca.agent_cert(&id)?;
         let secret = format!("fbs_{}", random_hex(32));
-        let mut b = Batch::default();
+        let mut b = Batch::by(format!("agent:{id}"));
         b.tokens.push(TokenRecord {
             used_at: Some(now),
             ..tok
@@ -637,7 +648,7 @@ impl Service {
             .ok_or_else(|| ApiFailure::Unauthorized("agent secret not recognised".into()))?;
         let old = self.instance(&agent.instance_id)?;
         let mut inst = old.clone();
-        let mut b = Batch::default();
+        let mut b = Batch::by(format!("agent:{}", agent.instance_id));
         if inst.agent.address.as_deref() != Some(hb.address.as_str()) {
             b.event(
                 now,
@@ -839,7 +850,7 @@ impl Service {
             InitiationStepName::EstablishRecoveryInstanceCommunication,
             StepStatus::InProgress,
         );
-        let mut b = Batch::default();
+        let mut b = Batch::by(format!("client:{client_id}"));
         b.tokens.push(TokenRecord {
             used_at: Some(now),
             ..tok
@@ -927,7 +938,7 @@ impl Service {
         let old = self.instance(&client.instance_id)?;
         let mut inst = old.clone();
         let current = inst.failback.client_id.as_deref() == Some(client.client_id.as_str());
-        let mut b = Batch::default();
+        let mut b = Batch::by(format!("client:{}", client.client_id));
         if client.stopped || !current {
             if rep.phase == ClientPhase::Stopped {
                 b.event(
@@ -1187,7 +1198,7 @@ impl Service {
         let path = dir.join(&name);
         std::fs::write(&path, body)
             .map_err(|e| ApiFailure::Internal(format!("writing {}: {e}", path.display())))?;
-        let mut b = Batch::default();
+        let mut b = Batch::by(format!("client:{}", client.client_id));
         b.event(
             now,
             Some(&client.instance_id),
@@ -1249,7 +1260,7 @@ impl Service {
         if n == 0 {
             return Ok(0);
         }
-        let mut b = Batch::default();
+        let mut b = Batch::by("monitor");
         for old in stale {
             let mut inst = old.clone();
             let f = &mut inst.failback;

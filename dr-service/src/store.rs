@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use failback_config::api::{Event, FailbackState, RecoveryInstance, ReplicationError, TokenKind};
+use failback_config::api::{
+    Credential, Event, FailbackState, RecoveryInstance, ReplicationError, Role, TokenKind,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,34 @@ pub struct AgentRecord {
     pub created_at: u64,
 }
 
+/// An admin credential as stored: only the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub secret_hash: String,
+    pub created_at: u64,
+    pub created_by: String,
+    pub revoked_at: Option<u64>,
+    pub revoked_by: Option<String>,
+}
+
+impl CredentialRecord {
+    /// The API view (no hash).
+    pub fn public(&self) -> Credential {
+        Credential {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            role: self.role,
+            created_at: self.created_at,
+            created_by: self.created_by.clone(),
+            revoked_at: self.revoked_at,
+            revoked_by: self.revoked_by.clone(),
+        }
+    }
+}
+
 /// An event before it gets its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
@@ -65,25 +95,38 @@ pub struct NewEvent {
     pub instance_id: Option<String>,
     pub kind: String,
     pub message: String,
+    pub actor: Option<String>,
 }
 
 /// Everything one request changes, written atomically.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Recorded on every event of the batch (who made the request).
+    pub actor: Option<String>,
     pub instances: Vec<RecoveryInstance>,
     pub tokens: Vec<TokenRecord>,
     pub clients: Vec<ClientRecord>,
     pub agents: Vec<AgentRecord>,
+    pub credentials: Vec<CredentialRecord>,
     pub events: Vec<NewEvent>,
 }
 
 impl Batch {
+    /// An empty batch whose events name `actor` (see `Event::actor`).
+    pub fn by(actor: impl Into<String>) -> Batch {
+        Batch {
+            actor: Some(actor.into()),
+            ..Batch::default()
+        }
+    }
+
     pub fn event(&mut self, at: u64, instance: Option<&str>, kind: &str, message: String) {
         self.events.push(NewEvent {
             at,
             instance_id: instance.map(str::to_string),
             kind: kind.to_string(),
             message,
+            actor: self.actor.clone(),
         });
     }
 }
@@ -103,6 +146,11 @@ pub trait Store: Send + Sync {
     fn client_by_secret(&self, hash: &str) -> Result<Option<ClientRecord>, StoreError>;
     fn clients_of(&self, instance_id: &str) -> Result<Vec<ClientRecord>, StoreError>;
     fn agent_by_secret(&self, hash: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// The credential with this secret hash, revoked or not.
+    fn credential_by_secret(&self, hash: &str) -> Result<Option<CredentialRecord>, StoreError>;
+    fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError>;
+    /// All credentials, revoked ones included, oldest first.
+    fn credentials(&self) -> Result<Vec<CredentialRecord>, StoreError>;
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
     fn events(
         &self,
@@ -161,10 +209,33 @@ CREATE TABLE IF NOT EXISTS events (
     at INTEGER NOT NULL,
     instance_id TEXT,
     kind TEXT NOT NULL,
-    message TEXT NOT NULL
+    message TEXT NOT NULL,
+    actor TEXT
 );
 CREATE INDEX IF NOT EXISTS events_instance ON events(instance_id, seq);
+CREATE TABLE IF NOT EXISTS credentials (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_at INTEGER,
+    revoked_by TEXT
+);
 ";
+
+/// Brings a database created by an older version up to [`SCHEMA`]: events gained `actor`
+/// (NULL for the events stored before).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_actor = conn
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'actor'")?
+        .exists([])?;
+    if !has_actor {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN actor TEXT")?;
+    }
+    Ok(())
+}
 
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -198,6 +269,7 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         Ok(SqliteStore {
             path: path.to_owned(),
             conn: Mutex::new(conn),
@@ -257,6 +329,25 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
         created_at: u64_of(r.get(3)?),
         expires_at: u64_of(r.get(4)?),
         used_at: r.get::<_, Option<i64>>(5)?.map(u64_of),
+    })
+}
+
+const CREDENTIAL_COLUMNS: &str =
+    "id, name, role, secret_hash, created_at, created_by, revoked_at, revoked_by";
+
+fn credential_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRecord> {
+    let role: String = r.get(2)?;
+    Ok(CredentialRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        role: role.parse().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        secret_hash: r.get(3)?,
+        created_at: u64_of(r.get(4)?),
+        created_by: r.get(5)?,
+        revoked_at: r.get::<_, Option<i64>>(6)?.map(u64_of),
+        revoked_by: r.get(7)?,
     })
 }
 
@@ -347,6 +438,41 @@ impl Store for SqliteStore {
         .map_err(self.err())
     }
 
+    fn credential_by_secret(&self, hash: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE secret_hash = ?1"
+            ))
+            .map_err(self.err())?;
+        st.query_row([hash], credential_row)
+            .optional()
+            .map_err(self.err())
+    }
+
+    fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials WHERE id = ?1"
+            ))
+            .map_err(self.err())?;
+        st.query_row([id], credential_row)
+            .optional()
+            .map_err(self.err())
+    }
+
+    fn credentials(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {CREDENTIAL_COLUMNS} FROM credentials ORDER BY created_at, id"
+            ))
+            .map_err(self.err())?;
+        let rows = st.query_map([], credential_row).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.err())?;
@@ -417,11 +543,40 @@ impl Store for SqliteStore {
             )
             .map_err(self.err())?;
         }
+        for c in &batch.credentials {
+            tx.execute(
+                &format!(
+                    "INSERT INTO credentials ({CREDENTIAL_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                     ON CONFLICT(id) DO UPDATE SET revoked_at = ?7, revoked_by = ?8"
+                ),
+                params![
+                    c.id,
+                    c.name,
+                    c.role.as_str(),
+                    c.secret_hash,
+                    i64_of(c.created_at),
+                    c.created_by,
+                    c.revoked_at.map(i64_of),
+                    c.revoked_by
+                ],
+            )
+            .map_err(self.err())?;
+        }
         for e in &batch.events {
             tx.prepare_cached(
-                "INSERT INTO events (at, instance_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO events (at, instance_id, kind, message, actor) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )
-            .and_then(|mut st| st.execute(params![i64_of(e.at), e.instance_id, e.kind, e.message]))
+            .and_then(|mut st| {
+                st.execute(params![
+                    i64_of(e.at),
+                    e.instance_id,
+                    e.kind,
+                    e.message,
+                    e.actor
+                ])
+            })
             .map_err(self.err())?;
         }
         tx.commit().map_err(self.err())
@@ -436,7 +591,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut st = conn
             .prepare_cached(
-                "SELECT seq, at, instance_id, kind, message FROM events \
+                "SELECT seq, at, instance_id, kind, message, actor FROM events \
                  WHERE seq > ?1 AND (?2 IS NULL OR instance_id = ?2) ORDER BY seq LIMIT ?3",
             )
             .map_err(self.err())?;
@@ -448,9 +603,56 @@ impl Store for SqliteStore {
                     recovery_instance_id: r.get(2)?,
                     kind: r.get(3)?,
                     message: r.get(4)?,
+                    actor: r.get(5)?,
                 })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database written before credentials and actors existed opens, its events read with
+    /// no actor, and new events and credentials are stored.
+    #[test]
+    fn old_database_is_migrated() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("failback.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, \
+                 instance_id TEXT, kind TEXT NOT NULL, message TEXT NOT NULL);
+                 INSERT INTO events (at, instance_id, kind, message) VALUES (5, NULL, 'OLD', 'm');",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let mut b = Batch::by("bootstrap-admin");
+        b.event(6, None, "NEW", "n".into());
+        b.credentials.push(CredentialRecord {
+            id: "cred-0123456789abcdef".into(),
+            name: "ci-bot".into(),
+            role: Role::Operator,
+            secret_hash: "h".into(),
+            created_at: 6,
+            created_by: "bootstrap-admin".into(),
+            revoked_at: None,
+            revoked_by: None,
+        });
+        s.apply(b).unwrap();
+        let ev = s.events(None, 0, 10).unwrap();
+        assert_eq!(ev.len(), 2);
+        assert_eq!((ev[0].kind.as_str(), ev[0].actor.as_deref()), ("OLD", None));
+        assert_eq!(ev[1].actor.as_deref(), Some("bootstrap-admin"));
+        let c = s.credential_by_secret("h").unwrap().unwrap();
+        assert_eq!((c.name.as_str(), c.role), ("ci-bot", Role::Operator));
+        drop(s);
+        // Opening again (already migrated) is a no-op.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.credentials().unwrap().len(), 1);
     }
 }

@@ -354,6 +354,13 @@ impl Validate for LaunchRequest {
     }
 }
 
+impl Validate for CreateCredentialRequest {
+    /// The name's format and length are checked by the credential logic.
+    fn validate(&self) -> R<()> {
+        len("name", &self.name, MAX_SHORT)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! HTTP client for the DR service's admin API (`/v1/admin/*`), used by the `failback` admin
 //! commands and by mass failback. Pins the service CA when given (never system roots then),
-//! authenticates with the admin token, and turns error bodies into [`AdminError::Api`] with
+//! authenticates with the bootstrap admin token or a credential secret (whose role decides
+//! what the service allows; mass failback needs `operator`), and turns error bodies into [`AdminError::Api`] with
 //! the service's code and message.
 
 use std::path::Path;
@@ -96,7 +97,8 @@ impl AdminClient {
         }
         if token.trim().is_empty() {
             return Err(AdminError::Usage(
-                "admin token is empty (--admin-token or FAILBACK_ADMIN_TOKEN)".into(),
+                "admin token or credential secret is empty (--admin-token or FAILBACK_ADMIN_TOKEN)"
+                    .into(),
             ));
         }
         let pem = ca_pem.ok_or_else(|| {
@@ -249,5 +251,35 @@ impl AdminClient {
 
     pub async fn logs(&self, id: &str) -> Result<LogList, AdminError> {
         self.get(&format!("/v1/admin/instances/{id}/logs")).await
+    }
+
+    /// All admin credentials (role admin); never their secrets.
+    pub async fn credentials(&self) -> Result<CredentialList, AdminError> {
+        self.get("/v1/admin/credentials").await
+    }
+
+    /// A new credential (role admin); the answer holds its secret, shown once.
+    pub async fn create_credential(
+        &self,
+        req: &CreateCredentialRequest,
+    ) -> Result<CreateCredentialResponse, AdminError> {
+        self.call(reqwest::Method::POST, "/v1/admin/credentials", Some(req))
+            .await
+    }
+
+    /// Revokes a credential (role admin). The id is checked here first, so that no request
+    /// text other than a well-formed id ends up in the URL path.
+    pub async fn revoke_credential(&self, id: &str) -> Result<Credential, AdminError> {
+        if !valid_credential_id(id) {
+            return Err(AdminError::Usage(format!(
+                "{id:?} is not a credential id (cred- followed by 16 lower-case hex digits)"
+            )));
+        }
+        self.call::<(), _>(
+            reqwest::Method::DELETE,
+            &format!("/v1/admin/credentials/{id}"),
+            None,
+        )
+        .await
     }
 }

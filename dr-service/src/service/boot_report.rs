@@ -275,7 +275,7 @@ impl Service {
             message.push_str(&format!("; console log {name}"));
             stored_as = Some(name);
         }
-        let mut b = Batch::default();
+        let mut b = Batch::by("anonymous");
         b.event(now, instance.as_deref(), "CLIENT_BOOT_FAILED", message);
         self.store.apply(b)?;
         Ok(BootReportResponse {

@@ -1,7 +1,8 @@
 //! DR-service admin commands, flattened at the top level of `failback`:
 //! `instances list|describe`, `token create pairing|agent`, `launch`, `stop`,
-//! `config get|set`, `events`. Every command takes `--server`, `--admin-token`, `--ca`
-//! (or `FAILBACK_SERVER`, `FAILBACK_ADMIN_TOKEN`, `FAILBACK_CA`) and `--output text|json`.
+//! `config get|set`, `events`, `credentials create|list|revoke`. Every command takes
+//! `--server`, `--admin-token` (the bootstrap admin token or a credential secret), `--ca` (or
+//! `FAILBACK_SERVER`, `FAILBACK_ADMIN_TOKEN`, `FAILBACK_CA`) and `--output text|json`.
 //!
 //! Exit codes: 0 ok, 1 internal, 2 usage, 4 service unreachable, 7 the service refused
 //! (including a launch where some instance was not accepted).
@@ -25,7 +26,8 @@ pub struct Conn {
     /// DR service URL (https://HOST:PORT).
     #[arg(long, env = "FAILBACK_SERVER")]
     server: String,
-    /// Admin token (the service's data-dir/admin-token).
+    /// Admin token (the service's data-dir/admin-token) or a credential secret
+    /// (`failback credentials create`); its role decides what the service allows.
     #[arg(long, env = "FAILBACK_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: String,
     /// CA certificate (PEM) of the service, pinned (the service's data-dir/ca.pem).
@@ -51,8 +53,50 @@ pub enum AdminCommand {
     /// Failback replication configuration: bandwidth limit, private address.
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Event log (every state transition and admin action).
+    /// Event log (every state transition and admin action, with who acted).
     Events(EventsArgs),
+    /// Scoped admin credentials (viewer, operator, admin): create, list, revoke. Role admin.
+    #[command(subcommand)]
+    Credentials(CredentialsCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CredentialsCmd {
+    /// Create a credential; its secret is printed once (stdout), the service keeps a hash.
+    Create(CredentialCreateArgs),
+    /// List credentials (never their secrets), revoked ones included.
+    List(ConnOnly),
+    /// Revoke a credential: its next request is refused.
+    Revoke(CredentialIdArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Read: instances, configuration, events, logs.
+    Viewer,
+    /// Day-to-day failback: tokens, hints, launch, stop (enough for mass failback).
+    Operator,
+    /// Everything: configuration and credentials too.
+    Admin,
+}
+
+#[derive(Args, Debug)]
+pub struct CredentialCreateArgs {
+    #[arg(long, value_enum)]
+    role: RoleArg,
+    /// Who or what holds it (1..64 of A-Z a-z 0-9 . _ - @), e.g. ci-bot.
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Args, Debug)]
+pub struct CredentialIdArgs {
+    /// Credential id (cred-...).
+    id: String,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,6 +302,71 @@ fn describe_text(i: &RecoveryInstance) {
     }
 }
 
+fn credential_line(c: &Credential) {
+    println!(
+        "{:<21} {:<24} {:<8} {:<20} {:<40} {}",
+        c.id,
+        c.name,
+        c.role.as_str(),
+        when(Some(c.created_at)),
+        c.created_by,
+        match (&c.revoked_at, &c.revoked_by) {
+            (Some(at), by) => format!(
+                "revoked {} by {}",
+                when(Some(*at)),
+                by.as_deref().unwrap_or("-")
+            ),
+            (None, _) => "active".into(),
+        }
+    );
+}
+
+async fn run_credentials(cmd: CredentialsCmd) -> Result<(), AdminError> {
+    match cmd {
+        CredentialsCmd::Create(a) => {
+            let req = CreateCredentialRequest {
+                role: match a.role {
+                    RoleArg::Viewer => Role::Viewer,
+                    RoleArg::Operator => Role::Operator,
+                    RoleArg::Admin => Role::Admin,
+                },
+                name: a.name.clone(),
+            };
+            let r = client(&a.conn)?.create_credential(&req).await?;
+            if a.conn.output == Output::Json {
+                print_json(&r);
+            } else {
+                println!("{}", r.secret);
+                eprintln!(
+                    "credential {} '{}' role {} (secret shown once; the service keeps only its hash)",
+                    r.credential.id, r.credential.name, r.credential.role
+                );
+            }
+        }
+        CredentialsCmd::List(a) => {
+            let l = client(&a.conn)?.credentials().await?;
+            if a.conn.output == Output::Json {
+                print_json(&l);
+            } else {
+                println!(
+                    "{:<21} {:<24} {:<8} {:<20} {:<40} STATE",
+                    "ID", "NAME", "ROLE", "CREATED", "CREATED BY"
+                );
+                l.items.iter().for_each(credential_line);
+            }
+        }
+        CredentialsCmd::Revoke(a) => {
+            let c = client(&a.conn)?.revoke_credential(&a.id).await?;
+            if a.conn.output == Output::Json {
+                print_json(&c);
+            } else {
+                println!("{} '{}' revoked", c.id, c.name);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn fail(e: AdminError) -> ExitCode {
     eprintln!("failback: error: {e}");
     ExitCode::from(match e {
@@ -404,16 +513,18 @@ async fn run_inner(cmd: AdminCommand) -> Result<ExitCode, AdminError> {
             } else {
                 for e in &l.items {
                     println!(
-                        "{:>6} {} {:<20} {:<18} {}",
+                        "{:>6} {} {:<20} {:<18} {} (by {})",
                         e.seq,
                         when(Some(e.at)),
                         e.recovery_instance_id.as_deref().unwrap_or("-"),
                         e.kind,
-                        e.message
+                        e.message,
+                        e.actor.as_deref().unwrap_or("-")
                     );
                 }
             }
         }
+        AdminCommand::Credentials(c) => run_credentials(c).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

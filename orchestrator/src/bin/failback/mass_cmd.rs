@@ -45,6 +45,7 @@ pub struct DrArgs {
     /// DR service URL, e.g. https://dr.example:8443.
     #[arg(long = "server", env = "FAILBACK_SERVER")]
     pub server: String,
+    /// Admin token or credential secret; role `operator` is enough for a mass failback.
     #[arg(
         long = "admin-token",
         env = "FAILBACK_ADMIN_TOKEN",
