@@ -206,14 +206,19 @@ mod tests {
         };
         let none = write("key-only.pem", &key.serialize_pem());
         let e = ca_roots(&none).unwrap_err().to_string();
-        assert!(e.contains("key-only.pem") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("key-only.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
         let broken = write(
             "broken.pem",
             "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
         );
         let e = ca_roots(&broken).unwrap_err().to_string();
         assert!(e.contains("broken.pem"), "{e}");
-        let e = ca_roots(&dir.path().join("missing.pem")).unwrap_err().to_string();
+        let e = ca_roots(&dir.path().join("missing.pem"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.pem"), "{e}");
     }
 }
