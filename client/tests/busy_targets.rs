@@ -2,8 +2,8 @@
 //! mounted ext4 filesystem (rule `mounted`), in use as swap (rule `swap`), and one whose
 //! partition is mounted or is swap (the refusal names the partition). Real kernel state, real
 //! agent; exit code 3 and not one byte of the device changed. Image files in use are refused
-//! too: the backing file of a loop device, mounted or not and under any name (symlink, hard
-//! link; rule `loop-backing`), and a file or device another process holds open for writing
+//! too: the backing file (or device) of a loop device, mounted or not and under any name
+//! (symlink, hard link; rule `loop-backing`), and a file or device another process holds open for writing
 //! (rule `open-for-writing`, naming the pid). Needs root, losetup, partx,
 //! swapon (util-linux), mkfs.ext4 (e2fsprogs) and sfdisk (fdisk): all in `make setup`.
 
@@ -290,7 +290,7 @@ fn image_backing_a_mounted_loop_device_is_refused_and_left_unchanged() {
 }
 
 #[test]
-fn image_backing_an_unmounted_loop_device_is_refused_under_any_name() {
+fn image_or_device_backing_an_unmounted_loop_device_is_refused_under_any_name() {
     let env = Env::new(None);
     let (img, lo) = loop_device(&env, "backing.img");
     std::fs::write(&img, failback_tests::random_bytes(7, DEV_SIZE)).unwrap();
@@ -302,6 +302,14 @@ fn image_backing_an_unmounted_loop_device_is_refused_under_any_name() {
     assert!(
         std::fs::read(&img).unwrap() == before,
         "refused image was written"
+    );
+    // A block device backing a loop device (a loop over the loop device) is refused too.
+    let upper = LoopDev::attach(&lo.dev, &[]);
+    assert_refused(&env, &lo.dev, "loop-backing", &[s(&upper.dev)]);
+    drop(upper);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "refused device was written"
     );
     // A copy with the same bytes is another file: accepted.
     let copy = env.path("copy.img");
