@@ -30,10 +30,20 @@ fn closed_pipe(dir: &Path) -> std::fs::File {
 #[test]
 fn closed_stdout_exits_quietly() {
     let dir = tempfile::tempdir().unwrap();
+    let certs = failback_replication::tls::DevCerts::generate("dev").unwrap();
+    certs.write_to(dir.path()).unwrap();
     // Port 1 on loopback: nothing listens; the first console line ("pairing with …") is
     // printed before the first request.
     let o = Command::new(env!("CARGO_BIN_EXE_failback-client"))
-        .args(["run", "--server", "https://127.0.0.1:1", "--token", "t"])
+        .args([
+            "run",
+            "--server",
+            "https://127.0.0.1:1",
+            "--token",
+            "t",
+            "--ca",
+        ])
+        .arg(dir.path().join("ca.pem"))
         .args(["--retry-secs", "1", "--no-log-upload"])
         .stdout(closed_pipe(dir.path()))
         .stderr(Stdio::piped())
