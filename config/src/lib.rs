@@ -7,3 +7,4 @@
 pub mod api;
 pub mod plan;
 pub mod seed;
+pub mod stdio;

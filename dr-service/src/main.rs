@@ -119,6 +119,7 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    failback_config::stdio::exit_quietly_on_broken_pipe();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -74,6 +74,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    failback_config::stdio::exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -3,10 +3,11 @@
 use crate::error::{Error, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Certificate policy. The default verifies against the public web PKI roots.
@@ -60,28 +61,7 @@ pub(crate) fn configure(
         TlsMode::Verify => builder,
         TlsMode::Insecure => builder.danger_accept_invalid_certs(true),
         TlsMode::CaFile(path) => {
-            let pem = std::fs::read(path).map_err(|source| Error::CaFile {
-                path: path.clone(),
-                source,
-            })?;
-            let mut roots = rustls::RootCertStore::empty();
-            let mut n = 0;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|source| Error::CaFile {
-                    path: path.clone(),
-                    source,
-                })?;
-                roots.add(cert).map_err(|e| {
-                    Error::Config(format!("CA file {}: bad certificate: {e}", path.display()))
-                })?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(Error::Config(format!(
-                    "CA file {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
+            let roots = ca_roots(path)?;
             let cfg = rustls::ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| Error::Config(format!("TLS: {e}")))?
@@ -104,6 +84,32 @@ pub(crate) fn configure(
             builder.use_preconfigured_tls(cfg)
         }
     })
+}
+
+/// The CA certificates in the PEM file `path` (other sections, e.g. keys, are skipped); at
+/// least one.
+fn ca_roots(path: &Path) -> Result<rustls::RootCertStore> {
+    let pem = std::fs::read(path).map_err(|source| Error::CaFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| Error::CaFile {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        roots.add(cert).map_err(|e| {
+            Error::Config(format!("CA file {}: bad certificate: {e}", path.display()))
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Config(format!(
+            "CA file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(roots)
 }
 
 /// Accepts only the certificate with the pinned SHA-256; handshake signatures are still
@@ -179,5 +185,40 @@ mod tests {
         assert_eq!(normalize_thumbprint(&h).unwrap(), "ab".repeat(32));
         assert!(normalize_thumbprint("abcd").is_err());
         assert!(normalize_thumbprint(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn ca_file_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        // Certificates among other sections (a key) and text: the certificates count.
+        let both = dir.path().join("both.pem");
+        let text = format!("comment\n{}{}", key.serialize_pem(), ca.pem());
+        std::fs::write(&both, text.repeat(2)).unwrap();
+        assert_eq!(ca_roots(&both).unwrap().len(), 2);
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let none = write("key-only.pem", &key.serialize_pem());
+        let e = ca_roots(&none).unwrap_err().to_string();
+        assert!(
+            e.contains("key-only.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let broken = write(
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let e = ca_roots(&broken).unwrap_err().to_string();
+        assert!(e.contains("broken.pem"), "{e}");
+        let e = ca_roots(&dir.path().join("missing.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.pem"), "{e}");
     }
 }

@@ -42,6 +42,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    failback_config::stdio::exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     match cli.command {
         Command::Mass(cmd) => mass_cmd::run(cmd).await,
