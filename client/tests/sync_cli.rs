@@ -244,8 +244,13 @@ fn network_tls_and_agent_errors_have_their_exit_codes() {
         .arg(env.path("client-key.pem"))
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("TLS handshake"));
+    // A certificate problem is not retryable: agent error (6), naming the cause.
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not signed by the pinned CA"),
+        "{}",
+        text(&o)
+    );
 
     // Missing certificate file: usage/config (2).
     let o = Command::new(CLIENT)

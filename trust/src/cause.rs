@@ -66,7 +66,9 @@ impl fmt::Display for TlsCause {
 
 fn from_certificate_error(e: &CertificateError) -> TlsCause {
     match e {
-        CertificateError::UnknownIssuer => TlsCause::UnknownIssuer,
+        // A bad signature on a chain that names the pinned CA as issuer: another CA with the
+        // same name (every dev CA is "failback dev CA") — not signed by the pinned CA either.
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => TlsCause::UnknownIssuer,
         CertificateError::Expired | CertificateError::ExpiredContext { .. } => TlsCause::Expired,
         CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
             TlsCause::NotYetValid
