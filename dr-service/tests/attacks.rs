@@ -107,11 +107,14 @@ async fn raw(s: &RunningServer, method: &str, target: &str, body: &str) -> (u16,
 fn instance_with_log(s: &RunningServer) -> (String, String, String) {
     let svc = &s.service;
     let at = svc
-        .create_token(CreateTokenRequest {
-            kind: TokenKind::Agent,
-            recovery_instance_id: None,
-            ttl_secs: None,
-        })
+        .create_token(
+            failback_server::BOOTSTRAP_ADMIN,
+            CreateTokenRequest {
+                kind: TokenKind::Agent,
+                recovery_instance_id: None,
+                ttl_secs: None,
+            },
+        )
         .unwrap();
     let en = svc
         .enroll_agent(AgentEnrollRequest {
@@ -131,11 +134,14 @@ fn instance_with_log(s: &RunningServer) -> (String, String, String) {
         .unwrap();
     let id = en.recovery_instance_id;
     let pt = svc
-        .create_token(CreateTokenRequest {
-            kind: TokenKind::Pairing,
-            recovery_instance_id: Some(id.clone()),
-            ttl_secs: None,
-        })
+        .create_token(
+            failback_server::BOOTSTRAP_ADMIN,
+            CreateTokenRequest {
+                kind: TokenKind::Pairing,
+                recovery_instance_id: Some(id.clone()),
+                ttl_secs: None,
+            },
+        )
         .unwrap();
     let p = svc
         .pair(PairRequest {
@@ -500,11 +506,14 @@ async fn anonymous_boot_report_flood_cannot_silence_a_genuine_appliance() {
     let (id, _, _) = instance_with_log(&s);
     let token = s
         .service
-        .create_token(CreateTokenRequest {
-            kind: TokenKind::Pairing,
-            recovery_instance_id: Some(id.clone()),
-            ttl_secs: None,
-        })
+        .create_token(
+            failback_server::BOOTSTRAP_ADMIN,
+            CreateTokenRequest {
+                kind: TokenKind::Pairing,
+                recovery_instance_id: Some(id.clone()),
+                ttl_secs: None,
+            },
+        )
         .unwrap()
         .token;
     let c = https(&s);

@@ -23,6 +23,7 @@ async fn server(dir: &Path) -> RunningServer {
             client_timeout_secs: 600,
             ..Settings::default()
         },
+        limits: Default::default(),
     })
     .await
     .expect("service starts")

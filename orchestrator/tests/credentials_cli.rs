@@ -16,6 +16,7 @@ async fn server(dir: &std::path::Path) -> RunningServer {
         sans: vec![],
         admin_token: None,
         settings: Settings::default(),
+        limits: Default::default(),
     })
     .await
     .expect("service starts")
