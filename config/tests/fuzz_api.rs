@@ -1,5 +1,5 @@
-//! Structure-aware fuzzing of the DR-service request bodies, parsed exactly as
-//! dr-service/src/http.rs `parse` does (serde_json through serde_path_to_error).
+//! Structure-aware fuzzing of the DR-service request bodies, parsed by
+//! `failback_config::api::parse_body`, the function dr-service/src/http.rs `parse` calls.
 //!
 //! proptest on stable, inside `cargo test` (see replication/tests/fuzz_wire.rs for why);
 //! `FAILBACK_FUZZ_CASES=N` sets the number of cases. Inputs: JSON trees keyed by the real field
@@ -14,7 +14,7 @@ mod fuzz_common;
 use std::fmt::Debug;
 
 use failback_config::api::{
-    AgentEnrollRequest, AgentHeartbeat, BootReport, ClientReport, CreateTokenRequest,
+    parse_body, AgentEnrollRequest, AgentHeartbeat, BootReport, ClientReport, CreateTokenRequest,
     LaunchRequest, PairRequest, SetHintsRequest, UpdateReplicationConfig,
 };
 use fuzz_common::{arb_edit, arb_object, arb_value, config, edit};
@@ -24,32 +24,20 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_path_to_error::{Path, Segment};
 
-/// As dr-service/src/http.rs `parse`: the value, or (path, serde message, field name shown).
+/// The error's path as serde_path_to_error reports it (to check it against the body), next to
+/// what the service answers ([`parse_body`], used by dr-service/src/http.rs `parse`).
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, (Path, String, String)> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.inner().to_string();
-        let field = match extract_field(&inner) {
-            Some(f) if path == "." || path.is_empty() => f,
-            Some(f) if path == f || path.ends_with(&format!(".{f}")) => path.clone(),
-            Some(f) => format!("{path}.{f}"),
-            None if path.is_empty() => ".".into(),
-            None => path.clone(),
-        };
-        (e.path().clone(), inner, field)
-    })
-}
-
-/// As dr-service/src/http.rs `extract_field`.
-fn extract_field(msg: &str) -> Option<String> {
-    for pre in ["unknown field `", "missing field `"] {
-        if let Some(i) = msg.find(pre) {
-            let rest = &msg[i + pre.len()..];
-            return rest.split('`').next().map(str::to_string);
-        }
+    let path = match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(_) => None,
+        Err(e) => Some(e.path().clone()),
+    };
+    match (parse_body::<T>(body), path) {
+        (Ok(v), None) => Ok(v),
+        (Err(e), Some(path)) => Err((path, e.message, e.field)),
+        (Ok(_), Some(p)) => panic!("parse_body accepted a body refused at {p}"),
+        (Err(e), None) => panic!("parse_body refused an accepted body: {e}"),
     }
-    None
 }
 
 /// The node of `v` that `path` names, if every segment exists.
@@ -145,6 +133,20 @@ fn valid_bodies_parse() {
 /// The path of an error deep in a body names the exact place (as the service reports it).
 #[test]
 fn nested_errors_name_their_path() {
+    // Regression (found by `bodies_from_trees`): an unknown empty key was reported as field
+    // "", an answer naming nothing.
+    let Err((_, _, field)) = parse::<LaunchRequest>(br#"{"":null}"#) else {
+        panic!("empty key accepted")
+    };
+    assert_eq!(field, r#"[""]"#);
+    let Err((_, _, field)) = parse::<PairRequest>(br#"{"token":"t"}"#) else {
+        panic!("missing inventory accepted")
+    };
+    assert_eq!(field, "inventory");
+    let Err((_, _, field)) = parse::<LaunchRequest>(b"[]") else {
+        panic!("array accepted")
+    };
+    assert_eq!(field, ".");
     let body = br#"{"token":"t","inventory":{"disks":[{"path":"/dev/sda","size_bytes":-1}]}}"#;
     let Err((_, _, field)) = parse::<PairRequest>(body) else {
         panic!("negative size accepted")

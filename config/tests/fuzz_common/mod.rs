@@ -27,7 +27,7 @@ pub fn config(default: u32) -> ProptestConfig {
 /// Field names of the seed, plan and API types: objects built from these reach deep into the
 /// structs instead of stopping at the first unknown field.
 pub const FIELDS: &[&str] = &[
-    "accepted", "address", "after", "agent_address", "bios_uuid", "block_size", "boot_secs",
+    "accepted", "address", "after", "agent_address", "bios_uuid", "block_size",
     "by_path", "ca_cert_pem", "cert_sans", "client_version", "complete_secs", "cores", "cpus",
     "device", "device_mapping", "dhcp_timeout_secs", "digests", "disks", "dns", "error", "fqdn",
     "gateway", "hostname", "id", "instance_id", "instance_uuid", "interface", "inventory", "ipv4",
