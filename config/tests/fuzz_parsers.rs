@@ -11,9 +11,7 @@
 mod fuzz_common;
 
 use failback_config::plan::{Plan, PlanError, PlanFormat};
-use failback_config::seed::{
-    kernel_overrides, Completeness, SeedConfig, SeedError, OVERRIDE_KEYS,
-};
+use failback_config::seed::{kernel_overrides, Completeness, SeedConfig, SeedError, OVERRIDE_KEYS};
 use fuzz_common::{arb_edit, arb_object, arb_value, config, edit, STRINGS};
 use proptest::prelude::*;
 
@@ -76,8 +74,15 @@ moref = "vm-64"
 
 /// Top-level seed fields: a validation error must name one of them (or a path below one).
 const SEED_FIELDS: &[&str] = &[
-    "server_url", "token", "instance_id", "no_prompt", "after", "ca_cert_pem", "network",
-    "proxy", "map",
+    "server_url",
+    "token",
+    "instance_id",
+    "no_prompt",
+    "after",
+    "ca_cert_pem",
+    "network",
+    "proxy",
+    "map",
 ];
 
 /// TOML text of a JSON tree, if TOML can express it (no nulls, a table at the top).
@@ -109,11 +114,19 @@ fn check_seed_error(e: &SeedError, prefix: &str) -> Result<(), TestCaseError> {
     let field = match e {
         SeedError::Missing { field, .. } => field.to_string(),
         SeedError::Invalid { field, .. } => field.clone(),
-        SeedError::Parse(m) => return Err(TestCaseError::fail(format!("parse error from validate: {m}"))),
+        SeedError::Parse(m) => {
+            return Err(TestCaseError::fail(format!(
+                "parse error from validate: {m}"
+            )))
+        }
     };
     // Overrides name the key as typed (`failback.` + key, even an empty or unknown one).
     let named = if prefix.is_empty() {
-        SEED_FIELDS.iter().any(|f| field == *f || field.starts_with(&format!("{f}.")) || field.starts_with(&format!("{f}[")))
+        SEED_FIELDS.iter().any(|f| {
+            field == *f
+                || field.starts_with(&format!("{f}."))
+                || field.starts_with(&format!("{f}["))
+        })
     } else {
         field.starts_with(prefix)
     };
@@ -136,15 +149,26 @@ fn check_plan_text(text: &str, format: PlanFormat) -> Result<(), TestCaseError> 
         Err(PlanError::Invalid(issues)) => {
             prop_assert!(!issues.is_empty());
             for i in &issues {
-                prop_assert!(!i.field.is_empty() && !i.vm.is_empty() && !i.message.is_empty(), "{i}");
+                prop_assert!(
+                    !i.field.is_empty() && !i.vm.is_empty() && !i.message.is_empty(),
+                    "{i}"
+                );
             }
         }
         Err(e) => return Err(TestCaseError::fail(format!("validate returned {e}"))),
     }
     for f in [PlanFormat::Toml, PlanFormat::Json] {
-        let text = plan.encode(f).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let again = Plan::parse(&text, f, "again").map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(&again, &plan, "plan does not survive encode → parse ({:?})", f);
+        let text = plan
+            .encode(f)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let again =
+            Plan::parse(&text, f, "again").map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(
+            &again,
+            &plan,
+            "plan does not survive encode → parse ({:?})",
+            f
+        );
     }
     Ok(())
 }

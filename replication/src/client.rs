@@ -759,9 +759,10 @@ impl DiskJob {
                                     None => false,
                                 };
                                 if !asked {
+                                    // Saturating: the index is the agent's and may be near 2^64.
                                     return Err(self.protocol(format!(
                                         "agent sent block {idx} (offset {}) of disk {id}, which was not asked for; nothing of it was written",
-                                        idx * bs64
+                                        idx.saturating_mul(bs64)
                                     )));
                                 }
                             }

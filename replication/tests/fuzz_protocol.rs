@@ -27,7 +27,7 @@ use failback_replication::conn::FrameReader;
 use failback_replication::record::{self, TlsReader, TlsWriter};
 use failback_replication::server::ServeOptions;
 use failback_replication::tls::AGENT_SERVER_NAME;
-use failback_replication::wire::{Hash, Message, PROTOCOL_VERSION};
+use failback_replication::wire::{ErrorCode, Hash, Message, PROTOCOL_VERSION};
 use failback_replication::{ClientTls, Error, Mapping, NoProgress, Session, SyncOptions};
 use fuzz_common::{arb_message, arb_mutation, config, edgy_u32, edgy_u64, mutate, Mutation};
 use proptest::prelude::*;
@@ -38,6 +38,10 @@ use tokio::net::{TcpListener, TcpStream};
 const DISK: usize = 96 * 4096 + 1000;
 /// Bound on one case's connection (the agent and client answer in milliseconds here).
 const CASE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The tampering proxy closes the client's connection when the agent sent nothing for this
+/// long (an untampered sync of the test disk never pauses for more than milliseconds).
+const IDLE_CUT: Duration = Duration::from_secs(1);
 
 /// Panics anywhere in this test process (agent tasks and worker threads included).
 static PANICS: AtomicUsize = AtomicUsize::new(0);
@@ -53,8 +57,12 @@ fn count_panics() {
     });
 }
 
+/// The tests of this file run one at a time: the panic count is process-wide.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// One agent (and its certificates and disk) shared by every case of a test.
 struct World {
+    _serial: std::sync::MutexGuard<'static, ()>,
     env: common::Env,
     rt: tokio::runtime::Runtime,
     addr: String,
@@ -63,7 +71,11 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         count_panics();
+        PANICS.store(0, Ordering::SeqCst);
         let env = common::Env::new();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -74,6 +86,7 @@ impl World {
         let data = common::make_disk(&src, DISK, 7);
         let addr = rt.block_on(env.agent_with(&[("d0", &src)], None, ServeOptions::default()));
         World {
+            _serial: serial,
             env,
             rt,
             addr,
@@ -112,7 +125,12 @@ impl World {
 
 fn no_panics() -> Result<(), TestCaseError> {
     let n = PANICS.load(Ordering::SeqCst);
-    prop_assert_eq!(n, 0, "{} panic(s) in the agent or client (see the output above)", n);
+    prop_assert_eq!(
+        n,
+        0,
+        "{} panic(s) in the agent or client (see the output above)",
+        n
+    );
     Ok(())
 }
 
@@ -170,15 +188,33 @@ fn from_agent(m: &Message) -> bool {
     )
 }
 
-/// Sends hello + `msgs`, closes the sending side and reads every reply until the agent closes.
+/// Sends hello + `msgs` + `Quiesce`, and once the agent has answered that (so the handshake
+/// and everything before it are done) or has closed, closes the sending side; then reads every
+/// reply until the agent closes. (Closing the instant the handshake ends makes the agent's
+/// handshake fail with "peer closed the connection during the TLS handshake": see the report.)
 async fn drive_agent(addr: &str, tls: &ClientTls, msgs: &[Message]) -> Result<(), String> {
     let (r, mut w) = tls_connect(addr, tls).await;
+    let (answered_tx, answered) = tokio::sync::oneshot::channel::<()>();
     let reader = tokio::spawn(async move {
+        let mut answered_tx = Some(answered_tx);
         let mut reader = FrameReader::new(r, "agent");
         let mut got = Vec::new();
         loop {
             match reader.read().await {
-                Ok(Some((m, _))) => got.push(m),
+                Ok(Some((m, _))) => {
+                    let command_answer = matches!(
+                        m,
+                        Message::CommandDone { .. }
+                            | Message::Error {
+                                code: ErrorCode::CommandFailed,
+                                ..
+                            }
+                    );
+                    if command_answer {
+                        answered_tx.take().map(|tx| tx.send(()));
+                    }
+                    got.push(m);
+                }
                 Ok(None) => return Ok(got),
                 // The agent may close without close_notify after an error frame.
                 Err(Error::ConnectionLost { .. }) => return Ok(got),
@@ -193,16 +229,26 @@ async fn drive_agent(addr: &str, tls: &ClientTls, msgs: &[Message]) -> Result<()
     for m in msgs {
         m.encode_into(&mut bytes);
     }
+    Message::Quiesce.encode_into(&mut bytes);
     // The agent may close first (after a protocol error); a failed write is fine then.
     let _ = w.write_all(&bytes).await;
     let _ = w.flush().await;
+    // An error (sender dropped) means the reader ended: the agent closed.
+    let _ = tokio::time::timeout(CASE_TIMEOUT, answered).await;
     let _ = w.shutdown().await;
     let got = match tokio::time::timeout(CASE_TIMEOUT, reader).await {
         Ok(joined) => joined.map_err(|e| e.to_string())??,
-        Err(_) => return Err(format!("agent did not end the connection within {CASE_TIMEOUT:?}")),
+        Err(_) => {
+            return Err(format!(
+                "agent did not end the connection within {CASE_TIMEOUT:?}"
+            ))
+        }
     };
     if !matches!(got.first(), Some(Message::AgentHello { .. })) {
-        return Err(format!("first reply is not AgentHello: {:?}", got.first().map(Message::name)));
+        return Err(format!(
+            "first reply is not AgentHello: {:?}",
+            got.first().map(Message::name)
+        ));
     }
     for m in &got {
         if !from_agent(m) {
@@ -266,17 +312,18 @@ fn agent_edge_sequences() {
                 },
             ],
         ),
-        (
-            "stream reuse",
-            vec![start.clone(), start.clone()],
-        ),
+        ("stream reuse", vec![start.clone(), start.clone()]),
         (
             "sync end before the last window",
             vec![start.clone(), Message::SyncEnd { stream: 1 }],
         ),
         (
             "whole disk, then end",
-            vec![start.clone(), window.clone(), Message::SyncEnd { stream: 1 }],
+            vec![
+                start.clone(),
+                window.clone(),
+                Message::SyncEnd { stream: 1 },
+            ],
         ),
         (
             "agent messages from a client",
@@ -296,6 +343,60 @@ fn agent_edge_sequences() {
     world.check_full_sync(&world.env.path("after.img"));
 }
 
+/// Issue 14: one `Refetch` whose range wraps past 2^64 aborted the agent, and a whole-disk
+/// refetch was buffered in memory. Each must end with an error frame or a clean close, and the
+/// agent must go on serving. (Fails until the agent checks refetch ranges: server.rs.)
+#[test]
+fn agent_refetch_ranges_are_checked() {
+    let world = World::new();
+    let tls = world.env.client_tls();
+    let start = Message::SyncStart {
+        stream: 1,
+        disk: "d0".into(),
+        block_size: 4096,
+        estimate: false,
+    };
+    let window = Message::Hashes {
+        stream: 1,
+        first_block: 0,
+        hashes: vec![[0; 32]; 97],
+    };
+    let cases: Vec<(&str, Vec<Message>)> = vec![
+        (
+            // Issue 14: one Refetch whose range wraps past 2^64 aborted the agent.
+            "refetch wrapping past 2^64",
+            vec![
+                start.clone(),
+                window.clone(),
+                Message::Refetch {
+                    stream: 1,
+                    first_block: u64::MAX - 1,
+                    count: 4,
+                },
+            ],
+        ),
+        (
+            "refetch of the whole disk and beyond",
+            vec![
+                start.clone(),
+                window.clone(),
+                Message::Refetch {
+                    stream: 1,
+                    first_block: 0,
+                    count: u32::MAX,
+                },
+            ],
+        ),
+    ];
+    for (what, msgs) in cases {
+        if let Err(e) = world.rt.block_on(drive_agent(&world.addr, &tls, &msgs)) {
+            panic!("{what}: {e}");
+        }
+        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "{what}: panicked");
+    }
+    world.check_full_sync(&world.env.path("after.img"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client: the real agent's replies, tampered with by a proxy.
 
@@ -303,7 +404,8 @@ fn agent_edge_sequences() {
 #[derive(Debug, Clone)]
 enum Tamper {
     Pass,
-    Drop,
+    /// The agent dies here: nothing more is sent and the connection is closed.
+    Cut,
     Duplicate,
     /// Re-encode after byte mutations of the frame body (the length prefix is recomputed, so
     /// the client sees a well-delimited but wrong frame).
@@ -317,7 +419,7 @@ enum Tamper {
 fn tamper() -> impl Strategy<Value = Tamper> {
     prop_oneof![
         6 => Just(Tamper::Pass),
-        1 => Just(Tamper::Drop),
+        1 => Just(Tamper::Cut),
         1 => Just(Tamper::Duplicate),
         3 => prop::collection::vec(arb_mutation(), 1..3).prop_map(Tamper::Mutate),
         2 => arb_message().prop_map(Tamper::Inject),
@@ -329,7 +431,7 @@ fn tampered(frame: &Message, t: &Tamper) -> Vec<u8> {
     let enc = frame.encode();
     match t {
         Tamper::Pass => enc,
-        Tamper::Drop => Vec::new(),
+        Tamper::Cut => Vec::new(),
         Tamper::Duplicate => [enc.clone(), enc].concat(),
         Tamper::Mutate(muts) => {
             let mut body = enc[4..].to_vec();
@@ -364,8 +466,14 @@ async fn proxy(listener: TcpListener, world_addr: String, certs: ProxyCerts, scr
     });
     let mut reader = FrameReader::new(ar, "agent");
     let mut script = script.into_iter();
-    while let Ok(Some((m, _))) = reader.read().await {
+    // A tampered frame can leave the client waiting for something the agent already sent
+    // (a stream id changed: the client drops the frame); the real client would wait out its
+    // 300 s idle timeout. The proxy plays an agent that dies when idle instead.
+    while let Ok(Ok(Some((m, _)))) = tokio::time::timeout(IDLE_CUT, reader.read()).await {
         let t = script.next().unwrap_or(Tamper::Pass);
+        if matches!(t, Tamper::Cut) {
+            break;
+        }
         let bytes = tampered(&m, &t);
         if cw.write_all(&bytes).await.is_err() || cw.flush().await.is_err() {
             break;
@@ -382,7 +490,12 @@ struct ProxyCerts {
 }
 
 /// One tampered sync: `Ok(true)` synced exactly, `Ok(false)` failed cleanly.
-fn tampered_sync(world: &World, certs: &ProxyCerts, script: Vec<Tamper>, case: usize) -> Result<bool, TestCaseError> {
+fn tampered_sync(
+    world: &World,
+    certs: &ProxyCerts,
+    script: Vec<Tamper>,
+    case: usize,
+) -> Result<bool, TestCaseError> {
     let target = world.env.path(&format!("t{case}.img"));
     let before = vec![0x5au8; DISK];
     std::fs::write(&target, &before).unwrap();
@@ -414,12 +527,24 @@ fn tampered_sync(world: &World, certs: &ProxyCerts, script: Vec<Tamper>, case: u
         p.abort();
         r
     });
-    let after = std::fs::read(&target).unwrap();
+    // Only the disk's own bytes: a tampered manifest may announce a larger disk, and the client
+    // grows an image-file target to the size it is told (sparse) before the sync fails.
+    let mut after = Vec::with_capacity(DISK);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(&target).unwrap(), DISK as u64),
+        &mut after,
+    )
+    .unwrap();
     let _ = std::fs::remove_file(&target);
     match res {
-        Err(_) => Err(TestCaseError::fail(format!("client sync did not end within {CASE_TIMEOUT:?}"))),
+        Err(_) => Err(TestCaseError::fail(format!(
+            "client sync did not end within {CASE_TIMEOUT:?}"
+        ))),
         Ok(Ok(_)) => {
-            prop_assert!(after == world.data, "sync reported success but the target differs from the source");
+            prop_assert!(
+                after == world.data,
+                "sync reported success but the target differs from the source"
+            );
             Ok(true)
         }
         Ok(Err(e)) => {

@@ -24,8 +24,7 @@ use std::cell::Cell;
 
 use failback_replication::conn::FrameReader;
 use failback_replication::wire::{
-    frame_len, Encoding, ErrorCode, FrameError, Message, WireBlock, MAX_FRAME,
-    PROTOCOL_VERSION,
+    frame_len, Encoding, ErrorCode, FrameError, Message, WireBlock, MAX_FRAME, PROTOCOL_VERSION,
 };
 use failback_replication::Error;
 use fuzz_common::{arb_message, arb_mutation, config, mutate};
@@ -107,10 +106,16 @@ fn check_decode(body: &[u8]) -> Result<(), TestCaseError> {
         body.first()
     );
     if let Ok(m) = res {
-        let frozen_hello = matches!(m, Message::AgentHello { version, .. } if version != PROTOCOL_VERSION);
+        let frozen_hello =
+            matches!(m, Message::AgentHello { version, .. } if version != PROTOCOL_VERSION);
         if !frozen_hello {
             let again = m.encode();
-            prop_assert_eq!(&again[4..], body, "{} was accepted but re-encodes differently", m.name());
+            prop_assert_eq!(
+                &again[4..],
+                body,
+                "{} was accepted but re-encodes differently",
+                m.name()
+            );
         }
     }
     Ok(())
@@ -292,9 +297,17 @@ fn big_blocks(seed: u8, raw: usize) -> Message {
             WireBlock::new(Encoding::Raw, [fill; 32], vec![fill; 65536].into())
         })
         .collect();
-    blocks.push(WireBlock::new(Encoding::Zstd, [1; 32], vec![seed; 77].into()));
+    blocks.push(WireBlock::new(
+        Encoding::Zstd,
+        [1; 32],
+        vec![seed; 77].into(),
+    ));
     blocks.push(WireBlock::new(Encoding::Zero, [2; 32], bytes::Bytes::new()));
-    blocks.push(WireBlock::new(Encoding::Raw, [3; 32], vec![seed; 4097].into()));
+    blocks.push(WireBlock::new(
+        Encoding::Raw,
+        [3; 32],
+        vec![seed; 4097].into(),
+    ));
     Message::Blocks {
         stream: 1,
         first_block: 42,

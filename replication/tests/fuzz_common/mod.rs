@@ -38,11 +38,7 @@ pub const TAGS: &[u8] = &[
 
 /// Short strings, ASCII or not (the encoder cuts at 65535 bytes; these stay below).
 pub fn arb_string() -> impl Strategy<Value = String> {
-    prop_oneof![
-        "[a-z0-9_.-]{0,12}",
-        ".{0,24}",
-        Just(String::new()),
-    ]
+    prop_oneof!["[a-z0-9_.-]{0,12}", ".{0,24}", Just(String::new()),]
 }
 
 /// Numbers that hit edges more often than uniform ones would.
@@ -117,13 +113,16 @@ pub fn arb_message() -> impl Strategy<Value = Message> {
                 estimate,
             }
         ),
-        (edgy_u32(), edgy_u64(), proptest::collection::vec(arb_hash(), 0..40)).prop_map(
-            |(stream, first_block, hashes)| Message::Hashes {
+        (
+            edgy_u32(),
+            edgy_u64(),
+            proptest::collection::vec(arb_hash(), 0..40)
+        )
+            .prop_map(|(stream, first_block, hashes)| Message::Hashes {
                 stream,
                 first_block,
                 hashes,
-            }
-        ),
+            }),
         (edgy_u32(), edgy_u64(), edgy_u32()).prop_map(|(stream, first_block, count)| {
             Message::Refetch {
                 stream,
@@ -132,13 +131,16 @@ pub fn arb_message() -> impl Strategy<Value = Message> {
             }
         }),
         edgy_u32().prop_map(|stream| Message::SyncEnd { stream }),
-        (edgy_u32(), edgy_u64(), proptest::collection::vec(arb_block(), 0..6)).prop_map(
-            |(stream, first_block, blocks)| Message::Blocks {
+        (
+            edgy_u32(),
+            edgy_u64(),
+            proptest::collection::vec(arb_block(), 0..6)
+        )
+            .prop_map(|(stream, first_block, blocks)| Message::Blocks {
                 stream,
                 first_block,
                 blocks,
-            }
-        ),
+            }),
         (edgy_u32(), edgy_u64(), edgy_u32(), edgy_u32(), edgy_u64()).prop_map(
             |(stream, first_block, count, differing, differing_bytes)| Message::WindowDone {
                 stream,
@@ -193,7 +195,8 @@ pub fn arb_mutation() -> impl Strategy<Value = Mutation> {
         (idx(), 0u8..8).prop_map(|(i, b)| Mutation::Flip(i, b)),
         (idx(), any::<u8>()).prop_map(|(i, b)| Mutation::Set(i, b)),
         idx().prop_map(Mutation::Truncate),
-        (idx(), proptest::collection::vec(any::<u8>(), 1..8)).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        (idx(), proptest::collection::vec(any::<u8>(), 1..8))
+            .prop_map(|(i, b)| Mutation::Insert(i, b)),
         (idx(), 1u8..16).prop_map(|(i, n)| Mutation::Remove(i, n)),
         (idx(), edgy_u32()).prop_map(|(i, v)| Mutation::Word(i, v)),
         (idx(), edgy_u64()).prop_map(|(i, v)| Mutation::Long(i, v)),
