@@ -13,7 +13,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils/bookworm ovmf golang-go golang-github
 VCSIM := target/vcsim/vcsim
 HYPERVISOR := target/hypervisor/hypervisor
 
-.PHONY: setup demo demo-service demo-sync test bench iso clean fmt lint
+.PHONY: setup demo demo-service demo-sync test bench iso clean fmt lint fuzz
 setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
@@ -70,6 +70,12 @@ lint:
 test: setup lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+# Longer fuzzing than the bounded pass in `make test`: FUZZ_CASES cases per fuzz test.
+FUZZ_CASES ?= 20000
+fuzz:
+	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-replication --test fuzz_wire --test fuzz_protocol
+	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-config --test fuzz_parsers --test fuzz_api
 
 bench: setup
 	$(CARGO) build --release --bins
