@@ -607,3 +607,28 @@ fn client_refuses_unasked_block_near_u64_max() {
     assert!(!tampered_sync(&world, &certs, script, 0).unwrap());
     assert_eq!(PANICS.load(Ordering::SeqCst), 0);
 }
+
+/// Regression (found by `client_survives_tampered_agent_replies`, replayed here): a second
+/// `Manifest` ends the client's reader; a disk job that registered its stream just after that
+/// was never served and waited for the 300 s idle timeout instead of failing at once.
+#[test]
+fn client_fails_fast_when_its_reader_died() {
+    let world = World::new();
+    let certs = ProxyCerts {
+        server: world.env.certs.server_tls(None).unwrap().config(),
+        client: world.env.client_tls(),
+    };
+    let script = vec![
+        Tamper::Pass,
+        Tamper::Duplicate,
+        Tamper::Mutate(vec![Mutation::Word(
+            fuzz_common::Pos(16495630727366045177),
+            3765236255,
+        )]),
+        Tamper::Cut,
+    ];
+    let started = std::time::Instant::now();
+    assert!(!tampered_sync(&world, &certs, script, 0).unwrap());
+    assert!(started.elapsed() < CASE_TIMEOUT);
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0);
+}

@@ -6,7 +6,20 @@ use failback_replication::wire::{
     DiskInfo, Encoding, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, PROTOCOL_VERSION,
 };
 use proptest::prelude::*;
-use proptest::sample::Index;
+
+/// A position in a buffer of any length, as a fraction of it (`Pos(u64::MAX / 2)`: the middle).
+/// Like proptest's `Index`, but constructible, so regression tests can replay a finding.
+#[derive(Debug, Clone, Copy)]
+pub struct Pos(pub u64);
+
+impl Pos {
+    /// The position in `0..len` (`len` > 0).
+    pub fn index(self, len: usize) -> usize {
+        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
+        let at = (u128::from(self.0) * u128::from(len64)) >> 64;
+        usize::try_from(at).unwrap_or(0)
+    }
+}
 
 /// Environment variable that sets the number of cases of every fuzz test (a longer run than
 /// the bounded one in `cargo test`): `FAILBACK_FUZZ_CASES=100000`.
@@ -174,23 +187,23 @@ pub fn arb_message() -> impl Strategy<Value = Message> {
 #[derive(Debug, Clone)]
 pub enum Mutation {
     /// Flip one bit.
-    Flip(Index, u8),
+    Flip(Pos, u8),
     /// Overwrite one byte.
-    Set(Index, u8),
+    Set(Pos, u8),
     /// Cut the bytes from here on.
-    Truncate(Index),
+    Truncate(Pos),
     /// Insert bytes here.
-    Insert(Index, Vec<u8>),
+    Insert(Pos, Vec<u8>),
     /// Remove up to this many bytes here.
-    Remove(Index, u8),
+    Remove(Pos, u8),
     /// Overwrite 4 bytes with a big-endian number (hits lengths and counts).
-    Word(Index, u32),
+    Word(Pos, u32),
     /// Overwrite 8 bytes with a big-endian number (hits block indexes and sizes).
-    Long(Index, u64),
+    Long(Pos, u64),
 }
 
 pub fn arb_mutation() -> impl Strategy<Value = Mutation> {
-    let idx = any::<Index>;
+    let idx = || any::<u64>().prop_map(Pos);
     prop_oneof![
         (idx(), 0u8..8).prop_map(|(i, b)| Mutation::Flip(i, b)),
         (idx(), any::<u8>()).prop_map(|(i, b)| Mutation::Set(i, b)),
@@ -205,7 +218,7 @@ pub fn arb_mutation() -> impl Strategy<Value = Mutation> {
 
 /// Applies `m` to `buf` (positions are taken modulo the buffer's length).
 pub fn mutate(buf: &mut Vec<u8>, m: &Mutation) {
-    let at = |i: &Index, room: usize| {
+    let at = |i: &Pos, room: usize| {
         if buf.len() < room || buf.is_empty() {
             None
         } else {
