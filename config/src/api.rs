@@ -892,6 +892,35 @@ pub fn valid_instance_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The field names the service answers with (dr-service/tests/api.rs checks them end to
+    /// end); an empty key is quoted, never reported as "".
+    #[test]
+    fn parse_body_names_the_field() {
+        let field = |body: &str| match parse_body::<PairRequest>(body.as_bytes()) {
+            Ok(_) => panic!("{body} accepted"),
+            Err(e) => e.field,
+        };
+        assert_eq!(field(r#"{"token":"x","inventory":{},"bogus":1}"#), "bogus");
+        assert_eq!(field(r#"{"inventory":{}}"#), "token");
+        assert_eq!(
+            field(r#"{"token":"x","inventory":{"disks":[{"path":"/d","size_bytes":"big"}]}}"#),
+            "inventory.disks[0].size_bytes"
+        );
+        assert_eq!(field(r#"{"token":"x","inventory":{},"":1}"#), r#"[""]"#);
+        assert_eq!(
+            field(r#"{"token":"x","inventory":{"a.b":1}}"#),
+            r#"inventory["a.b"]"#
+        );
+        assert_eq!(field("[]"), ".");
+        let e = parse_body::<CreateTokenRequest>(br#"{"kind":"wizard"}"#).unwrap_err();
+        assert_eq!(e.field, "kind");
+        assert!(
+            e.to_string()
+                .starts_with("invalid request body at field kind: "),
+            "{e}"
+        );
+    }
+
     #[test]
     fn mapping_three_formats_agree() {
         let csv = parse_device_mapping("vol-a=/dev/sda, vol-b=EXCLUDE").unwrap();
