@@ -26,7 +26,7 @@ FAILBACK_ADVISORY_DB ?=
 # directory named after the database URL.
 ADVISORY_DB_LINK := target/advisory-dbs/advisory-db-3157b0e258782691
 
-.PHONY: setup demo demo-service demo-sync test bench iso clean fmt lint
+.PHONY: setup demo demo-service demo-sync test bench iso clean fmt lint fuzz
 setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs $(CARGO_DENY)
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
@@ -100,6 +100,12 @@ lint: $(CARGO_DENY)
 test: setup lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+# Longer fuzzing than the bounded pass in `make test`: FUZZ_CASES cases per fuzz test.
+FUZZ_CASES ?= 20000
+fuzz:
+	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-replication --test fuzz_wire --test fuzz_protocol
+	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-config --test fuzz_parsers --test fuzz_api
 
 bench: setup
 	$(CARGO) build --release --bins

@@ -28,7 +28,7 @@
 //! protective_snapshot = true
 //! launch = "auto"
 //! [vm.options.timeouts]
-//! boot_secs = 900
+//! pair_secs = 900
 //! ```
 
 use serde::{Deserialize, Serialize};

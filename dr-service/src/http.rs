@@ -153,45 +153,9 @@ fn parse<T: DeserializeOwned + Validate>(body: &Bytes) -> Result<T, ApiFailure> 
     Ok(v)
 }
 
+/// Parses a JSON body, naming the offending field path on error (see [`parse_body`]).
 fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiFailure> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.inner().to_string();
-        // serde names unknown/missing fields in the message itself (path is the parent).
-        let field = extract_field(&inner)
-            .map(|f| {
-                if path == "." || path.is_empty() {
-                    f
-                } else if path == f || path.ends_with(&format!(".{f}")) {
-                    // Unknown fields are already part of the path.
-                    path.clone()
-                } else {
-                    format!("{path}.{f}")
-                }
-            })
-            .unwrap_or_else(|| {
-                if path.is_empty() {
-                    ".".into()
-                } else {
-                    path.clone()
-                }
-            });
-        ApiFailure::bad(
-            field.clone(),
-            format!("invalid request body at field {field}: {inner}"),
-        )
-    })
-}
-
-fn extract_field(msg: &str) -> Option<String> {
-    for pre in ["unknown field `", "missing field `"] {
-        if let Some(i) = msg.find(pre) {
-            let rest = &msg[i + pre.len()..];
-            return rest.split('`').next().map(str::to_string);
-        }
-    }
-    None
+    parse_body(body).map_err(|e| ApiFailure::bad(e.field.clone(), e.to_string()))
 }
 
 fn bearer(h: &HeaderMap) -> Option<&str> {

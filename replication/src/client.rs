@@ -628,11 +628,15 @@ impl DiskJob {
         // Bounded: each queued message may be a multi-MiB Blocks frame (memory of the appliance;
         // 8 here and 4 runs for the writer keep a fast full sync near 100 MiB at the same speed).
         let (route_tx, mut rx) = mpsc::channel(8);
-        self.inner
-            .routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(self.stream, route_tx);
+        {
+            let mut routes = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+            // The reader marks the connection dead before it drops the routes: a route added
+            // after that would never be served (the job would wait out IDLE_TIMEOUT).
+            if self.inner.dead.get().is_some() {
+                return Err(self.inner.dead_error());
+            }
+            routes.insert(self.stream, route_tx);
+        }
         let _guard = RouteGuard(self.inner.clone(), self.stream);
         let mut wire_bytes = 0u64;
         let send = |m: Message, wire_bytes: &mut u64| {
@@ -759,9 +763,10 @@ impl DiskJob {
                                     None => false,
                                 };
                                 if !asked {
+                                    // Saturating: the index is the agent's and may be near 2^64.
                                     return Err(self.protocol(format!(
                                         "agent sent block {idx} (offset {}) of disk {id}, which was not asked for; nothing of it was written",
-                                        idx * bs64
+                                        idx.saturating_mul(bs64)
                                     )));
                                 }
                             }

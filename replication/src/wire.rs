@@ -478,7 +478,12 @@ impl Message {
             }
             T_MANIFEST => {
                 let n = r.u32("disk count")?;
-                let mut disks = Vec::new();
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                if n > r.buf.len() / MIN_DISK_ENTRY {
+                    return Err(FrameError::Truncated("disk list"));
+                }
+                // Reserved once (grown by doubling, the list held ~2x its size at times).
+                let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push(DiskInfo {
                         id: r.string("disk id")?,
@@ -590,6 +595,10 @@ impl Message {
         Ok(msg)
     }
 }
+
+/// Fewest bytes of one disk in a `Manifest`: empty id, size, sector size, empty device, no
+/// serial.
+const MIN_DISK_ENTRY: usize = 2 + 8 + 4 + 2 + 1;
 
 /// Bytes of one block's entry in a `Blocks` frame's table: encoding, hash, payload length.
 pub const BLOCK_ENTRY: usize = 1 + HASH_LEN + 4;
