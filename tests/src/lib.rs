@@ -79,3 +79,29 @@ pub fn wait_for_file(path: &std::path::Path, child: &mut std::process::Child, wh
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Exit code of a program whose stdout/stderr reader has gone (128 + SIGPIPE).
+pub const BROKEN_PIPE_EXIT: i32 = 141;
+
+/// The writing end of a pipe whose reading end is already closed, as `| head -1` leaves it
+/// once head has exited: every write fails with EPIPE. A FIFO opened for reading
+/// (non-blocking), then for writing, then the reader closed, so there is no race with the
+/// child's first write.
+pub fn closed_pipe(dir: &std::path::Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_NONBLOCK: i32 = 0o4000;
+    let fifo = dir.join("fifo");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mkfifo {}", fifo.display());
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    drop(reader);
+    writer
+}
