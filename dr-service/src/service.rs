@@ -1298,3 +1298,33 @@ fn allowed_clients(inst: &RecoveryInstance) -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod allow_tests {
+    use super::*;
+
+    /// Revocation by state: only a running failback's current certificate is allowed; stop
+    /// (NOT_STARTED) and completion end it; a new pairing replaces the fingerprint.
+    #[test]
+    fn only_the_running_pairing_is_allowed() {
+        let mut inst = new_instance("i-0123456789abcdef", 1);
+        inst.failback.client_cert_sha256 = Some("aa".into());
+        for (state, allowed) in [
+            (FailbackState::FailbackNotStarted, false),
+            (FailbackState::FailbackInProgress, true),
+            (FailbackState::FailbackReadyForLaunch, true),
+            (FailbackState::FailbackNotReadyForLaunch, true),
+            (FailbackState::FailbackError, true),
+            (FailbackState::FailbackCompleted, false),
+        ] {
+            inst.failback.state = state;
+            let want: Vec<String> = if allowed { vec!["aa".into()] } else { vec![] };
+            assert_eq!(allowed_clients(&inst), want, "{state:?}");
+        }
+        inst.failback.state = FailbackState::FailbackInProgress;
+        inst.failback.client_cert_sha256 = Some("bb".into());
+        assert_eq!(allowed_clients(&inst), vec!["bb".to_string()]);
+        inst.failback.client_cert_sha256 = None;
+        assert!(allowed_clients(&inst).is_empty());
+    }
+}
