@@ -765,7 +765,9 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
         Err(e) => console.say(format!("failback of {id} failed: {e}")),
     }
     if opts.upload_log {
-        match api.upload_log(&secret, console.text()).await {
+        // The service refuses bodies over LOG_UPLOAD_MAX_BODY (413): send the newest part.
+        let log = tail_bytes(&console.text(), LOG_UPLOAD_MAX_BODY - 4096).to_string();
+        match api.upload_log(&secret, log).await {
             Ok(r) => console.say(format!("log uploaded to the DR service as {}", r.stored_as)),
             Err(ApiErr::Transient(m)) | Err(ApiErr::Refused(_, m)) => {
                 console.say(format!("log upload failed: {m}"))
