@@ -1016,6 +1016,18 @@ pub fn valid_instance_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn tail_bytes_keeps_the_end_on_a_char_boundary() {
+        let log = format!("{}é{}", "a".repeat(10), "b".repeat(5));
+        assert_eq!(tail_bytes(&log, 100), log);
+        assert_eq!(tail_bytes(&log, 6), "bbbbb");
+        assert_eq!(tail_bytes(&log, 7), "ébbbbb");
+        assert!(
+            tail_bytes(&"x".repeat(LOG_UPLOAD_MAX_BODY * 2), LOG_UPLOAD_MAX_BODY).len()
+                <= LOG_UPLOAD_MAX_BODY
+        );
+    }
+
     /// The field names the service answers with (dr-service/tests/api.rs checks them end to
     /// end); an empty key is quoted, never reported as "".
     #[test]
