@@ -141,20 +141,11 @@ impl ClientTls {
 
     /// Loads the PEM files.
     pub fn from_files(files: &TlsFiles) -> Result<Self, TlsError> {
-        Self::build(
-            &certs_from_pem("CA", &files.ca, &read("CA", &files.ca)?)?,
-            certs_from_pem(
-                "certificate",
-                &files.cert,
-                &read("certificate", &files.cert)?,
-            )?,
-            key_from_pem(&files.key, &read("private key", &files.key)?)?,
-            None,
-        )
+        Self::from_files_for(files, None)
     }
 
-    /// Like [`from_files`](Self::from_files), but the agent must name `instance` instead of
-    /// the instance of our own certificate (`failback-client sync --instance`).
+    /// Like [`from_files`](Self::from_files); with `Some(instance)` the agent must name that
+    /// instance instead of our own certificate's (`failback-client sync --instance`).
     pub fn from_files_for(files: &TlsFiles, instance: Option<String>) -> Result<Self, TlsError> {
         Self::build(
             &certs_from_pem("CA", &files.ca, &read("CA", &files.ca)?)?,

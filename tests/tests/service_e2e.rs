@@ -488,44 +488,11 @@ fn service_client_cert_for_instance_a_is_refused_by_agent_b() {
     let b = env.agent("agent-b", &remote, Some(&env.token("agent", None)));
     let (ia, ib) = (env.agent_instance(&a), env.agent_instance(&b));
     assert_ne!(ia, ib);
-    let addr = |p: &Proc| {
-        p.log()
-            .lines()
-            .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
-            .unwrap()
-    };
-    let (addr_a, addr_b) = (addr(&a), addr(&b));
+    let (addr_a, addr_b) = (agent_addr(&a), agent_addr(&b));
 
     // Pair for A over the API (the client certificate it returns names instance A).
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let ca_pem = std::fs::read(env.ca()).unwrap();
-    let token = env.token("pairing", Some(&ia));
-    let paired: failback_config::api::PairResponse = rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca_pem).unwrap())
-            .build()
-            .unwrap();
-        let body = serde_json::json!({
-            "token": token,
-            "inventory": {"disks": [{"path": "/dev/sdx", "size_bytes": 1u64 << 30}]},
-        });
-        let r = http
-            .post(format!("{}/v1/pair", env.url()))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-        r.json().await.unwrap()
-    });
-    let tls = failback_replication::ClientTls::from_pem(
-        paired.ca_pem.as_bytes(),
-        paired.client_cert_pem.as_bytes(),
-        paired.client_key_pem.as_bytes(),
-    )
-    .unwrap();
+    let tls = client_tls(&pair_over_api(&env, &rt, &ia));
     rt.block_on(async {
         let ok = failback_replication::Session::connect(&addr_a, &tls).await;
         assert!(ok.is_ok(), "agent A must accept its own client: {ok:?}");
