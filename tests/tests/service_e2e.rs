@@ -697,7 +697,6 @@ fn service_impostor_with_a_certificate_from_the_same_ca_gets_no_secrets() {
 
     let local = env.path("local.img");
     std::fs::write(&local, vec![0u8; MIB]).unwrap();
-    let t = Instant::now();
     let out = Command::new(bin("failback-client"))
         .args([
             "run",
@@ -721,8 +720,8 @@ fn service_impostor_with_a_certificate_from_the_same_ca_gets_no_secrets() {
         "{text}"
     );
     assert!(
-        t.elapsed() < Duration::from_secs(60),
-        "retried a certificate error"
+        !text.contains("retrying"),
+        "retried a certificate error: {text}"
     );
     assert_eq!(
         got_bytes.load(std::sync::atomic::Ordering::SeqCst),
