@@ -26,7 +26,8 @@ SEED=42
 TOOLS=" ${BENCH_TOOLS:-cp nbdcopy nbdcopy-tls rsync failback} "
 want() { [[ $TOOLS == *" $1 "* ]]; }
 
-die() { echo "bench: $*" >&2; exit 1; }
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 
 for tool in nbdkit nbdcopy rsync jq cmp numfmt ss; do
     command -v "$tool" >/dev/null || die "$tool not found (run make setup)"
@@ -62,22 +63,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    local p
-    for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 40000))
-        if [ -z "$(ss -Htan "sport = :$p")" ]; then echo "$p"; return 0; fi
-    done
-    die "no free port found"
-}
-wait_listen() { # PORT PID NAME
-    for _ in $(seq 300); do
-        [ -n "$(ss -Hltn "sport = :$1")" ] && return 0
-        kill -0 "$2" 2>/dev/null || die "$3 exited before listening on 127.0.0.1:$1 (see $DIR/*.log)"
-        sleep 0.1
-    done
-    die "$3 not listening on 127.0.0.1:$1 after 30 s"
-}
 TICK=$(getconf CLK_TCK)
 # CPU seconds of a long-running server incl. the children it has reaped (rsync forks per client).
 proc_cpu() {
@@ -130,13 +115,7 @@ if want failback; then
         >"$DIR/agent.out" 2>"$DIR/agent.log" &
     SPID[agent]=$!
     PIDS+=("$!")
-    for _ in $(seq 300); do
-        grep -q '^listening on ' "$DIR/agent.out" && break
-        kill -0 "${SPID[agent]}" 2>/dev/null || die "failback-agent exited: $(tail -5 "$DIR/agent.log")"
-        sleep 0.1
-    done
-    AGENT_ADDR=$(sed -n 's/^listening on //p' "$DIR/agent.out" | head -1)
-    [ -n "$AGENT_ADDR" ] || die "failback-agent did not report its address within 30 s"
+    AGENT_ADDR=$(wait_addr agent "${SPID[agent]}" "$DIR/agent.out")
 fi
 PORT[nbdkit]=$(free_port)
 want nbdcopy && start_server nbdkit nbdkit -f -r -i 127.0.0.1 -p "${PORT[nbdkit]}" file "file=$SRC"

@@ -2,6 +2,7 @@
 //! and QEMU on 127.0.0.1.
 
 pub mod vcsim;
+pub mod wanlink;
 
 /// Path of a workspace binary in `target/debug` (`make test` builds `--bins` before the
 /// tests run). Panics with the build command if it is missing, so a test never skips silently.

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# `make bench` (WAN section; alone: `make bench-wan`): failback and rsync side by side through
+# emulated WAN links (fb-wanlink: a user-space TCP proxy adding RTT/2 each way and capping the
+# rate with one token bucket per direction shared by all connections; this kernel has no
+# netem/tbf), and on 127.0.0.1 as the baseline. Every result is verified with cmp.
+#
+# Cases per link: full sync into an empty target, delta sync of a 1 % stale copy.
+# Targets (issue 20): full sync >= 90 % of the link rate in wire bytes; a delta round <= its
+# loopback time + 5 RTTs.
+#
+# Environment: BENCH_WAN_SIZE (default 1G), BENCH_WAN_LINKS (default "40:1000 100:200":
+# RTT ms:Mbit/s pairs), BENCH_WAN_DIR (default target/bench-wan), BIN_DIR (default target/release).
+# Output: the table on stdout, $BENCH_WAN_DIR/results.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SIZE_ARG=${BENCH_WAN_SIZE:-1G}
+LINKS=${BENCH_WAN_LINKS:-40:1000 100:200}
+DIR=${BENCH_WAN_DIR:-$ROOT/target/bench-wan}
+BIN=${BIN_DIR:-$ROOT/target/release}
+PIDS=()
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
+
+for tool in rsync jq cmp numfmt ss; do
+    command -v "$tool" >/dev/null || die "$tool not found (run make setup)"
+done
+for b in fb-gendisk fb-wanlink failback-agent failback-client; do
+    [ -x "$BIN/$b" ] || die "$BIN/$b missing (run: cargo build --release --bins)"
+done
+SIZE=$(numfmt --from=iec "$SIZE_ARG") || die "bad BENCH_WAN_SIZE $SIZE_ARG"
+
+rm -rf "$DIR"
+mkdir -p "$DIR/data" "$DIR/work"
+SRC=$DIR/data/source.img
+STALE=$DIR/data/stale1.img
+DST=$DIR/work/target.img
+need=$((SIZE * 3 + (1 << 30)))
+have=$(df --output=avail -B1 "$DIR" | tail -1)
+[ "$have" -ge "$need" ] || die "need $(numfmt --to=iec $need) free under $DIR, have $(numfmt --to=iec "$have")"
+
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$DIR/data" "$DIR/work"
+    [ $rc = 0 ] || echo "bench-wan: FAILED (exit $rc); logs were in $DIR" >&2
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "== WAN: generating a $(numfmt --to=iec "$SIZE") source (~60 % random) and a 1 % stale copy"
+"$BIN/fb-gendisk" "$SRC" --size "$SIZE" --random-pct 60 --seed 42 >/dev/null
+"$BIN/fb-gendisk" "$STALE" --stale-from "$SRC" --change-pct 1 --block 65536 --seed 43 >/dev/null
+
+echo "== WAN: starting the agent, the rsync daemon and one emulated link per profile"
+CERTS=$DIR/certs
+"$BIN/failback-agent" dev-certs "$CERTS" >/dev/null
+"$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" \
+    --ca "$CERTS/ca.pem" --cert "$CERTS/agent.pem" --key "$CERTS/agent-key.pem" \
+    >"$DIR/agent.out" 2>"$DIR/agent.log" &
+PIDS+=("$!")
+AGENT=$(wait_addr agent "$!" "$DIR/agent.out")
+cat >"$DIR/rsyncd.conf" <<EOF
+use chroot = no
+[bench]
+path = $DIR/data
+read only = yes
+EOF
+RSYNC_PORT=$(free_port)
+rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" --config="$DIR/rsyncd.conf" \
+    >"$DIR/rsyncd.log" 2>&1 &
+PIDS+=("$!")
+wait_listen "$RSYNC_PORT" "$!" rsyncd
+
+# Per profile: a link in front of the agent and one in front of rsyncd (each its own link).
+declare -A FB RS
+FB[loopback]=$AGENT
+RS[loopback]=127.0.0.1:$RSYNC_PORT
+for link in $LINKS; do
+    rtt=${link%%:*} mbit=${link##*:}
+    for kind in agent rsyncd; do
+        up=$AGENT
+        [ $kind = rsyncd ] && up=127.0.0.1:$RSYNC_PORT
+        name=link-$kind-$rtt-$mbit
+        "$BIN/fb-wanlink" --listen 127.0.0.1:0 --upstream "$up" --rtt-ms "$rtt" --mbit "$mbit" \
+            >"$DIR/$name.out" 2>"$DIR/$name.log" &
+        PIDS+=("$!")
+        addr=$(wait_addr "$name" "$!" "$DIR/$name.out")
+        if [ $kind = agent ]; then FB[$link]=$addr; else RS[$link]=$addr; fi
+    done
+done
+
+RESULTS=$DIR/runs.jsonl
+: >"$RESULTS"
+TIMEFORMAT='%3R'
+# measure PROFILE CASE TOOL -- command... (target prepared by the caller)
+measure() {
+    local profile=$1 case=$2 tool=$3 wall wire
+    shift 4
+    sync
+    { time "$@" >"$DIR/out" 2>"$DIR/err"; } 2>"$DIR/time" || {
+        echo "bench-wan: $tool ($profile, $case) failed:" >&2
+        tail -20 "$DIR/err" >&2
+        exit 1
+    }
+    cmp "$SRC" "$DST" || die "$tool ($profile, $case): target differs from source"
+    wall=$(cat "$DIR/time")
+    if [ "$tool" = failback ]; then
+        wire=$(jq '[.disks[].bytes_on_wire] | add' "$DIR/report.json")
+    else
+        wire=$(awk -F': ' '/^Total bytes (sent|received)/ {gsub(/,/, "", $2); s += $2} END {print s}' "$DIR/out")
+    fi
+    jq -nc --arg profile "$profile" --arg case "$case" --arg tool "$tool" --argjson wall "$wall" \
+        --argjson wire "$wire" '{profile: $profile, case: $case, tool: $tool, wall_s: $wall, wire_bytes: $wire}' |
+        tee -a "$RESULTS" | jq -r '"   \(.profile) \(.case) \(.tool): \(.wall_s) s, wire \(.wire_bytes)"'
+}
+fb() {
+    "$BIN/failback-client" sync --agent "${FB[$1]}" --map "src=$DST" --ca "$CERTS/ca.pem" \
+        --cert "$CERTS/client.pem" --key "$CERTS/client-key.pem" --progress plain --report "$DIR/report.json"
+}
+rs() {
+    rsync -I --inplace --no-whole-file --fsync --stats "rsync://${RS[$1]}/bench/source.img" "$DST"
+}
+empty() { rm -f "$DST"; : >"$DST"; }
+stale() { rm -f "$DST"; cp "$STALE" "$DST"; }
+
+for profile in loopback $LINKS; do
+    echo "== WAN: $profile"
+    empty && measure "$profile" full failback -- fb "$profile"
+    empty && measure "$profile" full rsync -- rs "$profile"
+    stale && measure "$profile" delta1 failback -- fb "$profile"
+    stale && measure "$profile" delta1 rsync -- rs "$profile"
+done
+rm -f "$DST"
+
+# Summary: per link, link utilisation of the full sync and the delta round against loopback.
+R=$DIR/results.json
+jq -s --arg links "$LINKS" '
+  def row(p; c; t): map(select(.profile == p and .case == c and .tool == t))[0];
+  . as $rows
+  | ($links | split(" ") | map(select(. != ""))) as $profiles
+  | {rows: $rows,
+     targets: [ $profiles[] as $p
+       | ($p | split(":") | {rtt_ms: (.[0] | tonumber), mbit: (.[1] | tonumber)}) as $l
+       | ($rows | row($p; "full"; "failback")) as $full
+       | ($rows | row($p; "delta1"; "failback")) as $delta
+       | ($rows | row("loopback"; "delta1"; "failback")) as $loop
+       | {name: "\($p) full sync fills the link (wire bytes / link rate)",
+          value: ($full.wire_bytes * 8 / $full.wall_s / ($l.mbit * 1e6)), need: 0.9, unit: "ratio"},
+         {name: "\($p) delta round <= loopback + 5 RTT",
+          value: $delta.wall_s, need: ($loop.wall_s + 5 * $l.rtt_ms / 1000), unit: "s"} ]
+       | map(. + {pass: (if .unit == "ratio" then .value >= .need else .value <= .need end)})}' \
+    "$RESULTS" >"$R"
+
+echo
+echo "WAN results ($(numfmt --to=iec "$SIZE") disk, ~60 % random; wall seconds, wire MB = protocol/--stats bytes):"
+fmt='%-12s %-7s %-9s %8s %9s %10s\n'
+# shellcheck disable=SC2059
+printf "$fmt" profile case tool "wall s" "wire MB" "wire Mbit/s"
+jq -r '.rows[] | [.profile, .case, .tool, .wall_s, (.wire_bytes / 1e6 * 10 | round / 10),
+    (.wire_bytes * 8 / .wall_s / 1e6 | round)] | @tsv' "$R" |
+    while IFS=$'\t' read -r p c t w m r; do
+        # shellcheck disable=SC2059
+        printf "$fmt" "$p" "$c" "$t" "$w" "$m" "$r"
+    done
+echo "(profile RTT_MS:MBIT = emulated link; rsync = rsync daemon, --inplace --no-whole-file)"
+echo
+jq -r '.targets[] | "\(if .pass then "PASS" else "MISS" end)  \(.name): \(.value * 1000 | round / 1000)\(
+    if .unit == "ratio" then " (need >= \(.need))" else " s (need <= \(.need * 1000 | round / 1000) s)" end)"' "$R"
+echo "results: $R"
