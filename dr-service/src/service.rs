@@ -20,6 +20,9 @@ use crate::util::{new_instance_id, now_secs, random_hex, secret_hash};
 mod access;
 mod boot_report;
 mod credentials;
+pub mod state;
+
+use state::{set_failback, set_replication};
 
 pub use credentials::{Caller, BOOTSTRAP_ADMIN};
 
@@ -137,6 +140,15 @@ fn add_error(f: &mut FailbackStatus, e: ReplicationError) {
 
 fn clear_error(f: &mut FailbackStatus, e: ReplicationError) {
     f.errors.retain(|x| *x != e);
+}
+
+/// The agent (or client) of a running failback is lost: replication is `DISCONNECTED` and
+/// a launchable failback is no longer launchable.
+fn lose_peer(f: &mut FailbackStatus) {
+    set_replication(f, ReplicationState::Disconnected);
+    if f.state == FailbackState::FailbackReadyForLaunch {
+        set_failback(f, FailbackState::FailbackNotReadyForLaunch);
+    }
 }
 
 fn is_running(s: FailbackState) -> bool {
@@ -528,8 +540,8 @@ impl Service {
         let old = self.instance(id)?;
         let mut inst = old.clone();
         let f = &mut inst.failback;
-        f.state = FailbackState::FailbackNotStarted;
-        f.replication_state = ReplicationState::Stopped;
+        set_failback(f, FailbackState::FailbackNotStarted);
+        set_replication(f, ReplicationState::Stopped);
         f.launch_requested_at = None;
         f.launch_job_id = None;
         f.errors.clear();
@@ -798,8 +810,9 @@ impl Service {
         let f = &mut inst.failback;
         let previous_client = f.client_id.clone();
         *f = FailbackStatus {
-            state: FailbackState::FailbackInProgress,
-            replication_state: ReplicationState::Initiating,
+            // The states move below, through the state machine.
+            state: f.state,
+            replication_state: f.replication_state,
             client_id: Some(client_id.clone()),
             client_last_seen_at: Some(now),
             initiated_at: Some(now),
@@ -830,6 +843,8 @@ impl Service {
             client_cert_sha256: Some(cert.sha256.clone()),
             ..Default::default()
         };
+        set_failback(f, FailbackState::FailbackInProgress);
+        set_replication(f, ReplicationState::Initiating);
         set_step(
             f,
             InitiationStepName::LinkFailbackClientWithRecoveryInstance,
@@ -1042,7 +1057,7 @@ impl Service {
                     f.round = rep.round;
                     f.round_started_at = Some(now);
                 }
-                f.replication_state = if rep.round <= 1 {
+                let to = if rep.round <= 1 {
                     if f.failback_to_original_server {
                         ReplicationState::Rescan
                     } else {
@@ -1057,6 +1072,7 @@ impl Service {
                 } else {
                     ReplicationState::Rescan
                 };
+                set_replication(f, to);
                 // ETA from the hashing rate of this round.
                 let total: u64 = rep.disks.iter().map(|d| d.total_bytes).sum();
                 let done: u64 = rep.disks.iter().map(|d| d.rescanned_bytes).sum();
@@ -1069,14 +1085,14 @@ impl Service {
             }
             ClientPhase::Idle => {
                 f.round = rep.round.max(f.round);
-                f.replication_state = ReplicationState::Continuous;
+                set_replication(f, ReplicationState::Continuous);
                 f.eta_at = None;
                 if matches!(
                     f.state,
                     FailbackState::FailbackInProgress | FailbackState::FailbackNotReadyForLaunch
                 ) && rep.round >= 1
                 {
-                    f.state = FailbackState::FailbackReadyForLaunch;
+                    set_failback(f, FailbackState::FailbackReadyForLaunch);
                 }
                 if let Some(d) = rep.last_round_differing_bytes {
                     if f.recent_round_differing_bytes.len() >= 4 {
@@ -1109,10 +1125,7 @@ impl Service {
                             .unwrap_or_else(|| "recovery agent not reachable".into()),
                     );
                 }
-                f.replication_state = ReplicationState::Disconnected;
-                if f.state == FailbackState::FailbackReadyForLaunch {
-                    f.state = FailbackState::FailbackNotReadyForLaunch;
-                }
+                lose_peer(f);
                 f.last_error_message = rep.error.clone();
             }
             ClientPhase::Finalizing => {}
@@ -1124,8 +1137,8 @@ impl Service {
                         .all(|d| !d.local_digest.is_empty() && d.local_digest == d.agent_digest);
                 f.digests = rep.digests.clone();
                 if ok && f.launch_requested_at.is_some() {
-                    f.state = FailbackState::FailbackCompleted;
-                    f.replication_state = ReplicationState::Stopped;
+                    set_failback(f, FailbackState::FailbackCompleted);
+                    set_replication(f, ReplicationState::Stopped);
                     f.completed_at = Some(now);
                     f.lag_secs = Some(0);
                     b.event(
@@ -1139,7 +1152,7 @@ impl Service {
                             .join("; "),
                     );
                 } else {
-                    f.state = FailbackState::FailbackError;
+                    set_failback(f, FailbackState::FailbackError);
                     add_error(f, ReplicationError::VerificationFailed);
                     f.last_error_message = Some(if f.launch_requested_at.is_none() {
                         "client reported completion without a launch request".into()
@@ -1149,7 +1162,7 @@ impl Service {
                 }
             }
             ClientPhase::Failed => {
-                f.state = FailbackState::FailbackError;
+                set_failback(f, FailbackState::FailbackError);
                 f.last_error_message = rep.error.clone();
                 b.event(
                     now,
@@ -1159,8 +1172,8 @@ impl Service {
                 );
             }
             ClientPhase::Stopped => {
-                f.state = FailbackState::FailbackNotStarted;
-                f.replication_state = ReplicationState::Stopped;
+                set_failback(f, FailbackState::FailbackNotStarted);
+                set_replication(f, ReplicationState::Stopped);
             }
         }
         if was_disconnected
@@ -1177,10 +1190,7 @@ impl Service {
         // A client between rounds does not notice a dead agent; the missed agent
         // heartbeats win until the agent is back.
         if is_running(f.state) && f.errors.contains(&ReplicationError::AgentNotSeen) {
-            f.replication_state = ReplicationState::Disconnected;
-            if f.state == FailbackState::FailbackReadyForLaunch {
-                f.state = FailbackState::FailbackNotReadyForLaunch;
-            }
+            lose_peer(f);
         }
     }
 
@@ -1273,10 +1283,7 @@ impl Service {
             {
                 add_error(f, ReplicationError::FailbackClientNotSeen);
             }
-            f.replication_state = ReplicationState::Disconnected;
-            if f.state == FailbackState::FailbackReadyForLaunch {
-                f.state = FailbackState::FailbackNotReadyForLaunch;
-            }
+            lose_peer(f);
             diff_events(&old, &inst, now, &mut b);
             b.instances.push(inst);
         }
