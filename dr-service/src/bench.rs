@@ -60,6 +60,7 @@ async fn run_in(
 ) -> Result<BenchReport, BenchError> {
     let server = start(ServerConfig {
         data_dir: dir.to_path_buf(),
+        database: None,
         listen: "127.0.0.1:0".parse().map_err(e)?,
         sans: vec![],
         admin_token: Some("bench".into()),

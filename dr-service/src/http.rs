@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use crate::ca::Ca;
 use crate::limits::{self, BodyLimit, Limits};
 use crate::service::{ApiFailure, Caller, Service, Settings};
-use crate::store::SqliteStore;
 use crate::util::{random_hex, secret_hash};
 use crate::validate::Validate;
 
@@ -29,6 +28,9 @@ use crate::validate::Validate;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// `postgres://...` (or `postgresql://...`): state in that PostgreSQL database; a path:
+    /// that SQLite file; `None`: SQLite `failback.db` in the data directory.
+    pub database: Option<String>,
     pub listen: SocketAddr,
     /// Extra subject alternative names for the HTTPS certificate (IPs or DNS names).
     pub sans: Vec<String>,
@@ -199,33 +201,49 @@ async fn health() -> &'static str {
     "ok\n"
 }
 
+/// Runs a request's service call on the blocking pool (store calls and certificate
+/// generation block) and turns its result into a response.
+async fn off<T, F>(f: F) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce() -> Result<T, ApiFailure> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => reply(r),
+        Err(e) => failure_response(ApiFailure::Internal(format!("request task: {e}"))),
+    }
+}
+
 async fn enroll(State(st): St, body: Bytes) -> Response {
-    reply(parse(&body).and_then(|r| st.service.enroll_agent(r)))
+    off(move || st.service.enroll_agent(parse(&body)?)).await
 }
 
 async fn agent_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply((|| {
+    off(move || {
         let s = need_bearer(&h, "agent secret")?;
         st.service.agent_heartbeat(&s, parse(&body)?)
-    })())
+    })
+    .await
 }
 
 async fn pair(State(st): St, body: Bytes) -> Response {
-    reply(parse(&body).and_then(|r| st.service.pair(r)))
+    off(move || st.service.pair(parse(&body)?)).await
 }
 
 async fn client_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply((|| {
+    off(move || {
         let s = need_bearer(&h, "client secret")?;
         st.service.client_heartbeat(&s, parse(&body)?)
-    })())
+    })
+    .await
 }
 
 async fn client_log(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply((|| {
+    off(move || {
         let s = need_bearer(&h, "client secret")?;
         st.service.upload_log(&s, &body)
-    })())
+    })
+    .await
 }
 
 /// Unauthenticated: its body limit is [`BOOT_REPORT_MAX_BODY`] (see [`crate::limits`]), its
@@ -235,41 +253,63 @@ async fn boot_report(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Response {
-    reply(parse(&body).and_then(|r| st.service.boot_report_from(r, Some(peer.ip()))))
+    off(move || st.service.boot_report_from(parse(&body)?, Some(peer.ip()))).await
 }
 
 async fn list(State(st): St, h: HeaderMap) -> Response {
-    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.list()))
+    off(move || {
+        require(&st, &h, Role::Viewer)?;
+        st.service.list()
+    })
+    .await
 }
 
 async fn describe(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.describe(&id)))
+    off(move || {
+        require(&st, &h, Role::Viewer)?;
+        st.service.describe(&id)
+    })
+    .await
 }
 
 async fn set_hints(State(st): St, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
-    reply(
-        require(&st, &h, Role::Operator)
-            .and_then(|c| st.service.set_hints(&c.actor, &id, parse(&body)?)),
-    )
+    off(move || {
+        let c = require(&st, &h, Role::Operator)?;
+        st.service.set_hints(&c.actor, &id, parse(&body)?)
+    })
+    .await
 }
 
 async fn stop(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(require(&st, &h, Role::Operator).and_then(|c| st.service.stop(&c.actor, &id)))
+    off(move || {
+        let c = require(&st, &h, Role::Operator)?;
+        st.service.stop(&c.actor, &id)
+    })
+    .await
 }
 
 async fn get_config(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.get_config(&id)))
+    off(move || {
+        require(&st, &h, Role::Viewer)?;
+        st.service.get_config(&id)
+    })
+    .await
 }
 
 async fn put_config(State(st): St, h: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
-    reply(
-        require(&st, &h, Role::Admin)
-            .and_then(|c| st.service.update_config(&c.actor, &id, parse(&body)?)),
-    )
+    off(move || {
+        let c = require(&st, &h, Role::Admin)?;
+        st.service.update_config(&c.actor, &id, parse(&body)?)
+    })
+    .await
 }
 
 async fn logs(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(require(&st, &h, Role::Viewer).and_then(|_| st.service.list_logs(&id)))
+    off(move || {
+        require(&st, &h, Role::Viewer)?;
+        st.service.list_logs(&id)
+    })
+    .await
 }
 
 async fn log_get(
@@ -277,21 +317,32 @@ async fn log_get(
     h: HeaderMap,
     Path((id, name)): Path<(String, String)>,
 ) -> Response {
-    match require(&st, &h, Role::Viewer).and_then(|_| st.service.read_log(&id, &name)) {
-        Ok(b) => b.into_response(),
-        Err(e) => failure_response(e),
+    let r = tokio::task::spawn_blocking(move || {
+        require(&st, &h, Role::Viewer)?;
+        st.service.read_log(&id, &name)
+    })
+    .await;
+    match r {
+        Ok(Ok(b)) => b.into_response(),
+        Ok(Err(e)) => failure_response(e),
+        Err(e) => failure_response(ApiFailure::Internal(format!("request task: {e}"))),
     }
 }
 
 async fn tokens(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply(
-        require(&st, &h, Role::Operator)
-            .and_then(|c| st.service.create_token(&c.actor, parse(&body)?)),
-    )
+    off(move || {
+        let c = require(&st, &h, Role::Operator)?;
+        st.service.create_token(&c.actor, parse(&body)?)
+    })
+    .await
 }
 
 async fn launch(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply(require(&st, &h, Role::Operator).and_then(|c| st.service.launch(&c.actor, parse(&body)?)))
+    off(move || {
+        let c = require(&st, &h, Role::Operator)?;
+        st.service.launch(&c.actor, parse(&body)?)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -312,26 +363,37 @@ async fn events(
         Ok(Query(q)) => q,
         Err(e) => return failure_response(ApiFailure::bad("query", format!("query string: {e}"))),
     };
-    reply(require(&st, &h, Role::Viewer).and_then(|_| {
+    off(move || {
+        require(&st, &h, Role::Viewer)?;
         st.service
             .events(q.instance.as_deref(), q.after, q.limit.unwrap_or(1000))
-    }))
+    })
+    .await
 }
 
 async fn credentials(State(st): St, h: HeaderMap) -> Response {
-    reply(require(&st, &h, Role::Admin).and_then(|_| st.service.credentials()))
+    off(move || {
+        require(&st, &h, Role::Admin)?;
+        st.service.credentials()
+    })
+    .await
 }
 
 async fn credential_create(State(st): St, h: HeaderMap, body: Bytes) -> Response {
-    reply(
-        require(&st, &h, Role::Admin)
-            .and_then(|c| st.service.create_credential(&c.actor, parse(&body)?)),
-    )
+    off(move || {
+        let c = require(&st, &h, Role::Admin)?;
+        st.service.create_credential(&c.actor, parse(&body)?)
+    })
+    .await
 }
 
 /// The service checks the id's format (`cred-` + 16 hex) before any lookup.
 async fn credential_revoke(State(st): St, h: HeaderMap, Path(id): Path<String>) -> Response {
-    reply(require(&st, &h, Role::Admin).and_then(|c| st.service.revoke_credential(&c.actor, &id)))
+    off(move || {
+        let c = require(&st, &h, Role::Admin)?;
+        st.service.revoke_credential(&c.actor, &id)
+    })
+    .await
 }
 
 async fn fallback() -> Response {
@@ -432,9 +494,18 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         source,
     })?;
     crate::startup::check_data_dir(&cfg.data_dir)?;
-    let store = Arc::new(SqliteStore::open(&cfg.data_dir.join("failback.db"))?);
-    let ca = Ca::load_or_create(&cfg.data_dir)?;
-    let tls = Arc::new(tls_config(&ca, &cfg.sans)?);
+    // Opening the store (migrations) and the CA (key generation on first start) block.
+    let (store, ca, tls) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+            let store = crate::store::open(cfg.database.as_deref(), &cfg.data_dir)?;
+            let ca = Ca::load_or_create(&cfg.data_dir)?;
+            let tls = Arc::new(tls_config(&ca, &cfg.sans)?);
+            Ok((store, ca, tls))
+        })
+        .await
+        .map_err(|e| ServerError::Tls(format!("start-up task: {e}")))??
+    };
     let token = admin_token(&cfg)?;
     let mut settings = cfg.settings.clone();
     if settings.log_dir.is_relative() {

@@ -112,8 +112,19 @@ pub async fn body_limit(State(st): State<BodyLimit>, req: Request, next: Next) -
         return too_large(&path, max, &format!("Content-Length {n}"));
     }
     if max == LOG_UPLOAD_MAX_BODY {
-        if let Err(e) = client_authorized(&st.service, &req) {
-            return crate::http::failure_response(e);
+        // A store look-up: on the blocking pool.
+        let service = st.service.clone();
+        let auth = req.headers().get(header::AUTHORIZATION).cloned();
+        let checked =
+            tokio::task::spawn_blocking(move || client_authorized(&service, auth.as_ref())).await;
+        match checked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return crate::http::failure_response(e),
+            Err(e) => {
+                return crate::http::failure_response(ApiFailure::Internal(format!(
+                    "request task: {e}"
+                )))
+            }
         }
     }
     let (parts, body) = req.into_parts();
@@ -141,10 +152,11 @@ pub async fn body_limit(State(st): State<BodyLimit>, req: Request, next: Next) -
     }
 }
 
-fn client_authorized(service: &Service, req: &Request) -> Result<(), ApiFailure> {
-    let secret = req
-        .headers()
-        .get(header::AUTHORIZATION)
+fn client_authorized(
+    service: &Service,
+    auth: Option<&axum::http::HeaderValue>,
+) -> Result<(), ApiFailure> {
+    let secret = auth
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)

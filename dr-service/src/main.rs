@@ -32,6 +32,10 @@ struct ServeArgs {
         default_value = "/var/lib/failback-server"
     )]
     data_dir: PathBuf,
+    /// Where the state lives: `postgres://USER@HOST/DB` (several replicas may share it), or a
+    /// SQLite file path (default: failback.db in --data-dir).
+    #[arg(long, env = "FAILBACK_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
@@ -172,6 +176,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
     };
     let cfg = ServerConfig {
         data_dir: a.data_dir.clone(),
+        database: a.database,
         listen: a.listen,
         sans: a.sans,
         admin_token: a.admin_token,

@@ -98,8 +98,7 @@ pub struct Service {
     store: Arc<dyn Store>,
     ca: Ca,
     settings: Settings,
-    lock: Mutex<()>,
-    /// Rate limit of unauthenticated boot reports (kept apart from `lock`).
+    /// Rate limit of unauthenticated boot reports (in memory, per replica).
     boot_limits: Mutex<boot_report::Limiter>,
 }
 
@@ -109,6 +108,8 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// Attempts of a request whose writes conflicted with a concurrent one.
+const MAX_ATTEMPTS: u64 = 16;
 const MAX_TTL: u64 = 30 * 24 * 3600;
 const BACKLOG_THRESHOLD: u64 = 64 << 20;
 
@@ -122,6 +123,12 @@ fn new_instance(id: &str, now: u64) -> RecoveryInstance {
         config: ReplicationConfig::default(),
         created_at: now,
     }
+}
+
+/// A fresh instance (for store tests).
+#[cfg(test)]
+pub(crate) fn test_instance(id: &str) -> RecoveryInstance {
+    new_instance(id, 1)
 }
 
 fn set_step(f: &mut FailbackStatus, name: InitiationStepName, status: StepStatus) {
@@ -305,7 +312,6 @@ impl Service {
             store,
             ca,
             settings,
-            lock: Mutex::new(()),
             boot_limits: Mutex::new(boot_report::Limiter::default()),
         }
     }
@@ -318,8 +324,21 @@ impl Service {
         self.ca.ca_pem()
     }
 
-    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `op` again from a fresh read while the store reports a concurrent change of
+    /// what it read (another request, or another replica, wrote first).
+    fn retry<T>(&self, mut op: impl FnMut() -> R<T>) -> R<T> {
+        let mut attempt: u64 = 0;
+        loop {
+            match op() {
+                Err(ApiFailure::Store(e)) if e.is_conflict() && attempt < MAX_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::debug!("retrying after {e} (attempt {attempt})");
+                    let jitter = u64::from(crate::util::random_hex(1).as_bytes()[0] % 8);
+                    std::thread::sleep(std::time::Duration::from_millis(attempt + jitter));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn instance(&self, id: &str) -> R<RecoveryInstance> {
@@ -349,7 +368,6 @@ impl Service {
                 format!("field ttl_secs: {ttl} is outside 1..={MAX_TTL}"),
             ));
         }
-        let _g = self.guard();
         if let Some(id) = &req.recovery_instance_id {
             if !valid_instance_id(id) {
                 return Err(ApiFailure::bad(
@@ -411,9 +429,13 @@ impl Service {
     }
 
     pub fn set_hints(&self, actor: &str, id: &str, req: SetHintsRequest) -> R<RecoveryInstance> {
+        self.retry(|| self.set_hints_once(actor, id, req.clone()))
+    }
+
+    fn set_hints_once(&self, actor: &str, id: &str, req: SetHintsRequest) -> R<RecoveryInstance> {
         let now = now_secs();
-        let _g = self.guard();
-        let mut inst = self.instance(id)?;
+        let old = self.instance(id)?;
+        let mut inst = old.clone();
         inst.source_hints = req.source_hints;
         let mut b = Batch::by(actor);
         b.event(
@@ -422,7 +444,7 @@ impl Service {
             "HINTS_UPDATED",
             format!("{:?}", inst.source_hints),
         );
-        b.instances.push(inst.clone());
+        b.put(Some(&old), inst.clone());
         self.store.apply(b)?;
         Ok(inst)
     }
@@ -437,6 +459,15 @@ impl Service {
         id: &str,
         req: UpdateReplicationConfig,
     ) -> R<ReplicationConfig> {
+        self.retry(|| self.update_config_once(actor, id, req.clone()))
+    }
+
+    fn update_config_once(
+        &self,
+        actor: &str,
+        id: &str,
+        req: UpdateReplicationConfig,
+    ) -> R<ReplicationConfig> {
         if let Some(bw) = req.bandwidth_throttling_mbps {
             if bw > 1_000_000 {
                 return Err(ApiFailure::bad(
@@ -446,8 +477,8 @@ impl Service {
             }
         }
         let now = now_secs();
-        let _g = self.guard();
-        let mut inst = self.instance(id)?;
+        let old = self.instance(id)?;
+        let mut inst = old.clone();
         if let Some(bw) = req.bandwidth_throttling_mbps {
             inst.config.bandwidth_throttling_mbps = bw;
         }
@@ -468,13 +499,17 @@ impl Service {
             ),
         );
         let cfg = inst.config.clone();
-        b.instances.push(inst);
+        b.put(Some(&old), inst);
         self.store.apply(b)?;
         Ok(cfg)
     }
 
     /// AWS `StartFailbackLaunch`: only instances in `FAILBACK_READY_FOR_LAUNCH` are accepted.
     pub fn launch(&self, actor: &str, req: LaunchRequest) -> R<LaunchResponse> {
+        self.retry(|| self.launch_once(actor, req.clone()))
+    }
+
+    fn launch_once(&self, actor: &str, req: LaunchRequest) -> R<LaunchResponse> {
         let n = req.recovery_instance_ids.len();
         if n == 0 || n > 200 {
             return Err(ApiFailure::bad(
@@ -493,11 +528,22 @@ impl Service {
         }
         let now = now_secs();
         let job = format!("drsjob-{}", &random_hex(9)[..17]);
-        let _g = self.guard();
         let mut b = Batch::by(actor);
         let mut results = Vec::new();
         for id in &req.recovery_instance_ids {
-            let Some(mut inst) = self.store.instance(id)? else {
+            if b.instances
+                .iter()
+                .any(|w| w.new.recovery_instance_id == *id)
+            {
+                // Named twice: one write, the same answer.
+                results.push(LaunchResult {
+                    recovery_instance_id: id.clone(),
+                    accepted: true,
+                    reason: None,
+                });
+                continue;
+            }
+            let Some(old) = self.store.instance(id)? else {
                 results.push(LaunchResult {
                     recovery_instance_id: id.clone(),
                     accepted: false,
@@ -505,21 +551,22 @@ impl Service {
                 });
                 continue;
             };
-            if inst.failback.state != FailbackState::FailbackReadyForLaunch {
+            if old.failback.state != FailbackState::FailbackReadyForLaunch {
                 results.push(LaunchResult {
                     recovery_instance_id: id.clone(),
                     accepted: false,
                     reason: Some(format!(
                         "NOT_READY: failback state is {} (needs FAILBACK_READY_FOR_LAUNCH)",
-                        inst.failback.state
+                        old.failback.state
                     )),
                 });
                 continue;
             }
+            let mut inst = old.clone();
             inst.failback.launch_requested_at = Some(now);
             inst.failback.launch_job_id = Some(job.clone());
             b.event(now, Some(id), "LAUNCH_REQUESTED", format!("job {job}"));
-            b.instances.push(inst);
+            b.put(Some(&old), inst);
             results.push(LaunchResult {
                 recovery_instance_id: id.clone(),
                 accepted: true,
@@ -535,8 +582,11 @@ impl Service {
 
     /// AWS `StopFailback`: back to `FAILBACK_NOT_STARTED`; the client is told to stop.
     pub fn stop(&self, actor: &str, id: &str) -> R<RecoveryInstance> {
+        self.retry(|| self.stop_once(actor, id))
+    }
+
+    fn stop_once(&self, actor: &str, id: &str) -> R<RecoveryInstance> {
         let now = now_secs();
-        let _g = self.guard();
         let old = self.instance(id)?;
         let mut inst = old.clone();
         let f = &mut inst.failback;
@@ -554,7 +604,7 @@ impl Service {
         }
         b.event(now, Some(id), "STOP_REQUESTED", "stop failback".into());
         diff_events(&old, &inst, now, &mut b);
-        b.instances.push(inst.clone());
+        b.put(Some(&old), inst.clone());
         self.store.apply(b)?;
         Ok(inst)
     }
@@ -568,6 +618,10 @@ impl Service {
     // ------------------------------------------------------------ agent
 
     pub fn enroll_agent(&self, req: AgentEnrollRequest) -> R<AgentEnrollResponse> {
+        self.retry(|| self.enroll_agent_once(req.clone()))
+    }
+
+    fn enroll_agent_once(&self, req: AgentEnrollRequest) -> R<AgentEnrollResponse> {
         if req.token.trim().is_empty() {
             return Err(ApiFailure::bad("token", "field token: empty"));
         }
@@ -585,7 +639,6 @@ impl Service {
             ));
         }
         let now = now_secs();
-        let _g = self.guard();
         let tok = check_token(
             self.store.token(&secret_hash(&req.token))?,
             TokenKind::Agent,
@@ -594,7 +647,7 @@ impl Service {
         let id = tok.instance_id.clone().unwrap_or_else(new_instance_id);
         let existing = self.store.instance(&id)?;
         let created = existing.is_none();
-        let old = existing.unwrap_or_else(|| new_instance(&id, now));
+        let old = existing.clone().unwrap_or_else(|| new_instance(&id, now));
         let mut inst = old.clone();
         inst.agent.address = Some(req.address.clone());
         inst.agent.private_address = req.private_address.clone();
@@ -632,7 +685,7 @@ impl Service {
             ),
         );
         diff_events(&old, &inst, now, &mut b);
-        b.instances.push(inst);
+        b.put(existing.as_ref(), inst);
         self.store.apply(b)?;
         Ok(AgentEnrollResponse {
             recovery_instance_id: id,
@@ -645,6 +698,10 @@ impl Service {
     }
 
     pub fn agent_heartbeat(&self, secret: &str, hb: AgentHeartbeat) -> R<AgentHeartbeatResponse> {
+        self.retry(|| self.agent_heartbeat_once(secret, hb.clone()))
+    }
+
+    fn agent_heartbeat_once(&self, secret: &str, hb: AgentHeartbeat) -> R<AgentHeartbeatResponse> {
         check_address("address", &hb.address)?;
         if let Some(p) = &hb.private_address {
             check_address("private_address", p)?;
@@ -653,7 +710,6 @@ impl Service {
             check_agent_disks(d, "disks")?;
         }
         let now = now_secs();
-        let _g = self.guard();
         let agent = self
             .store
             .agent_by_secret(&secret_hash(secret))?
@@ -678,7 +734,7 @@ impl Service {
         clear_error(&mut inst.failback, ReplicationError::AgentNotSeen);
         diff_events(&old, &inst, now, &mut b);
         let inst_after = inst.clone();
-        b.instances.push(inst);
+        b.put(Some(&old), inst);
         self.store.apply(b)?;
         Ok(AgentHeartbeatResponse {
             recovery_instance_id: agent.instance_id,
@@ -708,6 +764,10 @@ impl Service {
     }
 
     pub fn pair(&self, req: PairRequest) -> R<PairResponse> {
+        self.retry(|| self.pair_once(req.clone()))
+    }
+
+    fn pair_once(&self, req: PairRequest) -> R<PairResponse> {
         if req.token.trim().is_empty() {
             return Err(ApiFailure::bad("token", "field token: empty"));
         }
@@ -731,7 +791,6 @@ impl Service {
             }
         }
         let now = now_secs();
-        let _g = self.guard();
         let tok = check_token(
             self.store.token(&secret_hash(&req.token))?,
             TokenKind::Pairing,
@@ -920,7 +979,7 @@ impl Service {
             bandwidth_limit_mbps: Self::bandwidth(&inst),
             heartbeat_interval_secs: self.settings.heartbeat_secs,
         };
-        b.instances.push(inst);
+        b.put(Some(&old), inst);
         self.store.apply(b)?;
         Ok(resp)
     }
@@ -933,6 +992,10 @@ impl Service {
 
     /// Heartbeat + progress report; answers with the next command.
     pub fn client_heartbeat(&self, secret: &str, rep: ClientReport) -> R<ClientCommandResponse> {
+        self.retry(|| self.client_heartbeat_once(secret, rep.clone()))
+    }
+
+    fn client_heartbeat_once(&self, secret: &str, rep: ClientReport) -> R<ClientCommandResponse> {
         for (i, d) in rep.disks.iter().enumerate() {
             if d.remote_id.is_empty() {
                 let f = format!("disks[{i}].remote_id");
@@ -948,7 +1011,6 @@ impl Service {
             }
         }
         let now = now_secs();
-        let _g = self.guard();
         let client = self.client(secret)?;
         let old = self.instance(&client.instance_id)?;
         let mut inst = old.clone();
@@ -993,7 +1055,7 @@ impl Service {
             bandwidth_limit_mbps: Self::bandwidth(&inst),
             heartbeat_interval_secs: self.settings.heartbeat_secs,
         };
-        b.instances.push(inst);
+        b.put(Some(&old), inst);
         self.store.apply(b)?;
         Ok(resp)
     }
@@ -1197,10 +1259,7 @@ impl Service {
     /// Stores an uploaded client log under `log_dir/<instance>/`.
     pub fn upload_log(&self, secret: &str, body: &[u8]) -> R<LogUploadResponse> {
         let now = now_secs();
-        let client = {
-            let _g = self.guard();
-            self.client(secret)?
-        };
+        let client = { self.client(secret)? };
         let dir = self.settings.log_dir.join(&client.instance_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ApiFailure::Internal(format!("creating {}: {e}", dir.display())))?;
@@ -1216,7 +1275,6 @@ impl Service {
             format!("{name} ({} bytes)", body.len()),
         );
         {
-            let _g = self.guard();
             self.store.apply(b)?;
         }
         Ok(LogUploadResponse {
@@ -1260,8 +1318,11 @@ impl Service {
     /// Raises `AGENT_NOT_SEEN` / `FAILBACK_CLIENT_NOT_SEEN` for silent peers of running
     /// failbacks; both make the replication state `DISCONNECTED`.
     pub fn monitor_tick(&self) -> R<usize> {
+        self.retry(|| self.monitor_tick_once())
+    }
+
+    fn monitor_tick_once(&self) -> R<usize> {
         let now = now_secs();
-        let _g = self.guard();
         let stale = self.store.stale_instances(
             now.saturating_sub(self.settings.agent_timeout_secs),
             now.saturating_sub(self.settings.client_timeout_secs),
@@ -1285,7 +1346,7 @@ impl Service {
             }
             lose_peer(f);
             diff_events(&old, &inst, now, &mut b);
-            b.instances.push(inst);
+            b.put(Some(&old), inst);
         }
         self.store.apply(b)?;
         Ok(n)

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 async fn server(dir: &Path) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
+        database: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec!["10.0.2.2".into()],
         admin_token: None,
@@ -602,6 +603,7 @@ async fn missed_agent_heartbeats_raise_agent_not_seen() {
     let d = tempfile::tempdir().unwrap();
     let s = start(ServerConfig {
         data_dir: d.path().to_path_buf(),
+        database: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: Some("adm".into()),

@@ -23,6 +23,7 @@ static GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 async fn server_with(dir: &Path, limits: Limits) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
+        database: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: None,

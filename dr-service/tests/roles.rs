@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 async fn server(dir: &Path) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
+        database: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: None,

@@ -12,6 +12,7 @@ use failback_server::{start, RunningServer, ServerConfig, Settings, BOOTSTRAP_AD
 async fn server(dir: &std::path::Path) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
+        database: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: None,

@@ -225,7 +225,6 @@ impl Service {
             }
             .map_err(rate_limited)?;
         }
-        let _g = self.guard();
         // Attribution: a token we issued (its scope, or the instance the client asked for if
         // the token was auto-match), else a BIOS UUID matching exactly one instance.
         let mut instance = None;

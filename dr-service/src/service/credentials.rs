@@ -83,6 +83,14 @@ impl Service {
         actor: &str,
         req: CreateCredentialRequest,
     ) -> R<CreateCredentialResponse> {
+        self.retry(|| self.create_credential_once(actor, req.clone()))
+    }
+
+    fn create_credential_once(
+        &self,
+        actor: &str,
+        req: CreateCredentialRequest,
+    ) -> R<CreateCredentialResponse> {
         if !valid_credential_name(&req.name) {
             return Err(ApiFailure::bad(
                 "name",
@@ -94,7 +102,6 @@ impl Service {
             ));
         }
         let now = now_secs();
-        let _g = self.guard();
         let all = self.store.credentials()?;
         if let Some(c) = all
             .iter()
@@ -154,7 +161,6 @@ impl Service {
             ));
         }
         let now = now_secs();
-        let _g = self.guard();
         let mut rec = self.store.credential(id)?.ok_or_else(|| not_found(id))?;
         if let Some(at) = rec.revoked_at {
             return Err(ApiFailure::Conflict {
