@@ -1,0 +1,256 @@
+//! A throwaway PostgreSQL cluster for tests: Debian's `initdb` + `pg_ctl` (package
+//! `postgresql`, installed by `make setup`) in a temporary directory, on a free port of
+//! 127.0.0.1, run as an unprivileged user (`nobody` when the tests run as root, since
+//! PostgreSQL refuses to run as root). Stopped (`pg_ctl stop -m immediate`) and removed on
+//! drop. Every test gets its own database ([`PgCluster::database`]), so tests run in parallel
+//! on one cluster.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A running cluster; trust authentication on 127.0.0.1 for user `failback`.
+#[derive(Debug)]
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    as_nobody: bool,
+}
+
+/// The newest `/usr/lib/postgresql/<major>/bin` with `initdb` (panics naming the package if
+/// there is none, so a test never skips silently).
+fn pg_bin() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, b)| b)
+        .expect("no /usr/lib/postgresql/*/bin/initdb: install Debian's postgresql (make setup)")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port on 127.0.0.1")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .expect("id -u")
+}
+
+impl PgCluster {
+    /// initdb + start; panics with the server log on failure.
+    pub fn start() -> PgCluster {
+        let bin = pg_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("failback-pg-")
+            .tempdir()
+            .expect("temp dir");
+        let as_nobody = is_root();
+        if as_nobody {
+            // nobody:nogroup must own the cluster directory and reach it.
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).expect("chown");
+            let mut perm = std::fs::metadata(dir.path()).unwrap().permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o700);
+            std::fs::set_permissions(dir.path(), perm).unwrap();
+        }
+        let c = PgCluster {
+            dir,
+            bin,
+            port: free_port(),
+            as_nobody,
+        };
+        let data = c.data();
+        c.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "failback",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        );
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=200",
+            c.port,
+            c.dir.path().display()
+        );
+        let log = c.dir.path().join("server.log");
+        c.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+        c
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        if self.as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .command(tool)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        if !out.status.success() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            panic!(
+                "{tool} {args:?} failed ({}):\n{}\n{}\nserver log:\n{log}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// The cluster's directory (data, socket, server.log).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// URL of the `postgres` maintenance database.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://failback@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Creates a fresh database and returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "failback",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                &format!("CREATE DATABASE \"{name}\""),
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("postgres://failback@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl PgCluster {
+    /// One cluster for the whole test process, started on first use. Statics are never
+    /// dropped, so a reaper shell started with it stops the cluster and removes its
+    /// directory once the test process has exited (however it exited).
+    pub fn shared() -> &'static PgCluster {
+        static SHARED: std::sync::OnceLock<PgCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let c = PgCluster::start();
+            let stop = if c.as_nobody {
+                "setpriv --reuid=65534 --regid=65534 --clear-groups --"
+            } else {
+                ""
+            };
+            let script = format!(
+                "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
+                 {stop} {pg_ctl} -D {data} -m immediate -w stop >/dev/null 2>&1; rm -rf {dir}",
+                pid = std::process::id(),
+                pg_ctl = c.bin.join("pg_ctl").display(),
+                data = c.data().display(),
+                dir = c.dir.path().display(),
+            );
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("reaper shell");
+            c
+        })
+    }
+
+    /// A fresh database on the shared cluster, named after the test (plus a counter).
+    pub fn fresh_database(test: &str) -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name: String = format!("{test}_{n}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(60)
+            .collect();
+        PgCluster::shared().database(&name)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = self
+            .command("pg_ctl")
+            .args([
+                "-D",
+                data.to_str().unwrap_or(""),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+    }
+}
