@@ -1,7 +1,8 @@
 //! The DR-service API over real HTTPS on 127.0.0.1:0 (in-process server, SQLite in a temp
 //! dir): tokens, enrollment, pairing refusals, malformed bodies, restart persistence, launch
 //! and stop validation. The agent and client here are plain HTTP calls; the end-to-end tests
-//! with the real binaries are in tests/tests/service_e2e.rs.
+//! with the real binaries are in tests/tests/service_e2e.rs. Every test runs twice: on SQLite
+//! and on a real PostgreSQL (`--database postgres://...`, throwaway cluster).
 
 use std::path::Path;
 
@@ -9,10 +10,14 @@ use failback_config::api::*;
 use failback_server::{start, RunningServer, ServerConfig, Settings};
 use serde_json::{json, Value};
 
-async fn server(dir: &Path) -> RunningServer {
+/// The backend a test runs on: `None` is SQLite in the data dir, `Some(url)` a fresh
+/// database on the shared throwaway PostgreSQL cluster.
+type Db = Option<String>;
+
+async fn server(dir: &Path, db: &Db) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
-        database: None,
+        database: db.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec!["10.0.2.2".into()],
         admin_token: None,
@@ -155,10 +160,9 @@ impl C {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pairing_by_scope_and_by_smbios_uuid_then_reuse_refused() {
+async fn pairing_by_scope_and_by_smbios_uuid_then_reuse_refused(db: Db) {
     let d = tempfile::tempdir().unwrap();
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     let c = C::new(&s);
     let uuid = "4221AAAA-BBBB-CCCC-DDDD-EEEEFFFF0001";
     let (a, _) = c.enroll(Some(uuid), 1 << 30).await;
@@ -202,10 +206,9 @@ async fn pairing_by_scope_and_by_smbios_uuid_then_reuse_refused() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_wrong_kind_and_other_instance_tokens_refused() {
+async fn expired_wrong_kind_and_other_instance_tokens_refused(db: Db) {
     let d = tempfile::tempdir().unwrap();
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     let c = C::new(&s);
     let (a, _) = c.enroll(None, 1 << 30).await;
     let (b, _) = c.enroll(None, 1 << 30).await;
@@ -247,10 +250,9 @@ async fn expired_wrong_kind_and_other_instance_tokens_refused() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_requests_name_the_field_and_store_nothing() {
+async fn malformed_requests_name_the_field_and_store_nothing(db: Db) {
     let d = tempfile::tempdir().unwrap();
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     let c = C::new(&s);
     let (a, _) = c.enroll(None, 1 << 30).await;
     let t = c.token("pairing", Some(&a), None).await;
@@ -380,10 +382,9 @@ async fn malformed_requests_name_the_field_and_store_nothing() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_ca_and_admin_token_survive_restart() {
+async fn state_ca_and_admin_token_survive_restart(db: Db) {
     let d = tempfile::tempdir().unwrap();
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     let c = C::new(&s);
     let (a, agent_secret) = c.enroll(None, 1 << 30).await;
     let t = c.token("pairing", Some(&a), None).await;
@@ -404,7 +405,7 @@ async fn state_ca_and_admin_token_survive_restart() {
     let (ca1, adm1) = (s.ca_pem.clone(), s.admin_token.clone());
     s.shutdown().await;
 
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     assert_eq!(s.ca_pem, ca1, "CA must be kept across restarts");
     assert_eq!(s.admin_token, adm1);
     let c = C::new(&s);
@@ -434,10 +435,9 @@ async fn state_ca_and_admin_token_survive_restart() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn launch_stop_and_config_drive_the_client_commands() {
+async fn launch_stop_and_config_drive_the_client_commands(db: Db) {
     let d = tempfile::tempdir().unwrap();
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     let c = C::new(&s);
     let (a, _) = c.enroll(None, 1 << 30).await;
     let (b, _) = c.enroll(None, 1 << 30).await;
@@ -543,10 +543,9 @@ async fn launch_stop_and_config_drive_the_client_commands() {
 
 /// A lost connection to the recovery agent is one event per outage (the client reports it in
 /// every heartbeat while it retries), and so is the reconnection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_outage_is_one_event_and_reconnection_another() {
+async fn agent_outage_is_one_event_and_reconnection_another(db: Db) {
     let d = tempfile::tempdir().unwrap();
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     let c = C::new(&s);
     let (a, _) = c.enroll(None, 1 << 30).await;
     let t = c.token("pairing", Some(&a), None).await;
@@ -598,12 +597,11 @@ async fn agent_outage_is_one_event_and_reconnection_another() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missed_agent_heartbeats_raise_agent_not_seen() {
+async fn missed_agent_heartbeats_raise_agent_not_seen(db: Db) {
     let d = tempfile::tempdir().unwrap();
     let s = start(ServerConfig {
         data_dir: d.path().to_path_buf(),
-        database: None,
+        database: db.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: Some("adm".into()),
@@ -679,10 +677,9 @@ async fn missed_agent_heartbeats_raise_agent_not_seen() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn boot_reports_are_filed_by_token_or_uuid_limited_and_validated() {
+async fn boot_reports_are_filed_by_token_or_uuid_limited_and_validated(db: Db) {
     let d = tempfile::tempdir().unwrap();
-    let s = server(d.path()).await;
+    let s = server(d.path(), &db).await;
     let c = C::new(&s);
     let uuid = "4221AAAA-BBBB-CCCC-DDDD-EEEEFFFF0042";
     let (a, _) = c.enroll(Some(uuid), 1 << 30).await;
@@ -839,3 +836,35 @@ async fn boot_reports_are_filed_by_token_or_uuid_limited_and_validated() {
     assert!(limited, "a looping client was never rate-limited");
     s.shutdown().await;
 }
+
+/// Each test on both backends: `NAME::sqlite` and `NAME::postgres`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(None).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let url = tokio::task::spawn_blocking(|| {
+                    failback_tests::pg::PgCluster::fresh_database(stringify!($name))
+                })
+                .await
+                .unwrap();
+                super::$name(Some(url)).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    pairing_by_scope_and_by_smbios_uuid_then_reuse_refused,
+    expired_wrong_kind_and_other_instance_tokens_refused,
+    malformed_requests_name_the_field_and_store_nothing,
+    state_ca_and_admin_token_survive_restart,
+    launch_stop_and_config_drive_the_client_commands,
+    agent_outage_is_one_event_and_reconnection_another,
+    missed_agent_heartbeats_raise_agent_not_seen,
+    boot_reports_are_filed_by_token_or_uuid_limited_and_validated,
+);

@@ -29,7 +29,21 @@ const MIGRATION_LOCK: i64 = 0x6661_696c_6261_636b;
 pub struct PgStore {
     /// The URL without its password (for messages).
     url: String,
-    pool: Pool,
+    /// Always `Some` until dropped (see the `Drop` impl).
+    pool: Option<Pool>,
+}
+
+impl Drop for PgStore {
+    /// A `postgres::Client` blocks on its own runtime when dropped, which panics on a tokio
+    /// worker thread (a server shut down in an async test or task): the pool's connections
+    /// are closed on a thread of their own.
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            let _ = std::thread::Builder::new()
+                .name("pg-pool-drop".into())
+                .spawn(move || drop(pool));
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -96,7 +110,10 @@ impl PgStore {
                 url: shown.clone(),
                 message: e.to_string(),
             })?;
-        let s = PgStore { url: shown, pool };
+        let s = PgStore {
+            url: shown,
+            pool: Some(pool),
+        };
         s.migrate()?;
         Ok(s)
     }
@@ -109,7 +126,11 @@ impl PgStore {
     }
 
     fn conn(&self) -> Result<Conn, StoreError> {
-        self.pool.get().map_err(|e| StoreError::Pool {
+        let pool = self.pool.as_ref().ok_or_else(|| StoreError::Pool {
+            url: self.url.clone(),
+            message: "store closed".into(),
+        })?;
+        pool.get().map_err(|e| StoreError::Pool {
             url: self.url.clone(),
             message: e.to_string(),
         })
