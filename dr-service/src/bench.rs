@@ -14,6 +14,8 @@ use crate::service::Settings;
 
 #[derive(Debug, serde::Serialize)]
 pub struct BenchReport {
+    /// `sqlite` or `postgres`.
+    pub backend: String,
     pub clients: usize,
     pub seconds: u64,
     pub requests: u64,
@@ -27,8 +29,8 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dr-service heartbeat: {} clients x 1/s for {} s: {} requests, {} errors, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            self.clients, self.seconds, self.requests, self.errors, self.p50_ms, self.p99_ms, self.max_ms
+            "dr-service heartbeat ({}): {} clients x 1/s for {} s: {} requests, {} errors, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.backend, self.clients, self.seconds, self.requests, self.errors, self.p50_ms, self.p99_ms, self.max_ms
         )
     }
 }
@@ -41,14 +43,19 @@ fn e(x: impl fmt::Display) -> BenchError {
     BenchError(x.to_string())
 }
 
-/// Runs the benchmark: `clients` simulated clients for `secs` seconds after a warm-up.
-pub async fn run(clients: usize, secs: u64) -> Result<BenchReport, BenchError> {
+/// Runs the benchmark: `clients` simulated clients for `secs` seconds after a warm-up, with
+/// the state in `database` (see `ServerConfig::database`; `None`: SQLite in a temp dir).
+pub async fn run(
+    clients: usize,
+    secs: u64,
+    database: Option<String>,
+) -> Result<BenchReport, BenchError> {
     let dir = std::env::temp_dir().join(format!(
         "failback-bench-{}-{}",
         std::process::id(),
         crate::util::random_hex(4)
     ));
-    let res = run_in(&dir, clients, secs).await;
+    let res = run_in(&dir, clients, secs, database).await;
     let _ = std::fs::remove_dir_all(&dir);
     res
 }
@@ -57,10 +64,15 @@ async fn run_in(
     dir: &std::path::Path,
     clients: usize,
     secs: u64,
+    database: Option<String>,
 ) -> Result<BenchReport, BenchError> {
+    let backend = match &database {
+        Some(d) if crate::store::is_postgres(d) => "postgres",
+        _ => "sqlite",
+    };
     let server = start(ServerConfig {
         data_dir: dir.to_path_buf(),
-        database: None,
+        database,
         listen: "127.0.0.1:0".parse().map_err(e)?,
         sans: vec![],
         admin_token: Some("bench".into()),
@@ -80,65 +92,31 @@ async fn run_in(
     .await
     .map_err(e)?;
     let svc = server.service.clone();
-    // Set-up through the service directly (not measured): one enrolled instance and one
-    // paired client per simulated client.
-    let mut secrets = Vec::with_capacity(clients);
-    for i in 0..clients {
-        let at = svc
-            .create_token(
-                crate::service::BOOTSTRAP_ADMIN,
-                CreateTokenRequest {
-                    kind: TokenKind::Agent,
-                    recovery_instance_id: None,
-                    ttl_secs: None,
-                },
-            )
-            .map_err(e)?;
-        let en = svc
-            .enroll_agent(AgentEnrollRequest {
-                token: at.token,
-                address: format!("127.0.0.1:{}", 20000 + i % 40000),
-                private_address: None,
-                disks: vec![AgentDisk {
-                    id: "disk0".into(),
-                    size_bytes: 8 << 30,
-                    logical_sector_size: 512,
-                    device: None,
-                }],
-                hostname: None,
-                source_hints: None,
-                cert_sans: vec![],
-            })
-            .map_err(e)?;
-        let pt = svc
-            .create_token(
-                crate::service::BOOTSTRAP_ADMIN,
-                CreateTokenRequest {
-                    kind: TokenKind::Pairing,
-                    recovery_instance_id: Some(en.recovery_instance_id),
-                    ttl_secs: None,
-                },
-            )
-            .map_err(e)?;
-        let p = svc
-            .pair(PairRequest {
-                token: pt.token,
-                inventory: Inventory {
-                    disks: vec![InventoryDisk {
-                        path: "/dev/sda".into(),
-                        size_bytes: 8 << 30,
-                        logical_sector_size: 512,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
-                recovery_instance_id: None,
-                device_mapping: None,
-                client_version: None,
-            })
-            .map_err(e)?;
-        secrets.push(p.client_secret);
-    }
+    // Set-up through the service directly (not measured), on 4 blocking threads: one
+    // enrolled instance and one paired client per simulated client.
+    let secrets = tokio::task::spawn_blocking(move || -> Result<Vec<String>, BenchError> {
+        let per = clients.div_ceil(4).max(1);
+        std::thread::scope(|sc| {
+            let parts: Vec<_> = (0..clients)
+                .step_by(per)
+                .map(|from| {
+                    let svc = &svc;
+                    sc.spawn(move || {
+                        (from..(from + per).min(clients))
+                            .map(|i| set_up_client(svc, i))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(clients);
+            for p in parts {
+                all.extend(p.join().map_err(|_| e("set-up thread panicked"))??);
+            }
+            Ok(all)
+        })
+    })
+    .await
+    .map_err(e)??;
     let ca = reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).map_err(e)?;
     let url = format!("{}/v1/client/heartbeat", server.url());
     let warmup = Duration::from_secs(3);
@@ -232,6 +210,7 @@ async fn run_in(
         all[i.min(all.len() - 1)]
     };
     Ok(BenchReport {
+        backend: backend.into(),
         clients,
         seconds: secs,
         requests: u64::try_from(all.len()).unwrap_or(u64::MAX),
@@ -240,4 +219,63 @@ async fn run_in(
         p99_ms: pct(0.99),
         max_ms: all.last().copied().unwrap_or(f64::NAN),
     })
+}
+
+/// Enrolls the `i`-th simulated instance's agent and pairs its client; returns the client
+/// secret.
+fn set_up_client(svc: &crate::service::Service, i: usize) -> Result<String, BenchError> {
+    let at = svc
+        .create_token(
+            crate::service::BOOTSTRAP_ADMIN,
+            CreateTokenRequest {
+                kind: TokenKind::Agent,
+                recovery_instance_id: None,
+                ttl_secs: None,
+            },
+        )
+        .map_err(e)?;
+    let en = svc
+        .enroll_agent(AgentEnrollRequest {
+            token: at.token,
+            address: format!("127.0.0.1:{}", 20000 + i % 40000),
+            private_address: None,
+            disks: vec![AgentDisk {
+                id: "disk0".into(),
+                size_bytes: 8 << 30,
+                logical_sector_size: 512,
+                device: None,
+            }],
+            hostname: None,
+            source_hints: None,
+            cert_sans: vec![],
+        })
+        .map_err(e)?;
+    let pt = svc
+        .create_token(
+            crate::service::BOOTSTRAP_ADMIN,
+            CreateTokenRequest {
+                kind: TokenKind::Pairing,
+                recovery_instance_id: Some(en.recovery_instance_id),
+                ttl_secs: None,
+            },
+        )
+        .map_err(e)?;
+    let p = svc
+        .pair(PairRequest {
+            token: pt.token,
+            inventory: Inventory {
+                disks: vec![InventoryDisk {
+                    path: "/dev/sda".into(),
+                    size_bytes: 8 << 30,
+                    logical_sector_size: 512,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            recovery_instance_id: None,
+            device_mapping: None,
+            client_version: None,
+        })
+        .map_err(e)?;
+    Ok(p.client_secret)
 }

@@ -120,6 +120,9 @@ struct BenchArgs {
     /// Output JSON instead of a table line.
     #[arg(long)]
     json: bool,
+    /// State backend: `postgres://...` or a SQLite path (default: SQLite in a temp dir).
+    #[arg(long)]
+    database: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -141,7 +144,7 @@ fn main() -> ExitCode {
     rt.block_on(async {
         match cli.command {
             Command::Serve(a) => serve(a).await,
-            Command::Bench(a) => match bench::run(a.clients, a.secs).await {
+            Command::Bench(a) => match bench::run(a.clients, a.secs, a.database).await {
                 Ok(r) => {
                     if a.json {
                         println!("{}", serde_json::to_string(&r).unwrap_or_default());

@@ -10,8 +10,10 @@
 
 use failback_config::api::{Event, RecoveryInstance};
 use postgres::error::SqlState;
-use postgres::{NoTls, Transaction};
-use r2d2_postgres::PostgresConnectionManager;
+use std::collections::HashMap;
+
+use postgres::types::ToSql;
+use postgres::{GenericClient, NoTls, Row, Statement};
 
 use super::migrations::{self, MIGRATIONS};
 use super::{
@@ -19,8 +21,114 @@ use super::{
     CredentialRecord, Store, StoreError, TokenRecord, CREDENTIAL_COLUMNS,
 };
 
-type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
-type Conn = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+type Pool = r2d2::Pool<Manager>;
+type Conn = r2d2::PooledConnection<Manager>;
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// Opens pooled connections. Hand-written (instead of `r2d2_postgres`) to keep a cache of
+/// prepared statements per connection: a statement prepared once runs in one round trip
+/// instead of two (prepare + execute) on every heartbeat.
+#[derive(Debug)]
+struct Manager {
+    config: postgres::Config,
+}
+
+/// A pooled connection and its prepared statements (keyed by SQL text).
+struct PgConn {
+    client: postgres::Client,
+    cache: HashMap<String, Statement>,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<PgConn, postgres::Error> {
+        Ok(PgConn {
+            client: self.config.connect(NoTls)?,
+            cache: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, c: &mut PgConn) -> Result<(), postgres::Error> {
+        c.client.simple_query("").map(|_| ())
+    }
+
+    fn has_broken(&self, c: &mut PgConn) -> bool {
+        c.client.is_closed()
+    }
+}
+
+fn prepared<C: GenericClient>(
+    c: &mut C,
+    cache: &mut HashMap<String, Statement>,
+    sql: &str,
+) -> Result<Statement, postgres::Error> {
+    if let Some(st) = cache.get(sql) {
+        return Ok(st.clone());
+    }
+    let st = c.prepare(sql)?;
+    cache.insert(sql.to_string(), st.clone());
+    Ok(st)
+}
+
+/// Queries through the statement cache, on a connection or in a transaction.
+macro_rules! cached_queries {
+    ($t:ty, $client:ident) => {
+        // One API for both; not every method is used on both.
+        #[allow(dead_code)]
+        impl $t {
+            fn query(&mut self, sql: &str, p: Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+                let st = prepared(&mut self.$client, &mut self.cache, sql)?;
+                self.$client.query(&st, p)
+            }
+            fn query_opt(
+                &mut self,
+                sql: &str,
+                p: Params<'_>,
+            ) -> Result<Option<Row>, postgres::Error> {
+                let st = prepared(&mut self.$client, &mut self.cache, sql)?;
+                self.$client.query_opt(&st, p)
+            }
+            fn query_one(&mut self, sql: &str, p: Params<'_>) -> Result<Row, postgres::Error> {
+                let st = prepared(&mut self.$client, &mut self.cache, sql)?;
+                self.$client.query_one(&st, p)
+            }
+            fn execute(&mut self, sql: &str, p: Params<'_>) -> Result<u64, postgres::Error> {
+                let st = prepared(&mut self.$client, &mut self.cache, sql)?;
+                self.$client.execute(&st, p)
+            }
+        }
+    };
+}
+
+/// A transaction on a pooled connection, with that connection's statement cache.
+struct Tx<'a> {
+    tx: postgres::Transaction<'a>,
+    cache: &'a mut HashMap<String, Statement>,
+}
+
+cached_queries!(PgConn, client);
+cached_queries!(Tx<'_>, tx);
+
+impl PgConn {
+    fn transaction(&mut self) -> Result<Tx<'_>, postgres::Error> {
+        Ok(Tx {
+            tx: self.client.transaction()?,
+            cache: &mut self.cache,
+        })
+    }
+}
+
+impl Tx<'_> {
+    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.tx.batch_execute(sql)
+    }
+
+    fn commit(self) -> Result<(), postgres::Error> {
+        self.tx.commit()
+    }
+}
 
 /// Advisory lock key under which migrations run (so that replicas starting together apply
 /// each migration once): "failback" in ASCII.
@@ -101,7 +209,7 @@ impl PgStore {
             url: shown.clone(),
             source,
         })?;
-        let manager = PostgresConnectionManager::new(config, NoTls);
+        let manager = Manager { config };
         let pool = r2d2::Pool::builder()
             .max_size(max_connections.max(1))
             .connection_timeout(std::time::Duration::from_secs(10))
@@ -193,7 +301,7 @@ impl PgStore {
     fn query_instances(
         &self,
         sql: &str,
-        p: &[&(dyn postgres::types::ToSql + Sync)],
+        p: Params<'_>,
     ) -> Result<Vec<RecoveryInstance>, StoreError> {
         let rows = self.conn()?.query(sql, p).map_err(self.err())?;
         rows.iter()
@@ -204,7 +312,7 @@ impl PgStore {
     fn credentials_where(
         &self,
         cond: &str,
-        p: &[&(dyn postgres::types::ToSql + Sync)],
+        p: Params<'_>,
     ) -> Result<Vec<CredentialRecord>, StoreError> {
         let rows = self
             .conn()?
@@ -236,7 +344,7 @@ impl PgStore {
             .collect()
     }
 
-    fn write_instances(&self, tx: &mut Transaction<'_>, b: &Batch) -> Result<(), StoreError> {
+    fn write_instances(&self, tx: &mut Tx<'_>, b: &Batch) -> Result<(), StoreError> {
         for w in &b.instances {
             let inst = &w.new;
             let id = &inst.recovery_instance_id;
@@ -280,7 +388,7 @@ impl PgStore {
         Ok(())
     }
 
-    fn write_tokens(&self, tx: &mut Transaction<'_>, b: &Batch) -> Result<(), StoreError> {
+    fn write_tokens(&self, tx: &mut Tx<'_>, b: &Batch) -> Result<(), StoreError> {
         for t in &b.tokens {
             let n = match t.used_at {
                 None => tx.execute(
@@ -307,7 +415,7 @@ impl PgStore {
         Ok(())
     }
 
-    fn write_rest(&self, tx: &mut Transaction<'_>, b: &Batch) -> Result<(), StoreError> {
+    fn write_rest(&self, tx: &mut Tx<'_>, b: &Batch) -> Result<(), StoreError> {
         for c in &b.clients {
             tx.execute(
                 "INSERT INTO clients (client_id, secret_hash, instance_id, created_at, stopped) \
