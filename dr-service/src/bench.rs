@@ -73,6 +73,10 @@ async fn run_in(
     let server = start(ServerConfig {
         data_dir: dir.to_path_buf(),
         database,
+        // A throwaway sealing secret (the bench's CA lives as long as its database).
+        ca_secret: Some(std::sync::Arc::new(
+            crate::sealed::SealKey::parse(&crate::util::random_hex(32), "bench").map_err(e)?,
+        )),
         listen: "127.0.0.1:0".parse().map_err(e)?,
         sans: vec![],
         admin_token: Some("bench".into()),

@@ -123,29 +123,55 @@ fn write_private(path: &Path, data: &str) -> Result<(), CaError> {
 impl Ca {
     /// Loads `ca.pem` + `ca-key.pem` from `dir`, creating them on first start.
     pub fn load_or_create(dir: &Path) -> Result<Ca, CaError> {
+        if let Some(ca) = Ca::load(dir)? {
+            return Ok(ca);
+        }
+        let ca = Ca::generate()?;
+        let key_path = dir.join("ca-key.pem");
+        let cert_path = dir.join("ca.pem");
+        write_private(&key_path, &ca.key_pem())?;
+        std::fs::write(&cert_path, &ca.ca_pem).map_err(io(&cert_path))?;
+        Ok(ca)
+    }
+
+    /// Loads `ca.pem` + `ca-key.pem` from `dir` if both exist.
+    pub fn load(dir: &Path) -> Result<Option<Ca>, CaError> {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca-key.pem");
-        if key_path.exists() && cert_path.exists() {
-            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            let ca_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|source| CaError::BadKey {
-                path: key_path.clone(),
-                source,
-            })?;
-            // rcgen needs an issuer `Certificate` object; only its subject DN and key
-            // identifier are used when signing, both derived from the same params and key as
-            // the stored ca.pem, so certificates issued now chain to the pinned ca.pem.
-            let cert = ca_params().self_signed(&key).map_err(gen("CA"))?;
-            return Ok(Ca { key, cert, ca_pem });
+        if !(key_path.exists() && cert_path.exists()) {
+            return Ok(None);
         }
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        let ca_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        Ca::from_pems(ca_pem, &key_pem, &key_path).map(Some)
+    }
+
+    /// A CA from its certificate and key PEM; `origin` names where the key came from.
+    pub fn from_pems(ca_pem: String, key_pem: &str, origin: &Path) -> Result<Ca, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|source| CaError::BadKey {
+            path: origin.to_owned(),
+            source,
+        })?;
+        // rcgen needs an issuer `Certificate` object; only its subject DN and key
+        // identifier are used when signing, both derived from the same params and key as
+        // the stored ca.pem, so certificates issued now chain to the pinned ca.pem.
+        let cert = ca_params().self_signed(&key).map_err(gen("CA"))?;
+        Ok(Ca { key, cert, ca_pem })
+    }
+
+    /// A new CA (key pair and self-signed certificate), stored nowhere yet.
+    pub fn generate() -> Result<Ca, CaError> {
         let key = KeyPair::generate().map_err(gen("CA key"))?;
         let mut params = ca_params();
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(gen("CA"))?;
         let ca_pem = cert.pem();
-        write_private(&key_path, &key.serialize_pem())?;
-        std::fs::write(&cert_path, &ca_pem).map_err(io(&cert_path))?;
         Ok(Ca { key, cert, ca_pem })
+    }
+
+    /// The CA private key (PEM): only for sealing it into a shared database.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     pub fn ca_pem(&self) -> &str {

@@ -31,6 +31,8 @@ pub struct ServerConfig {
     /// `postgres://...` (or `postgresql://...`): state in that PostgreSQL database; a path:
     /// that SQLite file; `None`: SQLite `failback.db` in the data directory.
     pub database: Option<String>,
+    /// Seals the CA key stored in a PostgreSQL database (required with PostgreSQL).
+    pub ca_secret: Option<std::sync::Arc<crate::sealed::SealKey>>,
     pub listen: SocketAddr,
     /// Extra subject alternative names for the HTTPS certificate (IPs or DNS names).
     pub sans: Vec<String>,
@@ -53,6 +55,8 @@ pub enum ServerError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
+    #[error(transparent)]
+    SharedCa(#[from] crate::shared_ca::SharedCaError),
     /// A file in the data directory is unusable (garbage, empty, mismatched).
     #[error(transparent)]
     Startup(#[from] crate::startup::StartupError),
@@ -493,13 +497,25 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         path: cfg.data_dir.clone(),
         source,
     })?;
-    crate::startup::check_data_dir(&cfg.data_dir)?;
+    crate::startup::check_data_dir(
+        &cfg.data_dir,
+        cfg.database
+            .as_deref()
+            .is_some_and(crate::store::is_postgres),
+    )?;
     // Opening the store (migrations) and the CA (key generation on first start) block.
     let (store, ca, tls) = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
             let store = crate::store::open(cfg.database.as_deref(), &cfg.data_dir)?;
-            let ca = Ca::load_or_create(&cfg.data_dir)?;
+            let ca = match cfg.database.as_deref() {
+                Some(d) if crate::store::is_postgres(d) => crate::shared_ca::load_or_store(
+                    &*store,
+                    cfg.ca_secret.as_deref(),
+                    &cfg.data_dir,
+                )?,
+                _ => Ca::load_or_create(&cfg.data_dir)?,
+            };
             let tls = Arc::new(tls_config(&ca, &cfg.sans)?);
             Ok((store, ca, tls))
         })
@@ -550,7 +566,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             tokio::select! {
                 _ = iv.tick() => {
                     let s = monitor_service.clone();
-                    match tokio::task::spawn_blocking(move || s.monitor_tick()).await {
+                    match tokio::task::spawn_blocking(move || s.periodic()).await {
                         Ok(Err(e)) => tracing::error!("monitor: {e}"),
                         Err(e) => tracing::error!("monitor task: {e}"),
                         Ok(Ok(_)) => {}

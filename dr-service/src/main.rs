@@ -36,6 +36,10 @@ struct ServeArgs {
     /// SQLite file path (default: failback.db in --data-dir).
     #[arg(long, env = "FAILBACK_DATABASE", hide_env_values = true)]
     database: Option<String>,
+    /// File holding the secret (64 hex digits) that seals the CA key in a PostgreSQL
+    /// database; the same on every replica. Or the environment variable FAILBACK_CA_SECRET.
+    #[arg(long)]
+    ca_secret_file: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
@@ -177,9 +181,17 @@ async fn serve(a: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let ca_secret = match ca_secret(a.ca_secret_file.as_deref()) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = ServerConfig {
         data_dir: a.data_dir.clone(),
         database: a.database,
+        ca_secret,
         listen: a.listen,
         sans: a.sans,
         admin_token: a.admin_token,
@@ -231,4 +243,24 @@ async fn serve(a: ServeArgs) -> ExitCode {
     });
     server.wait().await;
     ExitCode::SUCCESS
+}
+
+/// The CA sealing secret from `--ca-secret-file` or `FAILBACK_CA_SECRET` (none: not needed
+/// with SQLite; the service refuses PostgreSQL without it).
+fn ca_secret(
+    file: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<failback_server::sealed::SealKey>>, String> {
+    use failback_server::sealed::SealKey;
+    let parsed = match (file, std::env::var("FAILBACK_CA_SECRET")) {
+        (Some(f), _) => {
+            let t = std::fs::read_to_string(f)
+                .map_err(|e| format!("--ca-secret-file {}: {e}", f.display()))?;
+            SealKey::parse(&t, &f.display().to_string())
+        }
+        (None, Ok(t)) => SealKey::parse(&t, "FAILBACK_CA_SECRET"),
+        (None, Err(_)) => return Ok(None),
+    };
+    parsed
+        .map(|k| Some(std::sync::Arc::new(k)))
+        .map_err(|e| e.to_string())
 }

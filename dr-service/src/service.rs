@@ -98,6 +98,8 @@ pub struct Service {
     store: Arc<dyn Store>,
     ca: Ca,
     settings: Settings,
+    /// Whether this replica held the periodic-work lease at the last tick (for logging).
+    lease_held: std::sync::atomic::AtomicBool,
     /// Rate limit of unauthenticated boot reports (in memory, per replica).
     boot_limits: Mutex<boot_report::Limiter>,
 }
@@ -312,6 +314,7 @@ impl Service {
             store,
             ca,
             settings,
+            lease_held: std::sync::atomic::AtomicBool::new(false),
             boot_limits: Mutex::new(boot_report::Limiter::default()),
         }
     }
@@ -1314,6 +1317,24 @@ impl Service {
     }
 
     // ------------------------------------------------------------ monitor
+
+    /// The periodic work (the monitor below), on the one replica holding the lease; `None`
+    /// when another replica holds it.
+    pub fn periodic(&self) -> R<Option<usize>> {
+        let held = self.store.lease()?;
+        let was = self
+            .lease_held
+            .swap(held, std::sync::atomic::Ordering::Relaxed);
+        if held && !was {
+            tracing::info!("lease acquired: this replica runs the periodic work (monitor)");
+        } else if was && !held {
+            tracing::warn!("lease lost: another replica runs the periodic work");
+        }
+        if !held {
+            return Ok(None);
+        }
+        self.monitor_tick().map(Some)
+    }
 
     /// Raises `AGENT_NOT_SEEN` / `FAILBACK_CLIENT_NOT_SEEN` for silent peers of running
     /// failbacks; both make the replication state `DISCONNECTED`.

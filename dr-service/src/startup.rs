@@ -26,10 +26,17 @@ const RESTORE: &str = "restore it from a backup (removing ca.pem and ca-key.pem 
                        CA that enrolled agents and paired clients do not trust)";
 
 /// Checks `ca.pem`, `ca-key.pem` and the mode of the secret files in `dir`, if present.
-pub fn check_data_dir(dir: &Path) -> Result<(), StartupError> {
+/// `ca_in_database`: the CA lives in a shared database (PostgreSQL replicas) and `ca.pem`
+/// is only a copy written at start, so the pair is not checked.
+pub fn check_data_dir(dir: &Path, ca_in_database: bool) -> Result<(), StartupError> {
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca-key.pem");
-    match (cert_path.exists(), key_path.exists()) {
+    let files = (cert_path.exists(), key_path.exists());
+    match if ca_in_database {
+        (false, false)
+    } else {
+        files
+    } {
         (false, false) => {}
         (true, false) => {
             return Err(bad(

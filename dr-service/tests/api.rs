@@ -14,10 +14,19 @@ use serde_json::{json, Value};
 /// database on the shared throwaway PostgreSQL cluster.
 type Db = Option<String>;
 
+/// The CA sealing secret of the PostgreSQL runs (unused with SQLite).
+static TEST_SECRET: std::sync::LazyLock<Option<std::sync::Arc<failback_server::sealed::SealKey>>> =
+    std::sync::LazyLock::new(|| {
+        Some(std::sync::Arc::new(
+            failback_server::sealed::SealKey::parse(&"5e".repeat(32), "test").unwrap(),
+        ))
+    });
+
 async fn server(dir: &Path, db: &Db) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
         database: db.clone(),
+        ca_secret: TEST_SECRET.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec!["10.0.2.2".into()],
         admin_token: None,
@@ -602,6 +611,7 @@ async fn missed_agent_heartbeats_raise_agent_not_seen(db: Db) {
     let s = start(ServerConfig {
         data_dir: d.path().to_path_buf(),
         database: db.clone(),
+        ca_secret: TEST_SECRET.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: Some("adm".into()),

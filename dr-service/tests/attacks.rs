@@ -24,6 +24,7 @@ async fn server_with(dir: &Path, limits: Limits) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
         database: None,
+        ca_secret: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: None,

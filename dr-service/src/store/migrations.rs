@@ -36,6 +36,15 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: "CREATE UNIQUE INDEX IF NOT EXISTS credentials_active_name \
                    ON credentials(name) WHERE revoked_at IS NULL;",
     },
+    Migration {
+        version: 3,
+        name: "shared secrets (the sealed CA of replicas on PostgreSQL)",
+        sqlite: "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL, \
+                 created_at INTEGER NOT NULL);",
+        postgres:
+            "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL, \
+                   created_at BIGINT NOT NULL);",
+    },
 ];
 
 /// The latest schema version this program knows.

@@ -239,6 +239,15 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<Event>, StoreError>;
     /// The schema version of the database (the last migration applied).
     fn schema_version(&self) -> Result<i64, StoreError>;
+    /// A shared value (e.g. the sealed CA), if stored.
+    fn secret(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Stores a shared value unless one is stored already (the first replica wins); returns
+    /// whether this call stored it.
+    fn insert_secret(&self, name: &str, value: &str) -> Result<bool, StoreError>;
+    /// Takes or keeps the lease for periodic work (monitor, timeouts): true while this
+    /// process holds it. Exactly one process holds it at a time; it moves when the holder
+    /// dies. SQLite (one process) always holds it.
+    fn lease(&self) -> Result<bool, StoreError>;
 }
 
 pub(crate) fn i64_of(v: u64) -> i64 {

@@ -133,12 +133,18 @@ impl Tx<'_> {
 /// Advisory lock key under which migrations run (so that replicas starting together apply
 /// each migration once): "failback" in ASCII.
 const MIGRATION_LOCK: i64 = 0x6661_696c_6261_636b;
+/// Advisory lock key of the periodic-work lease ("failbacl"): another key than migrations.
+const LEASE_LOCK: i64 = 0x6661_696c_6261_636c;
 
 pub struct PgStore {
     /// The URL without its password (for messages).
     url: String,
     /// Always `Some` until dropped (see the `Drop` impl).
     pool: Option<Pool>,
+    config: postgres::Config,
+    /// The connection holding the periodic-work lease (advisory lock), when this process
+    /// holds it.
+    lease: std::sync::Mutex<Option<postgres::Client>>,
 }
 
 impl Drop for PgStore {
@@ -146,11 +152,15 @@ impl Drop for PgStore {
     /// worker thread (a server shut down in an async test or task): the pool's connections
     /// are closed on a thread of their own.
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            let _ = std::thread::Builder::new()
-                .name("pg-pool-drop".into())
-                .spawn(move || drop(pool));
-        }
+        let pool = self.pool.take();
+        let lease = self
+            .lease
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let _ = std::thread::Builder::new()
+            .name("pg-pool-drop".into())
+            .spawn(move || drop((pool, lease)));
     }
 }
 
@@ -209,7 +219,9 @@ impl PgStore {
             url: shown.clone(),
             source,
         })?;
-        let manager = Manager { config };
+        let manager = Manager {
+            config: config.clone(),
+        };
         let pool = r2d2::Pool::builder()
             .max_size(max_connections.max(1))
             .connection_timeout(std::time::Duration::from_secs(10))
@@ -221,6 +233,8 @@ impl PgStore {
         let s = PgStore {
             url: shown,
             pool: Some(pool),
+            config,
+            lease: std::sync::Mutex::new(None),
         };
         s.migrate()?;
         Ok(s)
@@ -605,6 +619,49 @@ impl Store for PgStore {
                 actor: r.get(5),
             })
             .collect())
+    }
+
+    fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()?
+            .query_opt("SELECT value FROM secrets WHERE name = $1", &[&name])
+            .map_err(self.err())?
+            .map(|r| r.get(0)))
+    }
+
+    fn insert_secret(&self, name: &str, value: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()?
+            .execute(
+                "INSERT INTO secrets (name, value, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&name, &value, &i64_of(crate::util::now_secs())],
+            )
+            .map_err(self.err())?;
+        Ok(n == 1)
+    }
+
+    /// A session advisory lock on a connection of its own: PostgreSQL releases it when that
+    /// connection ends, so when this process dies (or loses the database) another replica
+    /// takes it on its next try.
+    fn lease(&self) -> Result<bool, StoreError> {
+        let mut held = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = held.as_mut() {
+            if c.simple_query("SELECT 1").is_ok() {
+                return Ok(true);
+            }
+            tracing::warn!("database {}: lease connection lost", self.url);
+            *held = None;
+        }
+        let mut c = self.config.connect(NoTls).map_err(self.err())?;
+        let got: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEASE_LOCK])
+            .map_err(self.err())?
+            .get(0);
+        if got {
+            *held = Some(c);
+        }
+        Ok(got)
     }
 
     fn schema_version(&self) -> Result<i64, StoreError> {

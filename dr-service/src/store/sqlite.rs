@@ -321,6 +321,31 @@ impl Store for SqliteStore {
         version(&self.conn()).map_err(self.err())
     }
 
+    fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())
+    }
+
+    fn insert_secret(&self, name: &str, value: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "INSERT INTO secrets (name, value, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(name) DO NOTHING",
+                params![name, value, i64_of(crate::util::now_secs())],
+            )
+            .map_err(self.err())?;
+        Ok(n == 1)
+    }
+
+    fn lease(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     fn events(
         &self,
         instance: Option<&str>,
