@@ -298,3 +298,8 @@ echo "results: $R"
 echo
 echo "== DR service: 1,000 concurrent clients heartbeating once a second (target: p99 < 50 ms)"
 "$BIN/failback-server" bench --clients 1000 --secs 20
+# The same on PostgreSQL (a throwaway cluster of Debian's postgresql, removed afterwards).
+PGDIR=$(mktemp -d /tmp/failback-bench-pg.XXXXXX)
+PGURL=$(bash "$ROOT/scripts/pg-throwaway.sh" start "$PGDIR/cluster")
+"$BIN/failback-server" bench --clients 1000 --secs 20 --database "$PGURL" || true
+bash "$ROOT/scripts/pg-throwaway.sh" stop "$PGDIR/cluster"; rmdir "$PGDIR" 2>/dev/null || true

@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the HTTPS API (state, CA and admin token in --data-dir).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Start an in-process service and N simulated clients heartbeating; print latency.
     Bench(BenchArgs),
 }
@@ -147,7 +147,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async {
         match cli.command {
-            Command::Serve(a) => serve(a).await,
+            Command::Serve(a) => serve(*a).await,
             Command::Bench(a) => match bench::run(a.clients, a.secs, a.database).await {
                 Ok(r) => {
                     if a.json {

@@ -13,6 +13,7 @@ async fn server(dir: &std::path::Path) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
         database: None,
+        ca_secret: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec![],
         admin_token: None,

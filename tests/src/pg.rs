@@ -208,7 +208,9 @@ impl PgCluster {
                 data = c.data().display(),
                 dir = c.dir.path().display(),
             );
-            Command::new("sh")
+            // Not waited for: it outlives this process on purpose (reaped by init).
+            #[allow(clippy::zombie_processes)]
+            let _reaper = Command::new("sh")
                 .args(["-c", &script])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
