@@ -301,5 +301,6 @@ echo "== DR service: 1,000 concurrent clients heartbeating once a second (target
 # The same on PostgreSQL (a throwaway cluster of Debian's postgresql, removed afterwards).
 PGDIR=$(mktemp -d /tmp/failback-bench-pg.XXXXXX)
 PGURL=$(bash "$ROOT/scripts/pg-throwaway.sh" start "$PGDIR/cluster")
-"$BIN/failback-server" bench --clients 1000 --secs 20 --database "$PGURL" || true
+pgrc=0; "$BIN/failback-server" bench --clients 1000 --secs 20 --database "$PGURL" || pgrc=$?
 bash "$ROOT/scripts/pg-throwaway.sh" stop "$PGDIR/cluster"; rmdir "$PGDIR" 2>/dev/null || true
+[ $pgrc = 0 ] || die "DR service bench on PostgreSQL failed (exit $pgrc)"
