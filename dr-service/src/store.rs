@@ -143,6 +143,8 @@ pub trait Store: Send + Sync {
         client_before: u64,
     ) -> Result<Vec<RecoveryInstance>, StoreError>;
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// All tokens, newest first (the console's token list).
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     fn client_by_secret(&self, hash: &str) -> Result<Option<ClientRecord>, StoreError>;
     fn clients_of(&self, instance_id: &str) -> Result<Vec<ClientRecord>, StoreError>;
     fn agent_by_secret(&self, hash: &str) -> Result<Option<AgentRecord>, StoreError>;
@@ -395,6 +397,18 @@ impl Store for SqliteStore {
         .map_err(self.err())
     }
 
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT hash, kind, instance_id, created_at, expires_at, used_at FROM tokens \
+                 ORDER BY created_at DESC, hash",
+            )
+            .map_err(self.err())?;
+        let rows = st.query_map([], token_row).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     fn client_by_secret(&self, hash: &str) -> Result<Option<ClientRecord>, StoreError> {
         let conn = self.conn();
         let mut st = conn
@@ -510,7 +524,8 @@ impl Store for SqliteStore {
         for t in &batch.tokens {
             tx.execute(
                 "INSERT INTO tokens (hash, kind, instance_id, created_at, expires_at, used_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(hash) DO UPDATE SET used_at = ?6",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(hash) DO UPDATE SET used_at = ?6, \
+                 expires_at = MIN(expires_at, ?5)",
                 params![
                     t.hash,
                     kind_str(t.kind),
