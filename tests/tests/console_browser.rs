@@ -220,12 +220,14 @@ async fn token_from_page(c: &Client, url: &str, kind: &str, instance: Option<&st
             .unwrap();
     }
     click(c, "#create-token").await;
-    let e = c.wait_for_find(Locator::Id("new-token")).await.unwrap();
+    let e = c.wait().at_most(DEADLINE).for_element(Locator::Id("new-token")).await.unwrap();
     e.prop("value").await.unwrap().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
+    // fantoccini's and reqwest's rustls: both features (ring, aws-lc-rs) are in the build.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (_server, url) = server(dir, "data", &[]);
@@ -334,10 +336,10 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
     c.goto(&format!("{url}/console/instances/{id}")).await.unwrap();
     wait_text(&c, "#state", "READY", |t| t.contains("READY FOR LAUNCH")).await;
     wait_text(&c, "#disks tbody", "disk row", |t| t.contains("16.0 MiB")).await;
-    c.wait_for_find(Locator::Id("throughput-chart")).await.unwrap();
+    c.wait().at_most(DEADLINE).for_element(Locator::Id("throughput-chart")).await.unwrap();
     shot(&c, "instance").await;
     c.goto(&format!("{url}/console/instances")).await.unwrap();
-    c.wait_for_find(Locator::Id("fleet-chart")).await.unwrap();
+    c.wait().at_most(DEADLINE).for_element(Locator::Id("fleet-chart")).await.unwrap();
     wait_text(&c, "#counts", "counts", |t| t.contains("1 READY FOR LAUNCH")).await;
     shot(&c, "instances").await;
 
