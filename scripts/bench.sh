@@ -298,3 +298,8 @@ echo "results: $R"
 echo
 echo "== DR service: 1,000 concurrent clients heartbeating once a second (target: p99 < 50 ms)"
 "$BIN/failback-server" bench --clients 1000 --secs 20
+
+# The web console: the instance page with 1,000 instances in headless Chromium (issue 19).
+echo
+echo "== web console: instance page with 1,000 instances in headless Chromium (target: < 1 s)"
+cargo test -q -p failback-tests --bench console_page 2>&1 | grep -E '^\{|took' || exit 1

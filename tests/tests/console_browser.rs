@@ -4,172 +4,20 @@
 //! pages are saved as screenshots in docs/console/ (for the README). No timing assertions:
 //! every wait polls with a generous deadline.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod console_support;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use console_support::*;
 use failback_tests::bin;
-use serde_json::{json, Value};
+use fantoccini::{Client, Locator};
+use serde_json::json;
 
 const MIB: usize = 1 << 20;
-const DEADLINE: Duration = Duration::from_secs(120);
 /// Markup in an instance name: must show as text, never run.
 const EVIL_NAME: &str = "<img src=x onerror=pwned=1>srv-1";
-
-struct Proc(Child, PathBuf);
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path) -> Proc {
-        let f = std::fs::File::create(log).unwrap();
-        let child = cmd
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Proc(child, log.to_path_buf())
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_file(p: &Path, proc: &Proc) -> String {
-    let t = Instant::now();
-    while !p.exists() {
-        assert!(t.elapsed() < DEADLINE, "no {}: {}", p.display(), proc.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::fs::read_to_string(p).unwrap()
-}
-
-/// A `failback-server` in its own data directory.
-fn server(dir: &Path, name: &str, extra: &[&str]) -> (Proc, String) {
-    let addr = dir.join(format!("{name}.addr"));
-    let p = Proc::spawn(
-        Command::new(bin("failback-server"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", "test-admin-token"])
-            .args(["--heartbeat-secs", "1", "--agent-timeout-secs", "5"])
-            .args(["--client-timeout-secs", "15", "--console-sample-secs", "1"])
-            .arg("--data-dir")
-            .arg(dir.join(name))
-            .arg("--addr-file")
-            .arg(&addr)
-            .args(extra),
-        &dir.join(format!("{name}.log")),
-    );
-    let a = wait_file(&addr, &p);
-    (p, format!("https://{a}"))
-}
-
-fn cli(url: &str, ca: &Path, args: &[&str]) -> Value {
-    let out = Command::new(bin("failback"))
-        .args(args)
-        .args(["--output", "json"])
-        .env("FAILBACK_SERVER", url)
-        .env("FAILBACK_ADMIN_TOKEN", "test-admin-token")
-        .env("FAILBACK_CA", ca)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{args:?}: {out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn browser(dir: &Path) -> (Proc, Client) {
-    let port = free_port();
-    let driver = Proc::spawn(
-        Command::new("chromedriver").arg(format!("--port={port}")),
-        &dir.join("chromedriver.log"),
-    );
-    let caps = json!({
-        "goog:chromeOptions": {
-            "binary": "/usr/bin/chromium",
-            // Root in CI: no sandbox. The service's certificate comes from its own CA.
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--ignore-certificate-errors", "--window-size=1280,900",
-                     format!("--user-data-dir={}", dir.join("chromium").display())]
-        }
-    });
-    let caps: serde_json::Map<String, Value> = caps.as_object().unwrap().clone();
-    let t = Instant::now();
-    loop {
-        match ClientBuilder::rustls()
-            .unwrap()
-            .capabilities(caps.clone())
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await
-        {
-            Ok(c) => return (driver, c),
-            Err(e) if t.elapsed() < Duration::from_secs(30) => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(e) => panic!("chromedriver: {e}; log: {}", driver.log()),
-        }
-    }
-}
-
-/// Polls `css` until its text satisfies `pred` (elements replaced by a refresh are found
-/// again); returns the text.
-async fn wait_text(c: &Client, css: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let t = Instant::now();
-    let mut last = String::new();
-    while t.elapsed() < DEADLINE {
-        if let Ok(e) = c.find(Locator::Css(css)).await {
-            if let Ok(s) = e.text().await {
-                if pred(&s) {
-                    return s;
-                }
-                last = s;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("waiting for {what} ({css}): last text {last:?}");
-}
-
-async fn click(c: &Client, css: &str) {
-    let t = Instant::now();
-    loop {
-        match c.find(Locator::Css(css)).await {
-            Ok(e) if e.click().await.is_ok() => return,
-            _ if t.elapsed() < DEADLINE => tokio::time::sleep(Duration::from_millis(200)).await,
-            r => panic!("click {css}: {:?}", r.err()),
-        }
-    }
-}
-
-async fn login(c: &Client, url: &str, secret: &str) {
-    c.goto(&format!("{url}/console/login")).await.unwrap();
-    c.find(Locator::Id("secret"))
-        .await
-        .unwrap()
-        .send_keys(secret)
-        .await
-        .unwrap();
-    click(c, "#login-button").await;
-    wait_text(c, "#whoami", "logged in", |t| !t.is_empty()).await;
-}
-
-async fn path(c: &Client) -> String {
-    c.current_url().await.unwrap().path().to_string()
-}
 
 async fn shot(c: &Client, name: &str) {
     let png = c.screenshot().await.unwrap();
@@ -220,7 +68,12 @@ async fn token_from_page(c: &Client, url: &str, kind: &str, instance: Option<&st
             .unwrap();
     }
     click(c, "#create-token").await;
-    let e = c.wait().at_most(DEADLINE).for_element(Locator::Id("new-token")).await.unwrap();
+    let e = c
+        .wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Id("new-token"))
+        .await
+        .unwrap();
     e.prop("value").await.unwrap().unwrap()
 }
 
@@ -232,34 +85,84 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
     let dir = tmp.path();
     let (_server, url) = server(dir, "data", &[]);
     let ca = dir.join("data/ca.pem");
-    let op = cli(&url, &ca, &["credentials", "create", "--role", "operator", "--name", "op"]);
-    let viewer = cli(&url, &ca, &["credentials", "create", "--role", "viewer", "--name", "watcher"]);
-    let (op, viewer) = (op["secret"].as_str().unwrap(), viewer["secret"].as_str().unwrap());
+    let op = cli(
+        &url,
+        &ca,
+        &[
+            "credentials",
+            "create",
+            "--role",
+            "operator",
+            "--name",
+            "op",
+        ],
+    );
+    let viewer = cli(
+        &url,
+        &ca,
+        &[
+            "credentials",
+            "create",
+            "--role",
+            "viewer",
+            "--name",
+            "watcher",
+        ],
+    );
+    let (op, viewer) = (
+        op["secret"].as_str().unwrap(),
+        viewer["secret"].as_str().unwrap(),
+    );
     let (_driver, c) = browser(dir).await;
 
     // Not logged in: the login page; a wrong secret is refused.
     c.goto(&format!("{url}/console/instances")).await.unwrap();
     assert_eq!(path(&c).await, "/console/login");
-    c.find(Locator::Id("secret")).await.unwrap().send_keys("fbcr_wrong").await.unwrap();
+    c.find(Locator::Id("secret"))
+        .await
+        .unwrap()
+        .send_keys("fbcr_wrong")
+        .await
+        .unwrap();
     click(&c, "#login-button").await;
-    wait_text(&c, "#login-error", "refusal", |t| t.contains("not recognised")).await;
+    wait_text(&c, "#login-error", "refusal", |t| {
+        t.contains("not recognised")
+    })
+    .await;
     shot(&c, "login").await;
 
     // Operator: agent token from the tokens page; the agent enrolls and its row appears on
     // the open instances page without a reload.
     login(&c, &url, op).await;
-    assert!(c.find(Locator::Id("whoami")).await.unwrap().text().await.unwrap().contains("operator"));
+    assert!(c
+        .find(Locator::Id("whoami"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .contains("operator"));
     let at = token_from_page(&c, &url, "agent", None).await;
     assert!(at.starts_with("fba_"), "{at}");
     let remote = dir.join("remote.img");
     let local = dir.join("local.img");
-    let data: Vec<u8> = (0..16 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+    let data: Vec<u8> = (0..16 * MIB)
+        .map(|i| u8::try_from(i * 7 % 251).unwrap())
+        .collect();
     std::fs::write(&remote, &data).unwrap();
     std::fs::write(&local, vec![0u8; 16 * MIB]).unwrap();
     c.goto(&format!("{url}/console/instances")).await.unwrap();
     let agent = Proc::spawn(
         Command::new(bin("failback-agent"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--server", &url, "--enroll-token", &at])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--server",
+                &url,
+                "--enroll-token",
+                &at,
+            ])
             .arg("--disk")
             .arg(format!("disk0={}", remote.display()))
             .arg("--ca")
@@ -280,7 +183,11 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("{row}: {}", agent.log()));
-    assert_eq!(path(&c).await, "/console/instances", "no navigation happened");
+    assert_eq!(
+        path(&c).await,
+        "/console/instances",
+        "no navigation happened"
+    );
 
     // Markup in the instance name is text; its onerror never runs; an injected inline
     // script is blocked by the CSP.
@@ -296,7 +203,10 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{r:?}");
-    wait_text(&c, "#instances td.name", "the name as text", |t| t == EVIL_NAME).await;
+    wait_text(&c, "#instances td.name", "the name as text", |t| {
+        t == EVIL_NAME
+    })
+    .await;
     c.execute(
         "window.violations = [];
          document.addEventListener('securitypolicyviolation', e => window.violations.push(e.violatedDirective));
@@ -309,13 +219,19 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let v = c
-        .execute("return [typeof window.pwned, typeof window.injected, window.violations];", vec![])
+        .execute(
+            "return [typeof window.pwned, typeof window.injected, window.violations];",
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(v[0], "undefined", "markup in a name ran: {v}");
     assert_eq!(v[1], "undefined", "an inline script ran: {v}");
     assert!(
-        v[2].as_array().unwrap().iter().any(|d| d.as_str().unwrap().starts_with("script-src")),
+        v[2].as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d.as_str().unwrap().starts_with("script-src")),
         "no CSP violation reported: {v}"
     );
 
@@ -325,7 +241,15 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
     assert!(pt.starts_with("fbp_"), "{pt}");
     let mut client = Proc::spawn(
         Command::new(bin("failback-client"))
-            .args(["run", "--server", &url, "--token", &pt, "--delta-interval-secs", "1"])
+            .args([
+                "run",
+                "--server",
+                &url,
+                "--token",
+                &pt,
+                "--delta-interval-secs",
+                "1",
+            ])
             .args(["--retry-secs", "1"])
             .arg("--ca")
             .arg(&ca)
@@ -333,30 +257,55 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
             .arg(format!("disk0={}", local.display())),
         &dir.join("client.log"),
     );
-    c.goto(&format!("{url}/console/instances/{id}")).await.unwrap();
+    c.goto(&format!("{url}/console/instances/{id}"))
+        .await
+        .unwrap();
     wait_text(&c, "#state", "READY", |t| t.contains("READY FOR LAUNCH")).await;
     wait_text(&c, "#disks tbody", "disk row", |t| t.contains("16.0 MiB")).await;
-    c.wait().at_most(DEADLINE).for_element(Locator::Id("throughput-chart")).await.unwrap();
+    c.wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Id("throughput-chart"))
+        .await
+        .unwrap();
     shot(&c, "instance").await;
     c.goto(&format!("{url}/console/instances")).await.unwrap();
-    c.wait().at_most(DEADLINE).for_element(Locator::Id("fleet-chart")).await.unwrap();
-    wait_text(&c, "#counts", "counts", |t| t.contains("1 READY FOR LAUNCH")).await;
+    c.wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Id("fleet-chart"))
+        .await
+        .unwrap();
+    wait_text(&c, "#counts", "counts", |t| {
+        t.contains("1 READY FOR LAUNCH")
+    })
+    .await;
     shot(&c, "instances").await;
 
     // Launch from the page: select, confirm (the page names the instance), result.
     click(&c, &format!("input[name=id][value='{id}']")).await;
     click(&c, "#launch-selected").await;
-    let confirm = wait_text(&c, "#confirm-list", "confirmation", |t| t.contains(EVIL_NAME)).await;
+    let confirm = wait_text(&c, "#confirm-list", "confirmation", |t| {
+        t.contains(EVIL_NAME)
+    })
+    .await;
     assert!(confirm.contains(&id), "{confirm}");
     click(&c, "#confirm").await;
-    wait_text(&c, "#results", "launch accepted", |t| t.contains("accepted")).await;
-    c.goto(&format!("{url}/console/instances/{id}")).await.unwrap();
+    wait_text(&c, "#results", "launch accepted", |t| {
+        t.contains("accepted")
+    })
+    .await;
+    c.goto(&format!("{url}/console/instances/{id}"))
+        .await
+        .unwrap();
     wait_text(&c, "#state", "COMPLETED", |t| t.contains("COMPLETED")).await;
     let digests = wait_text(&c, "#digests", "digests", |t| t.contains("match")).await;
     assert!(!digests.contains("DIFFER"), "{digests}");
     let t = Instant::now();
     while client.0.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < DEADLINE, "client still running: {}", client.log());
+        assert!(
+            t.elapsed() < DEADLINE,
+            "client still running: {}",
+            client.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(std::fs::read(&local).unwrap(), data, "local disk differs");
@@ -370,7 +319,11 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
     // Session cookie attributes; CSRF: no token -> 403; a wrong Origin -> 403 even with the
     // right cookie and token.
     let ck = c.get_named_cookie("fbconsole").await.unwrap();
-    assert_eq!((ck.http_only(), ck.secure()), (Some(true), Some(true)), "{ck}");
+    assert_eq!(
+        (ck.http_only(), ck.secure()),
+        (Some(true), Some(true)),
+        "{ck}"
+    );
     assert_eq!(format!("{:?}", ck.same_site()), "Some(Strict)", "{ck}");
     let body = format!("action=stop&confirm=yes&id={id}");
     assert_eq!(post_from_page(&c, "/console/actions", &body).await, 403);
@@ -386,7 +339,12 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
         .unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(
-        post_from_page(&c, "/console/actions", &format!("action=nope&id={id}&csrf={token}")).await,
+        post_from_page(
+            &c,
+            "/console/actions",
+            &format!("action=nope&id={id}&csrf={token}")
+        )
+        .await,
         400,
         "the token itself is accepted"
     );
@@ -396,9 +354,20 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
     wait_text(&c, "#login-form", "login page after logout", |_| true).await;
     login(&c, &url, viewer).await;
     c.goto(&format!("{url}/console/instances")).await.unwrap();
-    wait_text(&c, "#instances td.name", "viewer sees the instance", |t| t == EVIL_NAME).await;
-    assert!(c.find_all(Locator::Id("launch-selected")).await.unwrap().is_empty());
-    assert!(c.find_all(Locator::Css("input[type=checkbox]")).await.unwrap().is_empty());
+    wait_text(&c, "#instances td.name", "viewer sees the instance", |t| {
+        t == EVIL_NAME
+    })
+    .await;
+    assert!(c
+        .find_all(Locator::Id("launch-selected"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(c
+        .find_all(Locator::Css("input[type=checkbox]"))
+        .await
+        .unwrap()
+        .is_empty());
     let token = csrf(&c).await;
     let launch = format!("action=launch&confirm=yes&id={id}&csrf={token}");
     assert_eq!(post_from_page(&c, "/console/actions", &launch).await, 403);
@@ -409,17 +378,29 @@ async fn console_in_chromium_login_pair_launch_roles_csp_csrf_expiry() {
     login(&c, &url2, "test-admin-token").await;
     c.goto(&format!("{url2}/console/instances")).await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    wait_text(&c, "#login-note", "expired session", |t| t.contains("session ended")).await;
+    wait_text(&c, "#login-note", "expired session", |t| {
+        t.contains("session ended")
+    })
+    .await;
     assert_eq!(path(&c).await, "/console/login");
     login(&c, &url2, "test-admin-token").await;
     let _ = short.0.kill();
     let t = Instant::now();
     loop {
-        let shown = c.find(Locator::Id("conn-lost")).await.unwrap().is_displayed().await.unwrap();
+        let shown = c
+            .find(Locator::Id("conn-lost"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap();
         if shown {
             break;
         }
-        assert!(t.elapsed() < DEADLINE, "no banner after the service stopped");
+        assert!(
+            t.elapsed() < DEADLINE,
+            "no banner after the service stopped"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     c.close().await.unwrap();

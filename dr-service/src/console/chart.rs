@@ -4,7 +4,7 @@
 
 use maud::{html, Markup};
 
-use super::fmt::{bytes, state_label};
+use super::fmt::{bytes, state_label, whole};
 use super::samples::{FleetSample, RatePoint, STATES};
 
 const W: f64 = 640.0;
@@ -38,7 +38,13 @@ fn y_of(v: f64, max: f64) -> f64 {
     H - PAD - (v / max.max(1.0)) * (H - 2.0 * PAD)
 }
 
-fn points(p: &[RatePoint], first: u64, last: u64, f: impl Fn(&RatePoint) -> f64, max: f64) -> String {
+fn points(
+    p: &[RatePoint],
+    first: u64,
+    last: u64,
+    f: impl Fn(&RatePoint) -> f64,
+    max: f64,
+) -> String {
     p.iter()
         .map(|r| format!("{:.1},{:.1}", x_of(r.at, first, last), y_of(f(r), max)))
         .collect::<Vec<_>>()
@@ -64,8 +70,8 @@ pub fn instance(p: &[RatePoint]) -> Markup {
                     fill="none" stroke="#4f8ef7" stroke-width="2" {}
             }
             figcaption {
-                span.key-rate { "■" } " rate (max " (bytes(rmax as u64)) "/s)  "
-                span.key-backlog { "■" } " backlog (max " (bytes(bmax as u64)) ")  · "
+                span.key-rate { "■" } " rate (max " (bytes(whole(rmax))) "/s)  "
+                span.key-backlog { "■" } " backlog (max " (bytes(whole(bmax))) ")  · "
                 (span(first, last))
             }
         }
@@ -113,7 +119,7 @@ pub fn fleet(samples: &[FleetSample]) -> Markup {
                 @for (k, st) in STATES.iter().enumerate() {
                     span class=(format!("key-state-{k}")) { "■" } " " (state_label(*st)) "  "
                 }
-                "· " (span(first, last)) " · max " (total as u64) " instances"
+                "· " (span(first, last)) " · max " (whole(total)) " instances"
             }
         }
     }

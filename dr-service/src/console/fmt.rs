@@ -1,6 +1,6 @@
 //! Small text formats of the console: sizes, times, durations, names.
 
-use failback_config::api::{FailbackState, RecoveryInstance};
+use failback_config::api::{FailbackState, RecoveryInstance, ReplicationState};
 
 pub fn bytes(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -15,6 +15,12 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", U[u])
     }
+}
+
+/// A rate or estimate as whole units (`as` saturates: negative and NaN give 0).
+#[allow(clippy::cast_possible_truncation)]
+pub fn whole(v: f64) -> u64 {
+    v as u64
 }
 
 pub fn duration(secs: u64) -> String {
@@ -64,9 +70,15 @@ pub fn name(i: &RecoveryInstance) -> &str {
         .unwrap_or(&i.recovery_instance_id)
 }
 
-/// Bytes verified of all disks, of their total (0..=1); completed counts as 1.
+/// Whether the disks are consistent with the recovery volumes (between delta rounds, or done).
+pub fn consistent(i: &RecoveryInstance) -> bool {
+    i.failback.state == FailbackState::FailbackCompleted
+        || i.failback.replication_state == ReplicationState::Continuous
+}
+
+/// Bytes verified of all disks, of their total (0..=1); consistent disks count as 1.
 pub fn progress(i: &RecoveryInstance) -> f64 {
-    if i.failback.state == FailbackState::FailbackCompleted {
+    if consistent(i) {
         return 1.0;
     }
     let total: u64 = i.failback.disks.iter().map(|d| d.total_bytes).sum();

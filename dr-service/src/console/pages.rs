@@ -1,9 +1,7 @@
 //! The console's pages ([`maud`] escapes every value: an instance name holding markup is
 //! shown as text).
 
-use failback_config::api::{
-    Event, FailbackState, LogEntry, RecoveryInstance, Role, TokenKind,
-};
+use failback_config::api::{Event, FailbackState, LogEntry, RecoveryInstance, Role, TokenKind};
 use maud::{html, Markup, DOCTYPE};
 
 use super::chart;
@@ -265,7 +263,11 @@ pub fn instance(ctx: &Ctx, i: &RecoveryInstance, live: Markup) -> Markup {
 pub fn instance_live(v: &InstanceView<'_>) -> Markup {
     let i = v.inst;
     let f = &i.failback;
-    let boots: Vec<&Event> = v.events.iter().filter(|e| e.kind == "CLIENT_BOOT_FAILED").collect();
+    let boots: Vec<&Event> = v
+        .events
+        .iter()
+        .filter(|e| e.kind == "CLIENT_BOOT_FAILED")
+        .collect();
     html! {
         dl.summary {
             dt { "Failback" } dd id="state" { (state_badge(f.state)) }
@@ -289,10 +291,12 @@ pub fn instance_live(v: &InstanceView<'_>) -> Markup {
                     @let left = d.total_bytes.saturating_sub(d.rescanned_bytes);
                     tr {
                         td.mono { (d.remote_id) } td.mono { (d.local_path) }
-                        td { progress value=(d.replicated_bytes) max=(d.total_bytes.max(1)) {} }
-                        td { (bytes(d.replicated_bytes)) " / " (bytes(d.total_bytes)) }
-                        td { (rate.map(|r| format!("{}/s", bytes(r as u64))).unwrap_or_else(|| "—".into())) }
-                        td { @match rate { Some(r) if r > 0.0 && left > 0 => (duration((left as f64 / r) as u64)), _ => "—" } }
+                        @let done = if fmt::consistent(i) { d.total_bytes } else { d.replicated_bytes };
+                        td { progress value=(done) max=(d.total_bytes.max(1)) {} }
+                        td { (bytes(done)) " / " (bytes(d.total_bytes))
+                             @if fmt::consistent(i) { " consistent" } }
+                        td { (rate.map(|r| format!("{}/s", bytes(fmt::whole(r)))).unwrap_or_else(|| "—".into())) }
+                        td { @match rate { Some(r) if r > 0.0 && left > 0 => (duration(fmt::whole(left as f64 / r))), _ => "—" } }
                         td { (bytes(d.backlog_bytes)) }
                     }
                 }

@@ -164,13 +164,19 @@ mod tests {
         let mut s = Samples::default();
         s.record(10, &[inst("a", FailbackState::FailbackInProgress, 1, 100)]);
         s.record(20, &[inst("a", FailbackState::FailbackInProgress, 1, 600)]);
-        s.record(30, &[inst("a", FailbackState::FailbackReadyForLaunch, 2, 200)]);
+        s.record(
+            30,
+            &[inst("a", FailbackState::FailbackReadyForLaunch, 2, 200)],
+        );
         let r = s.rates("a");
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].rate, r[1].rate, r[1].backlog), (50.0, 20.0, 7));
         assert_eq!(s.disk_rate("a", 0), Some(20.0));
         let f = s.fleet();
-        assert_eq!(f[2].counts[state_index(FailbackState::FailbackReadyForLaunch)], 1);
+        assert_eq!(
+            f[2].counts[state_index(FailbackState::FailbackReadyForLaunch)],
+            1
+        );
         // Samples older than the window go; vanished instances go.
         s.record(30 + WINDOW_SECS + 1, &[]);
         assert!(s.rates("a").is_empty());

@@ -123,7 +123,13 @@ mod tests {
         assert!(s.get(&id, 110).is_none(), "expired at 110");
         assert!(s.get(&id, 105).is_none(), "removed once expired");
         let c = set_cookie(&id, 60);
-        for part in ["Secure", "HttpOnly", "SameSite=Strict", "Max-Age=60", "Path=/console"] {
+        for part in [
+            "Secure",
+            "HttpOnly",
+            "SameSite=Strict",
+            "Max-Age=60",
+            "Path=/console",
+        ] {
             assert!(c.contains(part), "{c}");
         }
         assert_eq!(
