@@ -304,3 +304,8 @@ PGURL=$(bash "$ROOT/scripts/pg-throwaway.sh" start "$PGDIR/cluster")
 pgrc=0; "$BIN/failback-server" bench --clients 1000 --secs 20 --database "$PGURL" || pgrc=$?
 bash "$ROOT/scripts/pg-throwaway.sh" stop "$PGDIR/cluster"; rmdir "$PGDIR" 2>/dev/null || true
 [ $pgrc = 0 ] || die "DR service bench on PostgreSQL failed (exit $pgrc)"
+
+# The web console: the instance page with 1,000 instances in headless Chromium (issue 19).
+echo
+echo "== web console: instance page with 1,000 instances in headless Chromium (target: < 1 s)"
+cargo test -q -p failback-tests --bench console_page 2>&1 | grep -E '^\{|took' || exit 1

@@ -9,6 +9,8 @@
 #   4. the instance shows FAILBACK_READY_FOR_LAUNCH / CONTINUOUS; `failback launch` from the CLI
 #   5. final round, digests compared on both sides, FAILBACK_COMPLETED, client exits 0; the
 #      digests and the event log are shown, and cmp checks every byte.
+# The web console URL and an operator credential are printed when the service starts; on a
+# terminal the service stays up DEMO_CONSOLE_SECS (120) at the end to look at the instance.
 # Work dir: target/demo-service (removed at the end unless DEMO_KEEP=1). BIN_DIR defaults to
 # target/release (falls back to target/debug). DEMO_SIZE (default 256M).
 set -euo pipefail
@@ -66,6 +68,9 @@ wait_for 30 "the service to listen" test -s "$DIR/addr"
 export FAILBACK_SERVER="https://$(cat "$DIR/addr")"
 export FAILBACK_CA="$DIR/data/ca.pem"
 echo "  $FAILBACK_SERVER (CA $FAILBACK_CA)"
+CONSOLE_SECRET=$("$BIN/failback" credentials create --role operator --name demo-operator --output json | jq -r .secret)
+echo "  web console: $FAILBACK_SERVER/console  (log in with operator credential $CONSOLE_SECRET)"
+echo "  (the service's certificate is from its own CA $FAILBACK_CA: accept it in the browser)"
 
 step "agent enrollment token; the recovery agent enrolls"
 AGENT_TOKEN=$("$BIN/failback" token create agent)
@@ -114,3 +119,11 @@ step "event log"
 "$BIN/failback" events --instance "$ID" | grep -vE 'INITIATION_STEP' | tail -20
 echo
 echo "demo-service: OK"
+# The console keeps showing the demo's instance (COMPLETED, digests, events, charts) until the
+# service stops: DEMO_CONSOLE_SECS (default 120 on a terminal, 0 otherwise).
+CONSOLE_SECS=${DEMO_CONSOLE_SECS:-$([ -t 0 ] && echo 120 || echo 0)}
+if [ "$CONSOLE_SECS" -gt 0 ]; then
+    echo "web console: $FAILBACK_SERVER/console  credential: $CONSOLE_SECRET"
+    echo "  (instance $ID stays visible for ${CONSOLE_SECS}s; Ctrl-C ends the demo)"
+    sleep "$CONSOLE_SECS" || true
+fi

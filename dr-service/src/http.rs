@@ -104,9 +104,11 @@ impl RunningServer {
     }
 }
 
-struct AppState {
-    service: Arc<Service>,
-    admin_hash: String,
+pub(crate) struct AppState {
+    pub(crate) service: Arc<Service>,
+    pub(crate) admin_hash: String,
+    /// Web console sessions and samples.
+    pub(crate) console: Arc<crate::console::Console>,
 }
 
 type St = State<Arc<AppState>>;
@@ -180,12 +182,16 @@ fn caller(st: &AppState, h: &HeaderMap) -> Result<Caller, ApiFailure> {
             "missing Authorization: Bearer <admin token or credential secret>".into(),
         ));
     };
-    let hash = secret_hash(t);
+    caller_by_hash(st, &secret_hash(t))
+}
+
+/// The caller whose secret hashes to `hash` (the bootstrap token or a live credential).
+pub(crate) fn caller_by_hash(st: &AppState, hash: &str) -> Result<Caller, ApiFailure> {
     // Compare hashes: equal-length strings, so no early-exit length leak.
     if hash == st.admin_hash {
         return Ok(Caller::bootstrap());
     }
-    st.service.credential_caller(&hash)
+    st.service.credential_caller(hash)
 }
 
 /// Authenticates the caller and requires at least role `need` (401 / 403 otherwise).
@@ -438,6 +444,7 @@ fn router(state: Arc<AppState>, body: BodyLimit) -> Router {
             axum::routing::delete(credential_revoke),
         )
         .route_layer(axum::middleware::from_fn(crate::validate::path_params))
+        .merge(crate::console::routes())
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
             body,
@@ -528,9 +535,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         settings.log_dir = cfg.data_dir.join(&settings.log_dir);
     }
     let service = Arc::new(Service::new(store, ca, settings));
+    let console = Arc::new(crate::console::Console::new(&cfg.settings));
     let state = Arc::new(AppState {
         service: service.clone(),
         admin_hash: secret_hash(&token),
+        console: console.clone(),
     });
     let body = BodyLimit {
         service: service.clone(),
@@ -576,6 +585,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             }
         }
     });
+    crate::console::spawn_sampler(console, service.clone(), rx.clone());
     let connections = crate::conn::Conns::new(
         crate::conn::connection_budget(cfg.limits.max_connections),
         cfg.limits.max_connections_per_ip,

@@ -5,11 +5,12 @@
 //! mapping rules), [`service`] (all logic, transport-free), [`http`] (HTTPS + JSON routes),
 //! [`conn`] (accept loop, timeouts, connection caps), [`limits`] (transport limits, per-route
 //! body limits), [`validate`] (URL parameters and body length limits), [`startup`] (data
-//! directory checks), [`bench`] (simulated heartbeating clients for `failback-server bench`).
+//! directory checks), [`console`] (the web console under `/console`), [`bench`] (simulated heartbeating clients for `failback-server bench`).
 
 pub mod bench;
 pub mod ca;
 pub mod conn;
+pub mod console;
 pub mod http;
 pub mod limits;
 pub mod mapping;

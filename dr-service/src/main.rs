@@ -63,6 +63,12 @@ struct ServeArgs {
     #[arg(long, default_value_t = 64 << 10)]
     block_size: u64,
     /// Write the bound address (host:port) to this file once listening (for scripts/tests).
+    /// Web console (`/console`): a login session ends this many seconds after it began.
+    #[arg(long, default_value_t = 8 * 3600)]
+    console_session_secs: u64,
+    /// Web console: seconds between two samples of progress and state counts (charts).
+    #[arg(long, default_value_t = 30)]
+    console_sample_secs: u64,
     #[arg(long)]
     addr_file: Option<PathBuf>,
     #[command(flatten)]
@@ -200,6 +206,8 @@ async fn serve(a: ServeArgs) -> ExitCode {
             agent_timeout_secs: a.agent_timeout_secs.max(1),
             client_timeout_secs: a.client_timeout_secs.max(1),
             block_size: a.block_size,
+            console_session_secs: a.console_session_secs.max(1),
+            console_sample_secs: a.console_sample_secs.max(1),
             ..Settings::default()
         },
         limits,

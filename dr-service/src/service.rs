@@ -21,10 +21,12 @@ mod access;
 mod boot_report;
 mod credentials;
 pub mod state;
+mod tokens;
 
 use state::{set_failback, set_replication};
 
 pub use credentials::{Caller, BOOTSTRAP_ADMIN};
+pub use tokens::TokenView;
 
 /// Tunables (defaults suit production; tests shorten the intervals).
 #[derive(Debug, Clone)]
@@ -39,6 +41,10 @@ pub struct Settings {
     pub default_token_ttl_secs: u64,
     /// Where uploaded client logs go.
     pub log_dir: PathBuf,
+    /// Web console: a login session ends this long after it began.
+    pub console_session_secs: u64,
+    /// Web console: seconds between two samples of progress and state counts (charts).
+    pub console_sample_secs: u64,
 }
 
 impl Default for Settings {
@@ -50,6 +56,8 @@ impl Default for Settings {
             block_size: 64 << 10,
             default_token_ttl_secs: 3600,
             log_dir: PathBuf::from("logs"),
+            console_session_secs: 8 * 3600,
+            console_sample_secs: 30,
         }
     }
 }

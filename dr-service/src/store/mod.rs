@@ -175,6 +175,9 @@ pub struct Batch {
     /// New tokens (`used_at: None`) are inserted; a token with `used_at` set is marked used,
     /// which conflicts when it was already used.
     pub tokens: Vec<TokenRecord>,
+    /// Tokens revoked (hash, time): they expire at that time; conflicts when the token is
+    /// already used or expired.
+    pub revoked_tokens: Vec<(String, u64)>,
     pub clients: Vec<ClientRecord>,
     pub agents: Vec<AgentRecord>,
     pub credentials: Vec<CredentialRecord>,
@@ -222,6 +225,8 @@ pub trait Store: Send + Sync {
         client_before: u64,
     ) -> Result<Vec<RecoveryInstance>, StoreError>;
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// All tokens, newest first (the console's token list).
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     fn client_by_secret(&self, hash: &str) -> Result<Option<ClientRecord>, StoreError>;
     fn clients_of(&self, instance_id: &str) -> Result<Vec<ClientRecord>, StoreError>;
     fn agent_by_secret(&self, hash: &str) -> Result<Option<AgentRecord>, StoreError>;

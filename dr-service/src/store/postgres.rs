@@ -426,6 +426,18 @@ impl PgStore {
                 return Err(self.conflict(format!("{} token", t.kind)));
             }
         }
+        for (hash, at) in &b.revoked_tokens {
+            let n = tx
+                .execute(
+                    "UPDATE tokens SET expires_at = $2 \
+                     WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
+                    &[hash, &i64_of(*at)],
+                )
+                .map_err(self.err())?;
+            if n != 1 {
+                return Err(self.conflict("revoked token".into()));
+            }
+        }
         Ok(())
     }
 
@@ -523,6 +535,18 @@ impl Store for PgStore {
             .map_err(self.err())?
             .as_ref()
             .map(row_token))
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = self
+            .conn()?
+            .query(
+                "SELECT hash, kind, instance_id, created_at, expires_at, used_at FROM tokens \
+                 ORDER BY created_at DESC, hash",
+                &[],
+            )
+            .map_err(self.err())?;
+        Ok(rows.iter().map(row_token).collect())
     }
 
     fn client_by_secret(&self, hash: &str) -> Result<Option<ClientRecord>, StoreError> {

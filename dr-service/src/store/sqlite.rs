@@ -228,6 +228,18 @@ impl Store for SqliteStore {
         .map_err(self.err())
     }
 
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT hash, kind, instance_id, created_at, expires_at, used_at FROM tokens \
+                 ORDER BY created_at DESC, hash",
+            )
+            .map_err(self.err())?;
+        let rows = st.query_map([], token_row).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     fn client_by_secret(&self, hash: &str) -> Result<Option<ClientRecord>, StoreError> {
         let conn = self.conn();
         let mut st = conn
@@ -452,6 +464,18 @@ impl SqliteStore {
                         return Err(self.conflict(format!("{} token", t.kind)));
                     }
                 }
+            }
+        }
+        for (hash, at) in &b.revoked_tokens {
+            let n = tx
+                .execute(
+                    "UPDATE tokens SET expires_at = ?2 \
+                     WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+                    params![hash, i64_of(*at)],
+                )
+                .map_err(self.err())?;
+            if n != 1 {
+                return Err(self.conflict("revoked token".into()));
             }
         }
         Ok(())
