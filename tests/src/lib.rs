@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests that run the real binaries (server, agent, client), vcsim
 //! and QEMU on 127.0.0.1.
 
+pub mod testos;
 pub mod vcsim;
 pub mod wanlink;
 
