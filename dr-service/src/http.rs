@@ -211,7 +211,7 @@ async fn agent_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
 }
 
 async fn pair(State(st): St, body: Bytes) -> Response {
-    reply(parse(&body).and_then(|r| st.service.pair(r)))
+    reply(parse(&body).and_then(|r| st.service.pair_answer(r)))
 }
 
 async fn client_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
