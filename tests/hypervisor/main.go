@@ -6,7 +6,9 @@
 // disk image (DISK_DIR/<vm name>.img), its first MAC and its BIOS UUID as SMBIOS UUID. When
 // the guest powers off or reboots (QEMU exits), it powers the vcsim VM off; when the vcsim VM
 // is powered off (the orchestrator did it), it stops QEMU. A VM powered on without an ISO
-// first in its boot order is left alone (booting the restored OS is not what we test).
+// first in its boot order is left alone, unless -boot-disks is given: then QEMU boots that
+// VM's disk image (the restored OS; its console goes to <vm name>.disk.serial.log) and the
+// VM is powered off when the guest powers off, as for an ISO boot.
 //
 // Power-ons, not power states: a QEMU belongs to the power-on it was started for, named by
 // the VM's boot time (vcsim 0.24.2 sets summary.runtime.bootTime, with nanoseconds, on every
@@ -72,6 +74,8 @@ type harness struct {
 	// ended: VM moref -> the power-on whose QEMU has ended; never boot it again.
 	ended map[string]string
 	out   *log.Logger
+	// bootDisks: also boot QEMU for power-ons from disk (the restored OS).
+	bootDisks bool
 }
 
 func readEnv(path string) (map[string]string, error) {
@@ -97,6 +101,7 @@ func main() {
 	poll := flag.Duration("poll", 300*time.Millisecond, "poll interval")
 	extra := flag.String("qemu-args", "", "extra QEMU arguments (space separated)")
 	exitOnEOF := flag.Bool("exit-on-eof", false, "exit (stopping every guest) when stdin reaches EOF")
+	bootDisks := flag.Bool("boot-disks", false, "also boot QEMU when a VM powers on from its disk (the restored OS)")
 	flag.Parse()
 	if *vcsimEnv == "" || *diskDir == "" {
 		log.Fatal("hypervisor: -vcsim-env and -disk-dir are required")
@@ -118,6 +123,7 @@ func main() {
 		running:    map[string]*guest{},
 		ended:      map[string]string{},
 		out:        log.New(os.Stdout, "", 0),
+		bootDisks:  *bootDisks,
 	}
 	if h.logDir == "" {
 		h.logDir = *diskDir
@@ -290,7 +296,7 @@ func (h *harness) tick(ctx context.Context) error {
 			continue
 		}
 		isos := bootsFromIso(vm)
-		if len(isos) == 0 {
+		if len(isos) == 0 && !h.bootDisks {
 			continue
 		}
 		if err := h.boot(ctx, vm, boot, isos); err != nil {
@@ -357,11 +363,16 @@ func (h *harness) boot(ctx context.Context, vm mo.VirtualMachine, boot string, i
 	if _, err := os.Stat(disk); err != nil {
 		return fmt.Errorf("disk image: %v", err)
 	}
+	// A power-on from disk (no ISO first: the restored OS) logs to its own file.
+	console, order := vm.Name+".serial.log", "d"
+	if len(isos) == 0 {
+		console, order = vm.Name+".disk.serial.log", "c"
+	}
 	args := []string{
 		"-accel", "tcg", "-m", fmt.Sprint(h.mem), "-smp", "1", "-no-reboot",
 		"-display", "none", "-monitor", "none", "-nodefaults",
-		"-serial", "file:" + filepath.Join(h.logDir, vm.Name+".serial.log"),
-		"-boot", "order=d",
+		"-serial", "file:" + filepath.Join(h.logDir, console),
+		"-boot", "order=" + order,
 	}
 	if vm.Config.Uuid != "" {
 		args = append(args, "-smbios", "type=1,uuid="+vm.Config.Uuid)

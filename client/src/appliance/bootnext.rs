@@ -6,9 +6,9 @@
 //! Formats (UEFI 2.10): a variable file in efivarfs is 4 attribute bytes (little-endian)
 //! followed by the value. `EFI_LOAD_OPTION` = attributes (u32, `LOAD_OPTION_ACTIVE`), length
 //! of the device path list (u16), UCS-2 description (NUL-terminated), device path: a
-//! short-form hard-drive node (partition number, start and size in LBAs, GPT partition GUID)
-//! + a file path node (`\EFI\BOOT\BOOTX64.EFI`, the removable-media path every UEFI OS
-//! installs or the firmware falls back to) + the end node. Firmware expands a short-form
+//! short-form hard-drive node (partition number, start and size in LBAs, GPT partition GUID),
+//! a file path node (`\EFI\BOOT\BOOTX64.EFI`, the removable-media path every UEFI OS
+//! installs or the firmware falls back to) and the end node. Firmware expands a short-form
 //! hard-drive path by finding the partition with that GUID. When NVRAM already holds a load
 //! option naming the partition's GUID (the restored OS's own entry, e.g. `debian` or
 //! `Windows Boot Manager`), that one is used instead: it starts the OS's own boot chain.
@@ -137,8 +137,11 @@ fn var_path(name: &str) -> PathBuf {
 #[allow(unsafe_code)]
 fn clear_immutable(path: &Path) {
     use std::os::fd::AsRawFd;
-    const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
-    const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+    // `Ioctl` is c_ulong on glibc and c_int on musl; the request numbers are bit patterns.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+    const FS_IOC_GETFLAGS: libc::Ioctl = 0x8008_6601_u32 as libc::Ioctl;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+    const FS_IOC_SETFLAGS: libc::Ioctl = 0x4008_6602_u32 as libc::Ioctl;
     const FS_IMMUTABLE_FL: libc::c_long = 0x10;
     let Ok(f) = std::fs::File::open(path) else {
         return;
