@@ -20,8 +20,13 @@ fn generations_differ_in_scattered_blocks_and_builds_are_reproducible() {
     let v1 = testos::ensure(spec(Boot::Bios, 1), cache.path()).unwrap();
     let v2 = testos::ensure(spec(Boot::Bios, 2), cache.path()).unwrap();
     assert_ne!(v1.content, v2.content);
-    assert!(v2.marker.starts_with("FAILBACK_TEST_OS generation=v2 content="));
-    let (a, b) = (std::fs::read(&v1.path).unwrap(), std::fs::read(&v2.path).unwrap());
+    assert!(v2
+        .marker
+        .starts_with("FAILBACK_TEST_OS generation=v2 content="));
+    let (a, b) = (
+        std::fs::read(&v1.path).unwrap(),
+        std::fs::read(&v2.path).unwrap(),
+    );
     assert_eq!(a.len(), 128 << 20);
     let differing: Vec<usize> = a
         .chunks(4096)
@@ -49,7 +54,10 @@ fn generations_differ_in_scattered_blocks_and_builds_are_reproducible() {
     // Sparse on the host.
     use std::os::unix::fs::MetadataExt;
     let blocks = std::fs::metadata(&v2.path).unwrap().blocks() * 512;
-    assert!(blocks < 100 << 20, "{blocks} bytes allocated for a 128 MiB image");
+    assert!(
+        blocks < 100 << 20,
+        "{blocks} bytes allocated for a 128 MiB image"
+    );
 
     // Rebuilt from scratch: the same content checksum.
     let other = tempfile::tempdir().unwrap();
