@@ -103,13 +103,17 @@ pub enum RunOutcome {
     },
     /// The operator stopped the failback (exit code 8).
     Stopped { recovery_instance_id: String },
+    /// The token was used for a failback that has since completed: the service answered
+    /// with its digests instead of pairing (the appliance booted again on the failed-back
+    /// machine). Nothing was written; the caller checks the local disks against it.
+    AlreadyCompleted(CompletedFailback),
 }
 
 impl RunOutcome {
     /// Exit code per the shared table (0 ok, 8 stopped by operator).
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunOutcome::Completed { .. } => 0,
+            RunOutcome::Completed { .. } | RunOutcome::AlreadyCompleted(_) => 0,
             RunOutcome::Stopped { .. } => 8,
         }
     }
@@ -464,7 +468,7 @@ async fn pair(
     opts: &RunOptions,
     mut inventory: Inventory,
     console: &Console,
-) -> Result<PairResponse, RunError> {
+) -> Result<PairAnswer, RunError> {
     // Hand-mapped local targets (image files in tests, by-id paths) must be in the inventory
     // so the service can check their size.
     if let Some(m) = &opts.mapping {
@@ -497,7 +501,7 @@ async fn pair(
     };
     let started = Instant::now();
     loop {
-        match api.post::<_, PairResponse>("/v1/pair", None, &req).await {
+        match api.post::<_, PairAnswer>("/v1/pair", None, &req).await {
             Ok(r) => return Ok(r),
             Err(ApiErr::Refused(_, message)) => {
                 return Err(RunError::Refused {
@@ -599,7 +603,16 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
         }
     };
     let paired = match pair(&api, &opts, inventory, &console).await {
-        Ok(p) => p,
+        Ok(PairAnswer::Paired(p)) => *p,
+        Ok(PairAnswer::Completed(c)) => {
+            let done = c.failback_completed;
+            console.say(format!(
+                "FAILBACK_ALREADY_COMPLETED recovery instance {}: this pairing token belongs to a failback that completed{}; nothing to sync",
+                done.recovery_instance_id,
+                done.completed_at.map(|t| format!(" at {t} (Unix time)")).unwrap_or_default()
+            ));
+            return Ok(RunOutcome::AlreadyCompleted(done));
+        }
         Err(e) => return Err(fail("pair", e).await),
     };
     let id = paired.recovery_instance_id.clone();
@@ -762,6 +775,7 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
         Ok(RunOutcome::Stopped { .. }) => {
             console.say(format!("failback of {id} stopped by the operator"))
         }
+        Ok(RunOutcome::AlreadyCompleted(_)) => {}
         Err(e) => console.say(format!("failback of {id} failed: {e}")),
     }
     if opts.upload_log {
@@ -1112,7 +1126,7 @@ pub fn main(args: RunArgs) -> crate::exit::Exit {
     use crate::exit::Exit;
     let res = args.options().and_then(run);
     match res {
-        Ok(RunOutcome::Completed { .. }) => Exit::Ok,
+        Ok(RunOutcome::Completed { .. }) | Ok(RunOutcome::AlreadyCompleted(_)) => Exit::Ok,
         Ok(RunOutcome::Stopped { .. }) => Exit::Stopped,
         Err(e) => {
             eprintln!("failback-client: error: {e}");

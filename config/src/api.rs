@@ -393,6 +393,50 @@ pub struct PairResponse {
     pub heartbeat_interval_secs: u64,
 }
 
+/// `POST /v1/pair` answer to a pairing token that was already used for a failback that has
+/// since completed: the appliance booted again on the failed-back machine (ISO still
+/// attached, USB stick still in, boot order unchanged). Not an error: the client compares its
+/// disks with `digests` and boots the local disk (or says what to detach).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletedFailback {
+    pub recovery_instance_id: String,
+    /// When the failback completed (Unix seconds).
+    pub completed_at: Option<u64>,
+    /// The disks as the client reported them at completion.
+    pub disks: Vec<CompletedDisk>,
+    /// Block size the digests were computed with (BLAKE3 over the per-block hashes).
+    pub block_size: u64,
+}
+
+/// One restored disk of a [`CompletedFailback`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletedDisk {
+    pub remote_id: String,
+    /// Local device path at completion (`/dev/sda`; names can change between boots).
+    pub local_path: String,
+    /// Bytes the digest covers (the recovery volume's size).
+    pub size_bytes: u64,
+    /// BLAKE3 (hex) whole-disk digest, equal on both sides at completion.
+    pub digest: String,
+}
+
+/// The body of a `POST /v1/pair` answer with `failback_completed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairCompleted {
+    pub failback_completed: CompletedFailback,
+}
+
+/// What `POST /v1/pair` answers (200): a new pairing, or "this failback already completed".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PairAnswer {
+    Paired(Box<PairResponse>),
+    Completed(PairCompleted),
+}
+
 // ---------------------------------------------------------------- client reports and commands
 
 /// What the client is doing right now; the service derives the replication state from it.

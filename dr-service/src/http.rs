@@ -237,7 +237,7 @@ async fn agent_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
 }
 
 async fn pair(State(st): St, body: Bytes) -> Response {
-    off(move || st.service.pair(parse(&body)?)).await
+    off(move || st.service.pair_answer(parse(&body)?)).await
 }
 
 async fn client_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {

@@ -774,6 +774,90 @@ impl Service {
         }
     }
 
+    /// `POST /v1/pair`: [`Service::pair`], except that a used token whose failback has
+    /// completed gets [`PairAnswer::Completed`] (the appliance booted again on the
+    /// failed-back machine), recorded as the informational event
+    /// `APPLIANCE_BOOTED_AFTER_COMPLETION`.
+    pub fn pair_answer(&self, req: PairRequest) -> R<PairAnswer> {
+        match self.pair(req.clone()) {
+            Ok(p) => Ok(PairAnswer::Paired(Box::new(p))),
+            Err(ApiFailure::Token { code, message }) if code == "TOKEN_USED" => {
+                match self.completed_for_used_token(&req)? {
+                    Some(done) => Ok(PairAnswer::Completed(PairCompleted {
+                        failback_completed: done,
+                    })),
+                    None => Err(ApiFailure::Token { code, message }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The completed failback a used pairing token belongs to (its scope, the instance the
+    /// client names, or the SMBIOS UUID), if that failback is FAILBACK_COMPLETED.
+    fn completed_for_used_token(&self, req: &PairRequest) -> R<Option<CompletedFailback>> {
+        let Some(tok) = self.store.token(&secret_hash(&req.token))? else {
+            return Ok(None);
+        };
+        if tok.kind != TokenKind::Pairing || tok.used_at.is_none() {
+            return Ok(None);
+        }
+        let inst = match (&tok.instance_id, &req.recovery_instance_id) {
+            (Some(scope), _) => self.instance(scope).ok(),
+            (None, Some(asked)) => self.instance(asked).ok(),
+            (None, None) => {
+                let uuid = req.inventory.smbios_uuid.as_deref().map(normalize_uuid);
+                match uuid {
+                    Some(u) => {
+                        let mut found = self.instances_with_bios_uuid(&u)?;
+                        (found.len() == 1).then(|| found.remove(0))
+                    }
+                    None => None,
+                }
+            }
+        };
+        let Some(inst) = inst else { return Ok(None) };
+        let f = &inst.failback;
+        if f.state != FailbackState::FailbackCompleted || f.digests.is_empty() {
+            return Ok(None);
+        }
+        let id = inst.recovery_instance_id.clone();
+        let mut b = Batch::by("appliance".to_string());
+        b.event(
+            now_secs(),
+            Some(&id),
+            "APPLIANCE_BOOTED_AFTER_COMPLETION",
+            format!(
+                "an appliance booted again with the used pairing token of this completed failback; told it the failback completed (digests {}) so it boots the local disk",
+                f.digests
+                    .iter()
+                    .map(|d| format!("{}={}", d.remote_id, d.local_digest))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        self.store.apply(b)?;
+        Ok(Some(CompletedFailback {
+            recovery_instance_id: id,
+            completed_at: f.completed_at,
+            disks: f
+                .digests
+                .iter()
+                .map(|d| CompletedDisk {
+                    remote_id: d.remote_id.clone(),
+                    local_path: d.local_path.clone(),
+                    size_bytes: f
+                        .disks
+                        .iter()
+                        .find(|p| p.remote_id == d.remote_id)
+                        .map_or(0, |p| p.total_bytes),
+                    digest: d.local_digest.clone(),
+                })
+                .collect(),
+            block_size: self.settings.block_size,
+        }))
+    }
+
     pub fn pair(&self, req: PairRequest) -> R<PairResponse> {
         self.retry(|| self.pair_once(req.clone()))
     }

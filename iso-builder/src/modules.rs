@@ -44,6 +44,8 @@ pub const APPLIANCE_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_scsi",
     "virtio_net",
+    // UEFI boot variables (BootNext to the restored disk).
+    "efivarfs",
 ];
 
 /// File name (inside the initramfs module directory) of the ordered load list: one module

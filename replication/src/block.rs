@@ -128,6 +128,39 @@ impl DiskDigest {
     }
 }
 
+/// The whole-disk digest of the first `size` bytes of `path` with `block_size` blocks, as the
+/// engine computes it after a final round (what a completed failback recorded). Reads the
+/// disk sequentially in large chunks.
+pub fn file_digest(path: &std::path::Path, size: u64, block_size: u32) -> std::io::Result<Hash> {
+    use std::io::Read;
+    validate_block_size(block_size)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut f = std::fs::File::open(path)?;
+    let zeros = ZeroHashes::new(size, block_size);
+    let mut digest = DiskDigest::new();
+    let per = (BATCH_BYTES / u64::from(block_size)).max(1);
+    let mut buf = Vec::new();
+    let blocks = block_count(size, block_size);
+    let mut i = 0;
+    while i < blocks {
+        let n = per.min(blocks - i);
+        let start = i * u64::from(block_size);
+        let len = (n * u64::from(block_size)).min(size - start);
+        buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+        f.read_exact(&mut buf).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{} at offset {start}: {e}", path.display()),
+            )
+        })?;
+        for chunk in buf.chunks(usize::try_from(block_size).unwrap_or(usize::MAX)) {
+            digest.push(&hash_block(chunk, &zeros).0);
+        }
+        i += n;
+    }
+    Ok(digest.finish())
+}
+
 thread_local! {
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
 }

@@ -6,7 +6,10 @@
 // disk image (DISK_DIR/<vm name>.img), its first MAC and its BIOS UUID as SMBIOS UUID. When
 // the guest powers off or reboots (QEMU exits), it powers the vcsim VM off; when the vcsim VM
 // is powered off (the orchestrator did it), it stops QEMU. A VM powered on without an ISO
-// first in its boot order is left alone (booting the restored OS is not what we test).
+// first in its boot order is left alone, unless -boot-disks is given and the harness booted
+// that VM from the appliance ISO before: then QEMU boots the VM's disk image (the restored
+// OS; its console goes to <vm name>.disk.serial.log) and the VM is powered off when the
+// guest powers off, as for an ISO boot. (VMs that were on before any failback stay alone.)
 //
 // Power-ons, not power states: a QEMU belongs to the power-on it was started for, named by
 // the VM's boot time (vcsim 0.24.2 sets summary.runtime.bootTime, with nanoseconds, on every
@@ -72,6 +75,10 @@ type harness struct {
 	// ended: VM moref -> the power-on whose QEMU has ended; never boot it again.
 	ended map[string]string
 	out   *log.Logger
+	// bootDisks: also boot QEMU for power-ons from disk (the restored OS) of VMs in hadIso.
+	bootDisks bool
+	// hadIso: VM morefs the harness booted from the appliance ISO.
+	hadIso map[string]bool
 }
 
 func readEnv(path string) (map[string]string, error) {
@@ -97,6 +104,7 @@ func main() {
 	poll := flag.Duration("poll", 300*time.Millisecond, "poll interval")
 	extra := flag.String("qemu-args", "", "extra QEMU arguments (space separated)")
 	exitOnEOF := flag.Bool("exit-on-eof", false, "exit (stopping every guest) when stdin reaches EOF")
+	bootDisks := flag.Bool("boot-disks", false, "also boot QEMU when a VM powers on from its disk (the restored OS)")
 	flag.Parse()
 	if *vcsimEnv == "" || *diskDir == "" {
 		log.Fatal("hypervisor: -vcsim-env and -disk-dir are required")
@@ -118,6 +126,8 @@ func main() {
 		running:    map[string]*guest{},
 		ended:      map[string]string{},
 		out:        log.New(os.Stdout, "", 0),
+		bootDisks:  *bootDisks,
+		hadIso:     map[string]bool{},
 	}
 	if h.logDir == "" {
 		h.logDir = *diskDir
@@ -290,7 +300,10 @@ func (h *harness) tick(ctx context.Context) error {
 			continue
 		}
 		isos := bootsFromIso(vm)
-		if len(isos) == 0 {
+		h.mu.Lock()
+		restored := h.bootDisks && h.hadIso[id]
+		h.mu.Unlock()
+		if len(isos) == 0 && !restored {
 			continue
 		}
 		if err := h.boot(ctx, vm, boot, isos); err != nil {
@@ -357,11 +370,16 @@ func (h *harness) boot(ctx context.Context, vm mo.VirtualMachine, boot string, i
 	if _, err := os.Stat(disk); err != nil {
 		return fmt.Errorf("disk image: %v", err)
 	}
+	// A power-on from disk (no ISO first: the restored OS) logs to its own file.
+	console, order := vm.Name+".serial.log", "d"
+	if len(isos) == 0 {
+		console, order = vm.Name+".disk.serial.log", "c"
+	}
 	args := []string{
 		"-accel", "tcg", "-m", fmt.Sprint(h.mem), "-smp", "1", "-no-reboot",
 		"-display", "none", "-monitor", "none", "-nodefaults",
-		"-serial", "file:" + filepath.Join(h.logDir, vm.Name+".serial.log"),
-		"-boot", "order=d",
+		"-serial", "file:" + filepath.Join(h.logDir, console),
+		"-boot", "order=" + order,
 	}
 	if vm.Config.Uuid != "" {
 		args = append(args, "-smbios", "type=1,uuid="+vm.Config.Uuid)
@@ -387,6 +405,9 @@ func (h *harness) boot(ctx context.Context, vm mo.VirtualMachine, boot string, i
 	g := &guest{cmd: cmd, done: make(chan struct{}), boot: boot}
 	h.mu.Lock()
 	h.running[vm.Self.Value] = g
+	if len(isos) > 0 {
+		h.hadIso[vm.Self.Value] = true
+	}
 	h.mu.Unlock()
 	h.out.Printf("boot %s %s", vm.Name, strings.Join(args, " "))
 	go func() {

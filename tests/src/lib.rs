@@ -2,6 +2,7 @@
 //! and QEMU on 127.0.0.1.
 
 pub mod pg;
+pub mod testos;
 pub mod vcsim;
 pub mod wanlink;
 

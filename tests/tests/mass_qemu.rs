@@ -3,8 +3,10 @@
 //! hypervisor harness (tests/hypervisor: it boots QEMU when a vcsim VM powers on from an ISO
 //! and powers the VM off when the guest does), and `failback mass run` for 3 VMs at once.
 //! Asserts: each VM's disk equals its recovery instance's disk byte for byte, every VM ends
-//! powered on with its ISOs detached and its boot options exactly as before, and the results
-//! file says succeeded (with matching digests).
+//! powered on with its ISOs detached and its boot options exactly as before, the results
+//! file says succeeded (with matching digests), and each VM then boots its restored OS (a
+//! real test OS disk, `failback_tests::testos`; the harness runs with `-boot-disks`): its
+//! marker (generation v2, content checksum, root device) appears on that VM's console.
 
 mod mass_common;
 
@@ -18,32 +20,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DISK: u64 = 64 << 20;
+/// The restored OS: BIOS test OS, 16 MiB of files on a 128 MiB disk.
+const OS_DATA_MIB: u64 = 16;
+const DISK: u64 = 128 << 20;
 
-/// Deterministic, realistic-ish disk content: random blocks, zero runs, repeated text.
-fn source_disk(path: &Path, seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut data = vec![0u8; usize::try_from(DISK).unwrap()];
-    for (i, block) in data.chunks_mut(64 << 10).enumerate() {
-        match i % 4 {
-            0 | 1 => {
-                for b in block.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x.to_le_bytes()[3];
-                }
-            }
-            2 => {
-                let text = format!("failback source disk {seed} block {i} ");
-                for (j, b) in block.iter_mut().enumerate() {
-                    *b = text.as_bytes()[j % text.len()];
-                }
-            }
-            _ => {}
-        }
-    }
-    std::fs::write(path, data).unwrap();
+fn test_os(generation: u32) -> failback_tests::testos::TestOs {
+    use failback_tests::testos::{self, Boot, Spec};
+    testos::ensure(
+        Spec {
+            boot: Boot::Bios,
+            generation,
+            data_mib: OS_DATA_MIB,
+            disk_mib: DISK >> 20,
+        },
+        &testos::default_cache(),
+    )
+    .unwrap_or_else(|e| panic!("building the test OS disk: {e:#}"))
 }
 
 fn free_port() -> u16 {
@@ -107,17 +99,15 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
     std::fs::create_dir_all(&disks).unwrap();
     let mut agents = Vec::new();
     let mut sources = Vec::new();
+    let (v1, v2) = (test_os(1), test_os(2));
     for (i, vm) in vms.iter().enumerate() {
         let src = work.path().join(format!("source-{i}.img"));
-        source_disk(&src, i as u64 + 1);
-        // The VM's own disk: a stale copy (delta) for the first, empty (full sync) for the rest.
+        std::fs::copy(&v2.path, &src).unwrap();
+        // The VM's own disk: the stale generation v1 (delta) for the first, empty (full sync)
+        // for the rest.
         let local = disks.join(format!("{}.img", vm.summary.name));
         if i == 0 {
-            let mut d = std::fs::read(&src).unwrap();
-            for k in (0..d.len()).step_by(997 * 4096) {
-                d[k] ^= 0x5a;
-            }
-            std::fs::write(&local, d).unwrap();
+            std::fs::copy(&v1.path, &local).unwrap();
         } else {
             std::fs::File::create(&local)
                 .unwrap()
@@ -178,6 +168,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
         .arg("-disk-dir")
         .arg(&disks)
         .arg("-exit-on-eof")
+        .arg("-boot-disks")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(work.path().join("hypervisor.err")).unwrap())
@@ -289,10 +280,36 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
     // The harness booted each VM once from the ISOs, and each guest's QEMU ended: the guest
     // rebooted by itself (exit 0), or the orchestrator's power-off ended its power-on first
     // (stop); which one comes first is a race between the client and the orchestrator's poll.
+    // Then the power-on from disk boots the restored OS (harness -boot-disks): its marker
+    // (v2, the content checksum its init computed, the root device) on its own console.
+    let t_os = Instant::now();
+    for vm in vms {
+        let p = disks.join(format!("{}.disk.serial.log", vm.summary.name));
+        let want = format!("{} root=/dev/vda2", v2.marker);
+        loop {
+            let t = std::fs::read_to_string(&p).unwrap_or_default();
+            if t.contains(&want) {
+                break;
+            }
+            assert!(
+                t_os.elapsed() < Duration::from_secs(600),
+                "{}: no restored-OS marker `{want}`; console:\n{t}\n{}",
+                vm.summary.name,
+                diag()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    println!(
+        "mass: every restored OS printed its marker {:.1}s after `failback mass run` returned",
+        t_os.elapsed().as_secs_f64()
+    );
     let hl = std::fs::read_to_string(&hv_log).unwrap();
     for vm in vms {
         let name = &vm.summary.name;
-        assert_eq!(hl.matches(&format!("boot {name} ")).count(), 1, "{hl}");
+        // Once from the ISOs, once from the disk.
+        assert_eq!(hl.matches(&format!("boot {name} ")).count(), 2, "{hl}");
+        assert!(hl.contains("-boot order=c"), "{hl}");
         assert!(
             hl.contains(&format!("exit {name} 0\n")) || hl.contains(&format!("stop {name}\n")),
             "{hl}"

@@ -8,6 +8,7 @@
 //! Every step prints one line on every console (`failback: ...`); a failure prints its cause
 //! and, unless `no_prompt`, offers a retry. Markers that tests wait for start with `FAILBACK_`.
 
+pub mod bootnext;
 pub mod console;
 pub mod media;
 pub mod net;
@@ -70,7 +71,7 @@ pub fn init_main() -> ! {
     load_modules(&console);
     loop {
         match boot(&console, boot_started) {
-            Ok(after) => finish(&console, after),
+            Ok(end) => finish(&console, end),
             Err((e, no_prompt)) => {
                 console.say(&format!("FAILBACK_FAILED {e}"));
                 if no_prompt {
@@ -285,8 +286,24 @@ fn prompt_service(console: &Console, seed: &mut SeedConfig) -> Result<(), Applia
     Ok(())
 }
 
+/// How the boot flow ended: what to do, and the restored disks to boot next (UEFI).
+#[derive(Debug, Clone)]
+struct Ending {
+    after: AfterCompletion,
+    boot_disks: Vec<String>,
+}
+
+impl From<AfterCompletion> for Ending {
+    fn from(after: AfterCompletion) -> Self {
+        Ending {
+            after,
+            boot_disks: Vec::new(),
+        }
+    }
+}
+
 /// The whole boot flow up to completion. The error carries `no_prompt`.
-fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (ApplianceError, bool)> {
+fn boot(console: &Console, started: Instant) -> Result<Ending, (ApplianceError, bool)> {
     let SeedSource {
         mut seed,
         found_on,
@@ -322,7 +339,7 @@ fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (Applian
         }
     ));
     if stop_after.as_deref() == Some("network") {
-        return Ok(AfterCompletion::Poweroff);
+        return Ok(AfterCompletion::Poweroff.into());
     }
 
     if !seed.no_prompt {
@@ -337,12 +354,64 @@ fn boot(console: &Console, started: Instant) -> Result<AfterCompletion, (Applian
         started.elapsed().as_secs_f64()
     ));
     if stop_after.as_deref() == Some("probe") {
-        return Ok(AfterCompletion::Poweroff);
+        return Ok(AfterCompletion::Poweroff.into());
     }
 
     let after = seed.after;
-    let forced = run_failback(console, seed).map_err(fail)?;
-    Ok(forced.unwrap_or(after))
+    match run_failback(console, seed).map_err(fail)? {
+        Next::Completed(boot_disks) => Ok(Ending { after, boot_disks }),
+        Next::Stopped => Ok(AfterCompletion::Poweroff.into()),
+        Next::AlreadyCompleted(done) => already_completed(console, &done).map_err(fail),
+    }
+}
+
+/// The appliance booted on a machine whose failback already completed (the service said so
+/// for our used token). If the local disks still hold exactly what the failback wrote, boot
+/// them: UEFI via `BootNext`; BIOS has no such variable and the appliance medium is still
+/// first in the boot order, so say what to detach and power off. A disk that differs is an
+/// error (something changed it since; nothing is booted or written).
+fn already_completed(
+    console: &Console,
+    done: &failback_config::api::CompletedFailback,
+) -> Result<Ending, ApplianceError> {
+    let bs = u32::try_from(done.block_size).unwrap_or(0);
+    let mut disks = Vec::new();
+    for d in &done.disks {
+        console.say(&format!(
+            "checking local disk {} against the completed failback of {} ({} bytes)",
+            d.local_path, d.remote_id, d.size_bytes
+        ));
+        let local =
+            failback_replication::block::file_digest(Path::new(&d.local_path), d.size_bytes, bs)
+                .map_err(|e| {
+                    ApplianceError::Run(format!("reading local disk {}: {e}", d.local_path))
+                })?;
+        let local: String = local.iter().map(|b| format!("{b:02x}")).collect();
+        if local != d.digest {
+            return Err(ApplianceError::Run(format!(
+                "recovery instance {}: the failback completed, but local disk {} now differs from what it wrote (blake3 {local}, expected {}); not booting it: check the disk, or pair with a new token to fail back again",
+                done.recovery_instance_id, d.local_path, d.digest
+            )));
+        }
+        disks.push(d.local_path.clone());
+    }
+    console.say(&format!(
+        "FAILBACK_ALREADY_COMPLETED_VERIFIED local disk(s) {} equal the completed failback of recovery instance {}",
+        disks.join(", "),
+        done.recovery_instance_id
+    ));
+    if bootnext::is_uefi() {
+        return Ok(Ending {
+            after: AfterCompletion::Reboot,
+            boot_disks: disks,
+        });
+    }
+    console.say(&format!(
+        "FAILBACK_DETACH_APPLIANCE the failback of recovery instance {} has completed and {} holds the restored system, but this BIOS machine booted the failback appliance again because its boot medium is still attached: detach the appliance ISO (or remove the USB stick) and power the machine on again. Powering off.",
+        done.recovery_instance_id,
+        disks.join(", ")
+    ));
+    Ok(AfterCompletion::Poweroff.into())
 }
 
 /// Probes the DR service with retries (the network may need a moment), and sets the clock
@@ -394,13 +463,19 @@ fn check_service(console: &Console, seed: &SeedConfig) -> Result<(), ApplianceEr
     Ok(())
 }
 
+/// How [`run_failback`] ended.
+enum Next {
+    /// Completed; the restored local disks.
+    Completed(Vec<String>),
+    /// Stopped by the operator: the local disks are incomplete, power off.
+    Stopped,
+    /// The token's failback had already completed (the appliance booted again).
+    AlreadyCompleted(failback_config::api::CompletedFailback),
+}
+
 /// Pairs, syncs and waits for launch: the DR-service client's [`crate::run::run`]. Returns
-/// what to do next: after a stop by the operator the local disks are incomplete, so the
-/// appliance powers off instead of rebooting into them.
-fn run_failback(
-    console: &Console,
-    seed: SeedConfig,
-) -> Result<Option<AfterCompletion>, ApplianceError> {
+/// what to do next.
+fn run_failback(console: &Console, seed: SeedConfig) -> Result<Next, ApplianceError> {
     use crate::run::{run, RunOptions, RunOutcome};
     if let Some(proxy) = &seed.proxy {
         // reqwest takes its proxy from the environment; the process is single-purpose.
@@ -431,28 +506,44 @@ fn run_failback(
     match run(opts) {
         Ok(RunOutcome::Completed {
             recovery_instance_id,
-            ..
+            digests,
         }) => {
             console.say(&format!(
                 "failback from recovery instance {recovery_instance_id} completed"
             ));
-            Ok(None)
+            Ok(Next::Completed(
+                digests.into_iter().map(|d| d.local_path).collect(),
+            ))
         }
+        Ok(RunOutcome::AlreadyCompleted(done)) => Ok(Next::AlreadyCompleted(done)),
         Ok(RunOutcome::Stopped {
             recovery_instance_id,
         }) => {
             console.say(&format!(
                 "failback from {recovery_instance_id} stopped by the operator; local disks are incomplete, powering off"
             ));
-            Ok(Some(AfterCompletion::Poweroff))
+            Ok(Next::Stopped)
         }
         Err(e) => Err(ApplianceError::Run(e.to_string())),
     }
 }
 
-/// Flushes, ejects the appliance CD, reboots or powers off.
-fn finish(console: &Console, after: AfterCompletion) -> ! {
+/// Flushes, ejects the appliance CD, reboots or powers off. Before a reboot on UEFI the
+/// restored disk becomes `BootNext`: a guest-side eject does not survive a reset on every
+/// hypervisor (QEMU/SeaBIOS/OVMF load the medium again), and a USB stick cannot be ejected.
+fn finish(console: &Console, end: Ending) -> ! {
+    let after = end.after;
     system::sync();
+    if after == AfterCompletion::Reboot && bootnext::is_uefi() {
+        match end.boot_disks.iter().find_map(|d| bootnext::boot_disk_next(Path::new(d)).ok()) {
+            Some(line) => console.say(&format!("FAILBACK_BOOT_NEXT {line}")),
+            None if !end.boot_disks.is_empty() => console.say(&format!(
+                "WARNING: could not make {} the next boot (no EFI system partition or no efivarfs); the firmware's boot order decides",
+                end.boot_disks.join(", ")
+            )),
+            None => {}
+        }
+    }
     if let Some(kib) = system::peak_rss_kib() {
         console.say(&format!("peak client memory {} MiB", kib.div_ceil(1024)));
     }

@@ -202,6 +202,57 @@ pub struct VmConfig<'a> {
     pub rtc_base: Option<&'a str>,
 }
 
+/// Less common VM options ([`Vm::start_with`]).
+#[derive(Debug, Default, Clone)]
+pub struct VmExtra {
+    /// Let a guest reboot reset the VM (no `-no-reboot`): the same VM boots again.
+    pub reboot: bool,
+    /// OVMF variable store to use (and keep) instead of a fresh copy: NVRAM across runs.
+    pub vars: Option<PathBuf>,
+    /// Act as a hypervisor that honours the guest's eject of the appliance CD: when the
+    /// guest opens the tray (DEVICE_TRAY_MOVED on QMP), remove the medium. QEMU alone keeps
+    /// it (SeaBIOS loads and boots it again after the reset).
+    pub honour_eject: bool,
+}
+
+/// QMP device id of the appliance CD drive.
+pub const APPLIANCE_CD_ID: &str = "appcd";
+
+/// Follows QMP events on `sock`; removes the appliance CD's medium when the guest opens its
+/// tray. Runs until QEMU closes the socket.
+fn honour_eject(sock: PathBuf, name: String) {
+    use std::io::BufRead;
+    let start = Instant::now();
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("{name}: QMP socket {}: {e}", sock.display()),
+        }
+    };
+    let mut w = stream.try_clone().unwrap();
+    let mut lines = std::io::BufReader::new(stream).lines();
+    let _greeting = lines.next();
+    writeln!(w, r#"{{"execute":"qmp_capabilities"}}"#).unwrap();
+    for line in lines.map_while(Result::ok) {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["event"] == "DEVICE_TRAY_MOVED"
+            && v["data"]["id"] == APPLIANCE_CD_ID
+            && v["data"]["tray-open"] == true
+        {
+            eprintln!(
+                "{name}: guest ejected the appliance CD; removing the medium (hypervisor side)"
+            );
+            let _ = writeln!(
+                w,
+                r#"{{"execute":"blockdev-remove-medium","arguments":{{"id":"{APPLIANCE_CD_ID}"}}}}"#
+            );
+        }
+    }
+}
+
 impl Vm {
     /// Boots `c.iso` from a CD-ROM.
     pub fn start(c: &VmConfig) -> Vm {
@@ -210,15 +261,39 @@ impl Vm {
 
     /// Boots `c.iso` from a CD-ROM or, as a disk, from a USB stick (the seed stays a CD).
     pub fn start_from(c: &VmConfig, from: BootFrom) -> Vm {
+        Vm::start_with(c, from, &VmExtra::default())
+    }
+
+    /// [`Vm::start_from`] with [`VmExtra`] options.
+    pub fn start_with(c: &VmConfig, from: BootFrom, extra: &VmExtra) -> Vm {
         let vars = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-m", "512", "-smp", "2", "-display", "none", "-monitor", "none",
         ]);
-        cmd.args(["-serial", "stdio", "-no-reboot"]);
+        cmd.args(["-serial", "stdio"]);
+        if !extra.reboot {
+            cmd.arg("-no-reboot");
+        }
+        let qmp = vars.path().join("qmp.sock");
+        if extra.honour_eject {
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
         let ovmf = |code: &str, vars_src: &str| {
-            let v = vars.path().join("vars.fd");
-            std::fs::copy(vars_src, &v).unwrap();
+            let v = match &extra.vars {
+                Some(keep) => {
+                    if !keep.exists() {
+                        std::fs::copy(vars_src, keep).unwrap();
+                    }
+                    keep.clone()
+                }
+                None => {
+                    let v = vars.path().join("vars.fd");
+                    std::fs::copy(vars_src, &v).unwrap();
+                    v
+                }
+            };
             vec![
                 "-drive".to_string(),
                 format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
@@ -255,8 +330,10 @@ impl Vm {
                     "if=none,id=cd0,media=cdrom,readonly=on,file={}",
                     c.iso.display()
                 ));
-                cmd.arg("-device")
-                    .arg(format!("ide-cd,drive=cd0,bus={},bootindex=0", ide.0));
+                cmd.arg("-device").arg(format!(
+                    "ide-cd,drive=cd0,bus={},bootindex=0,id={APPLIANCE_CD_ID}",
+                    ide.0
+                ));
             }
             BootFrom::Usb => {
                 // Read-only, like a write-protected stick: the ISO file is never changed.
@@ -289,8 +366,10 @@ impl Vm {
                 "if=none,id=d{i},format=raw,file={}",
                 disk.display()
             ));
-            cmd.arg("-device")
-                .arg(format!("scsi-hd,drive=d{i},serial={serial}"));
+            cmd.arg("-device").arg(format!(
+                "scsi-hd,drive=d{i},serial={serial},bootindex={}",
+                i + 1
+            ));
         }
         cmd.args(["-nic", &format!("user,model={nic}")]);
         if let Some(base) = c.rtc_base {
@@ -300,6 +379,10 @@ impl Vm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("starting qemu-system-x86_64");
+        if extra.honour_eject {
+            let name = c.name.to_string();
+            std::thread::spawn(move || honour_eject(qmp, name));
+        }
         let stdin = child.stdin.take().unwrap();
         let out = Arc::new(Mutex::new(String::new()));
         for stream in [
