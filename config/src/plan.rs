@@ -165,6 +165,19 @@ pub enum LaunchMode {
     Manual,
 }
 
+/// What happens to a VM that fails after the run changed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Put its configuration back (ISOs, drives, boot options) and leave the disks as they
+    /// are: powered off when the client had started writing them, else powered on again.
+    #[default]
+    Leave,
+    /// Also revert to the protective snapshot (needs `protective_snapshot = true`) and power
+    /// the VM on if it was on: the VM is as before the run.
+    Revert,
+}
+
 /// Per-VM options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +185,13 @@ pub struct VmOptions {
     /// Take a vCenter snapshot of the VM before its disks are overwritten.
     #[serde(default)]
     pub protective_snapshot: bool,
+    /// On failure: `leave` (default) or `revert` to the protective snapshot.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_failure: OnFailure,
+    /// Keep the protective snapshot after success (default: removed once the VM runs from
+    /// its own disks and passed its wave's readiness check).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub keep_snapshot: bool,
     #[serde(default)]
     pub launch: LaunchMode,
     #[serde(default)]
@@ -182,10 +202,16 @@ impl Default for VmOptions {
     fn default() -> Self {
         Self {
             protective_snapshot: false,
+            on_failure: OnFailure::Leave,
+            keep_snapshot: false,
             launch: LaunchMode::Auto,
             timeouts: Timeouts::default(),
         }
     }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Time limits per phase, in seconds. A phase that runs out fails that VM (only that VM).
@@ -446,6 +472,13 @@ impl Plan {
                         format!("local disk {} receives two volumes", m.local),
                     );
                 }
+            }
+            if vm.options.on_failure == OnFailure::Revert && !vm.options.protective_snapshot {
+                push(
+                    &label,
+                    f("options.on_failure"),
+                    "\"revert\" needs protective_snapshot = true".into(),
+                );
             }
             let to = &vm.options.timeouts;
             for (name, v) in [

@@ -113,8 +113,9 @@ fn target_of(vm: &VmInfo) -> VmTarget {
     }
 }
 
-/// `plan --one-click`: one entry per matched instance (DHCP, default options) plus the
-/// unmatched instances, so the results report them.
+/// `plan --one-click`: one entry per matched instance (DHCP, default options), then one
+/// entry without an instance per VM nothing matched, plus the unmatched instances, so the
+/// results report both kinds as skipped.
 pub fn one_click(
     instances: &[RecoveryInstance],
     vms: &[VmInfo],
@@ -137,6 +138,21 @@ pub fn one_click(
         plan.vms.push(VmPlan {
             recovery_instance: Some(hit.instance_id.clone()),
             matched_by: Some(hit.by),
+            target: target_of(vm),
+            network: Network::default(),
+            device_mapping: vec![],
+            options: options.clone(),
+        });
+    }
+    let mut unmatched: Vec<&VmInfo> = vms
+        .iter()
+        .filter(|v| m.for_vm(&v.moref).is_none())
+        .collect();
+    unmatched.sort_by(|a, b| a.name.cmp(&b.name));
+    for vm in unmatched {
+        plan.vms.push(VmPlan {
+            recovery_instance: None,
+            matched_by: None,
             target: target_of(vm),
             network: Network::default(),
             device_mapping: vec![],

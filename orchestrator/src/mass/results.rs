@@ -3,7 +3,7 @@
 //! digests; plus the exact settings and plan used (DRSFA keeps these in a separate
 //! `failback_hosts_settings.json`; one file is easier to archive).
 
-use super::state::{RunState, Step, VmStatus};
+use super::state::{RunState, SnapshotOutcome, Step, VmStatus};
 use failback_config::api::DiskDigest;
 use failback_config::plan::Plan;
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,10 @@ pub struct VmResult {
     pub replicated_bytes: u64,
     pub digests: Vec<DiskDigest>,
     pub snapshot: Option<String>,
+    /// What became of the protective snapshot.
+    pub snapshot_outcome: Option<SnapshotOutcome>,
+    /// The VM's seed ISO was deleted (datastore and work dir).
+    pub seed_deleted: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +56,9 @@ pub struct RunResults {
     pub settings: serde_json::Value,
     pub plan: Plan,
     pub summary: Summary,
+    /// Files the run left on the datastore (paths inside the run's datastore): the appliance
+    /// ISO unless `--cleanup`, seed ISOs with `--keep-seeds` or whose deletion failed.
+    pub left_behind: Vec<String>,
     pub vms: Vec<VmResult>,
 }
 
@@ -96,10 +103,27 @@ impl RunResults {
                     replicated_bytes: v.replicated_bytes,
                     digests: v.digests.clone(),
                     snapshot: v.snapshot.clone(),
+                    snapshot_outcome: v.snapshot_outcome,
+                    seed_deleted: v.seed_deleted,
                 }
             })
             .collect();
+        let mut left_behind: Vec<String> = state
+            .header
+            .appliance
+            .iter()
+            .filter(|_| !state.header.appliance_deleted)
+            .map(|(p, _)| p.clone())
+            .collect();
+        left_behind.extend(
+            state
+                .vms
+                .iter()
+                .filter(|v| !v.seed_deleted)
+                .filter_map(|v| v.seed_ds_path.clone()),
+        );
         Self {
+            left_behind,
             run_id: state.header.run_id.clone(),
             started_at,
             finished_at,

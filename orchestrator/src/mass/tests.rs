@@ -132,18 +132,32 @@ impl Hypervisor for Fake {
         self.op("snapshot", moref)?;
         Ok(format!("snap-{name}"))
     }
+    async fn revert_snapshot(&self, moref: &str, _snapshot: &str) -> BResult<()> {
+        self.op("revert", moref)
+    }
+    async fn remove_snapshot(&self, moref: &str, _snapshot: &str) -> BResult<()> {
+        self.op("remove_snapshot", moref)
+    }
+    async fn delete_file(&self, ds: &str) -> BResult<()> {
+        self.op("delete", ds)?;
+        self.w().files.remove(ds);
+        Ok(())
+    }
     async fn save_boot(&self, moref: &str) -> BResult<SavedBoot> {
         self.op("save_boot", moref)?;
         Ok(SavedBoot(self.w().vms[moref].boot.clone()))
     }
-    async fn device_keys(&self, moref: &str) -> BResult<Vec<i32>> {
-        Ok(self.w().vms[moref].cdroms.iter().map(|c| c.0).collect())
+    async fn devices_before(&self, moref: &str) -> BResult<DevicesBefore> {
+        Ok(DevicesBefore {
+            keys: self.w().vms[moref].cdroms.iter().map(|c| c.0).collect(),
+            cdroms: vec![],
+        })
     }
     async fn attach_isos(
         &self,
         moref: &str,
         isos: &[String],
-        devices_before: Option<&[i32]>,
+        devices_before: Option<&DevicesBefore>,
     ) -> BResult<Vec<AttachedCdrom>> {
         self.op("attach", moref)?;
         let mut w = self.w();
@@ -174,7 +188,7 @@ impl Hypervisor for Fake {
             };
             // ...so, like the vCenter adapter, a drive missing from the devices recorded
             // before the run counts as added by it.
-            let added = added || devices_before.is_some_and(|b| !b.contains(&key));
+            let added = added || devices_before.is_some_and(|b| !b.keys.contains(&key));
             if added && breaks.is_some() {
                 return Err(BackendError::transient(format!(
                     "attach {moref}: connection reset after adding drive {key}"
@@ -416,6 +430,8 @@ fn env(plan: &Plan) -> Env {
         state_dir: dir.path().join("state"),
         results_path: dir.path().join("results.json"),
         retry_failed: false,
+        keep_seeds: false,
+        cleanup: false,
         endpoints: serde_json::json!({}),
     };
     Env {
