@@ -174,6 +174,15 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
     assert_eq!(by[&name(0)]["status"], "succeeded", "{r:#}");
     assert_eq!(by[&name(0)]["snapshot_outcome"], "removed");
     assert_eq!(by[&name(1)]["status"], "succeeded");
+    // Bytes as the client reported them per disk, not the disk size.
+    for i in 0..2 {
+        let v = &by[&name(i)];
+        assert_eq!(v["disk_bytes"], 64 << 20, "{v:#}");
+        assert_eq!(v["differing_bytes"], 16 << 20, "{v:#}");
+        assert_eq!(v["fetched_bytes"], 4 << 20, "{v:#}");
+        assert_eq!(v["disks"][0]["differing_bytes"], 16 << 20, "{v:#}");
+        assert_eq!(v["disks"][0]["fetched_bytes"], 4 << 20, "{v:#}");
+    }
     assert_eq!(by[&name(1)]["snapshot_outcome"], "kept");
     let failed = &by[&name(2)];
     assert_eq!(failed["status"], "failed");
@@ -216,4 +225,165 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
     // only VM 1 (keep_snapshot) has gained its protective snapshot.
     let after = vm_config_dump(&vcsim);
     assert_same_config(&before, &after, &[&name(1)]);
+}
+
+/// Runbook waves: wave N+1 starts only when wave N's VMs are back on their own disks and
+/// passed its readiness check; a wave whose VM fails with `on_failure = "stop"` keeps the
+/// later waves from starting, also after `--resume --retry-failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
+    use failback_config::plan::{Readiness, Wave, WavePolicy};
+    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs, no VMware Tools
+    let dr = DrService::start_for_simulation();
+    let vc = vcsim.client().await;
+    let vms = non_template_vms(&vc).await;
+    let name = |i: usize| vms[i].summary.name.clone();
+    let mut env = vcsim.cli_env();
+    env.extend(dr.cli_env());
+    let work = tempfile::tempdir().unwrap();
+    for v in &vms {
+        dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
+            .await;
+    }
+    let plan_path = work.path().join("plan.toml");
+    let (code, out, err) = failback(
+        &[
+            "mass",
+            "plan",
+            "--one-click",
+            "-o",
+            plan_path.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let mut plan = Plan::load(&plan_path).unwrap();
+    let wave = |n: &str, readiness| Wave {
+        name: n.into(),
+        on_failure: WavePolicy::Stop,
+        readiness,
+    };
+    plan.waves = vec![
+        wave("db", None),
+        // vcsim reports no VMware Tools: this wave's VM never gets ready.
+        wave(
+            "app",
+            Some(Readiness {
+                tools_running: true,
+                guest_ip: false,
+                tcp_port: None,
+                timeout_secs: 2,
+            }),
+        ),
+        wave("web", None),
+    ];
+    for v in &mut plan.vms {
+        let n = v.target.name.clone().unwrap();
+        v.wave = Some(
+            if n == name(0) || n == name(1) {
+                "db"
+            } else if n == name(2) {
+                "app"
+            } else {
+                "web"
+            }
+            .into(),
+        );
+    }
+    // Plan order is not wave order: the run must not depend on it.
+    plan.vms.reverse();
+    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+
+    let appliance = work.path().join("failback.iso");
+    std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
+    let results = work.path().join("results.json");
+    let state = work.path().join("state");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "mass",
+            "run",
+            plan_path.to_str().unwrap(),
+            "--parallel",
+            "4",
+            "--poll-ms",
+            "200",
+            "--appliance-iso",
+            appliance.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--results",
+            results.to_str().unwrap(),
+            "--progress",
+            "plain",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+
+    // The dry run shows the waves in order.
+    let (code, out, err) = failback_async(args(&["--dry-run"]), env.clone()).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let at = |s: &str| out.find(s).unwrap_or_else(|| panic!("{s} not in:\n{out}"));
+    assert!(at("== wave 1/3 db") < at(&name(0)) && at(&name(1)) < at("== wave 2/3 app"));
+    assert!(at("== wave 2/3 app") < at(&name(2)) && at(&name(2)) < at("== wave 3/3 web"));
+    assert!(at("readiness: VMware Tools running within 2 s") > 0);
+    assert!(at("== wave 3/3 web") < at(&name(3)));
+
+    let log = Arc::new(Mutex::new(SimLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let dirs: HashMap<String, _> =
+        [("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"))].into();
+    let sim = tokio::spawn(simulate_clients(
+        vcsim.config(),
+        dirs,
+        HashSet::new(),
+        log.clone(),
+        stop.clone(),
+    ));
+    let check = |r: &serde_json::Value| {
+        let by = names(r);
+        for i in 0..2 {
+            assert_eq!(by[&name(i)]["status"], "succeeded", "{r:#}");
+            assert_eq!(by[&name(i)]["wave"], "db");
+        }
+        let app = &by[&name(2)];
+        assert_eq!(app["status"], "failed", "{app:#}");
+        assert_eq!(app["failed_step"], "readiness");
+        assert!(
+            app["message"]
+                .as_str()
+                .unwrap()
+                .contains("VMware Tools are not running"),
+            "{app:#}"
+        );
+        let db_done = (0..2)
+            .map(|i| by[&name(i)]["finished_at"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert!(app["started_at"].as_u64().unwrap() >= db_done, "{r:#}");
+        let web = &by[&name(3)];
+        assert_eq!(web["status"], "pending", "{web:#}");
+        assert!(web["started_at"].is_null(), "{web:#}");
+        assert!(
+            web["message"].as_str().unwrap().contains("wave app"),
+            "{web:#}"
+        );
+    };
+    let (code, out, err) = failback_async(args(&[]), env.clone()).await;
+    assert_eq!(code, 10, "{out}\n{err}");
+    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
+    // Resume (retrying the failed VM): still not ready, so wave 3 still does not start.
+    let (code, out, err) = failback_async(args(&["--resume", "--retry-failed"]), env.clone()).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sim.await;
+    assert_eq!(code, 10, "{out}\n{err}");
+    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
+    assert!(
+        log.lock().unwrap().errors.is_empty(),
+        "{:?}",
+        log.lock().unwrap().errors
+    );
 }

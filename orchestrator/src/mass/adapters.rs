@@ -74,6 +74,7 @@ fn vm_info(s: &vc::VmSummary) -> VmInfo {
             _ => Power::Off,
         },
         tools_running: s.tools_running,
+        guest_ip: s.guest_ip.clone(),
         disks: s
             .disks
             .iter()

@@ -91,6 +91,9 @@ pub struct VmInfo {
     pub macs: Vec<String>,
     pub power: Power,
     pub tools_running: bool,
+    /// Guest IP address reported by VMware Tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
     pub disks: Vec<VmDisk>,
 }
 

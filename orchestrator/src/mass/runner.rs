@@ -11,7 +11,7 @@ use super::state::{
     STATE_FORMAT,
 };
 use failback_config::api::{FailbackState, RecoveryInstance};
-use failback_config::plan::{LaunchMode, OnFailure, Plan, VmPlan};
+use failback_config::plan::{LaunchMode, OnFailure, Plan, Readiness, VmPlan, Wave, WavePolicy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -198,6 +198,15 @@ struct Shared {
     state: Mutex<RunState>,
     dir: StateDir,
     appliance_ds: String,
+    waves: Vec<Wave>,
+}
+
+/// The wave of a plan entry: its index in `[[wave]]` (0 for a plan without waves).
+pub fn wave_index(plan: &Plan, p: &VmPlan) -> usize {
+    p.wave
+        .as_ref()
+        .and_then(|w| plan.waves.iter().position(|x| x.name == *w))
+        .unwrap_or(0)
 }
 
 impl Shared {
@@ -253,7 +262,11 @@ impl Runner {
             let mut vms: Vec<VmState> = plan
                 .vms
                 .iter()
-                .map(|p| VmState::new(&Self::label(p), p.recovery_instance.clone()))
+                .map(|p| {
+                    let mut v = VmState::new(&Self::label(p), p.recovery_instance.clone());
+                    v.wave = p.wave.clone();
+                    v
+                })
                 .collect();
             for id in &plan.unmatched_instances {
                 let mut v = VmState::new(&format!("(no VM for {id})"), Some(id.clone()));
@@ -375,14 +388,72 @@ impl Runner {
             state: Mutex::new(state),
             dir,
             appliance_ds,
+            waves: plan.waves.clone(),
         });
+        let waves = plan.waves.len().max(1);
+        for w in 0..waves {
+            let these: Vec<usize> = todo
+                .iter()
+                .copied()
+                .filter(|&i| wave_index(plan, &plan.vms[i]) == w)
+                .collect();
+            if let Some(wave) = plan.waves.get(w) {
+                self.progress.note(
+                    "run",
+                    &format!(
+                        "wave {}/{waves} {}: {} VM(s)",
+                        w + 1,
+                        wave.name,
+                        these.len()
+                    ),
+                );
+            }
+            self.run_wave(plan, &shared, these, &inventory, &appliance_err, started_at)
+                .await?;
+            let Some(wave) = plan.waves.get(w) else { break };
+            let failed = {
+                let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                (0..plan.vms.len())
+                    .filter(|&i| wave_index(plan, &plan.vms[i]) == w)
+                    .filter(|&i| plan.vms[i].recovery_instance.is_some())
+                    .filter(|&i| st.vms[i].status != VmStatus::Succeeded)
+                    .filter(|&i| st.vms[i].status != VmStatus::Skipped)
+                    .count()
+            };
+            if failed > 0 && wave.on_failure == WavePolicy::Stop && w + 1 < waves {
+                let msg = format!(
+                    "not started: wave {} has {failed} VM(s) that did not succeed and its on_failure is \"stop\"; fix them, then --resume --retry-failed",
+                    wave.name
+                );
+                self.progress.note("run", &msg);
+                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                for &i in todo.iter().filter(|&&i| wave_index(plan, &plan.vms[i]) > w) {
+                    st.vms[i].message = Some(msg.clone());
+                    shared.dir.save_vm(i, &st.vms[i])?;
+                }
+                break;
+            }
+        }
+        self.finish(plan, &shared, started_at).await
+    }
+
+    /// Runs one wave's VMs, at most `parallel` at a time, until each is final.
+    async fn run_wave(
+        &self,
+        plan: &Plan,
+        shared: &Arc<Shared>,
+        todo: Vec<usize>,
+        inventory: &[VmInfo],
+        appliance_err: &Option<String>,
+        started_at: u64,
+    ) -> Result<(), RunError> {
         let sem = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel.max(1)));
         let mut futs = futures::stream::FuturesUnordered::new();
         for i in todo {
             let sem = sem.clone();
             let shared = shared.clone();
             let vmplan = &plan.vms[i];
-            let resolved = resolve_vm(vmplan, &inventory).cloned();
+            let resolved = resolve_vm(vmplan, inventory).cloned();
             let appliance_err = appliance_err.clone();
             futs.push(async move {
                 let _permit = sem.acquire().await;
@@ -424,8 +495,17 @@ impl Runner {
                 last_results = Instant::now();
             }
         }
-        drop(futs);
-        self.cleanup_appliance(&shared).await?;
+        Ok(())
+    }
+
+    /// Appliance clean-up and the final results file.
+    async fn finish(
+        &self,
+        plan: &Plan,
+        shared: &Shared,
+        started_at: u64,
+    ) -> Result<RunOutcome, RunError> {
+        self.cleanup_appliance(shared).await?;
         let state = shared
             .state
             .lock()
@@ -1086,6 +1166,12 @@ impl Runner {
                 v.digests = ri.failback.digests.clone();
                 v.disk_bytes = ri.failback.disks.iter().map(|d| d.total_bytes).sum();
                 v.replicated_bytes = ri.failback.disks.iter().map(|d| d.replicated_bytes).sum();
+                let sum = |f: fn(&failback_config::api::DiskProgress) -> Option<u64>| {
+                    ri.failback.disks.iter().map(f).sum::<Option<u64>>()
+                };
+                v.differing_bytes = sum(|d| d.differing_bytes);
+                v.fetched_bytes = sum(|d| d.fetched_bytes);
+                v.disks = ri.failback.disks.clone();
                 if let Some(bad) = v.digests.iter().find(|d| d.local_digest != d.agent_digest) {
                     return Err(BackendError::permanent(format!(
                         "digest mismatch on {} -> {}: local {} agent {}",
@@ -1123,7 +1209,17 @@ impl Runner {
                 }
                 Ok(Flow::Next)
             }
-            Step::Readiness => Ok(Flow::Next),
+            Step::Readiness => {
+                let ready = p
+                    .wave
+                    .as_ref()
+                    .and_then(|w| shared.waves.iter().find(|x| x.name == *w))
+                    .and_then(|w| w.readiness);
+                if let Some(r) = ready {
+                    self.wait_ready(&moref, &label, &r).await?;
+                }
+                Ok(Flow::Next)
+            }
             Step::Cleanup => {
                 self.cleanup_vm(p, v).await?;
                 Ok(Flow::Next)
@@ -1150,6 +1246,54 @@ impl Runner {
             return Err(BackendError::transient(problem));
         }
         Ok(())
+    }
+
+    /// Poll the VM until the wave's readiness check holds (VMware Tools running, a guest IP,
+    /// a TCP port answering on it) or its time-out; the error says which condition failed.
+    async fn wait_ready(&self, moref: &str, label: &str, r: &Readiness) -> StepResult<()> {
+        let deadline = Instant::now() + Duration::from_secs(r.timeout_secs);
+        loop {
+            let missing = match self.hv.vm(moref).await {
+                Ok(info) => self.not_ready(&info, r).await,
+                Err(e) if e.transient => Some(format!("cannot read VM: {}", e.chain())),
+                Err(e) => return Err(e),
+            };
+            let Some(missing) = missing else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                return Err(BackendError::permanent(format!(
+                    "VM {label} not ready within {} s: {missing}",
+                    r.timeout_secs
+                )));
+            }
+            self.poll_sleep().await;
+        }
+    }
+
+    /// `None` when ready, else what is missing.
+    async fn not_ready(&self, info: &VmInfo, r: &Readiness) -> Option<String> {
+        if r.tools_running && !info.tools_running {
+            return Some("VMware Tools are not running".into());
+        }
+        if !(r.guest_ip || r.tcp_port.is_some()) {
+            return None;
+        }
+        let Some(ip) = info.guest_ip.as_deref() else {
+            return Some("vCenter reports no guest IP address".into());
+        };
+        let port = r.tcp_port?;
+        let addr = match ip.parse::<std::net::IpAddr>() {
+            Ok(a) => std::net::SocketAddr::new(a, port),
+            Err(_) => return Some(format!("guest IP {ip:?} is not an IP address")),
+        };
+        match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+            .await
+        {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("TCP {addr}: {e}")),
+            Err(_) => Some(format!("TCP {addr}: no answer within 3 s")),
+        }
     }
 
     async fn power_off_if_on(&self, moref: &str, label: &str) -> StepResult<()> {

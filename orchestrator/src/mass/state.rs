@@ -6,7 +6,7 @@
 //! cannot drive the same VMs.
 
 use super::backend::{AttachedCdrom, DevicesBefore, SavedBoot};
-use failback_config::api::DiskDigest;
+use failback_config::api::{DiskDigest, DiskProgress};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -172,6 +172,9 @@ pub struct VmState {
     /// Key: the plan entry's VM label.
     pub vm: String,
     pub recovery_instance: Option<String>,
+    /// The runbook wave of the plan entry.
+    #[serde(default)]
+    pub wave: Option<String>,
     pub status: VmStatus,
     pub last_completed: Option<Step>,
     /// Step that failed and why (status `failed`), or why it was skipped.
@@ -225,6 +228,15 @@ pub struct VmState {
     pub disk_bytes: u64,
     #[serde(default)]
     pub replicated_bytes: u64,
+    /// Bytes that differed (and were written) over all disks, as the client counted them.
+    #[serde(default)]
+    pub differing_bytes: Option<u64>,
+    /// Bytes the client fetched over all disks (after compression).
+    #[serde(default)]
+    pub fetched_bytes: Option<u64>,
+    /// Per disk, as the client last reported it (sizes, bytes that differed, fetched).
+    #[serde(default)]
+    pub disks: Vec<DiskProgress>,
     /// Seconds spent in each step (summed over attempts and resumes).
     #[serde(default)]
     pub step_secs: BTreeMap<String, f64>,
@@ -239,6 +251,7 @@ impl VmState {
         Self {
             vm: vm.to_string(),
             recovery_instance,
+            wave: None,
             status: VmStatus::Pending,
             last_completed: None,
             failed_step: None,
@@ -263,6 +276,9 @@ impl VmState {
             digests: vec![],
             disk_bytes: 0,
             replicated_bytes: 0,
+            differing_bytes: None,
+            fetched_bytes: None,
+            disks: vec![],
             step_secs: BTreeMap::new(),
             started_at: None,
             finished_at: None,

@@ -253,6 +253,7 @@ impl DrService for Fake {
                     replicated_bytes: 0,
                     rescanned_bytes: 0,
                     backlog_bytes: 1 << 20,
+                    ..Default::default()
                 }];
             }
             if ri.failback.client_id.as_deref() == Some(&format!("client-{id}"))
@@ -334,6 +335,7 @@ fn world(n: usize) -> Fake {
                         macs: vec![],
                         power: if i % 2 == 0 { Power::On } else { Power::Off },
                         tools_running: i % 4 == 0,
+                        guest_ip: None,
                         disks: vec![],
                     },
                     boot: format!("disk:{i},net:4000"),
@@ -380,6 +382,7 @@ fn plan_for(f: &Fake, snapshot: bool) -> Plan {
             options.timeouts.pair_secs = 2;
             VmPlan {
                 recovery_instance: Some(ri.recovery_instance_id.clone()),
+                wave: None,
                 matched_by: None,
                 target: VmTarget {
                     name: Some(vm.info.name.clone()),
@@ -395,6 +398,7 @@ fn plan_for(f: &Fake, snapshot: bool) -> Plan {
     Plan {
         version: PLAN_VERSION,
         unmatched_instances: vec!["i-deadbeef".into()],
+        waves: vec![],
         vms,
     }
 }

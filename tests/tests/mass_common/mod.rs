@@ -456,6 +456,10 @@ async fn sim_client(seed: &SeedConfig, bios: &str, log: &Arc<Mutex<SimLog>>) -> 
                 replicated_bytes: done,
                 rescanned_bytes: done,
                 backlog_bytes: (64 << 20) - done,
+                // As the real client counts them: a delta writes and fetches less than
+                // the disk (here a quarter differed, compressed to a sixteenth).
+                differing_bytes: Some(done / 4),
+                fetched_bytes: Some(done / 16),
             })
             .collect::<Vec<_>>()
     };
