@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR ?= never
 # qemu-utils 10 backport, so qemu-utils is pinned to bookworm in the same apt line.
 APT_PACKAGES := qemu-system-x86 qemu-utils/bookworm ovmf golang-go golang-github-vmware-govmomi-dev \
 	xorriso nbdkit libnbd-bin rsync socat musl-tools cpio jq dosfstools mtools fdisk e2fsprogs mount \
-	postgresql chromium chromium-driver
+	postgresql chromium chromium-driver python3-pyvmomi
 
 VCSIM := target/vcsim/vcsim
 HYPERVISOR := target/hypervisor/hypervisor
@@ -44,6 +44,7 @@ target/.setup-apt: Makefile
 	[ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || missing=1; \
 	[ -f /usr/share/OVMF/OVMF_CODE_4M.ms.fd ] || missing=1; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
+	/usr/bin/python3 -c 'import pyVmomi' 2>/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades $(APT_PACKAGES); \
 	fi

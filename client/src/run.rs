@@ -951,6 +951,7 @@ async fn replicate(
                 {
                     let mut s = state.lock();
                     s.report.last_round_differing_bytes = Some(differing);
+                    add_round_bytes(&mut s.report.disks, &report);
                     s.report.last_round_secs = Some(t0.elapsed().as_secs_f64());
                     s.report.last_consistent_at = Some(started_at);
                     if !launching {
@@ -1139,6 +1140,17 @@ pub fn main(args: RunArgs) -> crate::exit::Exit {
                 7 => Exit::DrRefused,
                 _ => Exit::Internal,
             }
+        }
+    }
+}
+
+/// Adds a finished round's per-disk counts (bytes that differed, bytes fetched) to the
+/// totals the service receives, so the admin sees what a delta really cost.
+fn add_round_bytes(disks: &mut [DiskProgress], report: &SyncReport) {
+    for r in &report.disks {
+        if let Some(d) = disks.iter_mut().find(|d| d.remote_id == r.remote_id) {
+            d.differing_bytes = Some(d.differing_bytes.unwrap_or(0) + r.bytes_differing);
+            d.fetched_bytes = Some(d.fetched_bytes.unwrap_or(0) + r.bytes_fetched);
         }
     }
 }

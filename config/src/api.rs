@@ -151,6 +151,14 @@ pub struct DiskProgress {
     pub rescanned_bytes: u64,
     /// Bytes known to differ and not yet written.
     pub backlog_bytes: u64,
+    /// Bytes that differed from the recovery volume and were written, summed over the
+    /// rounds of this failback so far (the client's own count; absent from older clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differing_bytes: Option<u64>,
+    /// Payload bytes received for those blocks (after compression; zero blocks cost
+    /// nothing), summed over the rounds of this failback so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_bytes: Option<u64>,
 }
 
 /// Identification hints of the original source server (AWS `IdentificationHints`).

@@ -49,9 +49,59 @@ pub struct Plan {
     /// Recovery instances that no VM matched; kept so the results report them as skipped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unmatched_instances: Vec<String>,
+    /// Ordered runbook waves (e.g. databases, then app servers, then web). Empty: every VM
+    /// in one wave. Wave N+1 starts when every VM of wave N is back on its own disks and
+    /// passed the wave's readiness check.
+    #[serde(default, rename = "wave", skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Wave>,
     /// One entry per VM.
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmPlan>,
+}
+
+/// One runbook wave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wave {
+    /// Named by `wave = "..."` in the VM entries.
+    pub name: String,
+    /// When a VM of this wave fails: `stop` (default: later waves do not start; resume
+    /// after fixing) or `continue`.
+    #[serde(default)]
+    pub on_failure: WavePolicy,
+    /// What each VM of the wave must show once powered on from its own disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Readiness>,
+}
+
+/// A wave's failure policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WavePolicy {
+    #[default]
+    Stop,
+    Continue,
+}
+
+/// Readiness check of a wave's VMs, polled until every condition set holds or the time-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    /// vCenter reports VMware Tools running in the guest.
+    #[serde(default)]
+    pub tools_running: bool,
+    /// vCenter reports a guest IP address.
+    #[serde(default)]
+    pub guest_ip: bool,
+    /// A TCP connection to this port of the guest IP succeeds (implies `guest_ip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
+    #[serde(default = "default_readiness")]
+    pub timeout_secs: u64,
+}
+
+fn default_readiness() -> u64 {
+    600
 }
 
 /// What to do with one VM.
@@ -62,6 +112,9 @@ pub struct VmPlan {
     /// the run reports it as skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_instance: Option<String>,
+    /// The runbook wave (a `[[wave]]` name); required when the plan has waves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<String>,
     /// How the one-click matcher found this pair (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matched_by: Option<MatchedBy>,
@@ -165,6 +218,19 @@ pub enum LaunchMode {
     Manual,
 }
 
+/// What happens to a VM that fails after the run changed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Put its configuration back (ISOs, drives, boot options) and leave the disks as they
+    /// are: powered off when the client had started writing them, else powered on again.
+    #[default]
+    Leave,
+    /// Also revert to the protective snapshot (needs `protective_snapshot = true`) and power
+    /// the VM on if it was on: the VM is as before the run.
+    Revert,
+}
+
 /// Per-VM options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +238,13 @@ pub struct VmOptions {
     /// Take a vCenter snapshot of the VM before its disks are overwritten.
     #[serde(default)]
     pub protective_snapshot: bool,
+    /// On failure: `leave` (default) or `revert` to the protective snapshot.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_failure: OnFailure,
+    /// Keep the protective snapshot after success (default: removed once the VM runs from
+    /// its own disks and passed its wave's readiness check).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub keep_snapshot: bool,
     #[serde(default)]
     pub launch: LaunchMode,
     #[serde(default)]
@@ -182,10 +255,16 @@ impl Default for VmOptions {
     fn default() -> Self {
         Self {
             protective_snapshot: false,
+            on_failure: OnFailure::Leave,
+            keep_snapshot: false,
             launch: LaunchMode::Auto,
             timeouts: Timeouts::default(),
         }
     }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Time limits per phase, in seconds. A phase that runs out fails that VM (only that VM).
@@ -357,6 +436,31 @@ impl Plan {
                 ),
             );
         }
+        let mut wave_names: HashMap<&str, usize> = HashMap::new();
+        for (i, w) in self.waves.iter().enumerate() {
+            let f = |name: &str| format!("wave[{i}].{name}");
+            if w.name.trim().is_empty() {
+                push("plan", f("name"), "is empty".into());
+            } else if wave_names.insert(w.name.as_str(), i).is_some() {
+                push(
+                    "plan",
+                    f("name"),
+                    format!("wave {} is defined twice", w.name),
+                );
+            }
+            if let Some(r) = &w.readiness {
+                if r.timeout_secs == 0 {
+                    push(
+                        "plan",
+                        f("readiness.timeout_secs"),
+                        "must be at least 1 second".into(),
+                    );
+                }
+                if r.tcp_port == Some(0) {
+                    push("plan", f("readiness.tcp_port"), "must be 1..65535".into());
+                }
+            }
+        }
         let mut instances: HashMap<&str, String> = HashMap::new();
         let mut targets: HashMap<String, String> = HashMap::new();
         for (i, vm) in self.vms.iter().enumerate() {
@@ -383,6 +487,24 @@ impl Plan {
                         format!("{ri} is also listed in unmatched_instances"),
                     );
                 }
+            }
+            match (&vm.wave, self.waves.is_empty()) {
+                (Some(w), true) => push(
+                    &label,
+                    f("wave"),
+                    format!("names wave {w} but the plan has no [[wave]]"),
+                ),
+                (Some(w), false) if !wave_names.contains_key(w.as_str()) => push(
+                    &label,
+                    f("wave"),
+                    format!("wave {w} is not defined in [[wave]]"),
+                ),
+                (None, false) if vm.recovery_instance.is_some() => push(
+                    &label,
+                    f("wave"),
+                    "is required: the plan has [[wave]] entries".into(),
+                ),
+                _ => {}
             }
             let t = &vm.target;
             let ids = [
@@ -446,6 +568,13 @@ impl Plan {
                         format!("local disk {} receives two volumes", m.local),
                     );
                 }
+            }
+            if vm.options.on_failure == OnFailure::Revert && !vm.options.protective_snapshot {
+                push(
+                    &label,
+                    f("options.on_failure"),
+                    "\"revert\" needs protective_snapshot = true".into(),
+                );
             }
             let to = &vm.options.timeouts;
             for (name, v) in [
@@ -567,6 +696,7 @@ mod tests {
     fn vm(name: &str, ri: Option<&str>) -> VmPlan {
         VmPlan {
             recovery_instance: ri.map(str::to_string),
+            wave: None,
             matched_by: Some(MatchedBy::Manual),
             target: VmTarget {
                 name: Some(name.into()),
@@ -582,6 +712,7 @@ mod tests {
         Plan {
             version: PLAN_VERSION,
             unmatched_instances: vec![],
+            waves: vec![],
             vms,
         }
     }
@@ -610,10 +741,30 @@ mod tests {
         }];
         a.options.launch = LaunchMode::Manual;
         a.options.protective_snapshot = true;
+        a.wave = Some("web".into());
+        let mut db = vm("db-01", None);
+        db.wave = Some("db".into());
         let p = Plan {
             version: 1,
             unmatched_instances: vec!["ri-9".into()],
-            vms: vec![a, vm("db-01", None)],
+            waves: vec![
+                Wave {
+                    name: "db".into(),
+                    on_failure: WavePolicy::Stop,
+                    readiness: Some(Readiness {
+                        tools_running: true,
+                        guest_ip: false,
+                        tcp_port: Some(5432),
+                        timeout_secs: 300,
+                    }),
+                },
+                Wave {
+                    name: "web".into(),
+                    on_failure: WavePolicy::Continue,
+                    readiness: None,
+                },
+            ],
+            vms: vec![a, db],
         };
         p.validate().unwrap();
         for fmt in [PlanFormat::Toml, PlanFormat::Json] {
@@ -700,6 +851,35 @@ mod tests {
             text.contains("VM web-02: vm[1].recovery_instance"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn waves_are_named_once_and_every_vm_names_one() {
+        let wave = |n: &str| Wave {
+            name: n.into(),
+            on_failure: WavePolicy::Stop,
+            readiness: None,
+        };
+        let mut a = vm("a", Some("ri-1"));
+        a.wave = Some("nope".into());
+        let b = vm("b", Some("ri-2"));
+        let mut p = plan(vec![a, b, vm("c", None)]);
+        p.waves = vec![wave("db"), wave("db")];
+        let got = issues(&p);
+        let has = |field: &str| got.iter().any(|i| i.field == field);
+        assert!(
+            has("wave[1].name") && has("vm[0].wave") && has("vm[1].wave"),
+            "{got:#?}"
+        );
+        assert!(
+            !has("vm[2].wave"),
+            "a VM without an instance needs no wave: {got:#?}"
+        );
+        let mut lone = vm("a", Some("ri-1"));
+        lone.wave = Some("db".into());
+        assert!(issues(&plan(vec![lone]))
+            .iter()
+            .any(|i| i.field == "vm[0].wave"));
     }
 
     #[test]

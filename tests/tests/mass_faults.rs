@@ -234,12 +234,14 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
             "plan",
             "--one-click",
             "--snapshot",
+            "--keep-snapshot",
             "-o",
             plan_path.to_str().unwrap(),
         ],
         &w.env,
     );
     assert_eq!(code, 0, "{out}\n{err}");
+    let config_before = vm_config_dump(&w.vcsim);
     let (log, stop, sim) = start_sim(&w, HashSet::new());
     let state = w.work.path().join("state");
     let results = w.work.path().join("results.json");
@@ -336,6 +338,11 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
         let snaps = w.vc.snapshots(&v.vmref).await.unwrap();
         assert_eq!(snaps.len(), 1, "snapshots of {}: {snaps:?}", v.summary.name);
     }
+    // Read by pyVmomi: every device and boot option as before the run (the reused CD-ROMs
+    // put back from the originals recorded before the kill), one kept snapshot each.
+    let names: Vec<String> = w.vms.iter().map(|v| v.summary.name.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    assert_same_config(&config_before, &vm_config_dump(&w.vcsim), &names);
     // One pairing per instance: tokens were not re-issued for VMs past that step.
     assert_eq!(log.lock().unwrap().paired.len(), w.vms.len());
 }

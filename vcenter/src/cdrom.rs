@@ -43,6 +43,32 @@ pub struct CdromAttachment {
     pub added_cdrom: bool,
     /// Key of the SATA controller we added for it, if any.
     pub added_controller_key: Option<i32>,
+    /// A reused drive as it was before the ISO went in (vim25 XML of the whole device:
+    /// backing, connectable flags, everything), put back exactly by [`Client::remove_added`].
+    /// `None` for a drive we added, or when the drive already held the ISO (a caller that
+    /// recorded the drive earlier fills it in, see [`device_to_stored`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
+}
+
+const XSI_DECL: &str = "xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" \
+                        xmlns:xsd=\"http://www.w3.org/2001/XMLSchema\"";
+
+/// A device as text that survives a state file and [`device_from_stored`] (vim25 XML).
+pub fn device_to_stored(dev: &Device) -> String {
+    as_read_back(dev).to_xml(Some("device"))
+}
+
+/// The device element from [`device_to_stored`] text.
+pub fn device_from_stored(text: &str) -> Result<Element> {
+    let doc = format!("<stored {XSI_DECL}>{text}</stored>");
+    let root = crate::xml::parse(&doc)
+        .map_err(|e| Error::Config(format!("stored CD-ROM device is not vim25 XML: {e}")))?;
+    root.children
+        .into_iter()
+        .next()
+        .filter(|d| d.type_name() == "VirtualCdrom")
+        .ok_or_else(|| Error::Config("stored device is not a VirtualCdrom".into()))
 }
 
 /// Where the ISO goes.
@@ -184,6 +210,7 @@ impl Client {
         let plan = plan_cdrom(&current, &iso)?;
         tracing::info!(vm = %vm, iso = %iso, plan = ?plan, "attach ISO");
         let what = format!("attach ISO {iso}");
+        let mut original = None;
         let (added_cdrom, key) = match plan {
             CdromPlan::AlreadyAttached { key } => (false, Some(key)),
             CdromPlan::Reuse { key } => {
@@ -191,6 +218,9 @@ impl Client {
                     vm: vm.to_string(),
                     detail: format!("CD-ROM {key} vanished"),
                 })?;
+                if dev.iso() != Some(iso.as_str()) {
+                    original = Some(device_to_stored(dev));
+                }
                 let mut el = as_read_back(dev);
                 el.set_child(iso_backing(&iso), AFTER_BACKING);
                 el.set_child(connect_info(true), AFTER_CONNECTABLE);
@@ -280,6 +310,7 @@ impl Client {
             device_key,
             added_cdrom,
             added_controller_key: ctrl_key,
+            original,
         })
     }
 
@@ -324,7 +355,9 @@ impl Client {
     }
 
     /// Undoes an attachment: removes the CD-ROM (and SATA controller) we added; a reused
-    /// drive is detached instead. Already-removed devices are not an error.
+    /// drive gets back exactly the device it was ([`CdromAttachment::original`]), or, when
+    /// that is unknown, is detached. Already-removed or already-restored devices are not an
+    /// error.
     pub async fn remove_added(&self, att: &CdromAttachment) -> Result<()> {
         let vm = VmRef {
             moref: crate::MoRef::new("VirtualMachine", &att.vm_moref),
@@ -332,8 +365,40 @@ impl Client {
         };
         let current = self.vm(&vm.moref).await?;
         if !att.added_cdrom {
-            if current.device(att.device_key).and_then(Device::iso) == Some(att.iso.as_str()) {
-                self.detach_iso(&vm, Some(&att.iso)).await?;
+            let Some(dev) = current
+                .device(att.device_key)
+                .filter(|d| d.iso() == Some(att.iso.as_str()))
+            else {
+                return Ok(());
+            };
+            match &att.original {
+                Some(text) => {
+                    let mut el = device_from_stored(text)?;
+                    if el.parse_child::<i32>("key") != Some(att.device_key) {
+                        return Err(Error::Device {
+                            vm: vm.to_string(),
+                            detail: format!(
+                                "saved original of CD-ROM {} has another key",
+                                att.device_key
+                            ),
+                        });
+                    }
+                    if el.child("deviceInfo").is_none() {
+                        el = as_read_back(&Device {
+                            raw: el,
+                            ..dev.clone()
+                        });
+                    }
+                    self.reconfigure(
+                        &vm,
+                        &device_change("edit", &el),
+                        &format!("restore CD-ROM {} as it was", att.device_key),
+                    )
+                    .await?;
+                }
+                None => {
+                    self.detach_iso(&vm, Some(&att.iso)).await?;
+                }
             }
             return Ok(());
         }

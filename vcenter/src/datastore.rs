@@ -372,6 +372,43 @@ impl Client {
         }
     }
 
+    /// Deletes `[datastore] path` (`FileManager.DeleteDatastoreFile_Task`). Returns false when
+    /// the file was not there (deleting twice, e.g. after a resume, is fine).
+    pub async fn delete_datastore_file(&self, datastore: &str, path: &str) -> Result<bool> {
+        if self.datastore_file_size(datastore, path).await?.is_none() {
+            return Ok(false);
+        }
+        let Some(fm) = self.inner.sc.file_manager.clone() else {
+            return Err(Error::Config(format!(
+                "cannot delete '[{datastore}] {path}': this endpoint has no FileManager"
+            )));
+        };
+        let dc = self.datacenter().await?;
+        let what = format!("delete '[{datastore}] {path}'");
+        let dc_xml = self
+            .retrieve_all(&what, "Datacenter", &["name"])
+            .await?
+            .into_iter()
+            .find(|o| o.text("name") == Some(dc.as_str()))
+            .map(|o| o.obj.to_xml("datacenter"))
+            .unwrap_or_default();
+        let body = crate::client::request(
+            "DeleteDatastoreFile_Task",
+            &fm,
+            &format!(
+                "<name>{}</name>{dc_xml}",
+                crate::xml::escape(&format!("[{datastore}] {path}"))
+            ),
+        );
+        match self.run_task(&what, &body).await {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.fault_kind(), Some(crate::FaultKind::FileNotFound { .. })) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// SHA-256 (hex) of a datastore file, streamed.
     pub async fn datastore_file_sha256(&self, datastore: &str, path: &str) -> Result<String> {
         self.datastore(datastore).await?;

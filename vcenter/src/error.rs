@@ -116,7 +116,7 @@ pub enum Error {
     },
 
     /// Transport error (connect, TLS, reset, timeout) talking to a URL.
-    #[error("{what}: HTTP request to {url} failed: {source}")]
+    #[error("{what}: HTTP request to {url} failed: {}", crate::tls::describe(.source))]
     Http {
         what: String,
         url: String,

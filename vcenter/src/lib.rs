@@ -28,7 +28,7 @@ mod vm;
 pub mod xml;
 
 pub use boot::{cdrom_first, BootDevice, BootOptionsView, SavedBootOptions};
-pub use cdrom::{plan_cdrom, CdromAttachment, CdromPlan};
+pub use cdrom::{device_from_stored, device_to_stored, plan_cdrom, CdromAttachment, CdromPlan};
 pub use client::{About, Client, Config, MoRef, ServiceContent, SESSION_COOKIE};
 pub use datastore::{
     parse_datastore_path, DatastoreInfo, NoProgress, TransferProgress, UploadOptions, UploadReport,

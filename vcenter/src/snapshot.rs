@@ -104,10 +104,32 @@ impl Client {
     /// Reverts the VM to the named snapshot.
     pub async fn revert_snapshot(&self, vm: &VmRef, name: &str) -> Result<()> {
         let snap = self.find_snapshot(vm, name).await?;
-        let body = request("RevertToSnapshot_Task", &snap.moref, "");
-        self.run_task(&format!("revert VM {vm} to snapshot '{name}'"), &body)
+        self.revert_to_snapshot(vm, &snap.moref).await
+    }
+
+    /// Reverts the VM to the snapshot with this reference (as `create_snapshot` returned it).
+    pub async fn revert_to_snapshot(&self, vm: &VmRef, snapshot: &MoRef) -> Result<()> {
+        let body = request("RevertToSnapshot_Task", snapshot, "");
+        self.run_task(&format!("revert VM {vm} to snapshot {snapshot}"), &body)
             .await
             .map(|_| ())
+    }
+
+    /// Removes the snapshot with this reference (children kept); a snapshot no longer in the
+    /// VM's tree is not an error (removed earlier, e.g. before a crash).
+    pub async fn remove_snapshot_ref(&self, vm: &VmRef, snapshot: &MoRef) -> Result<bool> {
+        let all = self.snapshots(vm).await?;
+        if !all.iter().any(|s| s.moref.value == snapshot.value) {
+            return Ok(false);
+        }
+        let body = request(
+            "RemoveSnapshot_Task",
+            snapshot,
+            "<removeChildren>false</removeChildren><consolidate>true</consolidate>",
+        );
+        self.run_task(&format!("remove snapshot {snapshot} of VM {vm}"), &body)
+            .await
+            .map(|_| true)
     }
 
     /// Removes the named snapshot (its children are kept unless `remove_children`).

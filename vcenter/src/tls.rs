@@ -175,6 +175,88 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
+/// The TLS reason behind a failed request, from its source chain (reqwest -> hyper -> io ->
+/// rustls), in words; `None` when the failure was not about TLS. reqwest's own message is
+/// only "error sending request for url". Written here rather than taken from the `trust`
+/// crate so that this library stays standalone; the vCenter cases (1024-bit keys, pinned
+/// thumbprints) are its own.
+pub fn tls_cause(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            return Some(rustls_cause(r));
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(c) = tls_cause(inner) {
+                return Some(c);
+            }
+        }
+        cur = e.source();
+    }
+    None
+}
+
+fn rustls_cause(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "the vCenter certificate is not signed by a trusted CA (with \
+                --vcenter-ca / VCENTER_CA: not by the CA in that file; a self-signed \
+                certificate must itself be in the file)"
+                .into(),
+            C::BadSignature => "the vCenter certificate's signature cannot be verified: its \
+                key is too weak for this TLS library (e.g. a 1024-bit RSA key, as vcsim's \
+                built-in certificate has; RSA needs at least 2048 bits) or it was not \
+                signed by the CA that names it"
+                .into(),
+            C::Expired | C::ExpiredContext { .. } => "the vCenter certificate has expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the vCenter certificate is not valid yet (check this machine's clock)".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+                "the vCenter certificate is not issued for the host name used ({c:?}); use \
+                 the name in its certificate, or pin it with --vcenter-thumbprint"
+            ),
+            C::Revoked => "the vCenter certificate is revoked".into(),
+            C::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => {
+                "the vCenter certificate is a CA certificate used as the server's own (vcsim's \
+                 built-in one is): the TLS library refuses that even when it is in \
+                 --vcenter-ca; give vCenter a server certificate signed by that CA, or pin it \
+                 with --vcenter-thumbprint"
+                    .into()
+            }
+            other => format!("the vCenter certificate was refused: {other:?}"),
+        },
+        rustls::Error::PeerIncompatible(p) => format!(
+            "vCenter's TLS is not compatible with this client ({p:?}): e.g. a 1024-bit RSA \
+             key (vcsim's built-in certificate) or an old protocol version"
+        ),
+        rustls::Error::General(m) if m.contains("pinned thumbprint") => m.clone(),
+        rustls::Error::General(m) => format!("TLS: {m}"),
+        other => format!("TLS: {other}"),
+    }
+}
+
+/// Text for a transport error: the TLS cause first when there is one, then reqwest's chain.
+pub(crate) fn describe(err: &reqwest::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cur = std::error::Error::source(err);
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = e.source();
+    }
+    match tls_cause(err) {
+        Some(c) => format!("{c} ({})", parts.join(": ")),
+        None => parts.join(": "),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ const VM_PATHS: &[&str] = &[
     "config.guestFullName",
     "config.template",
     "guest.toolsRunningStatus",
+    "guest.ipAddress",
 ];
 
 /// VM power state.
@@ -99,6 +100,9 @@ pub struct VmSummary {
     pub guest_os: Option<String>,
     pub guest_full_name: Option<String>,
     pub tools_running: bool,
+    /// The guest's primary IP address as VMware Tools report it (`guest.ipAddress`).
+    #[serde(default)]
+    pub guest_ip: Option<String>,
     pub template: bool,
 }
 
@@ -248,6 +252,7 @@ impl Vm {
             guest_os: text("config.guestId"),
             guest_full_name: text("config.guestFullName"),
             tools_running: oc.text("guest.toolsRunningStatus") == Some("guestToolsRunning"),
+            guest_ip: text("guest.ipAddress").filter(|ip| !ip.is_empty()),
             template: oc.text("config.template") == Some("true"),
         };
         Vm {

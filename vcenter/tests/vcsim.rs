@@ -849,9 +849,13 @@ async fn tls_verify_ca_file_thumbprint_insecure() {
     other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let other_pem = dir.path().join("other.pem");
     std::fs::write(&other_pem, other.self_signed(&other_key).unwrap().pem()).unwrap();
-    assert!(Client::connect(with(TlsMode::CaFile(other_pem)))
+    let err = Client::connect(with(TlsMode::CaFile(other_pem)))
         .await
-        .is_err());
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not signed by a trusted CA"),
+        "{err}"
+    );
     // Thumbprint pinning: the right SHA-256 (colon form), then a wrong one.
     let tp = failback_vcenter::tls::thumbprint_of(srv.der());
     let colons = tp
@@ -867,6 +871,11 @@ async fn tls_verify_ca_file_thumbprint_insecure() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Http { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("SHA-256 {tp} does not match pinned thumbprint")),
+        "{err}"
+    );
     // Unreadable CA file: named.
     let err = Client::connect(with(TlsMode::CaFile(dir.path().join("nope.pem"))))
         .await
@@ -874,6 +883,36 @@ async fn tls_verify_ca_file_thumbprint_insecure() {
     assert!(err.to_string().contains("nope.pem"), "{err}");
     // Explicit insecure switch: accepted.
     Client::connect(with(TlsMode::Insecure)).await.unwrap();
+}
+
+/// vcsim's built-in certificate (a self-signed CA certificate with a 1024-bit RSA key) is
+/// refused both ways, and the error says why instead of "error sending request for url".
+#[tokio::test]
+async fn vcsim_builtin_certificate_errors_name_the_cause() {
+    let sim = Vcsim::start(&[]);
+    let cert = std::path::PathBuf::from(sim.var("VCSIM_CERT"));
+    let with = |tls: TlsMode| {
+        let mut c = sim.config();
+        c.tls = tls;
+        c
+    };
+    let err = Client::connect(with(TlsMode::CaFile(cert.clone())))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is a CA certificate used as the server's own"),
+        "{err}"
+    );
+    let pem = std::fs::read(&cert).unwrap();
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem)
+        .map(|c: rustls::pki_types::CertificateDer<'_>| c.to_vec())
+        .unwrap();
+    let tp = failback_vcenter::tls::thumbprint_of(&der);
+    let err = Client::connect(with(TlsMode::Thumbprint(tp)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("1024-bit RSA key"), "{err}");
 }
 
 #[tokio::test]

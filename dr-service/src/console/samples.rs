@@ -155,6 +155,7 @@ mod tests {
             replicated_bytes: done,
             rescanned_bytes: done,
             backlog_bytes: 7,
+            ..Default::default()
         }];
         i
     }

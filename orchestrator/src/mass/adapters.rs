@@ -74,6 +74,7 @@ fn vm_info(s: &vc::VmSummary) -> VmInfo {
             _ => Power::Off,
         },
         tools_running: s.tools_running,
+        guest_ip: s.guest_ip.clone(),
         disks: s
             .disks
             .iter()
@@ -174,6 +175,31 @@ impl Hypervisor for VcenterBackend {
         Ok(snap.value)
     }
 
+    async fn revert_snapshot(&self, moref: &str, snapshot: &str) -> BResult<()> {
+        let vm = self.vmref_named(moref).await?;
+        self.client
+            .revert_to_snapshot(&vm, &vc::MoRef::new("VirtualMachineSnapshot", snapshot))
+            .await
+            .map_err(vc_err)
+    }
+
+    async fn remove_snapshot(&self, moref: &str, snapshot: &str) -> BResult<()> {
+        let vm = self.vmref_named(moref).await?;
+        self.client
+            .remove_snapshot_ref(&vm, &vc::MoRef::new("VirtualMachineSnapshot", snapshot))
+            .await
+            .map(|_| ())
+            .map_err(vc_err)
+    }
+
+    async fn delete_file(&self, ds_path: &str) -> BResult<()> {
+        self.client
+            .delete_datastore_file(&self.datastore, ds_path)
+            .await
+            .map(|_| ())
+            .map_err(vc_err)
+    }
+
     async fn save_boot(&self, moref: &str) -> BResult<SavedBoot> {
         let vm = self.vmref_named(moref).await?;
         let saved = self.client.boot_options(&vm).await.map_err(vc_err)?;
@@ -186,7 +212,7 @@ impl Hypervisor for VcenterBackend {
         &self,
         moref: &str,
         isos: &[String],
-        devices_before: Option<&[i32]>,
+        devices_before: Option<&DevicesBefore>,
     ) -> BResult<Vec<AttachedCdrom>> {
         let vm = self.vmref_named(moref).await?;
         let mut atts = vec![];
@@ -198,11 +224,17 @@ impl Hypervisor for VcenterBackend {
                     .map_err(vc_err)?,
             );
         }
-        if let Some(before) = devices_before {
-            // A drive already holding the ISO may be one an interrupted run added.
+        if let Some(b) = devices_before {
+            // A drive already holding the ISO may be one an interrupted run added, or one it
+            // reused: what it was comes from the record taken before anything changed.
+            let before = &b.keys;
             let now = self.client.vm(&vm.moref).await.map_err(vc_err)?;
             for att in &mut atts {
-                if !before.contains(&att.device_key) {
+                if before.contains(&att.device_key) {
+                    if let Some((_, orig)) = b.cdroms.iter().find(|(k, _)| *k == att.device_key) {
+                        att.original = Some(orig.clone());
+                    }
+                } else {
                     att.added_cdrom = true;
                     if att.added_controller_key.is_none() {
                         att.added_controller_key = now
@@ -224,13 +256,21 @@ impl Hypervisor for VcenterBackend {
             .collect())
     }
 
-    async fn device_keys(&self, moref: &str) -> BResult<Vec<i32>> {
+    async fn devices_before(&self, moref: &str) -> BResult<DevicesBefore> {
         let vm = self
             .client
             .vm(&vc::MoRef::new("VirtualMachine", moref))
             .await
             .map_err(vc_err)?;
-        Ok(vm.devices.iter().map(|d| d.key).collect())
+        Ok(DevicesBefore {
+            keys: vm.devices.iter().map(|d| d.key).collect(),
+            cdroms: vm
+                .devices
+                .iter()
+                .filter(|d| d.is_cdrom())
+                .map(|d| (d.key, vc::device_to_stored(d)))
+                .collect(),
+        })
     }
 
     async fn set_cdrom_first(&self, moref: &str, _saved: &SavedBoot) -> BResult<()> {
@@ -254,6 +294,7 @@ impl Hypervisor for VcenterBackend {
                     device_key: a.device_key,
                     added_cdrom: a.added,
                     added_controller_key: None,
+                    original: None,
                 },
             };
             self.client.remove_added(&att).await.map_err(vc_err)?;

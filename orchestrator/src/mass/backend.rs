@@ -91,6 +91,9 @@ pub struct VmInfo {
     pub macs: Vec<String>,
     pub power: Power,
     pub tools_running: bool,
+    /// Guest IP address reported by VMware Tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
     pub disks: Vec<VmDisk>,
 }
 
@@ -105,6 +108,16 @@ pub struct AttachedCdrom {
     /// `CdromAttachment` as JSON) so it can be undone precisely after a resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// The VM's devices before the run attached anything: every key (a drive or controller not
+/// among them was added by the run) and, per existing CD-ROM, the backend's complete record
+/// of it (opaque; vCenter: the device's vim25 XML), so a reused drive is put back exactly.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesBefore {
+    pub keys: Vec<i32>,
+    #[serde(default)]
+    pub cdroms: Vec<(i32, String)>,
 }
 
 /// Saved VM configuration, opaque to the engine (the adapter decides the encoding, e.g. the
@@ -129,20 +142,27 @@ pub trait Hypervisor: Send + Sync {
     async fn power_on(&self, moref: &str) -> BResult<()>;
     /// Returns the snapshot's moref.
     async fn create_snapshot(&self, moref: &str, name: &str, description: &str) -> BResult<String>;
+    /// Revert the VM to the snapshot (`snapshot` = the moref `create_snapshot` returned).
+    async fn revert_snapshot(&self, moref: &str, snapshot: &str) -> BResult<()>;
+    /// Remove the snapshot, keeping the VM's current state; a snapshot already gone is fine.
+    async fn remove_snapshot(&self, moref: &str, snapshot: &str) -> BResult<()>;
+    /// Delete `ds_path` (inside the run's datastore); a file already gone is fine.
+    async fn delete_file(&self, ds_path: &str) -> BResult<()>;
     async fn save_boot(&self, moref: &str) -> BResult<SavedBoot>;
     /// Ensure a CD-ROM per ISO (reuse free ones, else add) and attach the ISOs; a drive or
-    /// controller whose key is not in `devices_before` counts as added by this run
-    /// (`ds_path`s in the run's datastore), connected at power on.
+    /// controller whose key is not in `devices_before` counts as added by this run, and a
+    /// reused drive carries its original from `devices_before` (`ds_path`s in the run's
+    /// datastore), connected at power on.
     async fn attach_isos(
         &self,
         moref: &str,
         isos: &[String],
-        devices_before: Option<&[i32]>,
+        devices_before: Option<&DevicesBefore>,
     ) -> BResult<Vec<AttachedCdrom>>;
-    /// Keys of all the VM's virtual devices. Recorded before ISOs are attached: a run resumed
-    /// after a crash mid-attach finds its ISO already in a drive and must still know that it
-    /// added that drive (and controller), or it would leave them behind.
-    async fn device_keys(&self, moref: &str) -> BResult<Vec<i32>>;
+    /// The VM's devices, recorded before ISOs are attached: a run resumed after a crash
+    /// mid-attach finds its ISO already in a drive and must still know that it added that
+    /// drive (and controller), or what the reused drive was, or it would leave them changed.
+    async fn devices_before(&self, moref: &str) -> BResult<DevicesBefore>;
     /// Boot order: CD-ROM first, then what was there.
     async fn set_cdrom_first(&self, moref: &str, saved: &SavedBoot) -> BResult<()>;
     /// Detach the ISOs and remove the CD-ROMs the run added.

@@ -202,6 +202,7 @@ mod tests {
             macs: macs.iter().map(|m| m.to_string()).collect(),
             power: Power::On,
             tools_running: false,
+            guest_ip: None,
             disks: vec![],
         }
     }

@@ -113,8 +113,9 @@ fn target_of(vm: &VmInfo) -> VmTarget {
     }
 }
 
-/// `plan --one-click`: one entry per matched instance (DHCP, default options) plus the
-/// unmatched instances, so the results report them.
+/// `plan --one-click`: one entry per matched instance (DHCP, default options), then one
+/// entry without an instance per VM nothing matched, plus the unmatched instances, so the
+/// results report both kinds as skipped.
 pub fn one_click(
     instances: &[RecoveryInstance],
     vms: &[VmInfo],
@@ -128,6 +129,7 @@ pub fn one_click(
             .iter()
             .map(|(id, _)| id.clone())
             .collect(),
+        waves: vec![],
         vms: vec![],
     };
     for hit in &m.matches {
@@ -136,7 +138,24 @@ pub fn one_click(
         };
         plan.vms.push(VmPlan {
             recovery_instance: Some(hit.instance_id.clone()),
+            wave: None,
             matched_by: Some(hit.by),
+            target: target_of(vm),
+            network: Network::default(),
+            device_mapping: vec![],
+            options: options.clone(),
+        });
+    }
+    let mut unmatched: Vec<&VmInfo> = vms
+        .iter()
+        .filter(|v| m.for_vm(&v.moref).is_none())
+        .collect();
+    unmatched.sort_by(|a, b| a.name.cmp(&b.name));
+    for vm in unmatched {
+        plan.vms.push(VmPlan {
+            recovery_instance: None,
+            wave: None,
+            matched_by: None,
             target: target_of(vm),
             network: Network::default(),
             device_mapping: vec![],
@@ -163,6 +182,7 @@ pub fn generate(
             .iter()
             .map(|(id, _)| id.clone())
             .collect(),
+        waves: vec![],
         vms: vec![],
     };
     let mut sorted: Vec<&VmInfo> = vms
@@ -178,6 +198,7 @@ pub fn generate(
         let hit = m.for_vm(&vm.moref);
         plan.vms.push(VmPlan {
             recovery_instance: hit.map(|h| h.instance_id.clone()),
+            wave: None,
             matched_by: hit.map(|h| h.by),
             target: target_of(vm),
             network: Network::default(),
@@ -192,6 +213,8 @@ pub fn generate(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DryRunVm {
     pub vm: String,
+    /// `N/M name (on_failure ..., readiness ...)` when the plan has waves.
+    pub wave: Option<String>,
     pub recovery_instance: Option<String>,
     pub vm_moref: Option<String>,
     pub power: Option<Power>,
@@ -216,6 +239,7 @@ pub async fn dry_run(
     let mut out = vec![];
     for p in &plan.vms {
         let mut d = DryRunVm {
+            wave: wave_line(plan, p),
             vm: p.target.label(),
             recovery_instance: p.recovery_instance.clone(),
             vm_moref: None,
@@ -310,6 +334,7 @@ pub async fn dry_run(
     }
     for id in &plan.unmatched_instances {
         out.push(DryRunVm {
+            wave: None,
             vm: format!("(no VM for {id})"),
             recovery_instance: Some(id.clone()),
             vm_moref: None,
@@ -320,13 +345,58 @@ pub async fn dry_run(
             estimated_bytes: None,
         });
     }
+    // Waves in order (stable: plan order inside a wave); instances without a VM last.
+    out.sort_by_key(|d| {
+        plan.vms
+            .iter()
+            .find(|p| p.target.label() == d.vm)
+            .map(|p| super::runner::wave_index(plan, p))
+            .unwrap_or(usize::MAX)
+    });
     Ok(out)
+}
+
+fn wave_line(plan: &Plan, p: &VmPlan) -> Option<String> {
+    let name = p.wave.as_ref()?;
+    let i = plan.waves.iter().position(|w| w.name == *name)?;
+    let w = &plan.waves[i];
+    let ready = match &w.readiness {
+        None => "no readiness check".to_string(),
+        Some(r) => {
+            let mut c = vec![];
+            if r.tools_running {
+                c.push("VMware Tools running".to_string());
+            }
+            if r.guest_ip {
+                c.push("guest IP".to_string());
+            }
+            if let Some(port) = r.tcp_port {
+                c.push(format!("TCP port {port}"));
+            }
+            format!("readiness: {} within {} s", c.join(" + "), r.timeout_secs)
+        }
+    };
+    Some(format!(
+        "wave {}/{} {} (on_failure {}, {ready})",
+        i + 1,
+        plan.waves.len(),
+        w.name,
+        match w.on_failure {
+            failback_config::plan::WavePolicy::Stop => "stop",
+            failback_config::plan::WavePolicy::Continue => "continue",
+        }
+    ))
 }
 
 /// Text rendering of a dry run.
 pub fn dry_run_text(rows: &[DryRunVm]) -> String {
     let mut s = String::new();
+    let mut wave: Option<&str> = None;
     for d in rows {
+        if d.wave.is_some() && d.wave.as_deref() != wave {
+            wave = d.wave.as_deref();
+            s.push_str(&format!("== {} ==\n", wave.unwrap_or_default()));
+        }
         s.push_str(&format!(
             "{} <- {}: {}{}\n",
             d.vm,

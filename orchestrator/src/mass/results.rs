@@ -3,8 +3,8 @@
 //! digests; plus the exact settings and plan used (DRSFA keeps these in a separate
 //! `failback_hosts_settings.json`; one file is easier to archive).
 
-use super::state::{RunState, Step, VmStatus};
-use failback_config::api::DiskDigest;
+use super::state::{RunState, SnapshotOutcome, Step, VmStatus};
+use failback_config::api::{DiskDigest, DiskProgress};
 use failback_config::plan::Plan;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,6 +14,8 @@ use std::path::Path;
 pub struct VmResult {
     pub vm: String,
     pub recovery_instance: Option<String>,
+    /// The runbook wave (plan `[[wave]]`), if the plan has waves.
+    pub wave: Option<String>,
     pub vm_name: Option<String>,
     pub vm_moref: Option<String>,
     /// vCenter BIOS UUID of the VM failed back to.
@@ -29,9 +31,21 @@ pub struct VmResult {
     pub finished_at: Option<u64>,
     pub step_secs: BTreeMap<String, f64>,
     pub disk_bytes: u64,
+    /// Bytes verified equal to the recovery volumes at the end (the whole disks).
     pub replicated_bytes: u64,
+    /// Bytes that differed and were written, over all disks and rounds (the client's count;
+    /// `null` from clients that do not report it). A delta failback shows its real size here.
+    pub differing_bytes: Option<u64>,
+    /// Bytes fetched over the network for them (after compression).
+    pub fetched_bytes: Option<u64>,
+    /// Per disk: size, bytes that differed, bytes fetched.
+    pub disks: Vec<DiskProgress>,
     pub digests: Vec<DiskDigest>,
     pub snapshot: Option<String>,
+    /// What became of the protective snapshot.
+    pub snapshot_outcome: Option<SnapshotOutcome>,
+    /// The VM's seed ISO was deleted (datastore and work dir).
+    pub seed_deleted: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +66,9 @@ pub struct RunResults {
     pub settings: serde_json::Value,
     pub plan: Plan,
     pub summary: Summary,
+    /// Files the run left on the datastore (paths inside the run's datastore): the appliance
+    /// ISO unless `--cleanup`, seed ISOs with `--keep-seeds` or whose deletion failed.
+    pub left_behind: Vec<String>,
     pub vms: Vec<VmResult>,
 }
 
@@ -80,6 +97,7 @@ impl RunResults {
                 VmResult {
                     vm: v.vm.clone(),
                     recovery_instance: v.recovery_instance.clone(),
+                    wave: v.wave.clone(),
                     vm_name: v.vm_name.clone(),
                     vm_moref: v.moref.clone(),
                     vm_bios_uuid: v.bios_uuid.clone(),
@@ -94,12 +112,32 @@ impl RunResults {
                     step_secs: v.step_secs.clone(),
                     disk_bytes: v.disk_bytes,
                     replicated_bytes: v.replicated_bytes,
+                    differing_bytes: v.differing_bytes,
+                    fetched_bytes: v.fetched_bytes,
+                    disks: v.disks.clone(),
                     digests: v.digests.clone(),
                     snapshot: v.snapshot.clone(),
+                    snapshot_outcome: v.snapshot_outcome,
+                    seed_deleted: v.seed_deleted,
                 }
             })
             .collect();
+        let mut left_behind: Vec<String> = state
+            .header
+            .appliance
+            .iter()
+            .filter(|_| !state.header.appliance_deleted)
+            .map(|(p, _)| p.clone())
+            .collect();
+        left_behind.extend(
+            state
+                .vms
+                .iter()
+                .filter(|v| !v.seed_deleted)
+                .filter_map(|v| v.seed_ds_path.clone()),
+        );
         Self {
+            left_behind,
             run_id: state.header.run_id.clone(),
             started_at,
             finished_at,

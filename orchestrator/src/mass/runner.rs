@@ -7,10 +7,11 @@ use super::matching::{norm_mac, norm_uuid};
 use super::progress::RunProgress;
 use super::results::RunResults;
 use super::state::{
-    RunHeader, RunState, StateDir, StateError, Step, VmState, VmStatus, STATE_FORMAT,
+    RunHeader, RunState, SnapshotOutcome, StateDir, StateError, Step, VmState, VmStatus,
+    STATE_FORMAT,
 };
 use failback_config::api::{FailbackState, RecoveryInstance};
-use failback_config::plan::{LaunchMode, Plan, VmPlan};
+use failback_config::plan::{LaunchMode, OnFailure, Plan, Readiness, VmPlan, Wave, WavePolicy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,12 @@ pub struct RunSettings {
     pub results_path: PathBuf,
     /// Continue failed VMs too when resuming.
     pub retry_failed: bool,
+    /// Keep each VM's seed ISO (one-time token + CA) on the datastore and in the work dir.
+    #[serde(default)]
+    pub keep_seeds: bool,
+    /// Delete the appliance ISO from the datastore at the end of the run.
+    #[serde(default)]
+    pub cleanup: bool,
     /// Free-form description of the endpoints (vCenter, DR service) for the results file.
     pub endpoints: serde_json::Value,
 }
@@ -191,6 +198,15 @@ struct Shared {
     state: Mutex<RunState>,
     dir: StateDir,
     appliance_ds: String,
+    waves: Vec<Wave>,
+}
+
+/// The wave of a plan entry: its index in `[[wave]]` (0 for a plan without waves).
+pub fn wave_index(plan: &Plan, p: &VmPlan) -> usize {
+    p.wave
+        .as_ref()
+        .and_then(|w| plan.waves.iter().position(|x| x.name == *w))
+        .unwrap_or(0)
 }
 
 impl Shared {
@@ -246,7 +262,11 @@ impl Runner {
             let mut vms: Vec<VmState> = plan
                 .vms
                 .iter()
-                .map(|p| VmState::new(&Self::label(p), p.recovery_instance.clone()))
+                .map(|p| {
+                    let mut v = VmState::new(&Self::label(p), p.recovery_instance.clone());
+                    v.wave = p.wave.clone();
+                    v
+                })
                 .collect();
             for id in &plan.unmatched_instances {
                 let mut v = VmState::new(&format!("(no VM for {id})"), Some(id.clone()));
@@ -261,6 +281,7 @@ impl Runner {
                     plan_sha256: plan_sha,
                     plan_path: plan_path.to_path_buf(),
                     appliance: None,
+                    appliance_deleted: false,
                     vm_count: vms.len(),
                 },
                 vms,
@@ -367,14 +388,72 @@ impl Runner {
             state: Mutex::new(state),
             dir,
             appliance_ds,
+            waves: plan.waves.clone(),
         });
+        let waves = plan.waves.len().max(1);
+        for w in 0..waves {
+            let these: Vec<usize> = todo
+                .iter()
+                .copied()
+                .filter(|&i| wave_index(plan, &plan.vms[i]) == w)
+                .collect();
+            if let Some(wave) = plan.waves.get(w) {
+                self.progress.note(
+                    "run",
+                    &format!(
+                        "wave {}/{waves} {}: {} VM(s)",
+                        w + 1,
+                        wave.name,
+                        these.len()
+                    ),
+                );
+            }
+            self.run_wave(plan, &shared, these, &inventory, &appliance_err, started_at)
+                .await?;
+            let Some(wave) = plan.waves.get(w) else { break };
+            let failed = {
+                let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                (0..plan.vms.len())
+                    .filter(|&i| wave_index(plan, &plan.vms[i]) == w)
+                    .filter(|&i| plan.vms[i].recovery_instance.is_some())
+                    .filter(|&i| st.vms[i].status != VmStatus::Succeeded)
+                    .filter(|&i| st.vms[i].status != VmStatus::Skipped)
+                    .count()
+            };
+            if failed > 0 && wave.on_failure == WavePolicy::Stop && w + 1 < waves {
+                let msg = format!(
+                    "not started: wave {} has {failed} VM(s) that did not succeed and its on_failure is \"stop\"; fix them, then --resume --retry-failed",
+                    wave.name
+                );
+                self.progress.note("run", &msg);
+                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                for &i in todo.iter().filter(|&&i| wave_index(plan, &plan.vms[i]) > w) {
+                    st.vms[i].message = Some(msg.clone());
+                    shared.dir.save_vm(i, &st.vms[i])?;
+                }
+                break;
+            }
+        }
+        self.finish(plan, &shared, started_at).await
+    }
+
+    /// Runs one wave's VMs, at most `parallel` at a time, until each is final.
+    async fn run_wave(
+        &self,
+        plan: &Plan,
+        shared: &Arc<Shared>,
+        todo: Vec<usize>,
+        inventory: &[VmInfo],
+        appliance_err: &Option<String>,
+        started_at: u64,
+    ) -> Result<(), RunError> {
         let sem = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel.max(1)));
         let mut futs = futures::stream::FuturesUnordered::new();
         for i in todo {
             let sem = sem.clone();
             let shared = shared.clone();
             let vmplan = &plan.vms[i];
-            let resolved = resolve_vm(vmplan, &inventory).cloned();
+            let resolved = resolve_vm(vmplan, inventory).cloned();
             let appliance_err = appliance_err.clone();
             futs.push(async move {
                 let _permit = sem.acquire().await;
@@ -416,7 +495,17 @@ impl Runner {
                 last_results = Instant::now();
             }
         }
-        drop(futs);
+        Ok(())
+    }
+
+    /// Appliance clean-up and the final results file.
+    async fn finish(
+        &self,
+        plan: &Plan,
+        shared: &Shared,
+        started_at: u64,
+    ) -> Result<RunOutcome, RunError> {
+        self.cleanup_appliance(shared).await?;
         let state = shared
             .state
             .lock()
@@ -436,6 +525,67 @@ impl Runner {
                 source,
             })?;
         Ok(RunOutcome { results })
+    }
+
+    /// `--cleanup`: delete the appliance ISO once no VM of the run can still need it.
+    async fn cleanup_appliance(&self, shared: &Shared) -> Result<(), StateError> {
+        if !self.settings.cleanup {
+            return Ok(());
+        }
+        let (path, busy) = {
+            let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let busy = st.vms.iter().any(|v| !v.status.is_final());
+            (st.header.appliance.clone().map(|(p, _)| p), busy)
+        };
+        let Some(path) = path.filter(|_| !busy) else {
+            return Ok(());
+        };
+        match self
+            .retry("delete appliance ISO", "vcenter", || {
+                self.hv.delete_file(&path)
+            })
+            .await
+        {
+            Ok(()) => {
+                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.header.appliance_deleted = true;
+                shared.dir.save_header(&st.header)
+            }
+            Err(e) => {
+                self.progress.note(
+                    "run",
+                    &format!("cannot delete appliance ISO {path}: {}", e.chain()),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Delete the VM's seed ISO (it holds a pairing token and the CA) from the datastore and
+    /// the work dir, unless `--keep-seeds`. Returns a problem, if any.
+    async fn delete_seed(&self, v: &mut VmState) -> Option<String> {
+        if self.settings.keep_seeds || v.seed_deleted {
+            return None;
+        }
+        if let Some(ds) = v.seed_ds_path.clone() {
+            if let Err(e) = self
+                .retry("delete seed ISO", &v.vm.clone(), || {
+                    self.hv.delete_file(&ds)
+                })
+                .await
+            {
+                return Some(format!("delete seed ISO {ds}: {}", e.chain()));
+            }
+        }
+        if let Some(local) = &v.seed_path {
+            match std::fs::remove_file(local) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Some(format!("delete {}: {e}", local.display())),
+            }
+        }
+        v.seed_deleted = v.seed_ds_path.is_some() || v.seed_path.is_some();
+        None
     }
 
     async fn upload_appliance(&self, ds_path: &str) -> Result<String, String> {
@@ -569,8 +719,20 @@ impl Runner {
                 }
                 Err(e) => {
                     let mut msg = format!("{}: {}", s.name(), e.chain());
-                    if v.needs_rollback() || s == Step::AttachIsos || s == Step::SetBootOrder {
-                        msg.push_str(&self.rollback(&mut v).await);
+                    let revert = p.options.on_failure == OnFailure::Revert && v.snapshot.is_some();
+                    if revert
+                        || v.needs_rollback()
+                        || s == Step::AttachIsos
+                        || s == Step::SetBootOrder
+                    {
+                        msg.push_str(&self.rollback(p, &mut v).await);
+                    } else {
+                        if v.snapshot.is_some() {
+                            v.snapshot_outcome = Some(SnapshotOutcome::Left);
+                        }
+                        if let Some(problem) = self.delete_seed(&mut v).await {
+                            msg.push_str(&format!(" ({problem})"));
+                        }
                     }
                     return fail(v, s, msg);
                 }
@@ -583,8 +745,11 @@ impl Runner {
     }
 
     /// Put a failed VM's configuration back: appliance off, ISOs detached, devices removed,
-    /// boot options restored. Returns a sentence for the results message.
-    async fn rollback(&self, v: &mut VmState) -> String {
+    /// boot options restored, seed deleted; with `on_failure = "revert"` also reverted to the
+    /// protective snapshot and powered on as it was. A complete rollback returns the VM to
+    /// "not started", so `--resume --retry-failed` starts it over. Returns a sentence for the
+    /// results message.
+    async fn rollback(&self, p: &VmPlan, v: &mut VmState) -> String {
         let Some(moref) = v.moref.clone() else {
             return String::new();
         };
@@ -628,21 +793,76 @@ impl Runner {
                 Err(e) => problems.push(format!("restore boot options: {}", e.chain())),
             }
         }
+        let mut reverted = false;
+        if let (OnFailure::Revert, Some(snap)) = (p.options.on_failure, v.snapshot.clone()) {
+            match self
+                .retry("revert to snapshot", &label, || {
+                    self.hv.revert_snapshot(&moref, &snap)
+                })
+                .await
+            {
+                Ok(()) => {
+                    reverted = true;
+                    done.push("reverted to the protective snapshot");
+                    if p.options.keep_snapshot {
+                        v.snapshot_outcome = Some(SnapshotOutcome::RevertedKept);
+                    } else {
+                        match self
+                            .retry("remove snapshot", &label, || {
+                                self.hv.remove_snapshot(&moref, &snap)
+                            })
+                            .await
+                        {
+                            Ok(()) => v.snapshot_outcome = Some(SnapshotOutcome::Reverted),
+                            Err(e) => {
+                                v.snapshot_outcome = Some(SnapshotOutcome::RevertedKept);
+                                problems.push(format!("remove snapshot: {}", e.chain()));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    v.snapshot_outcome = Some(SnapshotOutcome::Left);
+                    problems.push(format!("revert to snapshot: {}", e.chain()));
+                }
+            }
+        } else if v.snapshot.is_some() {
+            v.snapshot_outcome = Some(SnapshotOutcome::Left);
+        }
+        if let Some(problem) = self.delete_seed(v).await {
+            problems.push(problem);
+        }
         // Disks are untouched until the client pairs: then the VM may go back to how it was.
         let paired = v.last_completed.is_some_and(|s| s >= Step::WaitPaired);
-        if !paired && v.was_powered_on == Some(true) && problems.is_empty() {
+        let power_back = (!paired || reverted) && problems.is_empty();
+        if power_back && v.was_powered_on == Some(true) {
             if self
                 .retry("power on", &label, || self.hv.power_on(&moref))
                 .await
                 .is_ok()
             {
-                done.push("powered on again (disks untouched)");
+                done.push(if reverted {
+                    "powered on again"
+                } else {
+                    "powered on again (disks untouched)"
+                });
             }
-        } else if paired {
+        } else if paired && !reverted {
             if let Some(id) = &v.recovery_instance {
                 let _ = self.dr.stop(id).await;
             }
             done.push("left powered off: its disks may be partly written");
+        }
+        if problems.is_empty() {
+            // Back to "not started": a retry starts over with a new token and seed.
+            v.last_completed = None;
+            v.token = None;
+            v.seed_path = None;
+            v.seed_sha256 = None;
+            v.seed_ds_path = None;
+            v.saved_boot = None;
+            v.devices_before = None;
+            v.attached.clear();
         }
         let mut s = String::new();
         if !done.is_empty() {
@@ -757,6 +977,7 @@ impl Runner {
                 .map_err(|e| BackendError::permanent(format!("seed build task: {e}")))??;
                 v.seed_path = Some(out);
                 v.seed_sha256 = Some(sha);
+                v.seed_deleted = false;
                 Ok(Flow::Next)
             }
             Step::UploadSeed => {
@@ -841,7 +1062,7 @@ impl Runner {
             Step::SaveBootOptions => {
                 if v.devices_before.is_none() {
                     v.devices_before = Some(
-                        self.retry("read devices", &label, || self.hv.device_keys(&moref))
+                        self.retry("read devices", &label, || self.hv.devices_before(&moref))
                             .await?,
                     );
                 }
@@ -861,7 +1082,7 @@ impl Runner {
                 let before = v.devices_before.clone();
                 let att = self
                     .retry("attach ISOs", &label, || {
-                        self.hv.attach_isos(&moref, &isos, before.as_deref())
+                        self.hv.attach_isos(&moref, &isos, before.as_ref())
                     })
                     .await?;
                 v.attached = att;
@@ -945,6 +1166,12 @@ impl Runner {
                 v.digests = ri.failback.digests.clone();
                 v.disk_bytes = ri.failback.disks.iter().map(|d| d.total_bytes).sum();
                 v.replicated_bytes = ri.failback.disks.iter().map(|d| d.replicated_bytes).sum();
+                let sum = |f: fn(&failback_config::api::DiskProgress) -> Option<u64>| {
+                    ri.failback.disks.iter().map(f).sum::<Option<u64>>()
+                };
+                v.differing_bytes = sum(|d| d.differing_bytes);
+                v.fetched_bytes = sum(|d| d.fetched_bytes);
+                v.disks = ri.failback.disks.clone();
                 if let Some(bad) = v.digests.iter().find(|d| d.local_digest != d.agent_digest) {
                     return Err(BackendError::permanent(format!(
                         "digest mismatch on {} -> {}: local {} agent {}",
@@ -982,6 +1209,90 @@ impl Runner {
                 }
                 Ok(Flow::Next)
             }
+            Step::Readiness => {
+                let ready = p
+                    .wave
+                    .as_ref()
+                    .and_then(|w| shared.waves.iter().find(|x| x.name == *w))
+                    .and_then(|w| w.readiness);
+                if let Some(r) = ready {
+                    self.wait_ready(&moref, &label, &r).await?;
+                }
+                Ok(Flow::Next)
+            }
+            Step::Cleanup => {
+                self.cleanup_vm(p, v).await?;
+                Ok(Flow::Next)
+            }
+        }
+    }
+
+    /// Success: remove the protective snapshot unless `keep_snapshot`, delete the seed ISO.
+    async fn cleanup_vm(&self, p: &VmPlan, v: &mut VmState) -> StepResult<()> {
+        let moref = v.moref.clone().unwrap_or_default();
+        let label = v.vm.clone();
+        if let Some(snap) = v.snapshot.clone() {
+            if p.options.keep_snapshot {
+                v.snapshot_outcome = Some(SnapshotOutcome::Kept);
+            } else {
+                self.retry("remove snapshot", &label, || {
+                    self.hv.remove_snapshot(&moref, &snap)
+                })
+                .await?;
+                v.snapshot_outcome = Some(SnapshotOutcome::Removed);
+            }
+        }
+        if let Some(problem) = self.delete_seed(v).await {
+            return Err(BackendError::transient(problem));
+        }
+        Ok(())
+    }
+
+    /// Poll the VM until the wave's readiness check holds (VMware Tools running, a guest IP,
+    /// a TCP port answering on it) or its time-out; the error says which condition failed.
+    async fn wait_ready(&self, moref: &str, label: &str, r: &Readiness) -> StepResult<()> {
+        let deadline = Instant::now() + Duration::from_secs(r.timeout_secs);
+        loop {
+            let missing = match self.hv.vm(moref).await {
+                Ok(info) => self.not_ready(&info, r).await,
+                Err(e) if e.transient => Some(format!("cannot read VM: {}", e.chain())),
+                Err(e) => return Err(e),
+            };
+            let Some(missing) = missing else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                return Err(BackendError::permanent(format!(
+                    "VM {label} not ready within {} s: {missing}",
+                    r.timeout_secs
+                )));
+            }
+            self.poll_sleep().await;
+        }
+    }
+
+    /// `None` when ready, else what is missing.
+    async fn not_ready(&self, info: &VmInfo, r: &Readiness) -> Option<String> {
+        if r.tools_running && !info.tools_running {
+            return Some("VMware Tools are not running".into());
+        }
+        if !(r.guest_ip || r.tcp_port.is_some()) {
+            return None;
+        }
+        let Some(ip) = info.guest_ip.as_deref() else {
+            return Some("vCenter reports no guest IP address".into());
+        };
+        let port = r.tcp_port?;
+        let addr = match ip.parse::<std::net::IpAddr>() {
+            Ok(a) => std::net::SocketAddr::new(a, port),
+            Err(_) => return Some(format!("guest IP {ip:?} is not an IP address")),
+        };
+        match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+            .await
+        {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("TCP {addr}: {e}")),
+            Err(_) => Some(format!("TCP {addr}: no answer within 3 s")),
         }
     }
 

@@ -5,8 +5,8 @@
 //! repeats a destructive one. Locked (flock) while a run holds it, so two orchestrators
 //! cannot drive the same VMs.
 
-use super::backend::{AttachedCdrom, SavedBoot};
-use failback_config::api::DiskDigest;
+use super::backend::{AttachedCdrom, DevicesBefore, SavedBoot};
+use failback_config::api::{DiskDigest, DiskProgress};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -37,10 +37,15 @@ pub enum Step {
     DetachIsos,
     RestoreBootOptions,
     PowerOnFromDisk,
+    /// The wave's readiness check (VMware Tools, TCP port, guest IP), if the plan has one.
+    Readiness,
+    /// Remove the protective snapshot (unless `keep_snapshot`) and the seed ISO (unless
+    /// `--keep-seeds`).
+    Cleanup,
 }
 
 impl Step {
-    pub const ALL: [Step; 18] = [
+    pub const ALL: [Step; 20] = [
         Step::Check,
         Step::CreateToken,
         Step::BuildSeed,
@@ -59,6 +64,8 @@ impl Step {
         Step::DetachIsos,
         Step::RestoreBootOptions,
         Step::PowerOnFromDisk,
+        Step::Readiness,
+        Step::Cleanup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +88,8 @@ impl Step {
             Step::DetachIsos => "detach_isos",
             Step::RestoreBootOptions => "restore_boot_options",
             Step::PowerOnFromDisk => "power_on_from_disk",
+            Step::Readiness => "readiness",
+            Step::Cleanup => "cleanup",
         }
     }
 
@@ -113,6 +122,10 @@ impl Step {
             Step::DetachIsos => "detach both ISOs, remove the CD-ROMs the run added",
             Step::RestoreBootOptions => "restore the saved boot options exactly",
             Step::PowerOnFromDisk => "power on from disk",
+            Step::Readiness => "wait until the VM passes its wave's readiness check",
+            Step::Cleanup => {
+                "remove the protective snapshot (unless keep_snapshot) and the seed ISO (unless --keep-seeds)"
+            }
         }
     }
 }
@@ -137,12 +150,31 @@ impl VmStatus {
     }
 }
 
+/// What became of a VM's protective snapshot (results file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotOutcome {
+    /// Success: removed (the VM's current state kept).
+    Removed,
+    /// Success, `keep_snapshot = true`: still there.
+    Kept,
+    /// Failure, `on_failure = "revert"`: reverted to it, then removed.
+    Reverted,
+    /// Failure, `on_failure = "revert"`, `keep_snapshot = true`: reverted to it, kept.
+    RevertedKept,
+    /// Failure without revert (or the revert failed): left for the admin.
+    Left,
+}
+
 /// Everything recorded for one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmState {
     /// Key: the plan entry's VM label.
     pub vm: String,
     pub recovery_instance: Option<String>,
+    /// The runbook wave of the plan entry.
+    #[serde(default)]
+    pub wave: Option<String>,
     pub status: VmStatus,
     pub last_completed: Option<Step>,
     /// Step that failed and why (status `failed`), or why it was skipped.
@@ -179,10 +211,15 @@ pub struct VmState {
     #[serde(default)]
     pub snapshot: Option<String>,
     #[serde(default)]
-    pub saved_boot: Option<SavedBoot>,
-    /// Keys of the VM's devices before ISOs were attached (see `Hypervisor::device_keys`).
+    pub snapshot_outcome: Option<SnapshotOutcome>,
+    /// The seed ISO (pairing token + CA) was deleted from the datastore and the work dir.
     #[serde(default)]
-    pub devices_before: Option<Vec<i32>>,
+    pub seed_deleted: bool,
+    #[serde(default)]
+    pub saved_boot: Option<SavedBoot>,
+    /// The VM's devices before ISOs were attached (see `Hypervisor::devices_before`).
+    #[serde(default)]
+    pub devices_before: Option<DevicesBefore>,
     #[serde(default)]
     pub attached: Vec<AttachedCdrom>,
     #[serde(default)]
@@ -191,6 +228,15 @@ pub struct VmState {
     pub disk_bytes: u64,
     #[serde(default)]
     pub replicated_bytes: u64,
+    /// Bytes that differed (and were written) over all disks, as the client counted them.
+    #[serde(default)]
+    pub differing_bytes: Option<u64>,
+    /// Bytes the client fetched over all disks (after compression).
+    #[serde(default)]
+    pub fetched_bytes: Option<u64>,
+    /// Per disk, as the client last reported it (sizes, bytes that differed, fetched).
+    #[serde(default)]
+    pub disks: Vec<DiskProgress>,
     /// Seconds spent in each step (summed over attempts and resumes).
     #[serde(default)]
     pub step_secs: BTreeMap<String, f64>,
@@ -205,6 +251,7 @@ impl VmState {
         Self {
             vm: vm.to_string(),
             recovery_instance,
+            wave: None,
             status: VmStatus::Pending,
             last_completed: None,
             failed_step: None,
@@ -221,12 +268,17 @@ impl VmState {
             seed_ds_path: None,
             was_powered_on: None,
             snapshot: None,
+            snapshot_outcome: None,
+            seed_deleted: false,
             saved_boot: None,
             devices_before: None,
             attached: vec![],
             digests: vec![],
             disk_bytes: 0,
             replicated_bytes: 0,
+            differing_bytes: None,
+            fetched_bytes: None,
+            disks: vec![],
             step_secs: BTreeMap::new(),
             started_at: None,
             finished_at: None,
@@ -251,6 +303,9 @@ pub struct RunHeader {
     /// Datastore path of the uploaded appliance ISO and its SHA-256, once verified.
     #[serde(default)]
     pub appliance: Option<(String, String)>,
+    /// The appliance ISO was deleted at the end (`--cleanup`).
+    #[serde(default)]
+    pub appliance_deleted: bool,
     pub vm_count: usize,
 }
 
@@ -477,6 +532,7 @@ mod tests {
                 plan_sha256: "ab".into(),
                 plan_path: "p.toml".into(),
                 appliance: None,
+                appliance_deleted: false,
                 vm_count: 2,
             },
             vms: vec![

@@ -132,18 +132,32 @@ impl Hypervisor for Fake {
         self.op("snapshot", moref)?;
         Ok(format!("snap-{name}"))
     }
+    async fn revert_snapshot(&self, moref: &str, _snapshot: &str) -> BResult<()> {
+        self.op("revert", moref)
+    }
+    async fn remove_snapshot(&self, moref: &str, _snapshot: &str) -> BResult<()> {
+        self.op("remove_snapshot", moref)
+    }
+    async fn delete_file(&self, ds: &str) -> BResult<()> {
+        self.op("delete", ds)?;
+        self.w().files.remove(ds);
+        Ok(())
+    }
     async fn save_boot(&self, moref: &str) -> BResult<SavedBoot> {
         self.op("save_boot", moref)?;
         Ok(SavedBoot(self.w().vms[moref].boot.clone()))
     }
-    async fn device_keys(&self, moref: &str) -> BResult<Vec<i32>> {
-        Ok(self.w().vms[moref].cdroms.iter().map(|c| c.0).collect())
+    async fn devices_before(&self, moref: &str) -> BResult<DevicesBefore> {
+        Ok(DevicesBefore {
+            keys: self.w().vms[moref].cdroms.iter().map(|c| c.0).collect(),
+            cdroms: vec![],
+        })
     }
     async fn attach_isos(
         &self,
         moref: &str,
         isos: &[String],
-        devices_before: Option<&[i32]>,
+        devices_before: Option<&DevicesBefore>,
     ) -> BResult<Vec<AttachedCdrom>> {
         self.op("attach", moref)?;
         let mut w = self.w();
@@ -174,7 +188,7 @@ impl Hypervisor for Fake {
             };
             // ...so, like the vCenter adapter, a drive missing from the devices recorded
             // before the run counts as added by it.
-            let added = added || devices_before.is_some_and(|b| !b.contains(&key));
+            let added = added || devices_before.is_some_and(|b| !b.keys.contains(&key));
             if added && breaks.is_some() {
                 return Err(BackendError::transient(format!(
                     "attach {moref}: connection reset after adding drive {key}"
@@ -239,6 +253,7 @@ impl DrService for Fake {
                     replicated_bytes: 0,
                     rescanned_bytes: 0,
                     backlog_bytes: 1 << 20,
+                    ..Default::default()
                 }];
             }
             if ri.failback.client_id.as_deref() == Some(&format!("client-{id}"))
@@ -320,6 +335,7 @@ fn world(n: usize) -> Fake {
                         macs: vec![],
                         power: if i % 2 == 0 { Power::On } else { Power::Off },
                         tools_running: i % 4 == 0,
+                        guest_ip: None,
                         disks: vec![],
                     },
                     boot: format!("disk:{i},net:4000"),
@@ -366,6 +382,7 @@ fn plan_for(f: &Fake, snapshot: bool) -> Plan {
             options.timeouts.pair_secs = 2;
             VmPlan {
                 recovery_instance: Some(ri.recovery_instance_id.clone()),
+                wave: None,
                 matched_by: None,
                 target: VmTarget {
                     name: Some(vm.info.name.clone()),
@@ -381,6 +398,7 @@ fn plan_for(f: &Fake, snapshot: bool) -> Plan {
     Plan {
         version: PLAN_VERSION,
         unmatched_instances: vec!["i-deadbeef".into()],
+        waves: vec![],
         vms,
     }
 }
@@ -416,6 +434,8 @@ fn env(plan: &Plan) -> Env {
         state_dir: dir.path().join("state"),
         results_path: dir.path().join("results.json"),
         retry_failed: false,
+        keep_seeds: false,
+        cleanup: false,
         endpoints: serde_json::json!({}),
     };
     Env {

@@ -456,6 +456,10 @@ async fn sim_client(seed: &SeedConfig, bios: &str, log: &Arc<Mutex<SimLog>>) -> 
                 replicated_bytes: done,
                 rescanned_bytes: done,
                 backlog_bytes: (64 << 20) - done,
+                // As the real client counts them: a delta writes and fetches less than
+                // the disk (here a quarter differed, compressed to a sixteenth).
+                differing_bytes: Some(done / 4),
+                fetched_bytes: Some(done / 16),
             })
             .collect::<Vec<_>>()
     };
@@ -518,4 +522,89 @@ async fn sim_client(seed: &SeedConfig, bios: &str, log: &Arc<Mutex<SimLog>>) -> 
         .completed
         .insert(pair.recovery_instance_id.clone());
     Ok(())
+}
+
+/// Every VM's configuration as read by `tests/vm_config.py` (pyVmomi, not our `vcenter`
+/// crate): name -> {moref, power, devices (every property), boot_options, snapshots}.
+pub fn vm_config_dump(vcsim: &Vcsim) -> HashMap<String, serde_json::Value> {
+    vm_config_cmd(vcsim, &["dump"])
+        .and_then(|out| {
+            serde_json::from_str::<Vec<serde_json::Value>>(&out).map_err(|e| e.to_string())
+        })
+        .expect("vm_config.py dump")
+        .into_iter()
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+        .collect()
+}
+
+/// `tests/vm_config.py customise NAME`: a host-device CD-ROM (start-connected, connected, no
+/// guest control) and boot options of its own.
+pub fn vm_config_customise(vcsim: &Vcsim, name: &str) {
+    vm_config_cmd(vcsim, &["customise", name]).expect("vm_config.py customise");
+}
+
+fn vm_config_cmd(vcsim: &Vcsim, args: &[&str]) -> Result<String, String> {
+    let script = failback_tests::vcsim::workspace_root().join("tests/vm_config.py");
+    // Debian's python3 (python3-pyvmomi), not whatever python3 is first on PATH.
+    let out = Command::new("/usr/bin/python3")
+        .arg(script)
+        .args(args)
+        .envs(vcsim.cli_env())
+        .output()
+        .map_err(|e| format!("run /usr/bin/python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "vm_config.py {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Each VM of `before` has exactly the same power state, devices (every property of every
+/// device) and boot options in `after`; its snapshots too, except the VMs in `new_snapshots`,
+/// which must have gained exactly one snapshot named `failback-protect-*`.
+pub fn assert_same_config(
+    before: &HashMap<String, serde_json::Value>,
+    after: &HashMap<String, serde_json::Value>,
+    new_snapshots: &[&str],
+) {
+    assert_eq!(before.len(), after.len(), "VM count changed");
+    for (name, b) in before {
+        let a = after
+            .get(name)
+            .unwrap_or_else(|| panic!("VM {name} is gone"));
+        for key in ["moref", "power", "boot_options"] {
+            assert_eq!(a[key], b[key], "{key} of VM {name} changed");
+        }
+        let (bd, ad) = (
+            b["devices"].as_array().unwrap(),
+            a["devices"].as_array().unwrap(),
+        );
+        for d in bd {
+            let key = &d["key"];
+            let now = ad.iter().find(|x| x["key"] == *key);
+            assert_eq!(now, Some(d), "device {key} of VM {name} changed");
+        }
+        for d in ad {
+            assert!(
+                bd.iter().any(|x| x["key"] == d["key"]),
+                "VM {name} gained device {d:#}"
+            );
+        }
+        if new_snapshots.contains(&name.as_str()) {
+            let s = a["snapshots"].as_array().unwrap();
+            assert_eq!(s.len(), 1, "snapshots of {name}: {s:?}");
+            assert!(
+                s[0]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("failback-protect-"),
+                "{s:?}"
+            );
+        } else {
+            assert_eq!(a["snapshots"], b["snapshots"], "snapshots of VM {name}");
+        }
+    }
 }

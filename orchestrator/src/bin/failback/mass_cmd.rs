@@ -5,7 +5,7 @@
 //! the results file).
 
 use clap::{Args, Subcommand, ValueEnum};
-use failback_config::plan::{LaunchMode, Plan, PlanFormat, VmOptions};
+use failback_config::plan::{LaunchMode, OnFailure, Plan, PlanFormat, VmOptions};
 use failback_orchestrator::mass::adapters::{DrHttp, IsoSeedBuilder, VcenterBackend};
 use failback_orchestrator::mass::backend::{DrService, Hypervisor};
 use failback_orchestrator::mass::planner;
@@ -117,9 +117,16 @@ pub struct PlanArgs {
     /// Overwrite an existing plan file.
     #[arg(long)]
     force: bool,
-    /// Protective snapshot before each VM's disks are overwritten.
+    /// Protective snapshot before each VM's disks are overwritten (removed after success).
     #[arg(long)]
     snapshot: bool,
+    /// With --snapshot: a VM that fails is reverted to its snapshot and powered on as it was
+    /// (`on_failure = "revert"`).
+    #[arg(long, requires = "snapshot")]
+    revert_on_failure: bool,
+    /// With --snapshot: keep the snapshot after success (`keep_snapshot = true`).
+    #[arg(long, requires = "snapshot")]
+    keep_snapshot: bool,
     /// Launch mode written into every entry.
     #[arg(long, value_enum, default_value = "auto")]
     launch: LaunchArg,
@@ -189,6 +196,14 @@ pub struct RunArgs {
     /// With --resume: also retry VMs that failed.
     #[arg(long, requires = "resume")]
     retry_failed: bool,
+    /// Keep each VM's seed ISO (it holds a one-time pairing token and the CA) on the
+    /// datastore; by default it is deleted once its VM is done.
+    #[arg(long)]
+    keep_seeds: bool,
+    /// Delete the appliance ISO from the datastore at the end of the run (default: kept for
+    /// the next run; the results file lists what was left behind).
+    #[arg(long)]
+    cleanup: bool,
     /// Print every step per VM (and estimated bytes where the client already paired); change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -284,6 +299,12 @@ async fn plan(a: PlanArgs) -> CmdResult {
     let instances = dr.instances().await.map_err(net)?;
     let options = VmOptions {
         protective_snapshot: a.snapshot,
+        on_failure: if a.revert_on_failure {
+            OnFailure::Revert
+        } else {
+            OnFailure::Leave
+        },
+        keep_snapshot: a.keep_snapshot,
         launch: a.launch.into(),
         ..Default::default()
     };
@@ -409,6 +430,8 @@ async fn run_plan(a: RunArgs) -> CmdResult {
         state_dir,
         results_path: results_path.clone(),
         retry_failed: a.retry_failed,
+        keep_seeds: a.keep_seeds,
+        cleanup: a.cleanup,
         endpoints: serde_json::json!({
             "vcenter": a.vc.host.as_deref().or(a.vc.url.as_deref()).and_then(|h| h.split('@').next_back()),
             "datastore": datastore,

@@ -98,18 +98,21 @@ enum Action {
         /// Path on the datastore (e.g. isos/failback.iso) or `[datastore] path`.
         #[arg(long)]
         iso: String,
-        /// Write what was done (to undo with `detach-iso --remove-added FILE`).
+        /// Write what was done, including the reused drive exactly as it was (backing,
+        /// connected flags), to undo with `detach-iso --remove-added FILE`.
         #[arg(long)]
         state: Option<PathBuf>,
     },
-    /// Detach ISOs (client device backing, disconnected), or remove the devices we added.
+    /// Undo an `attach-iso --state FILE` exactly (--remove-added FILE), or detach ISOs
+    /// (empty client-device backing, disconnected: the drive's earlier backing is unknown).
     DetachIso {
         #[command(flatten)]
         vm: VmSel,
         /// Only this ISO (path or `[datastore] path`); default every ISO.
         #[arg(long)]
         iso: Option<String>,
-        /// Undo an `attach-iso --state FILE`: remove the CD-ROM/controller it added.
+        /// Undo an `attach-iso --state FILE`: remove the CD-ROM/controller it added, or put
+        /// the reused drive back exactly as it was.
         #[arg(long, conflicts_with = "iso")]
         remove_added: Option<PathBuf>,
     },

@@ -1,0 +1,389 @@
+//! "Every VM exactly as before", read by an independent client: a mass failback against a
+//! real vcsim, the real DR service and the real `failback` CLI (simulated clients, no QEMU),
+//! with every device and boot option of every VM dumped by pyVmomi (tests/vm_config.py)
+//! before and after and compared whole. Covers the VM's own CD-ROM (host-device backing,
+//! start-connected, connected) reused for the appliance ISO and put back exactly, the same
+//! through `failback vcenter attach-iso --state` / `detach-iso --remove-added`, the
+//! protective-snapshot lifecycle (removed on success, kept with `keep_snapshot`, reverted on
+//! failure with `on_failure = "revert"`), one-click plans listing VMs without an instance as
+//! skipped, and seed ISOs deleted once their VM is done (the results say what was left).
+
+mod mass_common;
+
+use failback_config::plan::{OnFailure, Plan, PlanFormat};
+use mass_common::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+fn names(r: &serde_json::Value) -> HashMap<String, serde_json::Value> {
+    r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let n = v["vm_name"].as_str().or(v["vm"].as_str()).unwrap();
+            (n.to_string(), v.clone())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_boot_option_and_snapshot_is_as_before() {
+    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs
+    let dr = DrService::start_for_simulation();
+    let vc = vcsim.client().await;
+    let vms = non_template_vms(&vc).await;
+    let name = |i: usize| vms[i].summary.name.clone();
+    let bios = |i: usize| vms[i].summary.bios_uuid.clone().unwrap();
+    let mut env = vcsim.cli_env();
+    env.extend(dr.cli_env());
+    let work = tempfile::tempdir().unwrap();
+
+    // VM 0: a CD-ROM and boot options of its own (the others keep vcsim's: an ATAPI drive,
+    // start-connected and connected, and empty boot options).
+    vm_config_customise(&vcsim, &name(0));
+    let before = vm_config_dump(&vcsim);
+
+    // `failback vcenter attach-iso --state` then `detach-iso --remove-added` on VM 3 (which
+    // no instance matches, so the mass run leaves it alone): the reused drive comes back
+    // exactly (checked with everything else at the end).
+    let ds = vcsim.datastore_dir("LocalDS_0");
+    std::fs::create_dir_all(ds.join("isos")).unwrap();
+    std::fs::write(ds.join("isos/tool.iso"), vec![7u8; 64 << 10]).unwrap();
+    let att = work.path().join("att.json");
+    let (code, out, err) = failback(
+        &[
+            "vcenter",
+            "attach-iso",
+            "--vm",
+            &name(3),
+            "--iso",
+            "isos/tool.iso",
+            "--state",
+            att.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("reused"), "{out}");
+    let mid = vm_config_dump(&vcsim);
+    assert!(
+        mid[&name(3)]["devices"]
+            .to_string()
+            .contains("[LocalDS_0] isos/tool.iso"),
+        "ISO not attached: {:#}",
+        mid[&name(3)]
+    );
+    let (code, out, err) = failback(
+        &[
+            "vcenter",
+            "detach-iso",
+            "--vm",
+            &name(3),
+            "--remove-added",
+            att.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // Instances for VMs 0..3; VM 3 has none.
+    for i in 0..3 {
+        dr.enroll_sim_agent(&bios(i), 64 << 20).await;
+    }
+    let plan_path = work.path().join("plan.toml");
+    let (code, out, err) = failback(
+        &[
+            "mass",
+            "plan",
+            "--one-click",
+            "--snapshot",
+            "-o",
+            plan_path.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let mut plan = Plan::load(&plan_path).unwrap();
+    // One-click lists the VM without an instance too (as an entry without one).
+    assert_eq!(plan.vms.len(), 4, "{plan:#?}");
+    let entry = |p: &mut Plan, i: usize| {
+        let n = name(i);
+        p.vms
+            .iter()
+            .position(|v| v.target.name.as_deref() == Some(n.as_str()))
+            .unwrap()
+    };
+    let e3 = entry(&mut plan, 3);
+    assert!(plan.vms[e3].recovery_instance.is_none());
+    let e1 = entry(&mut plan, 1);
+    plan.vms[e1].options.keep_snapshot = true;
+    let e2 = entry(&mut plan, 2);
+    plan.vms[e2].options.on_failure = OnFailure::Revert;
+    plan.vms[e2].options.timeouts.pair_secs = 8;
+    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+
+    // VM 2's client never pairs: it fails and is reverted.
+    let log = Arc::new(Mutex::new(SimLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let dirs: HashMap<String, _> = [("LOCALDS_0".to_string(), ds.clone())].into();
+    let sim = tokio::spawn(simulate_clients(
+        vcsim.config(),
+        dirs,
+        HashSet::from([bios(2)]),
+        log.clone(),
+        stop.clone(),
+    ));
+    let appliance = work.path().join("failback.iso");
+    std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
+    let results = work.path().join("results.json");
+    let state = work.path().join("state");
+    let args: Vec<String> = [
+        "mass",
+        "run",
+        plan_path.to_str().unwrap(),
+        "--parallel",
+        "4",
+        "--poll-ms",
+        "200",
+        "--appliance-iso",
+        appliance.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (code, out, err) = failback_async(args, env.clone()).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sim.await;
+    assert_eq!(code, 10, "VM 2 failed:\n{out}\n{err}");
+    assert!(
+        log.lock().unwrap().errors.is_empty(),
+        "{:?}",
+        log.lock().unwrap().errors
+    );
+
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    let by = names(&r);
+    assert_eq!(by[&name(0)]["status"], "succeeded", "{r:#}");
+    assert_eq!(by[&name(0)]["snapshot_outcome"], "removed");
+    assert_eq!(by[&name(1)]["status"], "succeeded");
+    // Bytes as the client reported them per disk, not the disk size.
+    for i in 0..2 {
+        let v = &by[&name(i)];
+        assert_eq!(v["disk_bytes"], 64 << 20, "{v:#}");
+        assert_eq!(v["differing_bytes"], 16 << 20, "{v:#}");
+        assert_eq!(v["fetched_bytes"], 4 << 20, "{v:#}");
+        assert_eq!(v["disks"][0]["differing_bytes"], 16 << 20, "{v:#}");
+        assert_eq!(v["disks"][0]["fetched_bytes"], 4 << 20, "{v:#}");
+    }
+    assert_eq!(by[&name(1)]["snapshot_outcome"], "kept");
+    let failed = &by[&name(2)];
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["snapshot_outcome"], "reverted");
+    let msg = failed["message"].as_str().unwrap();
+    assert!(
+        msg.contains("reverted to the protective snapshot") && msg.contains("powered on again"),
+        "{msg}"
+    );
+    assert_eq!(by[&name(3)]["status"], "skipped");
+    assert!(
+        by[&name(3)]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no recovery instance"),
+        "{:#}",
+        by[&name(3)]
+    );
+
+    // Seeds (one-time token + CA) are gone from the datastore and the work dir; only the
+    // shared appliance ISO is left, and the results say so.
+    for i in 0..3 {
+        assert_eq!(by[&name(i)]["seed_deleted"], true, "{:#}", by[&name(i)]);
+    }
+    let seeds: Vec<_> = std::fs::read_dir(ds.join("failback/seeds"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(seeds.is_empty(), "seeds left on the datastore: {seeds:?}");
+    let local: Vec<_> = std::fs::read_dir(state.join("work/seeds"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(local.is_empty(), "seeds left in the work dir: {local:?}");
+    assert_eq!(
+        r["left_behind"],
+        serde_json::json!(["failback/failback.iso"])
+    );
+    assert!(ds.join("failback/failback.iso").exists());
+
+    // Every VM, read by pyVmomi: same power state, every device and boot option as before;
+    // only VM 1 (keep_snapshot) has gained its protective snapshot.
+    let after = vm_config_dump(&vcsim);
+    assert_same_config(&before, &after, &[&name(1)]);
+}
+
+/// Runbook waves: wave N+1 starts only when wave N's VMs are back on their own disks and
+/// passed its readiness check; a wave whose VM fails with `on_failure = "stop"` keeps the
+/// later waves from starting, also after `--resume --retry-failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
+    use failback_config::plan::{Readiness, Wave, WavePolicy};
+    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs, no VMware Tools
+    let dr = DrService::start_for_simulation();
+    let vc = vcsim.client().await;
+    let vms = non_template_vms(&vc).await;
+    let name = |i: usize| vms[i].summary.name.clone();
+    let mut env = vcsim.cli_env();
+    env.extend(dr.cli_env());
+    let work = tempfile::tempdir().unwrap();
+    for v in &vms {
+        dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
+            .await;
+    }
+    let plan_path = work.path().join("plan.toml");
+    let (code, out, err) = failback(
+        &[
+            "mass",
+            "plan",
+            "--one-click",
+            "-o",
+            plan_path.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let mut plan = Plan::load(&plan_path).unwrap();
+    let wave = |n: &str, readiness| Wave {
+        name: n.into(),
+        on_failure: WavePolicy::Stop,
+        readiness,
+    };
+    plan.waves = vec![
+        wave("db", None),
+        // vcsim reports no VMware Tools: this wave's VM never gets ready.
+        wave(
+            "app",
+            Some(Readiness {
+                tools_running: true,
+                guest_ip: false,
+                tcp_port: None,
+                timeout_secs: 2,
+            }),
+        ),
+        wave("web", None),
+    ];
+    for v in &mut plan.vms {
+        let n = v.target.name.clone().unwrap();
+        v.wave = Some(
+            if n == name(0) || n == name(1) {
+                "db"
+            } else if n == name(2) {
+                "app"
+            } else {
+                "web"
+            }
+            .into(),
+        );
+    }
+    // Plan order is not wave order: the run must not depend on it.
+    plan.vms.reverse();
+    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+
+    let appliance = work.path().join("failback.iso");
+    std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
+    let results = work.path().join("results.json");
+    let state = work.path().join("state");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "mass",
+            "run",
+            plan_path.to_str().unwrap(),
+            "--parallel",
+            "4",
+            "--poll-ms",
+            "200",
+            "--appliance-iso",
+            appliance.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--results",
+            results.to_str().unwrap(),
+            "--progress",
+            "plain",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+
+    // The dry run shows the waves in order.
+    let (code, out, err) = failback_async(args(&["--dry-run"]), env.clone()).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let at = |s: &str| out.find(s).unwrap_or_else(|| panic!("{s} not in:\n{out}"));
+    assert!(at("== wave 1/3 db") < at(&name(0)) && at(&name(1)) < at("== wave 2/3 app"));
+    assert!(at("== wave 2/3 app") < at(&name(2)) && at(&name(2)) < at("== wave 3/3 web"));
+    assert!(at("readiness: VMware Tools running within 2 s") > 0);
+    assert!(at("== wave 3/3 web") < at(&name(3)));
+
+    let log = Arc::new(Mutex::new(SimLog::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let dirs: HashMap<String, _> =
+        [("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"))].into();
+    let sim = tokio::spawn(simulate_clients(
+        vcsim.config(),
+        dirs,
+        HashSet::new(),
+        log.clone(),
+        stop.clone(),
+    ));
+    let check = |r: &serde_json::Value| {
+        let by = names(r);
+        for i in 0..2 {
+            assert_eq!(by[&name(i)]["status"], "succeeded", "{r:#}");
+            assert_eq!(by[&name(i)]["wave"], "db");
+        }
+        let app = &by[&name(2)];
+        assert_eq!(app["status"], "failed", "{app:#}");
+        assert_eq!(app["failed_step"], "readiness");
+        assert!(
+            app["message"]
+                .as_str()
+                .unwrap()
+                .contains("VMware Tools are not running"),
+            "{app:#}"
+        );
+        let db_done = (0..2)
+            .map(|i| by[&name(i)]["finished_at"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert!(app["started_at"].as_u64().unwrap() >= db_done, "{r:#}");
+        let web = &by[&name(3)];
+        assert_eq!(web["status"], "pending", "{web:#}");
+        assert!(web["started_at"].is_null(), "{web:#}");
+        assert!(
+            web["message"].as_str().unwrap().contains("wave app"),
+            "{web:#}"
+        );
+    };
+    let (code, out, err) = failback_async(args(&[]), env.clone()).await;
+    assert_eq!(code, 10, "{out}\n{err}");
+    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
+    // Resume (retrying the failed VM): still not ready, so wave 3 still does not start.
+    let (code, out, err) = failback_async(args(&["--resume", "--retry-failed"]), env.clone()).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sim.await;
+    assert_eq!(code, 10, "{out}\n{err}");
+    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
+    assert!(
+        log.lock().unwrap().errors.is_empty(),
+        "{:?}",
+        log.lock().unwrap().errors
+    );
+}
