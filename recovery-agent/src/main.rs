@@ -71,6 +71,8 @@ struct ServeArgs {
     no_mmap: bool,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    track: failback_agent::TrackArgs,
 }
 
 fn main() -> ExitCode {
@@ -83,6 +85,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Serve(args) = &cli.command {
+        args.track.configure();
+    }
     let res = match cli.command {
         Command::DevCerts { dir, instance } => failback_agent::write_dev_certs(&dir, &instance)
             .map(|()| println!("wrote development certificates to {}", dir.display())),

@@ -9,6 +9,7 @@
 
 pub mod allow;
 pub mod block;
+pub mod cbt;
 pub mod client;
 pub mod conn;
 pub mod device;
@@ -25,7 +26,7 @@ pub mod tls;
 pub mod wire;
 pub mod writer;
 
-pub use client::{Mapping, Session, SyncOptions};
+pub use client::{HashCache, Mapping, Session, SyncOptions};
 pub use error::{Error, ErrorClass, Result};
 pub use progress::{NoProgress, Progress};
 pub use report::{DiskReport, SyncReport};
