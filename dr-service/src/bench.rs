@@ -159,6 +159,7 @@ async fn run_in(
                         replicated_bytes: 8 << 30,
                         rescanned_bytes: 8 << 30,
                         backlog_bytes: 0,
+                        ..Default::default()
                     }],
                     last_round_differing_bytes: Some(0),
                     last_round_secs: Some(1.0),

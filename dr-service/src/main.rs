@@ -59,9 +59,16 @@ struct ServeArgs {
     /// Raise FAILBACK_CLIENT_NOT_SEEN after this many seconds without a client heartbeat.
     #[arg(long, default_value_t = 60)]
     client_timeout_secs: u64,
-    /// Sync block size handed to clients (bytes, multiple of 4096).
-    #[arg(long, default_value_t = 64 << 10)]
+    /// Sync block size handed to clients (bytes: a power of two from 4096 to 4194304, the
+    /// replication engine's rule).
+    #[arg(long, default_value_t = 128 << 10,
+          value_parser = failback_config::block_size::parse_block_size)]
     block_size: u64,
+    /// How launches check the disks when the request does not say: `changes` (quiesce,
+    /// changed blocks, digests kept from cached hashes) or `full` (also re-read and re-hash
+    /// both sides).
+    #[arg(long, value_enum, default_value = "changes")]
+    launch_verify: LaunchVerifyArg,
     /// Write the bound address (host:port) to this file once listening (for scripts/tests).
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -166,14 +173,14 @@ fn main() -> ExitCode {
     })
 }
 
+/// `--launch-verify`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LaunchVerifyArg {
+    Changes,
+    Full,
+}
+
 async fn serve(a: ServeArgs) -> ExitCode {
-    if a.block_size == 0 || !a.block_size.is_multiple_of(4096) {
-        eprintln!(
-            "error: --block-size {} is not a positive multiple of 4096",
-            a.block_size
-        );
-        return ExitCode::from(2);
-    }
     let limits = match a.limits.limits() {
         Ok(l) => l,
         Err(e) => {
@@ -200,6 +207,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
             agent_timeout_secs: a.agent_timeout_secs.max(1),
             client_timeout_secs: a.client_timeout_secs.max(1),
             block_size: a.block_size,
+            launch_verify_full: a.launch_verify == LaunchVerifyArg::Full,
             ..Settings::default()
         },
         limits,

@@ -792,6 +792,15 @@ impl DiskJob {
                 ..
             } => {
                 tracing::info!(disk = %id, changes, dirty_bytes, "round plan; tracking: {note}");
+                self.progress.disk_planned(
+                    id,
+                    &crate::progress::RoundPlan {
+                        changes,
+                        backlog_bytes: dirty_bytes,
+                        lag_secs: lag_ms.map(|ms| ms as f64 / 1000.0),
+                        tracking: note.clone(),
+                    },
+                );
                 Ok(Planned {
                     changes,
                     token,

@@ -28,7 +28,7 @@ pub mod writer;
 
 pub use client::{HashCache, Mapping, Session, SyncOptions};
 pub use error::{Error, ErrorClass, Result};
-pub use progress::{NoProgress, Progress};
+pub use progress::{NoProgress, Progress, RoundPlan};
 pub use report::{DiskReport, SyncReport};
 pub use server::{serve, ServeOptions, SourceDisk};
 pub use tls::{ClientTls, ServerTls, TlsFiles};

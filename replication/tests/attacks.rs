@@ -61,6 +61,7 @@ fn sync_start(stream: u32) -> Message {
         disk: "d".into(),
         block_size: BS,
         estimate: true,
+        changes_since: None,
     }
 }
 

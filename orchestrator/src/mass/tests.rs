@@ -239,6 +239,7 @@ impl DrService for Fake {
                     replicated_bytes: 0,
                     rescanned_bytes: 0,
                     backlog_bytes: 1 << 20,
+                    ..Default::default()
                 }];
             }
             if ri.failback.client_id.as_deref() == Some(&format!("client-{id}"))

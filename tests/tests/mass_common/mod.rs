@@ -456,6 +456,7 @@ async fn sim_client(seed: &SeedConfig, bios: &str, log: &Arc<Mutex<SimLog>>) -> 
                 replicated_bytes: done,
                 rescanned_bytes: done,
                 backlog_bytes: (64 << 20) - done,
+                ..Default::default()
             })
             .collect::<Vec<_>>()
     };
