@@ -183,6 +183,8 @@ fn from_agent(m: &Message) -> bool {
             | Message::Blocks { .. }
             | Message::WindowDone { .. }
             | Message::SyncDone { .. }
+            | Message::SyncPlan { .. }
+            | Message::ChangesDone { .. }
             | Message::CommandDone { .. }
             | Message::Error { .. }
     )
