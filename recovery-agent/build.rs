@@ -12,9 +12,13 @@ fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("blocktrack.bpf.o");
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     let status = Command::new(&clang)
-        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror", "-c", src, "-o"])
+        .args([
+            "-target", "bpf", "-O2", "-g", "-Wall", "-Werror", "-c", src, "-o",
+        ])
         .arg(&out)
         .status()
-        .unwrap_or_else(|e| panic!("running {clang} to build {src} (install clang: make setup): {e}"));
+        .unwrap_or_else(|e| {
+            panic!("running {clang} to build {src} (install clang: make setup): {e}")
+        });
     assert!(status.success(), "{clang} failed to compile {src}");
 }

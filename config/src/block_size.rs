@@ -38,7 +38,9 @@ mod tests {
         for bad in [0u64, 512, 12288, 3 << 20, 8 << 20, 1 << 40] {
             assert!(validate_block_size(bad).is_err(), "{bad}");
         }
-        assert!(parse_block_size("12288").unwrap_err().contains("power of two"));
+        assert!(parse_block_size("12288")
+            .unwrap_err()
+            .contains("power of two"));
         assert_eq!(parse_block_size("131072"), Ok(131072));
     }
 }

@@ -215,15 +215,20 @@ pub fn start(
     let mut ebpf = load(opts)?;
     let err = |e: &dyn std::fmt::Display| Unavailable::Load(e.to_string());
     {
-        let mut targets: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(ebpf.map_mut("targets").ok_or_else(|| err(&"no targets map"))?)
-                .map_err(|e| err(&e))?;
+        let mut targets: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(
+            ebpf.map_mut("targets")
+                .ok_or_else(|| err(&"no targets map"))?,
+        )
+        .map_err(|e| err(&e))?;
         for r in &all {
             targets.insert(r.dev, 1, 0).map_err(|e| err(&e))?;
         }
     }
-    let ring = RingBuf::try_from(ebpf.take_map("events").ok_or_else(|| err(&"no events map"))?)
-        .map_err(|e| err(&e))?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map("events")
+            .ok_or_else(|| err(&"no events map"))?,
+    )
+    .map_err(|e| err(&e))?;
     let lost: Array<MapData, u64> =
         Array::try_from(ebpf.take_map("lost").ok_or_else(|| err(&"no lost map"))?)
             .map_err(|e| err(&e))?;
@@ -329,7 +334,10 @@ impl Shared {
             }
         }
         let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        let now = lost.0.get(&0, 0).map_err(|e| format!("reading the lost count: {e}"))?;
+        let now = lost
+            .0
+            .get(&0, 0)
+            .map_err(|e| format!("reading the lost count: {e}"))?;
         if now != lost.1 {
             let n = now.wrapping_sub(lost.1);
             lost.1 = now;
@@ -377,7 +385,10 @@ pub fn track(disks: &mut [failback_replication::SourceDisk]) -> Option<Tracker> 
         track_disks(&specs, opts)
     } else {
         let off = "unavailable: turned off (--no-change-tracking)".to_owned();
-        (None, specs.iter().map(|s| (s.0.clone(), off.clone())).collect())
+        (
+            None,
+            specs.iter().map(|s| (s.0.clone(), off.clone())).collect(),
+        )
     };
     for (d, (id, _, map)) in disks.iter_mut().zip(specs) {
         let st = status.get(&id).cloned().unwrap_or_default();

@@ -280,7 +280,11 @@ async fn whole_disk_refetch_does_not_buffer_the_disk() {
         .into_iter()
         .filter(|m| !matches!(m, Message::SyncPlan { .. }))
         .collect();
-    assert_eq!(got.len(), 4, "four windows compared, nothing else (besides the plans)");
+    assert_eq!(
+        got.len(),
+        4,
+        "four windows compared, nothing else (besides the plans)"
+    );
     let before = rss_anon(agent.pid());
     let peak = Peak::start(agent.pid());
     for stream in 1..=4 {

@@ -69,7 +69,11 @@ fn write_buffered(dev: &Path, offset: u64, data: &[u8]) {
 }
 
 fn certs(dir: &Path) -> ClientTls {
-    let out = Command::new(AGENT).arg("dev-certs").arg(dir).output().unwrap();
+    let out = Command::new(AGENT)
+        .arg("dev-certs")
+        .arg(dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     ClientTls::from_files(&failback_replication::TlsFiles {
         ca: dir.join("ca.pem"),
@@ -98,7 +102,11 @@ fn agent(dir: &Path, disk: &Path, extra: &[&str]) -> (KillOnDrop, String) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
     (KillOnDrop(child), addr)
 }
 
@@ -142,7 +150,11 @@ fn assert_same(src: &Path, dst: &Path) {
 
 fn setup(size: u64, extra: &[&str]) -> (Loop, tempfile::TempDir, KillOnDrop, Client) {
     let src = Loop::new(size);
-    write_direct(&src.dev, 0, &random_bytes(1, usize::try_from(4 * MIB).unwrap()));
+    write_direct(
+        &src.dev,
+        0,
+        &random_bytes(1, usize::try_from(4 * MIB).unwrap()),
+    );
     let dir = tempfile::tempdir().unwrap();
     let tls = certs(dir.path());
     let (agent, addr) = agent(dir.path(), &src.dev, extra);
@@ -163,16 +175,26 @@ async fn tracked_rounds_send_only_changes_and_catch_racing_writes() {
     let (src, _dir, _agent, c) = setup(64 * MIB, &[]);
     let r1 = c.round().await;
     assert_eq!(r1.round_kind, "compare");
-    assert!(r1.tracking.starts_with("rescan: tracking started"), "{r1:?}");
+    assert!(
+        r1.tracking.starts_with("rescan: tracking started"),
+        "{r1:?}"
+    );
     assert!(r1.target_read);
     assert_same(&src.dev, &c.target);
 
     let r2 = c.round().await;
-    assert_eq!((r2.round_kind.as_str(), r2.tracking.as_str()), ("changes", "on"));
+    assert_eq!(
+        (r2.round_kind.as_str(), r2.tracking.as_str()),
+        ("changes", "on")
+    );
     assert_eq!((r2.blocks_differing, r2.target_read), (0, false));
 
     write_direct(&src.dev, 10 * BS, &random_bytes(2, 4096)); // block 10
-    write_direct(&src.dev, 20 * BS, &random_bytes(3, usize::try_from(3 * BS).unwrap())); // 20..23
+    write_direct(
+        &src.dev,
+        20 * BS,
+        &random_bytes(3, usize::try_from(3 * BS).unwrap()),
+    ); // 20..23
     write_buffered(&src.dev, 700 * BS + 512, &random_bytes(4, 100)); // block 700
     let r3 = c.round().await;
     assert_eq!(r3.round_kind, "changes");
@@ -218,7 +240,12 @@ async fn tracked_rounds_send_only_changes_and_catch_racing_writes() {
 /// the next round is a hash compare that still reads nothing on the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_events_make_a_rescan() {
-    let extra = ["--tracker-ring-bytes", "4096", "--tracker-poll-ms", "600000"];
+    let extra = [
+        "--tracker-ring-bytes",
+        "4096",
+        "--tracker-poll-ms",
+        "600000",
+    ];
     let (src, _dir, _agent, c) = setup(32 * MIB, &extra);
     c.round().await;
     for i in 0..400u64 {
@@ -230,7 +257,10 @@ async fn lost_events_make_a_rescan() {
     assert!(!r.target_read, "the rescan compares against cached hashes");
     assert_same(&src.dev, &c.target);
     let again = c.round().await;
-    assert_eq!((again.round_kind.as_str(), again.blocks_differing), ("changes", 0));
+    assert_eq!(
+        (again.round_kind.as_str(), again.blocks_differing),
+        ("changes", 0)
+    );
 }
 
 /// A restarted agent knows nothing of the writes while it was down: hash compare.

@@ -105,7 +105,10 @@ impl Bits {
     }
     fn set_range(&mut self, first: u64, end: u64) {
         for g in first..end {
-            if let Some(w) = self.words.get_mut(usize::try_from(g / 64).unwrap_or(usize::MAX)) {
+            if let Some(w) = self
+                .words
+                .get_mut(usize::try_from(g / 64).unwrap_or(usize::MAX))
+            {
                 *w |= 1 << (g % 64);
             }
         }
@@ -348,12 +351,14 @@ mod tests {
         let c4 = m.cut(Some(c3.token), 65536);
         assert_eq!(changes(&c4), &[] as &[(u64, u64)]);
         let other = DirtyMap::new(MIB); // an agent restart
-        assert!(matches!(&other.cut(Some(c4.token), 65536).plan, Plan::Rescan(_)));
-        let stale = Token {
-            cut: 1,
-            ..c4.token
-        };
-        assert!(matches!(&m.cut(Some(stale), 65536).plan, Plan::Rescan(r) if r.contains("unknown")));
+        assert!(matches!(
+            &other.cut(Some(c4.token), 65536).plan,
+            Plan::Rescan(_)
+        ));
+        let stale = Token { cut: 1, ..c4.token };
+        assert!(
+            matches!(&m.cut(Some(stale), 65536).plan, Plan::Rescan(r) if r.contains("unknown"))
+        );
     }
 
     #[test]
@@ -363,7 +368,10 @@ mod tests {
         m.lose("ring buffer overflow: 3 events lost");
         let c2 = m.cut(Some(c1.token), 65536);
         assert!(matches!(&c2.plan, Plan::Rescan(r) if r.contains("overflow")));
-        assert_eq!(c2.backlog_bytes, MIB, "a lost event makes the whole disk backlog");
+        assert_eq!(
+            c2.backlog_bytes, MIB,
+            "a lost event makes the whole disk backlog"
+        );
         let c3 = m.cut(Some(c2.token), 65536);
         assert_eq!(changes(&c3), &[] as &[(u64, u64)]);
         m.set_drain(Box::new(|| Err("ring buffer poll failed".into())));

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::block::{self, DiskDigest, VerifiedRun, ZeroHashes};
+use crate::cbt::Token;
 use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
 use crate::error::{Error, Result};
 pub use crate::hashing::default_hash_threads;
@@ -22,7 +23,6 @@ use crate::hashing::LocalHashes;
 use crate::progress::Progress;
 use crate::report::{DiskReport, SyncReport};
 use crate::tls::{ClientTls, AGENT_SERVER_NAME};
-use crate::cbt::Token;
 use crate::wire::{
     DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, HASH_LEN, PROTOCOL_VERSION,
 };
@@ -895,17 +895,24 @@ impl DiskJob {
                     }
                     bytes_fetched += blocks.iter().map(|b| b.payload.len() as u64).sum::<u64>();
                     let bad = self
-                        .verify_and_write(first_block, blocks, &zeros, direct, &mut writer, |idx, h| {
-                            if let Some(slot) =
-                                hashes.get_mut(usize::try_from(idx).unwrap_or(usize::MAX))
-                            {
-                                *slot = h;
-                            }
-                            pending.remove(&idx);
-                            if received.insert(idx) {
-                                bytes_differing += block::block_len(size, bs, idx);
-                            }
-                        })
+                        .verify_and_write(
+                            first_block,
+                            blocks,
+                            &zeros,
+                            direct,
+                            &mut writer,
+                            |idx, h| {
+                                if let Some(slot) =
+                                    hashes.get_mut(usize::try_from(idx).unwrap_or(usize::MAX))
+                                {
+                                    *slot = h;
+                                }
+                                pending.remove(&idx);
+                                if received.insert(idx) {
+                                    bytes_differing += block::block_len(size, bs, idx);
+                                }
+                            },
+                        )
                         .await?;
                     for b in bad {
                         let n = attempts.entry(b.block).or_insert(0);
@@ -935,10 +942,10 @@ impl DiskJob {
                         }
                     }
                 }
-                Message::ChangesDone { blocks, .. } if expected.is_none() => expected = Some(blocks),
-                Message::SyncDone {
-                    blocks, digest, ..
-                } => {
+                Message::ChangesDone { blocks, .. } if expected.is_none() => {
+                    expected = Some(blocks)
+                }
+                Message::SyncDone { blocks, digest, .. } => {
                     if !sent_end || blocks != nblocks {
                         return Err(self.protocol(format!("premature SyncDone for disk {id}")));
                     }

@@ -854,7 +854,10 @@ impl StreamWorker {
                         let mut fresh = Vec::new();
                         let r = self.refetch(first_block, count, &zeros, &in_flight, &mut fresh);
                         for (b, h) in fresh {
-                            if let Some(slot) = cache.as_mut().and_then(|c| c.get_mut(usize::try_from(b).unwrap_or(usize::MAX))) {
+                            if let Some(slot) = cache
+                                .as_mut()
+                                .and_then(|c| c.get_mut(usize::try_from(b).unwrap_or(usize::MAX)))
+                            {
                                 *slot = h;
                             }
                         }
@@ -934,7 +937,10 @@ impl StreamWorker {
                 self.disk.info.id
             )),
             Ok(_) => {}
-            Err(e) => map.lose(format!("cannot read the size of {}: {e}", self.disk.path.display())),
+            Err(e) => map.lose(format!(
+                "cannot read the size of {}: {e}",
+                self.disk.path.display()
+            )),
         }
         let cut = map.cut(self.changes_since, self.block_size);
         let lag_ms = cut
@@ -1021,7 +1027,12 @@ impl StreamWorker {
         if self.disk.tracking.map.is_none() {
             return; // no changes rounds without tracking: keep no memory
         }
-        *self.disk.tracking.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(AgentCache {
+        *self
+            .disk
+            .tracking
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(AgentCache {
             block_size: self.block_size,
             hashes,
         });

@@ -212,7 +212,11 @@ pub enum Message {
         note: String,
     },
     /// A→C: every changed block of a changes round was sent: `blocks` blocks, `bytes` bytes.
-    ChangesDone { stream: u32, blocks: u64, bytes: u64 },
+    ChangesDone {
+        stream: u32,
+        blocks: u64,
+        bytes: u64,
+    },
     /// C→A: the client's hashes of blocks `first_block..first_block+hashes.len()` (one window).
     Hashes {
         stream: u32,
@@ -1008,7 +1012,10 @@ mod tests {
                     disk: "d0".into(),
                     block_size: 65536,
                     estimate: false,
-                    changes_since: Some(Token { session: 0x0102, cut: 3 }),
+                    changes_since: Some(Token {
+                        session: 0x0102,
+                        cut: 3,
+                    }),
                 },
                 "0000001f10000000070002643000010000 00 01 0000000000000102 0000000000000003"
                     .replace(' ', ""),
@@ -1017,7 +1024,10 @@ mod tests {
                 Message::SyncPlan {
                     stream: 7,
                     changes: true,
-                    token: Some(Token { session: 0x0102, cut: 4 }),
+                    token: Some(Token {
+                        session: 0x0102,
+                        cut: 4,
+                    }),
                     dirty_bytes: 65536,
                     lag_ms: Some(1500),
                     note: "on".into(),
