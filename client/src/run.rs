@@ -396,7 +396,9 @@ impl Progress for ReportProgress {
                 // A hash compare's backlog is unknown until compared: the service shows RESCAN.
                 d.backlog_bytes = if plan.changes { plan.backlog_bytes } else { 0 };
                 d.tracking = Some(plan.tracking.clone());
-                d.lag_secs = plan.lag_secs.map(|l| l as u64);
+                d.lag_secs = plan
+                    .lag_secs
+                    .map(|l| std::time::Duration::from_secs_f64(l.max(0.0)).as_secs());
             }
         }
         self.state.kick.notify_one();

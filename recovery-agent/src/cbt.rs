@@ -194,12 +194,15 @@ fn mount_tracefs() {
     }
 }
 
+/// Disks that cannot be tracked, with the reason.
+pub type Skipped = Vec<(String, Unavailable)>;
+
 /// Starts tracking `disks` (`(id, path, map)`). Disks that cannot be tracked come back with
 /// the reason; an error means nothing can be tracked at all.
 pub fn start(
     disks: &[(String, PathBuf, Arc<DirtyMap>)],
     opts: TrackerOptions,
-) -> Result<(Option<Tracker>, Vec<(String, Unavailable)>), Unavailable> {
+) -> Result<(Option<Tracker>, Skipped), Unavailable> {
     let mut all = Vec::new();
     let mut skipped = Vec::new();
     for (id, path, map) in disks {

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve disks (block devices or image files) read-only over mutual TLS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a development CA plus agent and client certificates (client for instance `dev`).
     DevCerts {
         /// Directory for ca.pem ca-key.pem agent.pem agent-key.pem client.pem client-key.pem.
@@ -117,7 +117,7 @@ fn main() -> ExitCode {
                 ca: args.ca,
             })
         }
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

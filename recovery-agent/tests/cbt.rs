@@ -214,7 +214,7 @@ async fn tracked_rounds_send_only_changes_and_catch_racing_writes() {
             while !stop.load(Ordering::SeqCst) {
                 let block = (i * 7919) % 1024;
                 let data = random_bytes(100 + i, 4096);
-                if i % 3 == 0 {
+                if i.is_multiple_of(3) {
                     write_buffered(&dev, block * BS + 4096 * (i % 16), &data);
                 } else {
                     write_direct(&dev, block * BS + 4096 * (i % 16), &data);

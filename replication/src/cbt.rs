@@ -156,8 +156,8 @@ impl DirtyMap {
             // No entropy source: the clock still differs between agent runs.
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            seed = (t as u64 ^ u64::from(std::process::id())).to_le_bytes();
+                .map_or(0, |d| d.subsec_nanos());
+            seed = (u64::from(t) << 32 | u64::from(std::process::id())).to_le_bytes();
         }
         DirtyMap {
             size,

@@ -791,11 +791,14 @@ struct StreamWorker {
     fault: Option<Arc<FaultInjection>>,
 }
 
+/// `(first_block, count)` runs of blocks.
+type BlockRuns = Vec<(u64, u64)>;
+
 /// What one round covers, decided at its start (before any read).
 struct RoundPlan {
     /// `Some`: a changes round over these block runs (with the agent's cached hashes);
     /// `None`: a hash compare.
-    changes: Option<(Vec<(u64, u64)>, Vec<Hash>)>,
+    changes: Option<(BlockRuns, Vec<Hash>)>,
     message: Message,
 }
 
