@@ -5,11 +5,12 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-# Debian packages the tests and tools need. qemu-system-x86 removes the preinstalled
+# Debian packages the tests and tools need (clang: the agent's eBPF change tracker, built by
+# recovery-agent/build.rs). qemu-system-x86 removes the preinstalled
 # qemu-utils 10 backport, so qemu-utils is pinned to bookworm in the same apt line.
 APT_PACKAGES := qemu-system-x86 qemu-utils/bookworm ovmf golang-go golang-github-vmware-govmomi-dev \
 	xorriso nbdkit libnbd-bin rsync socat musl-tools cpio jq dosfstools mtools fdisk e2fsprogs mount \
-	postgresql chromium chromium-driver python3-pyvmomi
+	postgresql chromium chromium-driver python3-pyvmomi clang
 
 VCSIM := target/vcsim/vcsim
 HYPERVISOR := target/hypervisor/hypervisor
@@ -39,7 +40,7 @@ iso-inputs:
 
 target/.setup-apt: Makefile
 	@mkdir -p target
-	@missing=0; for p in qemu-system-x86_64 qemu-img xorriso nbdkit nbdcopy rsync socat go musl-gcc cpio jq mkfs.vfat mcopy sfdisk mkfs.ext4 losetup swapon partx chromium chromedriver; do \
+	@missing=0; for p in qemu-system-x86_64 qemu-img xorriso nbdkit nbdcopy rsync socat go musl-gcc cpio jq mkfs.vfat mcopy sfdisk mkfs.ext4 losetup swapon partx chromium chromedriver clang; do \
 		command -v $$p >/dev/null || missing=1; done; \
 	[ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || missing=1; \
 	[ -f /usr/share/OVMF/OVMF_CODE_4M.ms.fd ] || missing=1; \

@@ -347,6 +347,8 @@ struct Shared {
     agent_address: String,
     bandwidth: Option<u64>,
     heartbeat_secs: u64,
+    /// The launch asked for a full re-read and re-hash of both sides.
+    verify_full: bool,
     /// Set when the service no longer knows the client (wiped, or replaced by a new pairing).
     unauthorized: bool,
 }
@@ -391,10 +393,28 @@ impl Progress for ReportProgress {
             u.disk_started(disk, total);
         }
     }
+    fn disk_planned(&self, disk: &str, plan: &failback_replication::RoundPlan) {
+        {
+            let mut s = self.state.lock();
+            if let Some(d) = s.report.disks.iter_mut().find(|d| d.remote_id == disk) {
+                // A hash compare's backlog is unknown until compared: the service shows RESCAN.
+                d.backlog_bytes = if plan.changes { plan.backlog_bytes } else { 0 };
+                d.tracking = Some(plan.tracking.clone());
+                d.lag_secs = plan
+                    .lag_secs
+                    .map(|l| std::time::Duration::from_secs_f64(l.max(0.0)).as_secs());
+            }
+        }
+        self.state.kick.notify_one();
+        if let Some(u) = &self.ui {
+            u.disk_planned(disk, plan);
+        }
+    }
     fn disk_advanced(&self, disk: &str, compared: u64, fetched: u64) {
         {
             let mut s = self.state.lock();
             if let Some(d) = s.report.disks.iter_mut().find(|d| d.remote_id == disk) {
+                d.backlog_bytes = d.backlog_bytes.saturating_sub(fetched);
                 d.rescanned_bytes = d
                     .rescanned_bytes
                     .saturating_add(compared)
@@ -445,6 +465,7 @@ async fn heartbeat_once(api: &Api, secret: &str, state: &State) -> Result<(), Ap
                 s.agent_address = a;
             }
             s.bandwidth = resp.bandwidth_limit_mbps;
+            s.verify_full = resp.verify_full;
             s.heartbeat_secs = resp.heartbeat_interval_secs.max(1);
             drop(s);
             if changed {
@@ -697,6 +718,7 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
             bandwidth: paired.bandwidth_limit_mbps,
             heartbeat_secs: paired.heartbeat_interval_secs.max(1),
             unauthorized: false,
+            verify_full: false,
         }),
         changed: Notify::new(),
         kick: Notify::new(),
@@ -805,6 +827,8 @@ async fn replicate(
     id: &str,
 ) -> Result<RunOutcome, RunError> {
     let mut session: Option<(String, Session)> = None;
+    // The hashes of everything written: after round 1 the targets are not read again.
+    let cache = Arc::new(failback_replication::HashCache::default());
     let mut round: u64 = 0;
     let mut consistent = false;
     let mut unreachable_reported = false;
@@ -922,10 +946,14 @@ async fn replicate(
             bw.map(|b| format!(", limit {b} Mbit/s"))
                 .unwrap_or_default()
         ));
+        if launching && state.lock().verify_full {
+            console.say("verify full: re-reading and re-hashing both sides in the final round");
+            cache.clear();
+        }
         let t0 = Instant::now();
         // A stop request aborts a running round; everything written so far stays verified.
         let outcome = tokio::select! {
-            r = sess.sync(mappings, &sync_opts, progress.clone()) => Some(r),
+            r = sess.sync_cached(mappings, &sync_opts, progress.clone(), &cache) => Some(r),
             _ = async {
                 loop {
                     state.changed.notified().await;

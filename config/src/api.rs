@@ -149,7 +149,8 @@ pub struct DiskProgress {
     pub replicated_bytes: u64,
     /// Bytes compared (hashed) in the current round.
     pub rescanned_bytes: u64,
-    /// Bytes known to differ and not yet written.
+    /// Bytes known to differ and not yet written: what the agent's change tracker saw
+    /// change and the client has not received yet.
     pub backlog_bytes: u64,
     /// Bytes that differed from the recovery volume and were written, summed over the
     /// rounds of this failback so far (the client's own count; absent from older clients).
@@ -159,6 +160,13 @@ pub struct DiskProgress {
     /// nothing), summed over the rounds of this failback so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetched_bytes: Option<u64>,
+    /// The agent's change tracking for this disk in the current round: `on`,
+    /// `unavailable: <why>` or `rescan: <why>` (a hash compare of the whole disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<String>,
+    /// Age in seconds of the oldest change not yet received, at the round's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_secs: Option<u64>,
 }
 
 /// Identification hints of the original source server (AWS `IdentificationHints`).
@@ -399,6 +407,9 @@ pub struct PairResponse {
     /// Bandwidth limit in Mbit/s (`None` = unlimited).
     pub bandwidth_limit_mbps: Option<u64>,
     pub heartbeat_interval_secs: u64,
+    /// With `command` LAUNCH: re-read and re-hash both sides in the final round.
+    #[serde(default)]
+    pub verify_full: bool,
 }
 
 /// `POST /v1/pair` answer to a pairing token that was already used for a failback that has
@@ -528,6 +539,9 @@ pub struct ClientCommandResponse {
     pub agent_address: Option<String>,
     pub bandwidth_limit_mbps: Option<u64>,
     pub heartbeat_interval_secs: u64,
+    /// With `command` LAUNCH: re-read and re-hash both sides in the final round.
+    #[serde(default)]
+    pub verify_full: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -735,6 +749,22 @@ pub struct UpdateReplicationConfig {
 #[serde(deny_unknown_fields)]
 pub struct LaunchRequest {
     pub recovery_instance_ids: Vec<String>,
+    /// How the final round checks the disks; `None`: the service's `--launch-verify` default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<LaunchVerify>,
+}
+
+/// How the final round at launch checks the disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LaunchVerify {
+    /// Quiesce, send the blocks changed since the last round, compare the whole-disk digests
+    /// kept up to date from cached hashes on both sides.
+    #[default]
+    Changes,
+    /// Also re-read and re-hash both disks completely (the client's target and the agent's
+    /// volume) before comparing the digests.
+    Full,
 }
 
 /// Per-instance result of a launch request.
@@ -778,6 +808,9 @@ pub struct FailbackStatus {
     pub failback_to_original_server: bool,
     pub launch_requested_at: Option<u64>,
     pub launch_job_id: Option<String>,
+    /// The launch asked for a full re-read and re-hash of both sides (`--verify full`).
+    #[serde(default)]
+    pub launch_verify_full: bool,
     pub completed_at: Option<u64>,
     pub first_byte_at: Option<u64>,
     pub steps: Vec<InitiationStep>,

@@ -5,6 +5,7 @@
 //! code. All structs use `deny_unknown_fields`: a typo in a config is an error, not a silent
 //! default.
 pub mod api;
+pub mod block_size;
 pub mod plan;
 pub mod seed;
 pub mod stdio;

@@ -59,16 +59,23 @@ struct ServeArgs {
     /// Raise FAILBACK_CLIENT_NOT_SEEN after this many seconds without a client heartbeat.
     #[arg(long, default_value_t = 60)]
     client_timeout_secs: u64,
-    /// Sync block size handed to clients (bytes, multiple of 4096).
-    #[arg(long, default_value_t = 64 << 10)]
+    /// Sync block size handed to clients (bytes: a power of two from 4096 to 4194304, the
+    /// replication engine's rule).
+    #[arg(long, default_value_t = 128 << 10,
+          value_parser = failback_config::block_size::parse_block_size)]
     block_size: u64,
-    /// Write the bound address (host:port) to this file once listening (for scripts/tests).
+    /// How launches check the disks when the request does not say: `changes` (quiesce,
+    /// changed blocks, digests kept from cached hashes) or `full` (also re-read and re-hash
+    /// both sides).
+    #[arg(long, value_enum, default_value = "changes")]
+    launch_verify: LaunchVerifyArg,
     /// Web console (`/console`): a login session ends this many seconds after it began.
     #[arg(long, default_value_t = 8 * 3600)]
     console_session_secs: u64,
     /// Web console: seconds between two samples of progress and state counts (charts).
     #[arg(long, default_value_t = 30)]
     console_sample_secs: u64,
+    /// Write the bound address (host:port) to this file once listening (for scripts/tests).
     #[arg(long)]
     addr_file: Option<PathBuf>,
     #[command(flatten)]
@@ -172,14 +179,14 @@ fn main() -> ExitCode {
     })
 }
 
+/// `--launch-verify`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LaunchVerifyArg {
+    Changes,
+    Full,
+}
+
 async fn serve(a: ServeArgs) -> ExitCode {
-    if a.block_size == 0 || !a.block_size.is_multiple_of(4096) {
-        eprintln!(
-            "error: --block-size {} is not a positive multiple of 4096",
-            a.block_size
-        );
-        return ExitCode::from(2);
-    }
     let limits = match a.limits.limits() {
         Ok(l) => l,
         Err(e) => {
@@ -208,6 +215,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
             block_size: a.block_size,
             console_session_secs: a.console_session_secs.max(1),
             console_sample_secs: a.console_sample_secs.max(1),
+            launch_verify_full: a.launch_verify == LaunchVerifyArg::Full,
             ..Settings::default()
         },
         limits,

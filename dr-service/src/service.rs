@@ -45,6 +45,9 @@ pub struct Settings {
     pub console_session_secs: u64,
     /// Web console: seconds between two samples of progress and state counts (charts).
     pub console_sample_secs: u64,
+    /// Launches re-read and re-hash both sides unless the request says otherwise
+    /// (`--launch-verify full`).
+    pub launch_verify_full: bool,
 }
 
 impl Default for Settings {
@@ -58,6 +61,7 @@ impl Default for Settings {
             log_dir: PathBuf::from("logs"),
             console_session_secs: 8 * 3600,
             console_sample_secs: 30,
+            launch_verify_full: false,
         }
     }
 }
@@ -576,7 +580,21 @@ impl Service {
             let mut inst = old.clone();
             inst.failback.launch_requested_at = Some(now);
             inst.failback.launch_job_id = Some(job.clone());
-            b.event(now, Some(id), "LAUNCH_REQUESTED", format!("job {job}"));
+            let full = req.verify.map_or(self.settings.launch_verify_full, |v| {
+                v == failback_config::api::LaunchVerify::Full
+            });
+            inst.failback.launch_verify_full = full;
+            let verify = if full {
+                "verify full (re-read and re-hash both sides)"
+            } else {
+                "verify changes (changed blocks + digests)"
+            };
+            b.event(
+                now,
+                Some(id),
+                "LAUNCH_REQUESTED",
+                format!("job {job}; {verify}"),
+            );
             b.put(Some(&old), inst);
             results.push(LaunchResult {
                 recovery_instance_id: id.clone(),
@@ -605,6 +623,7 @@ impl Service {
         set_replication(f, ReplicationState::Stopped);
         f.launch_requested_at = None;
         f.launch_job_id = None;
+        f.launch_verify_full = false;
         f.errors.clear();
         let mut b = Batch::by(actor);
         for mut c in self.store.clients_of(id)? {
@@ -1073,6 +1092,7 @@ impl Service {
             block_size: self.settings.block_size,
             bandwidth_limit_mbps: Self::bandwidth(&inst),
             heartbeat_interval_secs: self.settings.heartbeat_secs,
+            verify_full: inst.failback.launch_verify_full,
         };
         b.put(Some(&old), inst);
         self.store.apply(b)?;
@@ -1128,6 +1148,7 @@ impl Service {
                 agent_address: Self::agent_address_for(&inst),
                 bandwidth_limit_mbps: Self::bandwidth(&inst),
                 heartbeat_interval_secs: self.settings.heartbeat_secs,
+                verify_full: false,
             });
         }
         self.apply_report(&mut inst, &rep, now, &mut b);
@@ -1149,6 +1170,7 @@ impl Service {
             agent_address: Self::agent_address_for(&inst),
             bandwidth_limit_mbps: Self::bandwidth(&inst),
             heartbeat_interval_secs: self.settings.heartbeat_secs,
+            verify_full: inst.failback.launch_verify_full,
         };
         b.put(Some(&old), inst);
         self.store.apply(b)?;
@@ -1214,12 +1236,20 @@ impl Service {
                     f.round = rep.round;
                     f.round_started_at = Some(now);
                 }
+                let rescan = rep.disks.iter().any(|d| {
+                    d.tracking
+                        .as_deref()
+                        .is_some_and(|t| t.starts_with("rescan:"))
+                });
                 let to = if rep.round <= 1 {
                     if f.failback_to_original_server {
                         ReplicationState::Rescan
                     } else {
                         ReplicationState::InitialSync
                     }
+                } else if rescan {
+                    // The agent's tracker may have missed a write: a whole-disk hash compare.
+                    ReplicationState::Rescan
                 } else if f.replication_state == ReplicationState::Continuous
                     && backlog < BACKLOG_THRESHOLD
                 {
@@ -1230,7 +1260,12 @@ impl Service {
                     ReplicationState::Rescan
                 };
                 set_replication(f, to);
-                // ETA from the hashing rate of this round.
+                // Lag: the agent's age of the oldest change not yet received.
+                if let Some(lag) = rep.disks.iter().filter_map(|d| d.lag_secs).max() {
+                    f.lag_secs = Some(lag);
+                }
+                // ETA from the rate of this round: bytes compared (hash-compare rounds) or
+                // backlog received (changes rounds).
                 let total: u64 = rep.disks.iter().map(|d| d.total_bytes).sum();
                 let done: u64 = rep.disks.iter().map(|d| d.rescanned_bytes).sum();
                 let elapsed = now.saturating_sub(f.round_started_at.unwrap_or(now));

@@ -186,9 +186,14 @@ impl AdminClient {
     }
 
     /// AWS `StartFailbackLaunch` for 1..=200 instances.
-    pub async fn launch(&self, ids: &[String]) -> Result<LaunchResponse, AdminError> {
+    pub async fn launch(
+        &self,
+        ids: &[String],
+        verify: Option<failback_config::api::LaunchVerify>,
+    ) -> Result<LaunchResponse, AdminError> {
         let req = LaunchRequest {
             recovery_instance_ids: ids.to_vec(),
+            verify,
         };
         self.call(reqwest::Method::POST, "/v1/admin/launch", Some(&req))
             .await

@@ -2,6 +2,7 @@
 //! paired failback client over the replication protocol (mutual TLS, see
 //! `failback_replication::server`).
 
+pub mod cbt;
 pub mod enroll;
 
 use std::path::{Path, PathBuf};
@@ -79,6 +80,33 @@ impl LimitArgs {
     }
 }
 
+/// Change-block tracking flags (see [`cbt`]).
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct TrackArgs {
+    /// Do not track changed blocks: every round hash-compares the whole disk.
+    #[arg(long)]
+    pub no_change_tracking: bool,
+    /// Tracker ring buffer in bytes (power of two, at least 4096; a record takes 24 bytes).
+    /// Tests shrink it to provoke an overflow.
+    #[arg(long, value_name = "BYTES", default_value_t = cbt::TrackerOptions::default().ring_bytes, hide = true)]
+    pub tracker_ring_bytes: u32,
+    /// How often (ms) the tracker drains its ring buffer (every round's start drains it too).
+    #[arg(long, value_name = "MS", default_value_t = 5, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tracker_poll_ms: u64,
+}
+
+impl TrackArgs {
+    /// Sets the process's tracker options from these flags.
+    pub fn configure(&self) {
+        cbt::configure(cbt::TrackerOptions {
+            enabled: !self.no_change_tracking,
+            ring_bytes: self.tracker_ring_bytes,
+            poll: std::time::Duration::from_millis(self.tracker_poll_ms),
+        });
+    }
+}
+
 /// A default count as a flag value.
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -112,7 +140,7 @@ pub fn open_disks(specs: &[(String, PathBuf)]) -> Result<Vec<SourceDisk>, AgentE
 /// Serves `disks` on `listener` (connections are independent; failed accepts are retried).
 pub async fn serve(
     listener: TcpListener,
-    disks: Vec<SourceDisk>,
+    mut disks: Vec<SourceDisk>,
     tls: ServerTls,
     opts: AgentOptions,
 ) -> Result<(), AgentError> {
@@ -129,6 +157,7 @@ pub async fn serve(
             "serving read-only"
         );
     }
+    let _tracker = cbt::track(&mut disks);
     failback_replication::serve(listener, disks, tls, opts)
         .await
         .map_err(|source| AgentError::Listen { addr, source })

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve disks (block devices or image files) read-only over mutual TLS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a development CA plus agent and client certificates (client for instance `dev`).
     DevCerts {
         /// Directory for ca.pem ca-key.pem agent.pem agent-key.pem client.pem client-key.pem.
@@ -71,6 +71,8 @@ struct ServeArgs {
     no_mmap: bool,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    track: failback_agent::TrackArgs,
 }
 
 fn main() -> ExitCode {
@@ -83,6 +85,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Serve(args) = &cli.command {
+        args.track.configure();
+    }
     let res = match cli.command {
         Command::DevCerts { dir, instance } => failback_agent::write_dev_certs(&dir, &instance)
             .map(|()| println!("wrote development certificates to {}", dir.display())),
@@ -112,7 +117,7 @@ fn main() -> ExitCode {
                 ca: args.ca,
             })
         }
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

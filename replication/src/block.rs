@@ -7,10 +7,7 @@ use std::cell::RefCell;
 
 use crate::wire::{Encoding, Hash, WireBlock};
 
-/// Smallest block size.
-pub const MIN_BLOCK_SIZE: u32 = 4096;
-/// Largest block size.
-pub const MAX_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
+pub use failback_config::block_size::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 /// Default block size.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Bytes read and hashed per batch (one memory map, or several cache-sized reads).
@@ -24,15 +21,10 @@ pub const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// memory map depends on the page cache; see [`crate::scan`].
 pub const SCAN_BYTES: usize = 128 * 1024;
 
-/// Checks a block size: power of two in 4 KiB..=4 MiB.
+/// Checks a block size: power of two in 4 KiB..=4 MiB (the rule of
+/// [`failback_config::block_size`], shared with the DR service's `--block-size`).
 pub fn validate_block_size(bs: u32) -> Result<(), String> {
-    if bs.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
-        Ok(())
-    } else {
-        Err(format!(
-            "block size {bs} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
-        ))
-    }
+    failback_config::block_size::validate_block_size(u64::from(bs)).map(|_| ())
 }
 
 /// Number of blocks of `block_size` covering `size` bytes (the last one may be short).

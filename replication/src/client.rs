@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::block::{self, DiskDigest, VerifiedRun, ZeroHashes};
+use crate::cbt::Token;
 use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
 use crate::error::{Error, Result};
 pub use crate::hashing::default_hash_threads;
@@ -22,7 +23,9 @@ use crate::hashing::LocalHashes;
 use crate::progress::Progress;
 use crate::report::{DiskReport, SyncReport};
 use crate::tls::{ClientTls, AGENT_SERVER_NAME};
-use crate::wire::{DiskInfo, ErrorCode, Hash, Message, CONNECTION_STREAM, PROTOCOL_VERSION};
+use crate::wire::{
+    DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, HASH_LEN, PROTOCOL_VERSION,
+};
 use crate::writer::Target;
 
 /// Timeout for TCP connect, TLS handshake and hello.
@@ -36,6 +39,119 @@ const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
 const MAX_OUTSTANDING: usize = 6;
 /// Wait for quiesce/thaw commands.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Memory the client may spend on cached block hashes over all its disks: 2 TiB of disks at
+/// the default 128 KiB block size (32 bytes per block).
+pub const HASH_CACHE_BUDGET: u64 = 512 << 20;
+
+/// The hashes of everything the client wrote, per local target, kept from round to round:
+/// after the first round the client holds its targets exclusively, so it need not read them
+/// again; later rounds send these hashes (hash compare) or ask only for what changed.
+/// A failed round forgets its disk (the next one reads the target again).
+#[derive(Debug, Default)]
+pub struct HashCache {
+    disks: Mutex<HashMap<PathBuf, DiskCache>>,
+}
+
+#[derive(Debug, Clone)]
+struct DiskCache {
+    remote: String,
+    size: u64,
+    block_size: u32,
+    hashes: Vec<Hash>,
+    /// The agent's token of the round that produced these hashes (`None`: untracked agent).
+    token: Option<Token>,
+}
+
+impl HashCache {
+    /// Forgets everything (the next round re-reads and re-hashes every target: `--verify full`).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Bytes of hashes held.
+    pub fn bytes(&self) -> u64 {
+        self.lock()
+            .values()
+            .map(|d| (d.hashes.len() * HASH_LEN) as u64)
+            .sum()
+    }
+
+    /// Whether hashes of `local` are held.
+    pub fn holds(&self, local: &std::path::Path) -> bool {
+        self.lock().contains_key(local)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, DiskCache>> {
+        self.disks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self, local: &std::path::Path) -> Option<DiskCache> {
+        self.lock().remove(local)
+    }
+
+    fn put(&self, local: PathBuf, d: DiskCache) {
+        let held = self.bytes();
+        let need = (d.hashes.len() * HASH_LEN) as u64;
+        if held + need > HASH_CACHE_BUDGET {
+            tracing::warn!(
+                "not caching the hashes of {} ({need} bytes; {held} of {HASH_CACHE_BUDGET} held): \
+                 its next round reads it again (use a larger --block-size)",
+                local.display()
+            );
+            return;
+        }
+        self.lock().insert(local, d);
+    }
+}
+
+/// Where a hash-compare round's local hashes come from.
+enum HashSource {
+    /// Hashing threads reading the target.
+    Disk(LocalHashes),
+    /// The cached hashes, window by window.
+    Cache {
+        hashes: Vec<Hash>,
+        next: usize,
+        window: usize,
+    },
+}
+
+impl HashSource {
+    async fn next(&mut self) -> Option<Result<(u64, Vec<Hash>)>> {
+        match self {
+            HashSource::Disk(l) => l.next().await,
+            HashSource::Cache {
+                hashes,
+                next,
+                window,
+            } => {
+                if *next >= hashes.len() {
+                    return None;
+                }
+                let end = (*next + *window).min(hashes.len());
+                let w = hashes[*next..end].to_vec();
+                let first = *next as u64;
+                *next = end;
+                Some(Ok((first, w)))
+            }
+        }
+    }
+
+    fn retired(&self) {
+        if let HashSource::Disk(l) = self {
+            l.retired();
+        }
+    }
+
+    /// Whether another window may be taken with `open` windows outstanding.
+    fn may_take(&self, open: usize) -> bool {
+        match self {
+            HashSource::Disk(_) => true,
+            HashSource::Cache { .. } => open < 2 * MAX_OUTSTANDING,
+        }
+    }
+}
 
 /// One remote disk to pull into one local target.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -389,6 +505,20 @@ impl Session {
         opts: &SyncOptions,
         progress: Arc<dyn Progress>,
     ) -> Result<SyncReport> {
+        self.sync_cached(mappings, opts, progress, &Arc::new(HashCache::default()))
+            .await
+    }
+
+    /// Like [`sync`](Self::sync), keeping the hashes of what was written in `cache`: a disk
+    /// whose hashes `cache` holds is not read again, and with an agent that tracks changes
+    /// only the changed blocks travel (see [`crate::cbt`]).
+    pub async fn sync_cached(
+        &self,
+        mappings: &[Mapping],
+        opts: &SyncOptions,
+        progress: Arc<dyn Progress>,
+        cache: &Arc<HashCache>,
+    ) -> Result<SyncReport> {
         block::validate_block_size(opts.block_size).map_err(Error::Usage)?;
         let disks = self.check_mappings(mappings)?;
         if let Some(reason) = self.inner.dead.get() {
@@ -409,6 +539,7 @@ impl Session {
                 local: m.local.clone(),
                 opts: opts.clone(),
                 progress: progress.clone(),
+                cache: cache.clone(),
             };
             set.spawn(async move { (i, job.run().await) });
         }
@@ -496,7 +627,9 @@ fn stream_of(m: &Message) -> Option<u32> {
     match m {
         Message::Blocks { stream, .. }
         | Message::WindowDone { stream, .. }
-        | Message::SyncDone { stream, .. } => Some(*stream),
+        | Message::SyncDone { stream, .. }
+        | Message::SyncPlan { stream, .. }
+        | Message::ChangesDone { stream, .. } => Some(*stream),
         Message::Error { stream, .. } if *stream != CONNECTION_STREAM => Some(*stream),
         _ => None,
     }
@@ -580,6 +713,26 @@ struct DiskJob {
     local: PathBuf,
     opts: SyncOptions,
     progress: Arc<dyn Progress>,
+    cache: Arc<HashCache>,
+}
+
+/// What a disk job carries into its round, whichever kind it is.
+struct Round {
+    started: Instant,
+    wire_bytes: u64,
+    zeros: Arc<ZeroHashes>,
+    direct: bool,
+    plan: Planned,
+    target_read: bool,
+}
+
+/// The agent's `SyncPlan`, as the client uses it.
+struct Planned {
+    changes: bool,
+    token: Option<Token>,
+    backlog_bytes: u64,
+    lag_secs: Option<f64>,
+    note: String,
 }
 
 struct Window {
@@ -608,6 +761,306 @@ impl DiskJob {
             peer: format!("agent {}", self.inner.peer),
             message,
         }
+    }
+
+    /// Waits for the agent's `SyncPlan` (the first answer to `SyncStart`).
+    async fn read_plan(
+        &self,
+        rx: &mut mpsc::Receiver<(Message, usize)>,
+        wire_bytes: &mut u64,
+    ) -> Result<Planned> {
+        let id = &self.disk.id;
+        let (msg, len) = match tokio::time::timeout(IDLE_TIMEOUT, rx.recv()).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    peer: self.inner.peer.clone(),
+                    what: "the round's plan",
+                    secs: IDLE_TIMEOUT.as_secs(),
+                })
+            }
+            Ok(None) => return Err(self.inner.dead_error()),
+            Ok(Some(x)) => x,
+        };
+        *wire_bytes += len as u64;
+        match msg {
+            Message::SyncPlan {
+                changes,
+                token,
+                dirty_bytes,
+                lag_ms,
+                note,
+                ..
+            } => {
+                tracing::info!(disk = %id, changes, dirty_bytes, "round plan; tracking: {note}");
+                self.progress.disk_planned(
+                    id,
+                    &crate::progress::RoundPlan {
+                        changes,
+                        backlog_bytes: dirty_bytes,
+                        lag_secs: lag_ms.map(|ms| ms as f64 / 1000.0),
+                        tracking: note.clone(),
+                    },
+                );
+                Ok(Planned {
+                    changes,
+                    token,
+                    backlog_bytes: dirty_bytes,
+                    lag_secs: lag_ms.map(|ms| ms as f64 / 1000.0),
+                    note,
+                })
+            }
+            Message::Error { code, message, .. } => Err(Error::Remote {
+                peer: format!("agent {}", self.inner.peer),
+                code,
+                message,
+            }),
+            other => Err(self.protocol(format!(
+                "expected SyncPlan for disk {id}, got {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Keeps the hashes of a finished round for the next one.
+    fn keep(&self, hashes: Vec<Hash>, token: Option<Token>) {
+        if hashes.len() as u64 != block::block_count(self.disk.size, self.opts.block_size) {
+            return;
+        }
+        self.cache.put(
+            self.local.clone(),
+            DiskCache {
+                remote: self.disk.id.clone(),
+                size: self.disk.size,
+                block_size: self.opts.block_size,
+                hashes,
+                token,
+            },
+        );
+    }
+
+    /// A changes round: the agent sends only the blocks its tracker saw change, then
+    /// `ChangesDone`; each is verified, written and its cached hash updated; then the digests
+    /// over all cached hashes must match.
+    async fn changes_round(
+        &self,
+        mut rx: mpsc::Receiver<(Message, usize)>,
+        mut writer: WriterGuard,
+        mut hashes: Vec<Hash>,
+        round: Round,
+    ) -> Result<DiskReport> {
+        let Round {
+            started,
+            mut wire_bytes,
+            zeros,
+            direct,
+            plan,
+            target_read,
+        } = round;
+        let (id, size, bs) = (self.disk.id.clone(), self.disk.size, self.opts.block_size);
+        let bs64 = u64::from(bs);
+        let nblocks = block::block_count(size, bs);
+        let mut received: HashSet<u64> = HashSet::new();
+        let mut pending: HashSet<u64> = HashSet::new();
+        let mut attempts: HashMap<u64, u32> = HashMap::new();
+        let (mut expected, mut sent_end) = (None::<u64>, false);
+        let (mut bytes_differing, mut bytes_fetched, mut refetched) = (0u64, 0u64, 0u64);
+        let agent_digest = loop {
+            let (msg, len) = match tokio::time::timeout(IDLE_TIMEOUT, rx.recv()).await {
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        peer: self.inner.peer.clone(),
+                        what: "changed blocks",
+                        secs: IDLE_TIMEOUT.as_secs(),
+                    })
+                }
+                Ok(None) => return Err(self.inner.dead_error()),
+                Ok(Some(x)) => x,
+            };
+            wire_bytes += len as u64;
+            match msg {
+                Message::Blocks {
+                    first_block,
+                    blocks,
+                    ..
+                } => {
+                    let n = blocks.len() as u64;
+                    for idx in first_block..first_block.saturating_add(n) {
+                        if idx >= nblocks || (received.contains(&idx) && !pending.contains(&idx)) {
+                            return Err(self.protocol(format!(
+                                "agent sent block {idx} (offset {}) of disk {id} out of range or \
+                                 twice in a changes round; nothing of it was written",
+                                idx.saturating_mul(bs64)
+                            )));
+                        }
+                    }
+                    bytes_fetched += blocks.iter().map(|b| b.payload.len() as u64).sum::<u64>();
+                    let bad = self
+                        .verify_and_write(
+                            first_block,
+                            blocks,
+                            &zeros,
+                            direct,
+                            &mut writer,
+                            |idx, h| {
+                                if let Some(slot) =
+                                    hashes.get_mut(usize::try_from(idx).unwrap_or(usize::MAX))
+                                {
+                                    *slot = h;
+                                }
+                                pending.remove(&idx);
+                                if received.insert(idx) {
+                                    bytes_differing += block::block_len(size, bs, idx);
+                                }
+                            },
+                        )
+                        .await?;
+                    for b in bad {
+                        let n = attempts.entry(b.block).or_insert(0);
+                        *n += 1;
+                        if *n > self.opts.max_block_retries {
+                            return Err(Error::Verification {
+                                disk: id.clone(),
+                                path: self.local.clone(),
+                                block: b.block,
+                                offset: b.block * bs64,
+                                attempts: *n,
+                                reason: b.reason,
+                            });
+                        }
+                        refetched += 1;
+                        received.insert(b.block);
+                        pending.insert(b.block);
+                        let m = Message::Refetch {
+                            stream: self.stream,
+                            first_block: b.block,
+                            count: 1,
+                        };
+                        let f = m.encode();
+                        wire_bytes += f.len() as u64;
+                        if !self.inner.out.send_raw(f).await {
+                            return Err(self.inner.dead_error());
+                        }
+                    }
+                }
+                Message::ChangesDone { blocks, .. } if expected.is_none() => {
+                    expected = Some(blocks)
+                }
+                Message::SyncDone { blocks, digest, .. } => {
+                    if !sent_end || blocks != nblocks {
+                        return Err(self.protocol(format!("premature SyncDone for disk {id}")));
+                    }
+                    break digest;
+                }
+                Message::Error { code, message, .. } => {
+                    return Err(Error::Remote {
+                        peer: format!("agent {}", self.inner.peer),
+                        code,
+                        message,
+                    })
+                }
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected {} for disk {id} in a changes round",
+                        other.name()
+                    )))
+                }
+            }
+            if expected == Some(received.len() as u64) && pending.is_empty() && !sent_end {
+                sent_end = true;
+                let f = Message::SyncEnd {
+                    stream: self.stream,
+                }
+                .encode();
+                wire_bytes += f.len() as u64;
+                if !self.inner.out.send_raw(f).await {
+                    return Err(self.inner.dead_error());
+                }
+            } else if expected.is_some_and(|e| (received.len() as u64) > e) {
+                return Err(self.protocol(format!(
+                    "agent sent more changed blocks of disk {id} than it announced"
+                )));
+            }
+        };
+        let local = tokio::task::spawn_blocking(move || {
+            let mut d = DiskDigest::new();
+            for h in &hashes {
+                d.push(h);
+            }
+            (d.finish(), hashes)
+        })
+        .await
+        .map_err(|e| Error::Usage(format!("digest task: {e}")))?;
+        let (local, hashes) = local;
+        if local != agent_digest {
+            return Err(Error::DigestMismatch {
+                disk: id,
+                path: self.local.clone(),
+                local: hex::encode(local),
+                agent: hex::encode(agent_digest),
+            });
+        }
+        writer.commit().await?;
+        self.keep(hashes, plan.token);
+        let blocks_differing = received.len() as u64;
+        self.progress.disk_advanced(&id, size, 0);
+        let report = DiskReport {
+            remote_id: id.clone(),
+            local_path: self.local.clone(),
+            size,
+            block_size: bs,
+            blocks_total: nblocks,
+            blocks_differing,
+            bytes_differing,
+            bytes_fetched,
+            bytes_on_wire: wire_bytes,
+            blocks_refetched: refetched,
+            digest: Some(hex::encode(local)),
+            agent_digest: hex::encode(agent_digest),
+            estimate_only: false,
+            duration_secs: started.elapsed().as_secs_f64(),
+            round_kind: "changes".into(),
+            tracking: plan.note,
+            target_read,
+            backlog_bytes: plan.backlog_bytes,
+            lag_secs: plan.lag_secs,
+        };
+        self.progress.disk_finished(&id, &report);
+        Ok(report)
+    }
+
+    /// Verifies a run of received blocks, hands the good ones to the writer (calling `good`
+    /// with each block's index and hash) and returns the bad ones.
+    async fn verify_and_write(
+        &self,
+        first_block: u64,
+        blocks: Vec<WireBlock>,
+        zeros: &Arc<ZeroHashes>,
+        direct: bool,
+        writer: &mut WriterGuard,
+        mut good: impl FnMut(u64, Hash),
+    ) -> Result<Vec<block::BadBlock>> {
+        let (size, bs) = (self.disk.size, self.opts.block_size);
+        let z = zeros.clone();
+        let (runs, bad) = tokio::task::spawn_blocking(move || {
+            block::verify_run(first_block, blocks, size, bs, &z, direct)
+        })
+        .await
+        .map_err(|e| Error::Usage(format!("verify task: {e}")))?;
+        for run in runs {
+            let mut fetched = 0u64;
+            for (k, h) in run.hashes().iter().enumerate() {
+                let idx = run.first_block() + k as u64;
+                good(idx, *h);
+                fetched += block::block_len(size, bs, idx);
+            }
+            self.progress.disk_advanced(&self.disk.id, 0, fetched);
+            if let Some(tx) = writer.sender() {
+                if tx.send(Some(run)).await.is_err() {
+                    break; // the writer stopped on an I/O error; its result says why
+                }
+            }
+        }
+        Ok(bad)
     }
 
     async fn run(self) -> Result<DiskReport> {
@@ -645,12 +1098,20 @@ impl DiskJob {
             let out = self.inner.out.clone();
             async move { out.send_raw(f).await }
         };
+        let cached = if estimate {
+            None
+        } else {
+            self.cache
+                .take(&self.local)
+                .filter(|c| c.remote == id && c.size == size && c.block_size == bs)
+        };
         if !send(
             Message::SyncStart {
                 stream: self.stream,
                 disk: id.clone(),
                 block_size: bs,
                 estimate,
+                changes_since: cached.as_ref().and_then(|c| c.token),
             },
             &mut wire_bytes,
         )
@@ -659,20 +1120,41 @@ impl DiskJob {
             return Err(self.inner.dead_error());
         }
         self.progress.disk_started(&id, size);
+        let plan = self.read_plan(&mut rx, &mut wire_bytes).await?;
+        if plan.changes && cached.is_none() {
+            return Err(self.protocol(format!(
+                "agent answered a hash-compare request for disk {id} with a changes round"
+            )));
+        }
 
         // Hashing threads: local target -> windows of hashes, in disk order.
         let window_blocks = (WINDOW_BYTES / bs64).max(1);
         let threads = self.opts.hash_threads.unwrap_or_else(default_hash_threads);
         let zeros = Arc::new(ZeroHashes::new(size, bs));
-        let mut local_hashes = LocalHashes::spawn(
-            target.clone(),
-            size,
-            bs,
-            window_blocks,
-            zeros.clone(),
-            threads,
-            (MAX_OUTSTANDING + threads) as u64,
-        )?;
+        let target_read = cached.is_none();
+        let (mut local_hashes, changes_hashes) = match cached {
+            Some(c) if plan.changes => (None, Some(c.hashes)),
+            Some(c) => (
+                Some(HashSource::Cache {
+                    hashes: c.hashes,
+                    next: 0,
+                    window: usize::try_from(window_blocks).unwrap_or(usize::MAX),
+                }),
+                None,
+            ),
+            None => (
+                Some(HashSource::Disk(LocalHashes::spawn(
+                    target.clone(),
+                    size,
+                    bs,
+                    window_blocks,
+                    zeros.clone(),
+                    threads,
+                    (MAX_OUTSTANDING + threads) as u64,
+                )?)),
+                None,
+            ),
+        };
 
         // Writer thread: verified runs -> disk; head last.
         // `None` = commit: only then is the held-back head written. If the job fails, the
@@ -707,6 +1189,27 @@ impl DiskJob {
             tx: Some(wtx),
             handle,
         };
+        let round = Round {
+            started,
+            wire_bytes,
+            zeros: zeros.clone(),
+            direct,
+            plan,
+            target_read,
+        };
+        let mut local_hashes = match local_hashes.take() {
+            Some(l) => l,
+            None => {
+                let hashes = changes_hashes.unwrap_or_default();
+                return self.changes_round(rx, writer, hashes, round).await;
+            }
+        };
+        let Round {
+            mut wire_bytes,
+            plan,
+            ..
+        } = round;
+        let mut new_hashes: Vec<Hash> = Vec::new();
 
         let mut windows: BTreeMap<u64, Window> = BTreeMap::new();
         let mut pending: HashSet<u64> = HashSet::new();
@@ -722,7 +1225,7 @@ impl DiskJob {
 
         loop {
             tokio::select! {
-                w = local_hashes.next(), if !hashing_done => match w {
+                w = local_hashes.next(), if !hashing_done && local_hashes.may_take(windows.len()) => match w {
                     Some(Ok((first, hashes))) => {
                         let count = hashes.len();
                         windows.insert(first, Window {
@@ -881,6 +1384,9 @@ impl DiskJob {
                 for h in &w.hashes {
                     digest.push(h);
                 }
+                if !estimate {
+                    new_hashes.extend_from_slice(&w.hashes);
+                }
                 local_hashes.retired();
                 let end = ((first + w.hashes.len() as u64) * bs64).min(size);
                 self.progress.disk_advanced(&id, end - first * bs64, 0);
@@ -914,6 +1420,9 @@ impl DiskJob {
             }
         }
         writer.commit().await?;
+        if !estimate {
+            self.keep(new_hashes, plan.token);
+        }
         let report = DiskReport {
             remote_id: id.clone(),
             local_path: self.local.clone(),
@@ -929,6 +1438,11 @@ impl DiskJob {
             agent_digest: agent_hex,
             estimate_only: estimate,
             duration_secs: started.elapsed().as_secs_f64(),
+            round_kind: if estimate { "estimate" } else { "compare" }.into(),
+            tracking: plan.note,
+            target_read,
+            backlog_bytes: plan.backlog_bytes,
+            lag_secs: plan.lag_secs,
         };
         self.progress.disk_finished(&id, &report);
         Ok(report)

@@ -9,6 +9,7 @@
 
 pub mod allow;
 pub mod block;
+pub mod cbt;
 pub mod client;
 pub mod conn;
 pub mod device;
@@ -25,9 +26,9 @@ pub mod tls;
 pub mod wire;
 pub mod writer;
 
-pub use client::{Mapping, Session, SyncOptions};
+pub use client::{HashCache, Mapping, Session, SyncOptions};
 pub use error::{Error, ErrorClass, Result};
-pub use progress::{NoProgress, Progress};
+pub use progress::{NoProgress, Progress, RoundPlan};
 pub use report::{DiskReport, SyncReport};
 pub use server::{serve, ServeOptions, SourceDisk};
 pub use tls::{ClientTls, ServerTls, TlsFiles};

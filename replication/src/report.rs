@@ -37,6 +37,23 @@ pub struct DiskReport {
     pub estimate_only: bool,
     /// Wall time in seconds.
     pub duration_secs: f64,
+    /// `changes` (only the blocks the agent's tracker saw change), `compare` (hash compare of
+    /// the whole disk) or `estimate`.
+    #[serde(default)]
+    pub round_kind: String,
+    /// The agent's change tracking for this disk: `on`, `unavailable: <why>`, `rescan: <why>`.
+    #[serde(default)]
+    pub tracking: String,
+    /// Whether the client read its target to hash it (only without cached hashes).
+    #[serde(default)]
+    pub target_read: bool,
+    /// Changed bytes the agent had not yet delivered at the round's start (whole disk on a
+    /// hash compare).
+    #[serde(default)]
+    pub backlog_bytes: u64,
+    /// Age in seconds of the oldest change not yet delivered at the round's start.
+    #[serde(default)]
+    pub lag_secs: Option<f64>,
 }
 
 /// One sync round.

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::block::{self, DiskDigest, ZeroHashes};
+use crate::cbt::{DirtyMap, Plan, Token};
 use crate::conn::{spawn_writer, DeadSlot, FrameReader, FrameSender};
 use crate::device;
 use crate::error::{Error, Result};
@@ -40,6 +41,24 @@ pub struct SourceDisk {
     /// Where it lives.
     pub path: PathBuf,
     file: Arc<File>,
+    tracking: Arc<DiskTracking>,
+}
+
+/// A served disk's change tracking and the agent's hashes of its blocks (kept from round to
+/// round, so a changes round's digest needs no full read).
+#[derive(Debug)]
+struct DiskTracking {
+    map: Option<Arc<DirtyMap>>,
+    /// `on`, or `unavailable: <why>`.
+    status: String,
+    cache: Mutex<Option<AgentCache>>,
+}
+
+/// The agent's hashes of every block of a disk at one block size (as of the last round).
+#[derive(Debug)]
+struct AgentCache {
+    block_size: u32,
+    hashes: Vec<Hash>,
 }
 
 impl SourceDisk {
@@ -72,7 +91,37 @@ impl SourceDisk {
             },
             path: path.to_owned(),
             file: Arc::new(file),
+            tracking: Arc::new(DiskTracking {
+                map: None,
+                status: "unavailable: no change tracker runs in this process".into(),
+                cache: Mutex::new(None),
+            }),
         })
+    }
+
+    /// Sets the disk's change tracking: its dirty map (`None`: untracked, every round hash
+    /// compares the whole disk) and a status line (`on`, `unavailable: <why>`).
+    pub fn set_tracking(&mut self, map: Option<Arc<DirtyMap>>, status: impl Into<String>) {
+        self.tracking = Arc::new(DiskTracking {
+            map,
+            status: status.into(),
+            cache: Mutex::new(None),
+        });
+    }
+
+    /// The tracking status line (`on`, `unavailable: <why>`).
+    pub fn tracking_status(&self) -> &str {
+        &self.tracking.status
+    }
+
+    /// The disk's dirty map, when tracked.
+    pub fn dirty_map(&self) -> Option<&Arc<DirtyMap>> {
+        self.tracking.map.as_ref()
+    }
+
+    /// The disk's size now (a block device may have been resized since it was opened).
+    fn current_size(&self) -> std::io::Result<u64> {
+        device::inspect(&self.path).map(|d| d.size)
     }
 }
 
@@ -554,7 +603,11 @@ impl Conn<'_> {
                 disk,
                 block_size,
                 estimate,
-            } => self.start_stream(stream, &disk, block_size, estimate).await,
+                changes_since,
+            } => {
+                self.start_stream(stream, &disk, block_size, estimate, changes_since)
+                    .await
+            }
             m @ (Message::Hashes { .. } | Message::Refetch { .. } | Message::SyncEnd { .. }) => {
                 self.forward(m).await
             }
@@ -583,6 +636,7 @@ impl Conn<'_> {
         disk: &str,
         block_size: u32,
         estimate: bool,
+        changes_since: Option<Token>,
     ) -> Result<()> {
         if stream == CONNECTION_STREAM || self.streams.contains_key(&stream) {
             return Err(self.protocol(format!("stream id {stream} reused")));
@@ -611,6 +665,7 @@ impl Conn<'_> {
             stream,
             block_size,
             estimate,
+            changes_since,
             out: self.out.clone(),
             #[cfg(feature = "fault-injection")]
             fault: self.ctx.opts.fault.clone(),
@@ -730,9 +785,21 @@ struct StreamWorker {
     stream: u32,
     block_size: u32,
     estimate: bool,
+    changes_since: Option<Token>,
     out: FrameSender,
     #[cfg(feature = "fault-injection")]
     fault: Option<Arc<FaultInjection>>,
+}
+
+/// `(first_block, count)` runs of blocks.
+type BlockRuns = Vec<(u64, u64)>;
+
+/// What one round covers, decided at its start (before any read).
+struct RoundPlan {
+    /// `Some`: a changes round over these block runs (with the agent's cached hashes);
+    /// `None`: a hash compare.
+    changes: Option<(BlockRuns, Vec<Hash>)>,
+    message: Message,
 }
 
 impl StreamWorker {
@@ -747,6 +814,20 @@ impl StreamWorker {
         let mut next = 0u64;
         let mut scanner = Scanner::new(self.block_size);
         let in_flight = Arc::new(InFlight::default());
+        let plan = self.plan(nblocks);
+        self.out.blocking_send_raw(plan.message.encode());
+        // Compare rounds collect every block's hash for the cache; changes rounds update it.
+        let mut all: Vec<Hash> = Vec::new();
+        let mut cache = None;
+        if let Some((runs, hashes)) = plan.changes {
+            let mut hashes = hashes;
+            let Some(done) = self.send_changes(&runs, &zeros, &in_flight, &mut hashes) else {
+                return; // the error went out already
+            };
+            self.out.blocking_send_raw(done.encode());
+            cache = Some(hashes);
+            next = nblocks;
+        }
         while let Some(m) = rx.blocking_recv() {
             let res = match m {
                 Message::Hashes {
@@ -755,11 +836,15 @@ impl StreamWorker {
                     ..
                 } => {
                     let count = hashes.len() as u64;
-                    if first_block != next || self.beyond(first_block, count, nblocks) {
+                    if cache.is_some()
+                        || first_block != next
+                        || self.beyond(first_block, count, nblocks)
+                    {
                         Err(self.out_of_range("hash window", first_block, count, next, nblocks))
                     } else {
                         next += count;
-                        self.window(first_block, &hashes, &zeros, &mut digest, &mut scanner)
+                        let d = (&mut digest, &mut all);
+                        self.window(first_block, &hashes, &zeros, d, &mut scanner)
                     }
                 }
                 Message::Refetch {
@@ -769,10 +854,31 @@ impl StreamWorker {
                     if self.beyond(first_block, count, next) {
                         Err(self.out_of_range("refetch", first_block, count, next, nblocks))
                     } else {
-                        self.refetch(first_block, count, &zeros, &in_flight)
+                        let mut fresh = Vec::new();
+                        let r = self.refetch(first_block, count, &zeros, &in_flight, &mut fresh);
+                        for (b, h) in fresh {
+                            if let Some(slot) = cache
+                                .as_mut()
+                                .and_then(|c| c.get_mut(usize::try_from(b).unwrap_or(usize::MAX)))
+                            {
+                                *slot = h;
+                            }
+                        }
+                        r
                     }
                 }
                 Message::SyncEnd { .. } if next == nblocks => {
+                    let hashes = match cache.take() {
+                        Some(c) => {
+                            digest = DiskDigest::new();
+                            for h in &c {
+                                digest.push(h);
+                            }
+                            Some(c)
+                        }
+                        None => (!self.estimate).then(|| std::mem::take(&mut all)),
+                    };
+                    self.keep_cache(hashes, nblocks);
                     let done = Message::SyncDone {
                         stream: self.stream,
                         blocks: digest.blocks(),
@@ -804,6 +910,135 @@ impl StreamWorker {
                 return;
             }
         }
+    }
+
+    /// Decides what this round covers: a cut of the disk's dirty map (before any read) and,
+    /// when the client's token is good and the agent holds the disk's hashes at this block
+    /// size, a changes round; otherwise a hash compare.
+    fn plan(&self, nblocks: u64) -> RoundPlan {
+        let t = &self.disk.tracking;
+        let compare = |token, dirty_bytes, lag_ms, note: String| RoundPlan {
+            changes: None,
+            message: Message::SyncPlan {
+                stream: self.stream,
+                changes: false,
+                token,
+                dirty_bytes,
+                lag_ms,
+                note,
+            },
+        };
+        let size = self.disk.info.size;
+        let map = match (&t.map, self.estimate) {
+            (Some(map), false) => map,
+            _ => return compare(None, size, None, t.status.clone()),
+        };
+        match self.disk.current_size() {
+            Ok(now) if now != size => map.lose(format!(
+                "disk {} changed size from {size} to {now} bytes (restart the agent to serve \
+                 the new size)",
+                self.disk.info.id
+            )),
+            Ok(_) => {}
+            Err(e) => map.lose(format!(
+                "cannot read the size of {}: {e}",
+                self.disk.path.display()
+            )),
+        }
+        let cut = map.cut(self.changes_since, self.block_size);
+        let lag_ms = cut
+            .oldest_change
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let runs = match cut.plan {
+            Plan::Rescan(why) => {
+                tracing::info!(disk = %self.disk.info.id, "hash-compare round: {why}");
+                return compare(Some(cut.token), size, lag_ms, format!("rescan: {why}"));
+            }
+            Plan::Changes(runs) => runs,
+        };
+        let cached = t.cache.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match cached {
+            Some(c) if c.block_size == self.block_size && c.hashes.len() as u64 == nblocks => {
+                RoundPlan {
+                    changes: Some((runs, c.hashes)),
+                    message: Message::SyncPlan {
+                        stream: self.stream,
+                        changes: true,
+                        token: Some(cut.token),
+                        dirty_bytes: cut.backlog_bytes,
+                        lag_ms,
+                        note: "on".into(),
+                    },
+                }
+            }
+            _ => compare(
+                Some(cut.token),
+                size,
+                lag_ms,
+                format!(
+                    "rescan: the agent holds no hashes of disk {} at block size {}",
+                    self.disk.info.id, self.block_size
+                ),
+            ),
+        }
+    }
+
+    /// Sends every block of `runs` (read afresh, hashed after reading) and updates `hashes`;
+    /// returns the `ChangesDone` to send (`None` when the connection is gone).
+    fn send_changes(
+        &self,
+        runs: &[(u64, u64)],
+        zeros: &ZeroHashes,
+        in_flight: &Arc<InFlight>,
+        hashes: &mut [Hash],
+    ) -> Option<Message> {
+        let (mut blocks, mut bytes) = (0u64, 0u64);
+        for &(first, count) in runs {
+            let mut fresh = Vec::new();
+            if let Err((_, m)) = self.refetch(first, count, zeros, in_flight, &mut fresh) {
+                tracing::error!(disk = %self.disk.info.id, "{m}");
+                self.out.blocking_send_raw(
+                    Message::Error {
+                        stream: self.stream,
+                        code: ErrorCode::Io,
+                        message: m,
+                    }
+                    .encode(),
+                );
+                return None;
+            }
+            for (b, h) in fresh {
+                if let Some(slot) = hashes.get_mut(usize::try_from(b).unwrap_or(usize::MAX)) {
+                    *slot = h;
+                }
+                blocks += 1;
+                bytes += block::block_len(self.disk.info.size, self.block_size, b);
+            }
+        }
+        Some(Message::ChangesDone {
+            stream: self.stream,
+            blocks,
+            bytes,
+        })
+    }
+
+    /// Keeps the hashes of a finished round (all blocks) for the next changes round.
+    fn keep_cache(&self, hashes: Option<Vec<Hash>>, nblocks: u64) {
+        let Some(hashes) = hashes.filter(|h| h.len() as u64 == nblocks) else {
+            return;
+        };
+        if self.disk.tracking.map.is_none() {
+            return; // no changes rounds without tracking: keep no memory
+        }
+        *self
+            .disk
+            .tracking
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(AgentCache {
+            block_size: self.block_size,
+            hashes,
+        });
     }
 
     /// True when blocks `first..first + count` do not all lie below block `limit`.
@@ -852,7 +1087,7 @@ impl StreamWorker {
         first: u64,
         client: &[Hash],
         zeros: &ZeroHashes,
-        digest: &mut DiskDigest,
+        (digest, all): (&mut DiskDigest, &mut Vec<Hash>),
         scanner: &mut Scanner,
     ) -> Result<(), (ErrorCode, String)> {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
@@ -883,6 +1118,9 @@ impl StreamWorker {
                 self.compare_batch(b, data, theirs, zeros, &mut g);
                 for h in g.hashes.drain(..) {
                     digest.push(&h);
+                    if !self.estimate {
+                        all.push(h);
+                    }
                 }
                 for f in g.frames.drain(..) {
                     self.flush(Some(f));
@@ -1002,6 +1240,7 @@ impl StreamWorker {
         count: u64,
         zeros: &ZeroHashes,
         in_flight: &Arc<InFlight>,
+        fresh: &mut Vec<(u64, Hash)>,
     ) -> Result<(), (ErrorCode, String)> {
         let bs = u64::from(self.block_size);
         let chunk = (RUN_BYTES as u64 / bs).max(1);
@@ -1013,7 +1252,7 @@ impl StreamWorker {
             // A private copy: hashed after reading, so what is sent matches its hash even on a
             // disk that changes.
             let data = in_flight.track(self.read(at, n)?);
-            if !self.flush(Some(self.refetch_run(at, &data, zeros, in_flight))) {
+            if !self.flush(Some(self.refetch_run(at, &data, zeros, in_flight, fresh))) {
                 break; // the connection is gone
             }
             at += n;
@@ -1028,11 +1267,13 @@ impl StreamWorker {
         data: &bytes::Bytes,
         zeros: &ZeroHashes,
         in_flight: &Arc<InFlight>,
+        fresh: &mut Vec<(u64, Hash)>,
     ) -> BlocksFrame {
         let bs = usize::try_from(self.block_size).unwrap_or(usize::MAX);
         let mut frame = BlocksFrame::new(self.stream, first, data.len().div_ceil(bs));
         for (i, block) in data.chunks(bs).enumerate() {
             let (hash, zero) = block::hash_block(block, zeros);
+            fresh.push((first + i as u64, hash));
             let (encoding, compressed) = block::choose_encoding(block, zero);
             if self.maybe_corrupt(&mut frame, block, Some(hash)).is_some() {
                 continue;

@@ -1,4 +1,4 @@
-//! Wire protocol v2: framing and message encoding.
+//! Wire protocol v3: framing and message encoding.
 //!
 //! Every message travels in one frame: `len: u32 BE` (bytes that follow, tag included, at most
 //! [`MAX_FRAME`]) then `tag: u8` then the body. Integers are big-endian; strings are
@@ -15,6 +15,7 @@
 
 use std::fmt;
 
+use crate::cbt::Token;
 use crate::record::Pieces;
 
 /// The protocol version this build speaks.
@@ -23,7 +24,12 @@ use crate::record::Pieces;
 /// (v1 put each payload after its block's entry), so consecutive raw blocks are one contiguous
 /// stretch on both sides: the agent encrypts it straight from the disk buffer and the client
 /// decrypts it straight into page-aligned memory.
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: change-block tracking. `SyncStart` carries the token of the client's last successful
+/// round (`changes_since`); the agent answers every `SyncStart` with a `SyncPlan` (hash compare,
+/// or "only these changed blocks follow", with the backlog and lag at the cut) and ends a
+/// changes round's blocks with `ChangesDone`.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// First four bytes of both hello messages.
 pub const MAGIC: [u8; 4] = *b"FBRP";
 /// Largest frame (tag + body) either side accepts. Block runs are cut well below this.
@@ -186,6 +192,30 @@ pub enum Message {
         disk: String,
         block_size: u32,
         estimate: bool,
+        /// The token of the client's last successful round of this disk at this block size
+        /// (it holds the hashes of everything it wrote): "send me what changed since". `None`:
+        /// hash-compare the whole disk.
+        changes_since: Option<Token>,
+    },
+    /// A→C, first answer to `SyncStart`: what the round covers. `changes`: only changed blocks
+    /// follow (as `Blocks`, then `ChangesDone`), the client sends no hashes; otherwise a hash
+    /// compare (the client sends its windows). `token`: this round's cut, for the next
+    /// `SyncStart` (none without tracking). `dirty_bytes`/`lag_ms`: changed bytes not yet
+    /// delivered and the age of the oldest such change, at the cut. `note`: the tracking
+    /// state (`on`, `unavailable: ...`, `rescan: ...`).
+    SyncPlan {
+        stream: u32,
+        changes: bool,
+        token: Option<Token>,
+        dirty_bytes: u64,
+        lag_ms: Option<u64>,
+        note: String,
+    },
+    /// A→C: every changed block of a changes round was sent: `blocks` blocks, `bytes` bytes.
+    ChangesDone {
+        stream: u32,
+        blocks: u64,
+        bytes: u64,
     },
     /// C→A: the client's hashes of blocks `first_block..first_block+hashes.len()` (one window).
     Hashes {
@@ -276,6 +306,8 @@ const T_SYNC_END: u8 = 0x13;
 pub(crate) const T_BLOCKS: u8 = 0x20;
 const T_WINDOW_DONE: u8 = 0x21;
 const T_SYNC_DONE: u8 = 0x22;
+const T_SYNC_PLAN: u8 = 0x23;
+const T_CHANGES_DONE: u8 = 0x24;
 const T_QUIESCE: u8 = 0x30;
 const T_THAW: u8 = 0x31;
 const T_COMMAND_DONE: u8 = 0x32;
@@ -295,6 +327,8 @@ impl Message {
             Message::Blocks { .. } => "Blocks",
             Message::WindowDone { .. } => "WindowDone",
             Message::SyncDone { .. } => "SyncDone",
+            Message::SyncPlan { .. } => "SyncPlan",
+            Message::ChangesDone { .. } => "ChangesDone",
             Message::Quiesce => "Quiesce",
             Message::Thaw => "Thaw",
             Message::CommandDone { .. } => "CommandDone",
@@ -339,12 +373,46 @@ impl Message {
                 disk,
                 block_size,
                 estimate,
+                changes_since,
             } => {
                 out.push(T_SYNC_START);
                 put_u32(out, *stream);
                 put_str(out, disk);
                 put_u32(out, *block_size);
                 out.push(u8::from(*estimate));
+                put_opt_token(out, changes_since.as_ref());
+            }
+            Message::SyncPlan {
+                stream,
+                changes,
+                token,
+                dirty_bytes,
+                lag_ms,
+                note,
+            } => {
+                out.push(T_SYNC_PLAN);
+                put_u32(out, *stream);
+                out.push(u8::from(*changes));
+                put_opt_token(out, token.as_ref());
+                put_u64(out, *dirty_bytes);
+                match lag_ms {
+                    None => out.push(0),
+                    Some(l) => {
+                        out.push(1);
+                        put_u64(out, *l);
+                    }
+                }
+                put_str(out, note);
+            }
+            Message::ChangesDone {
+                stream,
+                blocks,
+                bytes,
+            } => {
+                out.push(T_CHANGES_DONE);
+                put_u32(out, *stream);
+                put_u64(out, *blocks);
+                put_u64(out, *bytes);
             }
             Message::Hashes {
                 stream,
@@ -500,6 +568,24 @@ impl Message {
                 disk: r.string("disk")?,
                 block_size: r.u32("block size")?,
                 estimate: r.bool("estimate")?,
+                changes_since: r.opt_token("changes since")?,
+            },
+            T_SYNC_PLAN => Message::SyncPlan {
+                stream: r.u32("stream")?,
+                changes: r.bool("changes")?,
+                token: r.opt_token("token")?,
+                dirty_bytes: r.u64("dirty bytes")?,
+                lag_ms: if r.bool("lag")? {
+                    Some(r.u64("lag")?)
+                } else {
+                    None
+                },
+                note: r.string("note")?,
+            },
+            T_CHANGES_DONE => Message::ChangesDone {
+                stream: r.u32("stream")?,
+                blocks: r.u64("blocks")?,
+                bytes: r.u64("bytes")?,
             },
             T_HASHES => {
                 let stream = r.u32("stream")?;
@@ -758,6 +844,16 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     put_u16(out, u16::try_from(end).unwrap_or(u16::MAX));
     out.extend_from_slice(&s.as_bytes()[..end]);
 }
+fn put_opt_token(out: &mut Vec<u8>, t: Option<&Token>) {
+    match t {
+        None => out.push(0),
+        Some(t) => {
+            out.push(1);
+            put_u64(out, t.session);
+            put_u64(out, t.cut);
+        }
+    }
+}
 fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         None => out.push(0),
@@ -824,6 +920,16 @@ impl<'a> Reader<'a> {
             Ok(None)
         }
     }
+    fn opt_token(&mut self, what: &'static str) -> Result<Option<Token>, FrameError> {
+        if self.bool(what)? {
+            Ok(Some(Token {
+                session: self.u64(what)?,
+                cut: self.u64(what)?,
+            }))
+        } else {
+            Ok(None)
+        }
+    }
     fn magic(&mut self) -> Result<(), FrameError> {
         let b = self.take(4, "magic")?;
         let mut m = [0u8; 4];
@@ -867,16 +973,16 @@ mod tests {
         let h2 = [0x22u8; 32];
         let cases: Vec<(Message, String)> = vec![
             (
-                Message::ClientHello { version: 2 },
-                "0000000701464252500002".into(),
+                Message::ClientHello { version: 3 },
+                "0000000701464252500003".into(),
             ),
             (
                 Message::AgentHello {
-                    version: 2,
+                    version: 3,
                     software: "0.1".into(),
                     instance: Some("i-1".into()),
                 },
-                "0000001202464252500002000330 2e3101000369 2d31".replace(' ', ""),
+                "0000001202464252500003000330 2e3101000369 2d31".replace(' ', ""),
             ),
             (
                 Message::Manifest {
@@ -896,8 +1002,47 @@ mod tests {
                     disk: "d0".into(),
                     block_size: 65536,
                     estimate: true,
+                    changes_since: None,
                 },
-                "0000000e10000000070002643000010000 01".replace(' ', ""),
+                "0000000f10000000070002643000010000 01 00".replace(' ', ""),
+            ),
+            (
+                Message::SyncStart {
+                    stream: 7,
+                    disk: "d0".into(),
+                    block_size: 65536,
+                    estimate: false,
+                    changes_since: Some(Token {
+                        session: 0x0102,
+                        cut: 3,
+                    }),
+                },
+                "0000001f10000000070002643000010000 00 01 0000000000000102 0000000000000003"
+                    .replace(' ', ""),
+            ),
+            (
+                Message::SyncPlan {
+                    stream: 7,
+                    changes: true,
+                    token: Some(Token {
+                        session: 0x0102,
+                        cut: 4,
+                    }),
+                    dirty_bytes: 65536,
+                    lag_ms: Some(1500),
+                    note: "on".into(),
+                },
+                "0000002c23 00000007 01 01 0000000000000102 0000000000000004 0000000000010000 \
+                 01 00000000000005dc 0002 6f6e"
+                    .replace(' ', ""),
+            ),
+            (
+                Message::ChangesDone {
+                    stream: 7,
+                    blocks: 2,
+                    bytes: 131072,
+                },
+                "0000001524000000070000000000000002 0000000000020000".replace(' ', ""),
             ),
             (
                 Message::Hashes {

@@ -282,6 +282,7 @@ async fn garbage_or_truncated_frames_from_agent_write_nothing() {
         let fake = FakeAgent::start(&env.certs, move |mut c| async move {
             c.handshake(4 * MIB as u64).await;
             c.read_msg().await; // SyncStart
+            c.send(&plan_compare()).await;
             c.read_msg().await; // Hashes
             c.send_raw(&bytes).await;
             c.close().await;
@@ -315,6 +316,7 @@ async fn block_for_an_offset_not_asked_for_is_rejected() {
         let fake = FakeAgent::start(&env.certs, move |mut c| async move {
             c.handshake(size).await;
             c.read_msg().await; // SyncStart
+            c.send(&plan_compare()).await;
             c.read_msg().await; // Hashes (the whole 4 MiB disk)
             let data = vec![9u8; 65536];
             let block = WireBlock::new(
@@ -435,5 +437,17 @@ impl FakeAgent {
             .await;
         });
         addr
+    }
+}
+
+/// The `SyncPlan` of a hash-compare round (protocol v3: the first answer to `SyncStart`).
+fn plan_compare() -> Message {
+    Message::SyncPlan {
+        stream: 1,
+        changes: false,
+        token: None,
+        dirty_bytes: 0,
+        lag_ms: None,
+        note: "unavailable: fake agent".into(),
     }
 }

@@ -159,7 +159,7 @@ fn client_message() -> impl Strategy<Value = Message> {
     let hash = prop_oneof![Just([0u8; 32]), any::<[u8; 32]>()];
     prop_oneof![
         6 => (stream(), disk, bs, any::<bool>()).prop_map(|(stream, disk, block_size, estimate)| {
-            Message::SyncStart { stream, disk, block_size, estimate }
+            Message::SyncStart { stream, disk, block_size, estimate, changes_since: None }
         }),
         6 => (stream(), block(), prop::collection::vec(hash, 0..130)).prop_map(
             |(stream, first_block, hashes)| Message::Hashes { stream, first_block, hashes }
@@ -183,6 +183,8 @@ fn from_agent(m: &Message) -> bool {
             | Message::Blocks { .. }
             | Message::WindowDone { .. }
             | Message::SyncDone { .. }
+            | Message::SyncPlan { .. }
+            | Message::ChangesDone { .. }
             | Message::CommandDone { .. }
             | Message::Error { .. }
     )
@@ -294,6 +296,7 @@ fn agent_edge_sequences() {
         disk: "d0".into(),
         block_size: 4096,
         estimate: false,
+        changes_since: None,
     };
     let window = Message::Hashes {
         stream: 1,
@@ -355,6 +358,7 @@ fn agent_refetch_ranges_are_checked() {
         disk: "d0".into(),
         block_size: 4096,
         estimate: false,
+        changes_since: None,
     };
     let window = Message::Hashes {
         stream: 1,

@@ -611,6 +611,7 @@ async fn actions(State(st): St, h: HeaderMap, body: Bytes) -> Response {
             &ctx.caller.actor,
             LaunchRequest {
                 recovery_instance_ids: ids,
+                verify: None,
             },
         ) {
             Ok(r) => r

@@ -371,7 +371,7 @@ impl DrService for DrHttp {
     async fn launch(&self, id: &str) -> BResult<()> {
         let r = self
             .admin
-            .launch(&[id.to_string()])
+            .launch(&[id.to_string()], None)
             .await
             .map_err(|e| admin_err(&format!("launch failback of {id}"), e))?;
         match r.results.iter().find(|x| x.recovery_instance_id == id) {

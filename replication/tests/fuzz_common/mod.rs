@@ -124,6 +124,7 @@ pub fn arb_message() -> impl Strategy<Value = Message> {
                 disk,
                 block_size,
                 estimate,
+                changes_since: None,
             }
         ),
         (

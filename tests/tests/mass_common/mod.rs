@@ -460,6 +460,7 @@ async fn sim_client(seed: &SeedConfig, bios: &str, log: &Arc<Mutex<SimLog>>) -> 
                 // the disk (here a quarter differed, compressed to a sixteenth).
                 differing_bytes: Some(done / 4),
                 fetched_bytes: Some(done / 16),
+                ..Default::default()
             })
             .collect::<Vec<_>>()
     };

@@ -154,8 +154,29 @@ pub struct LaunchArgs {
     /// Recovery instance ids (1..200).
     #[arg(required = true, num_args = 1..=200)]
     ids: Vec<String>,
+    /// How the final round checks the disks: `changes` (quiesce, the blocks changed since the
+    /// last round, whole-disk digests kept from cached hashes) or `full` (also re-read and
+    /// re-hash both sides). Default: the service's `--launch-verify`.
+    #[arg(long, value_enum)]
+    verify: Option<VerifyArg>,
     #[command(flatten)]
     conn: Conn,
+}
+
+/// `failback launch --verify`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyArg {
+    Changes,
+    Full,
+}
+
+impl From<VerifyArg> for failback_config::api::LaunchVerify {
+    fn from(v: VerifyArg) -> Self {
+        match v {
+            VerifyArg::Changes => Self::Changes,
+            VerifyArg::Full => Self::Full,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -448,7 +469,9 @@ async fn run_inner(cmd: AdminCommand) -> Result<ExitCode, AdminError> {
             }
         }
         AdminCommand::Launch(a) => {
-            let r = client(&a.conn)?.launch(&a.ids).await?;
+            let r = client(&a.conn)?
+                .launch(&a.ids, a.verify.map(Into::into))
+                .await?;
             let refused = r.results.iter().filter(|x| !x.accepted).count();
             if a.conn.output == Output::Json {
                 print_json(&r);
