@@ -90,10 +90,12 @@ lint: $(CARGO_DENY)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO_DENY) check --hide-inclusion-graph licenses bans sources
-	@# The appliance client never links certificate issuing (rcgen: the dev CA is a feature).
-	@if $(CARGO) tree -p failback-client -e normal --target x86_64-unknown-linux-musl | grep rcgen >/dev/null; then \
-		echo "lint: failback-client links rcgen (certificate issuing)"; exit 1; \
-	else echo "lint: failback-client does not link rcgen"; fi
+	@# The appliance client never links certificate issuing (rcgen: the dev CA is a feature),
+	@# the DR service's store or the agent's eBPF tracker (aya).
+	@for c in rcgen rusqlite postgres aya; do \
+		if $(CARGO) tree -p failback-client -e normal --target x86_64-unknown-linux-musl --prefix none | grep -q "^$$c v"; then \
+			echo "lint: failback-client links $$c"; exit 1; fi; \
+	done; echo "lint: failback-client links none of rcgen, rusqlite, postgres, aya"
 	@if [ -z "$(FAILBACK_ADVISORY_DB)" ]; then \
 		echo "cargo deny: advisories NOT checked: no RustSec advisory database here (GitHub is unreachable); set FAILBACK_ADVISORY_DB=/path/to/advisory-db (a git checkout) to check them"; \
 	else \
