@@ -300,6 +300,7 @@ echo "== DR service: 1,000 concurrent clients heartbeating once a second (target
 "$BIN/failback-server" bench --clients 1000 --secs 20
 # The same on PostgreSQL (a throwaway cluster of Debian's postgresql, removed afterwards).
 PGDIR=$(mktemp -d /tmp/failback-bench-pg.XXXXXX)
+chmod 755 "$PGDIR" # the cluster runs as nobody, which must reach DIR/cluster
 PGURL=$(bash "$ROOT/scripts/pg-throwaway.sh" start "$PGDIR/cluster")
 pgrc=0; "$BIN/failback-server" bench --clients 1000 --secs 20 --database "$PGURL" || pgrc=$?
 bash "$ROOT/scripts/pg-throwaway.sh" stop "$PGDIR/cluster"; rmdir "$PGDIR" 2>/dev/null || true
