@@ -756,6 +756,24 @@ impl Drop for RouteGuard {
 }
 
 impl DiskJob {
+    /// Counts one more failed verification of `b`; past `max_block_retries` the block is given
+    /// up with an error naming the disk, the local path and the offset. Returns the count.
+    fn count_failure(&self, attempts: &mut HashMap<u64, u32>, b: &block::BadBlock) -> Result<u32> {
+        let n = attempts.entry(b.block).or_insert(0);
+        *n += 1;
+        if *n > self.opts.max_block_retries {
+            return Err(Error::Verification {
+                disk: self.disk.id.clone(),
+                path: self.local.clone(),
+                block: b.block,
+                offset: b.block * u64::from(self.opts.block_size),
+                attempts: *n,
+                reason: b.reason.clone(),
+            });
+        }
+        Ok(*n)
+    }
+
     fn protocol(&self, message: String) -> Error {
         Error::Protocol {
             peer: format!("agent {}", self.inner.peer),
@@ -915,18 +933,7 @@ impl DiskJob {
                         )
                         .await?;
                     for b in bad {
-                        let n = attempts.entry(b.block).or_insert(0);
-                        *n += 1;
-                        if *n > self.opts.max_block_retries {
-                            return Err(Error::Verification {
-                                disk: id.clone(),
-                                path: self.local.clone(),
-                                block: b.block,
-                                offset: b.block * bs64,
-                                attempts: *n,
-                                reason: b.reason,
-                            });
-                        }
+                        self.count_failure(&mut attempts, &b)?;
                         refetched += 1;
                         received.insert(b.block);
                         pending.insert(b.block);
@@ -1312,23 +1319,12 @@ impl DiskJob {
                                 }
                             }
                             for b in bad {
-                                let n = attempts.entry(b.block).or_insert(0);
-                                *n += 1;
-                                if *n > self.opts.max_block_retries {
-                                    return Err(Error::Verification {
-                                        disk: id.clone(),
-                                        path: self.local.clone(),
-                                        block: b.block,
-                                        offset: b.block * bs64,
-                                        attempts: *n,
-                                        reason: b.reason,
-                                    });
-                                }
+                                let n = self.count_failure(&mut attempts, &b)?;
                                 refetched += 1;
                                 tracing::warn!(disk = %id, block = b.block, "block failed verification ({}); fetching it again", b.reason);
                                 self.progress.message(&format!(
                                     "disk {id}: block {} (offset {}) failed verification ({}); fetching it again (attempt {})",
-                                    b.block, b.block * bs64, b.reason, *n + 1
+                                    b.block, b.block * bs64, b.reason, n + 1
                                 ));
                                 pending.insert(b.block);
                                 if !send(Message::Refetch { stream: self.stream, first_block: b.block, count: 1 }, &mut wire_bytes).await {
