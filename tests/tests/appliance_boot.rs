@@ -76,6 +76,8 @@ fn appliance_boots_bios_uefi_and_secure_boot() {
         }
         vm.expect("FAILBACK_SEED_FOUND on /dev/sr", BOOT);
         vm.expect("FAILBACK_NETWORK_UP eth0 (", BOOT);
+        // The console line may arrive in pieces: wait for its end before reading it.
+        vm.expect("; dns ", BOOT);
         assert!(
             vm.output().contains(&format!(", {driver}): DHCP")),
             "{name}: NIC driver {driver} expected:\n{}",

@@ -158,8 +158,10 @@ fn appliance_without_seed_prompts_then_pairs_syncs_and_restores_the_disk() {
     vm.expect("FAILBACK_PROMPT DNS servers", SLOW);
     vm.type_line("10.0.2.3");
     vm.expect("FAILBACK_NETWORK_UP eth0 (", SLOW);
+    // The console line may arrive in pieces: wait for its end before reading it.
+    vm.expect("; dns ", SLOW);
     assert!(
-        vm.output().contains("10.0.2.15/24"),
+        vm.output().contains("): static 10.0.2.15/24"),
         "static address not applied:\n{}",
         vm.output()
     );
