@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use failback_config::api::{Inventory, InventoryCpu, InventoryDisk};
+use failback_api::{Inventory, InventoryCpu, InventoryDisk};
 
 /// Where to read from; tests point it at a fake tree.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use failback_config::api::*;
+use failback_api::*;
 use failback_replication::report::DiskReport;
 use failback_replication::{ClientTls, Mapping, Progress, Session, SyncOptions, SyncReport};
 use tokio::sync::Notify;

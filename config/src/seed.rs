@@ -40,6 +40,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// ISO 9660 volume label of the seed ISO. Not `CIDATA`: cloud-init in the restored OS must
 /// not pick the seed up.
 pub const SEED_LABEL: &str = "FBSEED";
+/// ISO 9660 volume label of the appliance ISO itself: the ISO builder writes it, the client
+/// finds (and ejects) its boot medium by it and refuses it as a target.
+pub const APPLIANCE_LABEL: &str = "FAILBACK";
 /// File name of the seed inside the seed ISO.
 pub const SEED_FILE_NAME: &str = "seed.toml";
 /// Longest accepted pairing token (tokens are short random strings; this bounds garbage).
@@ -392,7 +395,7 @@ impl SeedConfig {
             if m.remote.trim().is_empty() {
                 return Err(invalid(format!("map[{i}].remote"), "is empty"));
             }
-            let excluded = m.local.eq_ignore_ascii_case(crate::api::EXCLUDE);
+            let excluded = m.local.eq_ignore_ascii_case(crate::mapping::EXCLUDE);
             if !m.local.starts_with("/dev/") && !excluded {
                 return Err(invalid(
                     format!("map[{i}].local"),
@@ -489,7 +492,7 @@ impl SeedConfig {
                 }
             }
             "map" => {
-                let list = crate::api::parse_device_mapping(value)
+                let list = crate::mapping::parse_device_mapping(value)
                     .map_err(|e| invalid(field(key), format!("`{value}`: {e}")))?;
                 if list.is_empty() {
                     return Err(invalid(field(key), "no REMOTE=LOCAL entry"));

@@ -270,8 +270,8 @@ proptest! {
             ".{0,40}",
         ]
     ) {
-        if let Ok(list) = failback_config::api::parse_device_mapping(&text) {
-            prop_assert!(failback_config::api::validate_mapping(&list).is_ok(), "{text:?} parsed to an invalid mapping");
+        if let Ok(list) = failback_config::mapping::parse_device_mapping(&text) {
+            prop_assert!(failback_config::mapping::validate_mapping(&list).is_ok(), "{text:?} parsed to an invalid mapping");
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use failback_config::api::*;
+use failback_api::*;
 
 use crate::http::{start, ServerConfig};
 use crate::service::Settings;
@@ -122,7 +122,7 @@ async fn run_in(
     .await
     .map_err(e)??;
     let ca = reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).map_err(e)?;
-    let url = format!("{}/v1/client/heartbeat", server.url());
+    let url = format!("{}{}", server.url(), failback_api::routes::CLIENT_HEARTBEAT);
     let warmup = Duration::from_secs(3);
     let start_at = Instant::now() + Duration::from_millis(500);
     let measure_from = start_at + warmup;

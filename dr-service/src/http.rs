@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use failback_config::api::*;
+use failback_api::*;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -411,36 +411,31 @@ async fn fallback() -> Response {
 }
 
 fn router(state: Arc<AppState>, body: BodyLimit) -> Router {
+    use failback_api::routes as r;
     Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/agent/enroll", post(enroll))
-        .route("/v1/agent/heartbeat", post(agent_hb))
-        .route("/v1/pair", post(pair))
-        .route("/v1/client/heartbeat", post(client_hb))
-        .route("/v1/client/log", post(client_log))
-        .route("/v1/client/boot-report", post(boot_report))
-        .route("/v1/admin/instances", get(list))
-        .route("/v1/admin/instances/{id}", get(describe))
+        .route(r::HEALTH, get(health))
+        .route(r::AGENT_ENROLL, post(enroll))
+        .route(r::AGENT_HEARTBEAT, post(agent_hb))
+        .route(r::PAIR, post(pair))
+        .route(r::CLIENT_HEARTBEAT, post(client_hb))
+        .route(r::CLIENT_LOG, post(client_log))
+        .route(r::CLIENT_BOOT_REPORT, post(boot_report))
+        .route(r::ADMIN_INSTANCES, get(list))
+        .route(r::ADMIN_INSTANCE, get(describe))
+        .route(r::ADMIN_INSTANCE_HINTS, axum::routing::put(set_hints))
+        .route(r::ADMIN_INSTANCE_STOP, post(stop))
+        .route(r::ADMIN_INSTANCE_CONFIG, get(get_config).put(put_config))
+        .route(r::ADMIN_INSTANCE_LOGS, get(logs))
+        .route(r::ADMIN_INSTANCE_LOG, get(log_get))
+        .route(r::ADMIN_TOKENS, post(tokens))
+        .route(r::ADMIN_LAUNCH, post(launch))
+        .route(r::ADMIN_EVENTS, get(events))
         .route(
-            "/v1/admin/instances/{id}/hints",
-            axum::routing::put(set_hints),
-        )
-        .route("/v1/admin/instances/{id}/stop", post(stop))
-        .route(
-            "/v1/admin/instances/{id}/config",
-            get(get_config).put(put_config),
-        )
-        .route("/v1/admin/instances/{id}/logs", get(logs))
-        .route("/v1/admin/instances/{id}/logs/{name}", get(log_get))
-        .route("/v1/admin/tokens", post(tokens))
-        .route("/v1/admin/launch", post(launch))
-        .route("/v1/admin/events", get(events))
-        .route(
-            "/v1/admin/credentials",
+            r::ADMIN_CREDENTIALS,
             get(credentials).post(credential_create),
         )
         .route(
-            "/v1/admin/credentials/{id}",
+            r::ADMIN_CREDENTIAL,
             axum::routing::delete(credential_revoke),
         )
         .route_layer(axum::middleware::from_fn(crate::validate::path_params))

@@ -12,14 +12,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use failback_config::api::{ApiError, BOOT_REPORT_MAX_BODY};
+use failback_api::{ApiError, BOOT_REPORT_MAX_BODY};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::service::{ApiFailure, Service};
 
 /// Largest client log upload (`POST /v1/client/log`; read only after the client secret was
 /// checked).
-pub use failback_config::api::LOG_UPLOAD_MAX_BODY;
+pub use failback_api::LOG_UPLOAD_MAX_BODY;
 /// Pairing, enrollment and heartbeats (inventories and progress of up to 256 disks).
 pub const PEER_MAX_BODY: usize = 256 << 10;
 /// Every other route (admin requests).
@@ -57,12 +57,11 @@ impl Default for Limits {
 
 /// Body limit of a route, by path.
 pub fn max_body(path: &str) -> usize {
+    use failback_api::routes as r;
     match path {
-        "/v1/client/log" => LOG_UPLOAD_MAX_BODY,
-        "/v1/client/boot-report" => BOOT_REPORT_MAX_BODY,
-        "/v1/pair" | "/v1/client/heartbeat" | "/v1/agent/enroll" | "/v1/agent/heartbeat" => {
-            PEER_MAX_BODY
-        }
+        r::CLIENT_LOG => LOG_UPLOAD_MAX_BODY,
+        r::CLIENT_BOOT_REPORT => BOOT_REPORT_MAX_BODY,
+        r::PAIR | r::CLIENT_HEARTBEAT | r::AGENT_ENROLL | r::AGENT_HEARTBEAT => PEER_MAX_BODY,
         _ => DEFAULT_MAX_BODY,
     }
 }

@@ -6,7 +6,7 @@
 //! fractional local size (clouds round volumes up, so a 10.5 GiB disk comes back as an 11 GiB
 //! volume). Overrides from the client are checked with the same size rule.
 
-use failback_config::api::{AgentDisk, DeviceMapping, InventoryDisk};
+use failback_api::{AgentDisk, DeviceMapping, InventoryDisk};
 
 const GIB: u64 = 1 << 30;
 
@@ -106,8 +106,7 @@ pub fn check_override(
     local: &[InventoryDisk],
     list: &[DeviceMapping],
 ) -> Result<Vec<DeviceMapping>, MappingError> {
-    failback_config::api::validate_mapping(list)
-        .map_err(|e| MappingError::Invalid(e.to_string()))?;
+    failback_api::validate_mapping(list).map_err(|e| MappingError::Invalid(e.to_string()))?;
     for m in list {
         let Some(r) = remote.iter().find(|r| r.id == m.remote) else {
             return Err(MappingError::UnknownRemote {

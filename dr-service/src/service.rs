@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use failback_config::api::{self, *};
+use failback_api::{self as api, *};
 
 use crate::ca::{Ca, CaError};
 use crate::mapping::{self, MappingError};
@@ -581,7 +581,7 @@ impl Service {
             inst.failback.launch_requested_at = Some(now);
             inst.failback.launch_job_id = Some(job.clone());
             let full = req.verify.map_or(self.settings.launch_verify_full, |v| {
-                v == failback_config::api::LaunchVerify::Full
+                v == failback_api::LaunchVerify::Full
             });
             inst.failback.launch_verify_full = full;
             let verify = if full {

@@ -16,7 +16,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use failback_config::api::{self, *};
+use failback_api::{self as api, *};
 
 use crate::service::ApiFailure;
 
@@ -148,7 +148,9 @@ pub fn word(field: &str, s: &str) -> R<()> {
 
 fn param(route: &str, key: &str, value: &str) -> R<()> {
     match key {
-        "id" if route.starts_with("/v1/admin/instances/") => instance_id("id", value),
+        "id" if route.starts_with(failback_api::routes::ADMIN_INSTANCES_PREFIX) => {
+            instance_id("id", value)
+        }
         "name" if route.contains("/logs/") => log_name("name", value),
         _ => word(key, value),
     }

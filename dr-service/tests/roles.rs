@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use failback_config::api::*;
+use failback_api::*;
 use failback_server::{start, RunningServer, ServerConfig, Settings};
 use reqwest::Method;
 use serde_json::{json, Value};

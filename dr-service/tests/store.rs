@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use failback_config::api::*;
+use failback_api::*;
 use failback_server::store::{
     self, migrations, AgentRecord, Batch, ClientRecord, CredentialRecord, Store, TokenRecord,
 };

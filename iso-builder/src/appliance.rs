@@ -10,7 +10,7 @@ use hadris_iso::{BootEntry, BootInfo, ElTorito, Hybrid, IsoId, IsoLevel, IsoOpti
 use std::path::{Path, PathBuf};
 
 /// Volume label of the appliance ISO (the client uses it to find and eject its boot medium).
-pub const APPLIANCE_LABEL: &str = "FAILBACK";
+pub use failback_config::seed::APPLIANCE_LABEL;
 /// Kernel arguments of every boot entry. `/dev/console` is the last `console=`: tty0, the VM
 /// console an operator sees; the client also prints to and reads from the serial port.
 pub const KERNEL_ARGS: &str = "console=ttyS0,115200 console=tty0 panic=-1 loglevel=4";

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use failback_config::api::*;
+use failback_api::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -189,7 +189,7 @@ impl AdminClient {
     pub async fn launch(
         &self,
         ids: &[String],
-        verify: Option<failback_config::api::LaunchVerify>,
+        verify: Option<failback_api::LaunchVerify>,
     ) -> Result<LaunchResponse, AdminError> {
         let req = LaunchRequest {
             recovery_instance_ids: ids.to_vec(),

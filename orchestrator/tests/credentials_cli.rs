@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use failback_config::api::*;
+use failback_api::*;
 use failback_orchestrator::mass::adapters::DrHttp;
 use failback_orchestrator::mass::backend::DrService;
 use failback_server::{start, RunningServer, ServerConfig, Settings, BOOTSTRAP_ADMIN};

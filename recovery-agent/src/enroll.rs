@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use failback_config::api::{
+use failback_api::{
     AgentDisk, AgentEnrollRequest, AgentEnrollResponse, AgentHeartbeat, AgentHeartbeatResponse,
     ApiError, IdentificationHints,
 };

@@ -10,7 +10,7 @@
 
 mod mass_common;
 
-use failback_config::api::TokenKind;
+use failback_api::TokenKind;
 use failback_config::plan::{Plan, PlanFormat};
 use failback_tests::vcsim::{go_tool, workspace_root};
 use failback_tests::KillOnDrop;

@@ -514,7 +514,7 @@ fn pair_over_api(
     env: &Env,
     rt: &tokio::runtime::Runtime,
     instance: &str,
-) -> failback_config::api::PairResponse {
+) -> failback_api::PairResponse {
     let ca_pem = std::fs::read(env.ca()).unwrap();
     let token = env.token("pairing", Some(instance));
     rt.block_on(async {
@@ -539,7 +539,7 @@ fn pair_over_api(
     })
 }
 
-fn client_tls(p: &failback_config::api::PairResponse) -> failback_replication::ClientTls {
+fn client_tls(p: &failback_api::PairResponse) -> failback_replication::ClientTls {
     failback_replication::ClientTls::from_pem(
         p.ca_pem.as_bytes(),
         p.client_cert_pem.as_bytes(),

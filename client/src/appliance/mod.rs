@@ -23,7 +23,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Label of the appliance ISO itself (ejected at the end).
-pub const APPLIANCE_LABEL: &str = "FAILBACK";
+pub use failback_config::seed::APPLIANCE_LABEL;
 /// Where the seed ISO is mounted (read-only) while it is read.
 const SEED_MOUNT: &str = "/mnt/seed";
 /// Clock difference to the DR service above which the clock is set from its Date header.
@@ -372,7 +372,7 @@ fn boot(console: &Console, started: Instant) -> Result<Ending, (ApplianceError, 
 /// error (something changed it since; nothing is booted or written).
 fn already_completed(
     console: &Console,
-    done: &failback_config::api::CompletedFailback,
+    done: &failback_api::CompletedFailback,
 ) -> Result<Ending, ApplianceError> {
     let bs = u32::try_from(done.block_size).unwrap_or(0);
     let mut disks = Vec::new();
@@ -470,7 +470,7 @@ enum Next {
     /// Stopped by the operator: the local disks are incomplete, power off.
     Stopped,
     /// The token's failback had already completed (the appliance booted again).
-    AlreadyCompleted(failback_config::api::CompletedFailback),
+    AlreadyCompleted(failback_api::CompletedFailback),
 }
 
 /// Pairs, syncs and waits for launch: the DR-service client's [`crate::run::run`]. Returns
@@ -495,7 +495,7 @@ fn run_failback(console: &Console, seed: SeedConfig) -> Result<Next, ApplianceEr
         opts.mapping = Some(
             seed.mappings
                 .iter()
-                .map(|m| failback_config::api::DeviceMapping {
+                .map(|m| failback_api::DeviceMapping {
                     remote: m.remote.clone(),
                     local: m.local.clone(),
                 })

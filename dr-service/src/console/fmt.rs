@@ -1,6 +1,6 @@
 //! Small text formats of the console: sizes, times, durations, names.
 
-use failback_config::api::{FailbackState, RecoveryInstance, ReplicationState};
+use failback_api::{FailbackState, RecoveryInstance, ReplicationState};
 
 pub fn bytes(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -29,7 +29,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use failback_config::api::{
+use failback_api::{
     valid_instance_id, CreateTokenRequest, LaunchRequest, Role, TokenKind, UpdateReplicationConfig,
 };
 use serde::Deserialize;

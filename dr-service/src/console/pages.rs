@@ -1,7 +1,7 @@
 //! The console's pages ([`maud`] escapes every value: an instance name holding markup is
 //! shown as text).
 
-use failback_config::api::{Event, FailbackState, LogEntry, RecoveryInstance, Role, TokenKind};
+use failback_api::{Event, FailbackState, LogEntry, RecoveryInstance, Role, TokenKind};
 use maud::{html, Markup, DOCTYPE};
 
 use super::chart;

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use failback_config::api::{FailbackState, RecoveryInstance};
+use failback_api::{FailbackState, RecoveryInstance};
 
 /// How far back the charts look.
 pub const WINDOW_SECS: u64 = 6 * 3600;
@@ -148,7 +148,7 @@ mod tests {
         .unwrap();
         i.failback.state = state;
         i.failback.round = round;
-        i.failback.disks = vec![failback_config::api::DiskProgress {
+        i.failback.disks = vec![failback_api::DiskProgress {
             remote_id: "d".into(),
             local_path: "/dev/x".into(),
             total_bytes: 1000,

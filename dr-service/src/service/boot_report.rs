@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use failback_config::api::{
+use failback_api::{
     normalize_uuid, tail_bytes, BootReport, BootReportResponse, TokenKind, BOOT_REPORT_MAX_LOG,
     BOOT_REPORT_MAX_MESSAGE,
 };

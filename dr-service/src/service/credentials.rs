@@ -3,7 +3,7 @@
 //! looks the credential up on every request, so a revocation refuses the very next request.
 //! The data-dir `admin-token` stays as the bootstrap credential with role `admin`.
 
-use failback_config::api::{
+use failback_api::{
     valid_credential_id, valid_credential_name, CreateCredentialRequest, CreateCredentialResponse,
     Credential, CredentialList, Role, CREDENTIAL_NAME_MAX,
 };

@@ -7,7 +7,7 @@
 //!
 //! Staying in the same state is always allowed (a no-op).
 
-use failback_config::api::{FailbackState, FailbackStatus, ReplicationState};
+use failback_api::{FailbackState, FailbackStatus, ReplicationState};
 
 use FailbackState as F;
 use ReplicationState as Rs;

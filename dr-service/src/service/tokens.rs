@@ -3,7 +3,7 @@
 //! nothing that helps to guess the secret. Revoking makes the token expire now (the store
 //! keeps the earlier of two expiry times), so enrollment and pairing refuse it at once.
 
-use failback_config::api::TokenKind;
+use failback_api::TokenKind;
 
 use super::{ApiFailure, Service, R};
 use crate::store::{Batch, TokenRecord};

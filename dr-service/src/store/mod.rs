@@ -17,7 +17,7 @@
 
 use std::path::PathBuf;
 
-use failback_config::api::{Credential, Event, RecoveryInstance, Role, TokenKind};
+use failback_api::{Credential, Event, RecoveryInstance, Role, TokenKind};
 
 pub mod migrations;
 mod postgres;
@@ -280,7 +280,7 @@ pub(crate) fn kind_of(s: &str) -> TokenKind {
 
 /// Whether a failback in this state counts as running (the `active` column).
 pub(crate) fn active(inst: &RecoveryInstance) -> bool {
-    use failback_config::api::FailbackState as F;
+    use failback_api::FailbackState as F;
     matches!(
         inst.failback.state,
         F::FailbackInProgress | F::FailbackReadyForLaunch | F::FailbackNotReadyForLaunch
@@ -288,7 +288,7 @@ pub(crate) fn active(inst: &RecoveryInstance) -> bool {
 }
 
 pub(crate) fn flags(inst: &RecoveryInstance) -> (bool, bool) {
-    use failback_config::api::ReplicationError as E;
+    use failback_api::ReplicationError as E;
     let e = &inst.failback.errors;
     (
         e.contains(&E::AgentNotSeen),

@@ -8,7 +8,7 @@
 //! driver (sqlx, tokio-postgres) would only add a second runtime bridge; sqlx's compile-time
 //! checks would also need a database at build time.
 
-use failback_config::api::{Event, RecoveryInstance};
+use failback_api::{Event, RecoveryInstance};
 use postgres::error::SqlState;
 use std::collections::HashMap;
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use failback_config::api::{Event, RecoveryInstance};
+use failback_api::{Event, RecoveryInstance};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::migrations::{self, MIGRATIONS};
@@ -552,7 +552,7 @@ impl SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use failback_config::api::Role;
+    use failback_api::Role;
 
     /// The schema of the release before versioned migrations, verbatim from its `store.rs`
     /// (commit 4a25fa8), with a row in each table as that release wrote them.

@@ -4,7 +4,7 @@
 use super::backend::*;
 use crate::admin_client::{AdminClient, AdminError};
 use async_trait::async_trait;
-use failback_config::api::{CreateTokenRequest, RecoveryInstance, TokenKind};
+use failback_api::{CreateTokenRequest, RecoveryInstance, TokenKind};
 use failback_config::plan::NetworkMode;
 use failback_config::seed::{self, SeedConfig};
 use failback_vcenter as vc;

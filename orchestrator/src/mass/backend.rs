@@ -4,7 +4,7 @@
 //! admin HTTP client, iso-builder) are wired in by `adapters`.
 
 use async_trait::async_trait;
-use failback_config::api::RecoveryInstance;
+use failback_api::RecoveryInstance;
 use failback_config::plan::{DeviceMap, Network};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

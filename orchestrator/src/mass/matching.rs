@@ -3,7 +3,7 @@
 //! (several VMs share it, as vcsim's model VMs do) is not a match.
 
 use super::backend::VmInfo;
-use failback_config::api::RecoveryInstance;
+use failback_api::RecoveryInstance;
 use failback_config::plan::MatchedBy;
 use std::collections::{BTreeMap, HashSet};
 
@@ -191,7 +191,7 @@ pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matchi
 mod tests {
     use super::super::backend::Power;
     use super::*;
-    use failback_config::api::IdentificationHints;
+    use failback_api::IdentificationHints;
 
     fn vm(moref: &str, bios: &str, inst: &str, macs: &[&str]) -> VmInfo {
         VmInfo {

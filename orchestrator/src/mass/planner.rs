@@ -6,7 +6,7 @@ use super::matching::{match_instances, Matching};
 use super::progress::human;
 use super::runner::{resolve_vm, InProgress};
 use super::state::Step;
-use failback_config::api::{FailbackState, RecoveryInstance};
+use failback_api::{FailbackState, RecoveryInstance};
 use failback_config::plan::{
     LaunchMode, MatchedBy, Network, Plan, VmOptions, VmPlan, VmTarget, PLAN_VERSION,
 };

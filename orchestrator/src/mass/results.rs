@@ -4,7 +4,7 @@
 //! `failback_hosts_settings.json`; one file is easier to archive).
 
 use super::state::{RunState, SnapshotOutcome, Step, VmStatus};
-use failback_config::api::{DiskDigest, DiskProgress};
+use failback_api::{DiskDigest, DiskProgress};
 use failback_config::plan::Plan;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

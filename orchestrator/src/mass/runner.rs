@@ -10,7 +10,7 @@ use super::state::{
     RunHeader, RunState, SnapshotOutcome, StateDir, StateError, Step, VmState, VmStatus,
     STATE_FORMAT,
 };
-use failback_config::api::{FailbackState, RecoveryInstance};
+use failback_api::{FailbackState, RecoveryInstance};
 use failback_config::plan::{LaunchMode, OnFailure, Plan, Readiness, VmPlan, Wave, WavePolicy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -1166,7 +1166,7 @@ impl Runner {
                 v.digests = ri.failback.digests.clone();
                 v.disk_bytes = ri.failback.disks.iter().map(|d| d.total_bytes).sum();
                 v.replicated_bytes = ri.failback.disks.iter().map(|d| d.replicated_bytes).sum();
-                let sum = |f: fn(&failback_config::api::DiskProgress) -> Option<u64>| {
+                let sum = |f: fn(&failback_api::DiskProgress) -> Option<u64>| {
                     ri.failback.disks.iter().map(f).sum::<Option<u64>>()
                 };
                 v.differing_bytes = sum(|d| d.differing_bytes);

@@ -6,7 +6,7 @@
 //! cannot drive the same VMs.
 
 use super::backend::{AttachedCdrom, DevicesBefore, SavedBoot};
-use failback_config::api::{DiskDigest, DiskProgress};
+use failback_api::{DiskDigest, DiskProgress};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;

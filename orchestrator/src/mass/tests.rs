@@ -8,7 +8,7 @@ use super::progress::NoProgress;
 use super::runner::{InProgress, RunSettings, Runner};
 use super::state::{self, Step, VmStatus};
 use async_trait::async_trait;
-use failback_config::api::{
+use failback_api::{
     DiskDigest, DiskProgress, FailbackState, IdentificationHints, RecoveryInstance,
 };
 use failback_config::plan::{Plan, VmOptions, VmPlan, VmTarget, PLAN_VERSION};

@@ -8,7 +8,7 @@
 //! off as the appliance does), without QEMU or disk data.
 #![allow(dead_code)]
 
-use failback_config::api::{
+use failback_api::{
     AgentDisk, AgentEnrollRequest, AgentEnrollResponse, ClientCommand, ClientCommandResponse,
     ClientPhase, ClientReport, CreateTokenRequest, CreateTokenResponse, DiskDigest, DiskProgress,
     IdentificationHints, Inventory, InventoryDisk, PairRequest, PairResponse, TokenKind,

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
-use failback_config::api::*;
+use failback_api::*;
 use failback_orchestrator::admin_client::{AdminClient, AdminError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -170,7 +170,7 @@ pub enum VerifyArg {
     Full,
 }
 
-impl From<VerifyArg> for failback_config::api::LaunchVerify {
+impl From<VerifyArg> for failback_api::LaunchVerify {
     fn from(v: VerifyArg) -> Self {
         match v {
             VerifyArg::Changes => Self::Changes,

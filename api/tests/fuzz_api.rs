@@ -1,5 +1,5 @@
 //! Structure-aware fuzzing of the DR-service request bodies, parsed by
-//! `failback_config::api::parse_body`, the function dr-service/src/http.rs `parse` calls.
+//! `failback_api::parse_body`, the function dr-service/src/http.rs `parse` calls.
 //!
 //! proptest on stable, inside `cargo test` (see replication/tests/fuzz_wire.rs for why);
 //! `FAILBACK_FUZZ_CASES=N` sets the number of cases. Inputs: JSON trees keyed by the real field
@@ -9,11 +9,13 @@
 //! service's field name for the error is never empty; an accepted body re-encodes to a body
 //! that parses to the same value.
 
+// The generators are shared with config/tests/fuzz_parsers.rs.
+#[path = "../../config/tests/fuzz_common/mod.rs"]
 mod fuzz_common;
 
 use std::fmt::Debug;
 
-use failback_config::api::{
+use failback_api::{
     parse_body, AgentEnrollRequest, AgentHeartbeat, BootReport, ClientReport, CreateTokenRequest,
     LaunchRequest, PairRequest, SetHintsRequest, UpdateReplicationConfig,
 };
