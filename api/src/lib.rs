@@ -16,5 +16,5 @@ pub mod names;
 pub mod routes;
 pub mod types;
 
-pub use client::{parse_urls, Error, ServiceClient, Timeouts};
+pub use client::{parse_urls, Error, Method, ServiceClient, Timeouts};
 pub use types::*;

@@ -23,7 +23,8 @@ pub enum Output {
 /// How to reach the DR service.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// DR service URL (https://HOST:PORT).
+    /// DR service URL (https://HOST:PORT); several replicas separated by commas: a call
+    /// moves to the next URL when one cannot be reached.
     #[arg(long, env = "FAILBACK_SERVER")]
     server: String,
     /// Admin token (the service's data-dir/admin-token) or a credential secret

@@ -42,7 +42,8 @@ async fn vc_connect(a: &VcenterArgs) -> Result<vc::Client, (u8, String)> {
 /// DR service admin connection (same flags/env as the other admin commands).
 #[derive(Args, Debug, Clone)]
 pub struct DrArgs {
-    /// DR service URL, e.g. https://dr.example:8443.
+    /// DR service URL, e.g. https://dr.example:8443; several replicas separated by commas
+    /// (the appliances get the same list in their seed).
     #[arg(long = "server", env = "FAILBACK_SERVER")]
     pub server: String,
     /// Admin token or credential secret; role `operator` is enough for a mass failback.
