@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use failback_api::{
-    AgentDisk, AgentEnrollRequest, AgentEnrollResponse, AgentHeartbeat, AgentHeartbeatResponse,
-    ApiError, IdentificationHints,
+    routes, AgentDisk, AgentEnrollRequest, AgentEnrollResponse, AgentHeartbeat,
+    AgentHeartbeatResponse, IdentificationHints, ServiceClient, Timeouts,
 };
 use failback_replication::allow::ClientAllowlist;
 use failback_replication::ServerTls;
@@ -26,7 +26,8 @@ use crate::{AgentError, AgentOptions};
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct EnrollArgs {
     /// DR service URL (https://HOST:PORT): enroll there instead of using --cert/--key.
-    /// `--ca` then pins the service's CA.
+    /// Several replicas separated by commas: the agent moves to the next when one cannot be
+    /// reached. `--ca` then pins the service's CA.
     #[arg(long)]
     pub server: Option<String>,
     /// One-time agent enrollment token (from `failback token create agent`).
@@ -108,68 +109,53 @@ pub struct EnrollServe {
     pub agent: AgentOptions,
 }
 
-/// The DR service's HTTPS client: only the pinned CA, and only a certificate with the service
-/// role (an agent's or client's certificate from the same CA is refused).
-fn http_client(ca: Option<&Path>) -> Result<reqwest::Client, EnrollError> {
+/// The DR service's HTTPS client ([`ServiceClient`]): only the pinned CA, and only a
+/// certificate with the service role (an agent's or client's certificate from the same CA is
+/// refused).
+fn service_client(urls: &[String], ca: Option<&Path>) -> Result<ServiceClient, EnrollError> {
     let p = ca.ok_or_else(|| {
         EnrollError::Usage("--ca is required with --server: the DR service's CA (ca.pem)".into())
     })?;
     let pem = std::fs::read(p)
         .map_err(|e| EnrollError::Usage(format!("cannot read --ca {}: {e}", p.display())))?;
-    let tls = failback_trust::service_client_config(&pem, p)
-        .map_err(|e| EnrollError::Usage(format!("--ca: {e}")))?;
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| EnrollError::Usage(format!("HTTP client: {e}")))
+    ServiceClient::new(urls, &pem, p, Timeouts::default()).map_err(|e| match e {
+        failback_api::Error::Usage(m) => EnrollError::Usage(format!("--ca: {m}")),
+        e => e.into(),
+    })
+}
+
+/// The API client's errors in the agent's terms: a 4xx answer is a refusal, a 5xx answer or
+/// a bad answer is worth retrying like a network error.
+impl From<failback_api::Error> for EnrollError {
+    fn from(e: failback_api::Error) -> Self {
+        use failback_api::Error as E;
+        match e {
+            E::Usage(m) => EnrollError::Usage(m),
+            E::Network { url, message } => EnrollError::Network { url, message },
+            E::Untrusted { url, cause } => EnrollError::Untrusted { url, cause },
+            E::Api { url, status, error } if status >= 500 => EnrollError::Network {
+                url,
+                message: format!("HTTP {status}: {} ({})", error.message, error.error),
+            },
+            E::Api { url, error, .. } => EnrollError::Refused {
+                url,
+                message: format!("{} ({})", error.message, error.error),
+            },
+            E::Decode { url, message } => EnrollError::Network {
+                url,
+                message: format!("bad answer: {message}"),
+            },
+        }
+    }
 }
 
 async fn post<T: Serialize, R: serde::de::DeserializeOwned>(
-    http: &reqwest::Client,
-    base: &str,
+    svc: &ServiceClient,
     path: &str,
     bearer: Option<&str>,
     body: &T,
 ) -> Result<R, EnrollError> {
-    let url = format!("{base}{path}");
-    let mut rq = http.post(&url).json(body);
-    if let Some(b) = bearer {
-        rq = rq.bearer_auth(b);
-    }
-    let resp = rq
-        .send()
-        .await
-        .map_err(|e| match failback_trust::tls_cause(&e) {
-            // Not the pinned DR service: retrying cannot help, and nothing was sent to it.
-            Some(cause) => EnrollError::Untrusted {
-                url: url.clone(),
-                cause,
-            },
-            None => EnrollError::Network {
-                url: url.clone(),
-                message: failback_trust::describe(&e),
-            },
-        })?;
-    let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| EnrollError::Network {
-        url: url.clone(),
-        message: e.to_string(),
-    })?;
-    if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| EnrollError::Network {
-            url,
-            message: format!("bad answer: {e}"),
-        });
-    }
-    let message = serde_json::from_slice::<ApiError>(&bytes)
-        .map(|e| format!("{} ({})", e.message, e.error))
-        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-    if status.is_server_error() {
-        Err(EnrollError::Network { url, message })
-    } else {
-        Err(EnrollError::Refused { url, message })
-    }
+    Ok(svc.post(path, bearer, body).await?)
 }
 
 /// Whether a saved enrollment's certificate carries the agent role and its instance.
@@ -203,7 +189,10 @@ fn load_saved(dir: &Path, server: &str) -> Result<Option<Saved>, EnrollError> {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    Ok((saved.server == server).then_some(saved))
+    // Saved with the URL list of that time: still ours if it shares a URL with today's.
+    let now: Vec<&str> = server.split(',').collect();
+    let same = saved.server.split(',').any(|u| now.contains(&u));
+    Ok(same.then_some(saved))
 }
 
 fn save(dir: &Path, saved: &Saved) -> Result<(), EnrollError> {
@@ -239,12 +228,9 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
         .server
         .clone()
         .ok_or_else(|| EnrollError::Usage("--server is required for enrollment".into()))?;
-    let base = server.trim_end_matches('/').to_string();
-    if !base.starts_with("https://") {
-        return Err(EnrollError::Usage(format!(
-            "--server {base}: must be an https:// URL"
-        )));
-    }
+    let urls = failback_api::parse_urls(&server)
+        .map_err(|e| EnrollError::Usage(format!("--server: {e}")))?;
+    let base = urls.join(",");
     let disks = crate::open_disks(&o.disks)?;
     let listener = tokio::net::TcpListener::bind(&o.listen)
         .await
@@ -266,7 +252,7 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
         None => bound.to_string(),
     };
     println!("listening on {bound}");
-    let http = http_client(o.ca.as_deref())?;
+    let http = service_client(&urls, o.ca.as_deref())?;
     let agent_disks: Vec<AgentDisk> = disks
         .iter()
         .map(|d| AgentDisk {
@@ -288,8 +274,7 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
             // Check the saved secret still works (and report the new address).
             match post::<_, AgentHeartbeatResponse>(
                 &http,
-                &base,
-                "/v1/agent/heartbeat",
+                routes::AGENT_HEARTBEAT,
                 Some(&saved.enrollment.agent_secret),
                 &hb,
             )
@@ -338,7 +323,7 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
                 source_hints: (hints != IdentificationHints::default()).then_some(hints),
                 cert_sans: Vec::new(),
             };
-            let e: AgentEnrollResponse = post(&http, &base, "/v1/agent/enroll", None, &req).await?;
+            let e: AgentEnrollResponse = post(&http, routes::AGENT_ENROLL, None, &req).await?;
             if let Some(dir) = &o.args.state_dir {
                 save(
                     dir,
@@ -366,7 +351,6 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
     let allow = Arc::new(ClientAllowlist::default());
     let hb_task = tokio::spawn(heartbeats(
         http,
-        base,
         enrollment.agent_secret.clone(),
         AgentHeartbeat { disks: None, ..hb },
         enrollment.heartbeat_interval_secs.max(1),
@@ -383,8 +367,7 @@ pub async fn run(o: EnrollServe) -> Result<(), EnrollError> {
 /// when a connection presents a client certificate the allow list does not know. Each answer
 /// replaces the allow list: revocation reaches the agent within one interval.
 async fn heartbeats(
-    http: reqwest::Client,
-    base: String,
+    http: ServiceClient,
     secret: String,
     hb: AgentHeartbeat,
     interval: u64,
@@ -393,14 +376,8 @@ async fn heartbeats(
     let mut failing = false;
     loop {
         let asked = Instant::now();
-        match post::<_, AgentHeartbeatResponse>(
-            &http,
-            &base,
-            "/v1/agent/heartbeat",
-            Some(&secret),
-            &hb,
-        )
-        .await
+        match post::<_, AgentHeartbeatResponse>(&http, routes::AGENT_HEARTBEAT, Some(&secret), &hb)
+            .await
         {
             Ok(r) => {
                 if failing {
