@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use failback_api::*;
+use failback_api::{routes, ServiceClient, Timeouts};
 use failback_replication::report::DiskReport;
 use failback_replication::{ClientTls, Mapping, Progress, Session, SyncOptions, SyncReport};
 use tokio::sync::Notify;
@@ -25,7 +26,8 @@ use tokio::sync::Notify;
 /// Everything `run` needs; build it from flags, a seed file or code.
 #[derive(Clone)]
 pub struct RunOptions {
-    /// DR service base URL, e.g. `https://10.0.2.2:8443`.
+    /// DR service base URL, e.g. `https://10.0.2.2:8443`; several (replicas of one service)
+    /// separated by commas.
     pub server: String,
     /// One-time pairing token.
     pub token: String,
@@ -221,26 +223,32 @@ fn mib(b: u64) -> String {
 
 // ---------------------------------------------------------------- service API client
 
+/// The DR service through the API crate's client ([`ServiceClient`]: pinned CA, service role,
+/// the next service URL on connection failure), with its errors sorted the way the flow
+/// needs them.
 #[derive(Debug, Clone)]
 struct Api {
-    http: reqwest::Client,
-    base: String,
+    svc: ServiceClient,
 }
 
 enum ApiErr {
     /// Transport trouble or 5xx: retry.
     Transient(String),
-    /// 4xx: the service said no.
+    /// 4xx: the service said no (status 0: not the pinned DR service).
     Refused(u16, String),
 }
 
-impl ApiErr {
+impl From<failback_api::Error> for ApiErr {
     /// A certificate problem (not the pinned DR service) is refused at once: retrying for the
     /// pairing timeout cannot fix it, and nothing was sent to that server.
-    fn from_send(url: &str, e: &reqwest::Error) -> ApiErr {
-        match failback_trust::tls_cause(e) {
-            Some(cause) => ApiErr::Refused(0, format!("TLS: {cause}")),
-            None => ApiErr::Transient(format!("POST {url}: {}", failback_trust::describe(e))),
+    fn from(e: failback_api::Error) -> ApiErr {
+        use failback_api::Error as E;
+        match e {
+            E::Untrusted { cause, .. } => ApiErr::Refused(0, format!("TLS: {cause}")),
+            E::Api { status, error, .. } if status < 500 => {
+                ApiErr::Refused(status, format!("{} ({})", error.message, error.error))
+            }
+            e => ApiErr::Transient(e.to_string()),
         }
     }
 }
@@ -263,21 +271,16 @@ impl Api {
                 ))
             }
         };
-        let tls = failback_trust::service_client_config(&pem, &source)
-            .map_err(|e| RunError::Usage(format!("service CA: {e}")))?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| RunError::Internal(format!("HTTP client: {e}")))?;
-        let base = opts.server.trim_end_matches('/').to_string();
-        if !base.starts_with("https://") {
-            return Err(RunError::Usage(format!(
-                "--server {base}: must be an https:// URL"
-            )));
-        }
-        Ok(Api { http, base })
+        let urls = failback_api::parse_urls(&opts.server)
+            .map_err(|e| RunError::Usage(format!("--server: {e}")))?;
+        let svc = ServiceClient::new(&urls, &pem, &source, Timeouts::default())
+            .map_err(|e| RunError::Usage(e.to_string()))?;
+        Ok(Api { svc })
+    }
+
+    /// The service URL(s), for messages.
+    fn base(&self) -> String {
+        self.svc.urls().join(",")
     }
 
     async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned>(
@@ -286,55 +289,16 @@ impl Api {
         bearer: Option<&str>,
         body: &T,
     ) -> Result<R, ApiErr> {
-        let url = format!("{}{path}", self.base);
-        let mut rq = self.http.post(&url).json(body);
-        if let Some(b) = bearer {
-            rq = rq.bearer_auth(b);
-        }
-        let resp = rq.send().await.map_err(|e| ApiErr::from_send(&url, &e))?;
-        Self::decode(url, resp).await
-    }
-
-    async fn decode<R: serde::de::DeserializeOwned>(
-        url: String,
-        resp: reqwest::Response,
-    ) -> Result<R, ApiErr> {
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ApiErr::Transient(format!("{url}: reading answer: {e}")))?;
-        if status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ApiErr::Transient(format!("{url}: bad answer: {e}")));
-        }
-        let msg = serde_json::from_slice::<ApiError>(&bytes)
-            .map(|e| format!("{} ({})", e.message, e.error))
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        if status.is_server_error() {
-            Err(ApiErr::Transient(format!("{url}: HTTP {status}: {msg}")))
-        } else {
-            Err(ApiErr::Refused(status.as_u16(), msg))
-        }
+        Ok(self.svc.post(path, bearer, body).await?)
     }
 
     /// Unauthenticated report of a failure before the client holds a secret.
     async fn boot_report(&self, report: &BootReport) -> Result<BootReportResponse, ApiErr> {
-        self.post("/v1/client/boot-report", None, report).await
+        self.post(routes::CLIENT_BOOT_REPORT, None, report).await
     }
 
     async fn upload_log(&self, secret: &str, text: String) -> Result<LogUploadResponse, ApiErr> {
-        let url = format!("{}/v1/client/log", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(secret)
-            .header("content-type", "text/plain; charset=utf-8")
-            .body(text)
-            .send()
-            .await
-            .map_err(|e| ApiErr::from_send(&url, &e))?;
-        Self::decode(url, resp).await
+        Ok(self.svc.post_text(routes::CLIENT_LOG, secret, text).await?)
     }
 }
 
@@ -450,7 +414,7 @@ impl Progress for ReportProgress {
 async fn heartbeat_once(api: &Api, secret: &str, state: &State) -> Result<(), ApiErr> {
     let report = state.lock().report.clone();
     let r: Result<ClientCommandResponse, ApiErr> = api
-        .post("/v1/client/heartbeat", Some(secret), &report)
+        .post(routes::CLIENT_HEARTBEAT, Some(secret), &report)
         .await;
     match r {
         Ok(resp) => {
@@ -508,7 +472,7 @@ async fn pair(
     }
     console.say(format!(
         "pairing with {} (SMBIOS UUID {}, {} disk(s), {} NIC(s))",
-        api.base,
+        api.svc.current_url(),
         inventory.smbios_uuid.as_deref().unwrap_or("unknown"),
         inventory.disks.len(),
         inventory.mac_addresses.len()
@@ -522,18 +486,18 @@ async fn pair(
     };
     let started = Instant::now();
     loop {
-        match api.post::<_, PairAnswer>("/v1/pair", None, &req).await {
+        match api.post::<_, PairAnswer>(routes::PAIR, None, &req).await {
             Ok(r) => return Ok(r),
             Err(ApiErr::Refused(_, message)) => {
                 return Err(RunError::Refused {
-                    url: api.base.clone(),
+                    url: api.base(),
                     message,
                 })
             }
             Err(ApiErr::Transient(message)) => {
                 if started.elapsed() > opts.pair_timeout {
                     return Err(RunError::Network {
-                        url: api.base.clone(),
+                        url: api.base(),
                         message,
                     });
                 }
@@ -1084,9 +1048,15 @@ pub fn run(opts: RunOptions) -> Result<RunOutcome, RunError> {
 /// Arguments of `failback-client run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// DR service URL, e.g. https://10.0.2.2:8443.
-    #[arg(long, env = "FAILBACK_SERVER")]
-    pub server: String,
+    /// DR service URL, e.g. https://10.0.2.2:8443. Several replicas: repeat the flag or
+    /// separate them by commas; the client moves to the next when one cannot be reached.
+    #[arg(
+        long = "server",
+        env = "FAILBACK_SERVER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub servers: Vec<String>,
     /// One-time pairing token (from `failback token create pairing`).
     #[arg(long, env = "FAILBACK_PAIRING_TOKEN", hide_env_values = true)]
     pub token: String,
@@ -1136,7 +1106,7 @@ impl RunArgs {
                     .map_err(|e| RunError::Usage(format!("--map: {e}")))?,
             )
         };
-        let mut o = RunOptions::new(&self.server, &self.token);
+        let mut o = RunOptions::new(self.servers.join(","), &self.token);
         o.ca = self.ca.clone();
         o.instance = self.instance.clone();
         o.mapping = mapping;

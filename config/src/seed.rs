@@ -84,7 +84,9 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SeedError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SeedConfig {
-    /// DR service base URL (`https://host[:port]`).
+    /// DR service base URL (`https://host[:port]`); several replicas of one service separated
+    /// by commas (`https://dr1:8443,https://dr2:8443`): the client moves to the next when one
+    /// cannot be reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_url: Option<String>,
     /// Pairing token issued by the DR service (`failback token create`).
@@ -339,8 +341,11 @@ impl SeedConfig {
                 });
             }
         }
-        if let Some(url) = &self.server_url {
-            check_https_url("server_url", url)?;
+        if let Some(urls) = &self.server_url {
+            // Several replicas of one service: comma-separated, each checked.
+            for url in urls.split(',') {
+                check_https_url("server_url", url.trim())?;
+            }
         }
         if let Some(token) = &self.token {
             if token.is_empty() || token.len() > MAX_TOKEN_LEN {

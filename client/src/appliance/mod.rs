@@ -417,14 +417,29 @@ fn already_completed(
 /// Probes the DR service with retries (the network may need a moment), and sets the clock
 /// from its Date header when ours is off by more than [`MAX_SKEW`].
 fn check_service(console: &Console, seed: &SeedConfig) -> Result<(), ApplianceError> {
-    let url = seed.server_url.as_deref().unwrap_or_default();
+    let urls: Vec<&str> = seed
+        .server_url
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .collect();
     let ca = seed.ca_cert_pem.as_deref().unwrap_or_default();
     let proxy = seed.proxy.as_ref().map(|p| p.url.as_str());
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut delay = Duration::from_secs(1);
-    let probe = loop {
+    // Several service URLs (replicas): the first that answers; each in turn when none does.
+    let mut tried = 0;
+    let (url, probe) = loop {
+        let url = urls[tried % urls.len()];
+        tried += 1;
         match probe::probe(url, ca, proxy) {
-            Ok(p) => break p,
+            Ok(p) => break (url, p),
+            Err(e) if e.transient && tried % urls.len() != 0 => {
+                console.say(&format!(
+                    "DR service not reachable ({e}); trying the next URL"
+                ));
+            }
             Err(e) if e.transient && Instant::now() < deadline => {
                 console.say(&format!(
                     "DR service not reachable yet ({e}); retrying in {}s",
