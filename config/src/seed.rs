@@ -842,6 +842,17 @@ mod tests {
         }
     }
 
+    /// Several replicas of one service: each URL of the list is checked.
+    #[test]
+    fn server_url_takes_several_urls() {
+        let mut s = complete();
+        s.server_url = Some("https://dr1:8443, https://dr2:8443".into());
+        s.validate(Completeness::Complete).unwrap();
+        s.server_url = Some("https://dr1:8443,http://dr2:8443".into());
+        let e = s.validate(Completeness::Complete).unwrap_err().to_string();
+        assert!(e.contains("server_url") && e.contains("http://dr2:8443"), "{e}");
+    }
+
     #[test]
     fn complete_seed_round_trips_through_toml() {
         let mut s = complete();
