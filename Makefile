@@ -115,7 +115,8 @@ test: setup lint
 FUZZ_CASES ?= 20000
 fuzz:
 	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-replication --test fuzz_wire --test fuzz_protocol
-	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-config --test fuzz_parsers --test fuzz_api
+	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-config --test fuzz_parsers
+	FAILBACK_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test -p failback-api --test fuzz_api
 
 bench: setup
 	$(CARGO) build --release --bins
