@@ -8,6 +8,11 @@
 //! - `killing_the_lease_holder`: they use the lease holder; it is killed; the other replica
 //!   takes the lease (its log says so) and its monitor raises `AGENT_NOT_SEEN` (actor
 //!   `monitor`) while the agent is silent; the failback then completes through it.
+//! - `host_client_and_agent_move_to_the_other_replica`: the real `failback-agent` and
+//!   `failback-client run` binaries, each given both replicas' URLs (the replica without the
+//!   lease first); a real sync runs; that replica is killed with `kill -9`; the rounds go on
+//!   through the other replica, the launch completes, the local image equals the recovery
+//!   volume, and the client says it moved.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -297,4 +302,188 @@ async fn killing_the_lease_holder() {
     );
     // The agent is back: the failback completes through the surviving replica.
     finish_failback(&api, &id, &agent, &client).await;
+}
+
+/// A real agent or client process, killed on drop; output in a file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls the instance through `api` until `pred` holds (deadline 120 s; panics with the logs).
+async fn wait_instance(
+    api: &Api,
+    id: &str,
+    what: &str,
+    procs: &[&Proc],
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = api.get(&format!("/v1/admin/instances/{id}")).await;
+        if pred(&v) {
+            return v;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
+            panic!(
+                "waiting for {what}: {}\n{}",
+                v["failback"],
+                logs.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn image(path: &Path, len: usize, seed: u64) {
+    std::fs::write(path, failback_tests::random_bytes(seed, len)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_client_and_agent_move_to_the_other_replica() {
+    let (holder, mut other, _s) =
+        tokio::task::spawn_blocking(|| two_replicas("kill_host_client_side"))
+            .await
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, holder.ca_pem()).unwrap();
+    // The replica without the lease first: the agent and the client talk to it.
+    let urls = format!("{},{}", other.url, holder.url);
+    let admin = Api::new(&holder.ca_pem(), &holder.url);
+    let (remote, local) = (dir.path().join("remote.img"), dir.path().join("local.img"));
+    image(&remote, 16 << 20, 11);
+    image(&local, 16 << 20, 12);
+
+    let t = admin
+        .post("/v1/admin/tokens", ADMIN, json!({"kind": "agent"}))
+        .await;
+    let agent = Proc::spawn(
+        Command::new(failback_tests::bin("failback-agent"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--server", &urls])
+            .arg("--disk")
+            .arg(format!("disk0={}", remote.display()))
+            .arg("--ca")
+            .arg(&ca)
+            .args(["--enroll-token", t["token"].as_str().unwrap()]),
+        dir.path().join("agent.log"),
+    );
+    let started = Instant::now();
+    let id = loop {
+        let log = agent.log();
+        if let Some(l) = log.lines().find(|l| l.contains("as recovery instance ")) {
+            break l.rsplit(' ').next().unwrap().trim().to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "agent did not enroll: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let t = admin
+        .post(
+            "/v1/admin/tokens",
+            ADMIN,
+            json!({"kind": "pairing", "recovery_instance_id": id}),
+        )
+        .await;
+    // Both URLs as repeated flags (the agent got them as one comma-separated list).
+    let mut client = Proc::spawn(
+        Command::new(failback_tests::bin("failback-client"))
+            .args(["run", "--server", &other.url, "--server", &holder.url])
+            .args(["--token", t["token"].as_str().unwrap()])
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--map")
+            .arg(format!("disk0={}", local.display()))
+            .args(["--delta-interval-secs", "1", "--retry-secs", "1"]),
+        dir.path().join("client.log"),
+    );
+    let ready = |v: &Value| {
+        v["failback"]["state"] == "FAILBACK_READY_FOR_LAUNCH"
+            && v["failback"]["replication_state"] == "CONTINUOUS"
+    };
+    let v = wait_instance(&admin, &id, "READY + CONTINUOUS", &[&agent, &client], ready).await;
+    let round = v["failback"]["round"].as_u64().unwrap();
+    assert!(
+        client
+            .log()
+            .contains(&format!("pairing with {}", other.url)),
+        "{}",
+        client.log()
+    );
+
+    other.kill9();
+    // Rounds go on (reported through the survivor), the instance stays ready.
+    wait_instance(
+        &admin,
+        &id,
+        "rounds after the kill",
+        &[&agent, &client],
+        |v| v["failback"]["round"].as_u64().unwrap() >= round + 2 && ready(v),
+    )
+    .await;
+    let l = admin
+        .post(
+            "/v1/admin/launch",
+            ADMIN,
+            json!({"recovery_instance_ids": [id]}),
+        )
+        .await;
+    assert_eq!(l["results"][0]["accepted"], true, "{l}");
+    let t = Instant::now();
+    let code = loop {
+        if let Some(st) = client.child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "client did not finish: {}",
+            client.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, Some(0), "{}", client.log());
+    let v = admin.get(&format!("/v1/admin/instances/{id}")).await;
+    assert_eq!(
+        v["failback"]["state"], "FAILBACK_COMPLETED",
+        "{}",
+        v["failback"]
+    );
+    assert!(
+        std::fs::read(&local).unwrap() == std::fs::read(&remote).unwrap(),
+        "local image differs from the recovery volume"
+    );
+    // The client said where it went (the API client's failover message).
+    assert!(
+        client.log().contains(&format!("now using {}", holder.url)),
+        "{}",
+        client.log()
+    );
 }
