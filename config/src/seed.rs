@@ -850,7 +850,10 @@ mod tests {
         s.validate(Completeness::Complete).unwrap();
         s.server_url = Some("https://dr1:8443,http://dr2:8443".into());
         let e = s.validate(Completeness::Complete).unwrap_err().to_string();
-        assert!(e.contains("server_url") && e.contains("http://dr2:8443"), "{e}");
+        assert!(
+            e.contains("server_url") && e.contains("http://dr2:8443"),
+            "{e}"
+        );
     }
 
     #[test]
