@@ -722,7 +722,8 @@ struct Round {
     wire_bytes: u64,
     zeros: Arc<ZeroHashes>,
     direct: bool,
-    plan: Planned,
+    /// `None` until the agent's `SyncPlan` arrived (a hash compare reads it with the answers).
+    plan: Option<Planned>,
     target_read: bool,
 }
 
@@ -787,7 +788,6 @@ impl DiskJob {
         rx: &mut mpsc::Receiver<(Message, usize)>,
         wire_bytes: &mut u64,
     ) -> Result<Planned> {
-        let id = &self.disk.id;
         let (msg, len) = match tokio::time::timeout(IDLE_TIMEOUT, rx.recv()).await {
             Err(_) => {
                 return Err(Error::Timeout {
@@ -800,6 +800,12 @@ impl DiskJob {
             Ok(Some(x)) => x,
         };
         *wire_bytes += len as u64;
+        self.planned(msg)
+    }
+
+    /// The client's view of the agent's `SyncPlan` (an `Error` or anything else fails).
+    fn planned(&self, msg: Message) -> Result<Planned> {
+        let id = &self.disk.id;
         match msg {
             Message::SyncPlan {
                 changes,
@@ -874,6 +880,9 @@ impl DiskJob {
             plan,
             target_read,
         } = round;
+        let plan = plan.ok_or_else(|| {
+            self.protocol(format!("changes round of disk {} without a plan", self.disk.id))
+        })?;
         let (id, size, bs) = (self.disk.id.clone(), self.disk.size, self.opts.block_size);
         let bs64 = u64::from(bs);
         let nblocks = block::block_count(size, bs);
@@ -1127,12 +1136,14 @@ impl DiskJob {
             return Err(self.inner.dead_error());
         }
         self.progress.disk_started(&id, size);
-        let plan = self.read_plan(&mut rx, &mut wire_bytes).await?;
-        if plan.changes && cached.is_none() {
-            return Err(self.protocol(format!(
-                "agent answered a hash-compare request for disk {id} with a changes round"
-            )));
-        }
+        // Only a client holding hashes (and a token) can be offered a changes round: without
+        // them the round is a hash compare whatever the plan says, so the first hash windows
+        // go out at once and the plan is read with the answers (one round trip less).
+        let plan = match cached {
+            Some(_) => Some(self.read_plan(&mut rx, &mut wire_bytes).await?),
+            None => None,
+        };
+        let changes = plan.as_ref().is_some_and(|p| p.changes);
 
         // Hashing threads: local target -> windows of hashes, in disk order.
         let window_blocks = (WINDOW_BYTES / bs64).max(1);
@@ -1140,7 +1151,7 @@ impl DiskJob {
         let zeros = Arc::new(ZeroHashes::new(size, bs));
         let target_read = cached.is_none();
         let (mut local_hashes, changes_hashes) = match cached {
-            Some(c) if plan.changes => (None, Some(c.hashes)),
+            Some(c) if changes => (None, Some(c.hashes)),
             Some(c) => (
                 Some(HashSource::Cache {
                     hashes: c.hashes,
@@ -1213,7 +1224,7 @@ impl DiskJob {
         };
         let Round {
             mut wire_bytes,
-            plan,
+            mut plan,
             ..
         } = round;
         let mut new_hashes: Vec<Hash> = Vec::new();
@@ -1228,6 +1239,7 @@ impl DiskJob {
         let mut bytes_differing = 0u64;
         let mut bytes_fetched = 0u64;
         let mut refetched = 0u64;
+        let mut theirs_digest: Option<Hash> = None;
         let agent_digest: Hash;
 
         loop {
@@ -1257,6 +1269,15 @@ impl DiskJob {
                     };
                     wire_bytes += len as u64;
                     match msg {
+                        m @ Message::SyncPlan { .. } if plan.is_none() => {
+                            let p = self.planned(m)?;
+                            if p.changes {
+                                return Err(self.protocol(format!(
+                                    "agent answered a hash-compare request for disk {id} with a changes round"
+                                )));
+                            }
+                            plan = Some(p);
+                        }
                         Message::Blocks { first_block, blocks, .. } => {
                             if estimate {
                                 return Err(self.protocol(format!("agent sent blocks of disk {id} while only estimating")));
@@ -1350,12 +1371,13 @@ impl DiskJob {
                             blocks_differing += u64::from(differing);
                             bytes_differing += differing_bytes;
                         }
+                        // Sent after the last window (protocol 4), or on SyncEnd for an empty disk;
+                        // the round ends once every window is also retired.
                         Message::SyncDone { blocks, digest: theirs, .. } => {
-                            if !sent_end || blocks != nblocks {
+                            if theirs_digest.is_some() || blocks != nblocks {
                                 return Err(self.protocol(format!("premature SyncDone for disk {id}")));
                             }
-                            agent_digest = theirs;
-                            break;
+                            theirs_digest = Some(theirs);
                         }
                         Message::Error { code, message, .. } => {
                             return Err(Error::Remote { peer: format!("agent {}", self.inner.peer), code, message });
@@ -1387,21 +1409,24 @@ impl DiskJob {
                 let end = ((first + w.hashes.len() as u64) * bs64).min(size);
                 self.progress.disk_advanced(&id, end - first * bs64, 0);
             }
-            if hashing_done && windows.is_empty() && pending.is_empty() && !sent_end {
-                sent_end = true;
-                if !send(
-                    Message::SyncEnd {
+            if hashing_done && windows.is_empty() && pending.is_empty() {
+                if !sent_end {
+                    sent_end = true;
+                    let end = Message::SyncEnd {
                         stream: self.stream,
-                    },
-                    &mut wire_bytes,
-                )
-                .await
-                {
-                    return Err(self.inner.dead_error());
+                    };
+                    if !send(end, &mut wire_bytes).await {
+                        return Err(self.inner.dead_error());
+                    }
+                }
+                if let Some(d) = theirs_digest {
+                    agent_digest = d;
+                    break;
                 }
             }
         }
 
+        let plan = plan.ok_or_else(|| self.protocol(format!("agent finished disk {id} without a plan")))?;
         let agent_hex = hex::encode(agent_digest);
         let local_digest = (!estimate).then(|| digest.finish());
         if let Some(local) = local_digest {

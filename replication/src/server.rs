@@ -608,9 +608,14 @@ impl Conn<'_> {
                 self.start_stream(stream, &disk, block_size, estimate, changes_since)
                     .await
             }
-            m @ (Message::Hashes { .. } | Message::Refetch { .. } | Message::SyncEnd { .. }) => {
-                self.forward(m).await
+            Message::SyncEnd { stream } => {
+                self.forward(Message::SyncEnd { stream }).await?;
+                // The client may start its next sync before the worker has read this: the
+                // stream no longer counts against the connection's limit.
+                self.streams.remove(&stream);
+                Ok(())
             }
+            m @ (Message::Hashes { .. } | Message::Refetch { .. }) => self.forward(m).await,
             Message::Quiesce => {
                 self.command(true).await;
                 Ok(())
@@ -819,6 +824,9 @@ impl StreamWorker {
         // Compare rounds collect every block's hash for the cache; changes rounds update it.
         let mut all: Vec<Hash> = Vec::new();
         let mut cache = None;
+        // A hash compare's digest is final once the last window is compared (refetches do not
+        // change it), so `SyncDone` goes out then, not a round trip later on `SyncEnd`.
+        let mut done_sent = false;
         if let Some((runs, hashes)) = plan.changes {
             let mut hashes = hashes;
             let Some(done) = self.send_changes(&runs, &zeros, &in_flight, &mut hashes) else {
@@ -844,7 +852,12 @@ impl StreamWorker {
                     } else {
                         next += count;
                         let d = (&mut digest, &mut all);
-                        self.window(first_block, &hashes, &zeros, d, &mut scanner)
+                        let r = self.window(first_block, &hashes, &zeros, d, &mut scanner);
+                        if r.is_ok() && next == nblocks {
+                            done_sent = true;
+                            self.out.blocking_send_raw(self.sync_done(&digest).encode());
+                        }
+                        r
                     }
                 }
                 Message::Refetch {
@@ -879,13 +892,11 @@ impl StreamWorker {
                         None => (!self.estimate).then(|| std::mem::take(&mut all)),
                     };
                     self.keep_cache(hashes, nblocks);
-                    let done = Message::SyncDone {
-                        stream: self.stream,
-                        blocks: digest.blocks(),
-                        digest: digest.finish(),
-                    };
+                    let done = self.sync_done(&digest);
                     drop((rx, permit));
-                    self.out.blocking_send_raw(done.encode());
+                    if !done_sent {
+                        self.out.blocking_send_raw(done.encode());
+                    }
                     return;
                 }
                 Message::SyncEnd { .. } => Err((
@@ -909,6 +920,14 @@ impl StreamWorker {
                 self.out.blocking_send_raw(error.encode());
                 return;
             }
+        }
+    }
+
+    fn sync_done(&self, digest: &DiskDigest) -> Message {
+        Message::SyncDone {
+            stream: self.stream,
+            blocks: digest.blocks(),
+            digest: digest.finish(),
         }
     }
 

@@ -29,7 +29,12 @@ use crate::record::Pieces;
 /// round (`changes_since`); the agent answers every `SyncStart` with a `SyncPlan` (hash compare,
 /// or "only these changed blocks follow", with the backlog and lag at the cut) and ends a
 /// changes round's blocks with `ChangesDone`.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// 4: in a hash compare the agent sends `SyncDone` right after the last window's `WindowDone`
+/// (its digest is final then) instead of on `SyncEnd`; it still answers `Refetch` until
+/// `SyncEnd`, which the client sends without waiting for an answer (one round trip less per
+/// round over a WAN).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// First four bytes of both hello messages.
 pub const MAGIC: [u8; 4] = *b"FBRP";
 /// Largest frame (tag + body) either side accepts. Block runs are cut well below this.
@@ -229,7 +234,8 @@ pub enum Message {
         first_block: u64,
         count: u32,
     },
-    /// C→A: no more windows for this stream; answer with `SyncDone`.
+    /// C→A: no more windows or refetches for this stream; ends it. In a changes round the agent
+    /// answers with `SyncDone`; in a hash compare it sent `SyncDone` after the last window.
     SyncEnd { stream: u32 },
     /// A→C: a run of consecutive differing blocks starting at `first_block`. Encoded as the
     /// block count, then per block `encoding: u8, hash, payload length: u32`, then all
@@ -248,7 +254,9 @@ pub enum Message {
         differing: u32,
         differing_bytes: u64,
     },
-    /// A→C: the stream is finished; `digest` = BLAKE3 over the agent's ordered block hashes.
+    /// A→C: every block of the stream is compared (hash compare: right after the last
+    /// `WindowDone`) or sent (changes round: on `SyncEnd`); `digest` = BLAKE3 over the agent's
+    /// ordered block hashes.
     SyncDone {
         stream: u32,
         blocks: u64,
