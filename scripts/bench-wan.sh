@@ -4,18 +4,21 @@
 # rate with one token bucket per direction shared by all connections; this kernel has no
 # netem/tbf), and on 127.0.0.1 as the baseline. Every result is verified with cmp.
 #
-# Cases per link: full sync into an empty target, delta sync of a 1 % stale copy.
+# Cases per link: full sync into an empty target, delta sync of a 1 % stale copy (both of a
+# ~60 % random disk), and a full sync of a compressible disk (~10 % random, ~50 % text): failback
+# once per --compression mode (auto = "failback", zstd, none), rsync on the first two.
 # Targets (issue 20): full sync >= 90 % of the link rate in wire bytes; a delta round <= its
-# loopback time + 5 RTTs.
+# loopback time + 5 RTTs; compression auto <= 1.05 x the better of zstd and none, every case.
 #
 # Environment: BENCH_WAN_SIZE (default 1G), BENCH_WAN_LINKS (default "40:1000 100:200":
-# RTT ms:Mbit/s pairs), BENCH_WAN_DIR (default target/bench-wan), BIN_DIR (default target/release).
+# RTT ms:Mbit/s pairs), BENCH_WAN_MODES (default "auto zstd none"), BENCH_WAN_DIR (default target/bench-wan), BIN_DIR (default target/release).
 # Output: the table on stdout, $BENCH_WAN_DIR/results.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SIZE_ARG=${BENCH_WAN_SIZE:-1G}
 LINKS=${BENCH_WAN_LINKS:-40:1000 100:200}
+MODES=${BENCH_WAN_MODES:-auto zstd none}
 DIR=${BENCH_WAN_DIR:-$ROOT/target/bench-wan}
 BIN=${BIN_DIR:-$ROOT/target/release}
 PIDS=()
@@ -33,9 +36,10 @@ SIZE=$(numfmt --from=iec "$SIZE_ARG") || die "bad BENCH_WAN_SIZE $SIZE_ARG"
 rm -rf "$DIR"
 mkdir -p "$DIR/data" "$DIR/work"
 SRC=$DIR/data/source.img
+TEXT=$DIR/data/text.img
 STALE=$DIR/data/stale1.img
 DST=$DIR/work/target.img
-need=$((SIZE * 3 + (1 << 30)))
+need=$((SIZE * 4 + (1 << 30)))
 have=$(df --output=avail -B1 "$DIR" | tail -1)
 [ "$have" -ge "$need" ] || die "need $(numfmt --to=iec $need) free under $DIR, have $(numfmt --to=iec "$have")"
 
@@ -53,11 +57,12 @@ trap 'exit 130' INT TERM
 echo "== WAN: generating a $(numfmt --to=iec "$SIZE") source (~60 % random) and a 1 % stale copy"
 "$BIN/fb-gendisk" "$SRC" --size "$SIZE" --random-pct 60 --seed 42 >/dev/null
 "$BIN/fb-gendisk" "$STALE" --stale-from "$SRC" --change-pct 1 --block 65536 --seed 43 >/dev/null
+"$BIN/fb-gendisk" "$TEXT" --size "$SIZE" --random-pct 10 --text-pct 50 --seed 44 >/dev/null
 
 echo "== WAN: starting the agent, the rsync daemon and one emulated link per profile"
 CERTS=$DIR/certs
 "$BIN/failback-agent" dev-certs "$CERTS" >/dev/null
-"$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" \
+"$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" --disk "text=$TEXT" \
     --ca "$CERTS/ca.pem" --cert "$CERTS/agent.pem" --key "$CERTS/agent-key.pem" \
     >"$DIR/agent.out" 2>"$DIR/agent.log" &
 PIDS+=("$!")
@@ -105,9 +110,9 @@ measure() {
         tail -20 "$DIR/err" >&2
         exit 1
     }
-    cmp "$SRC" "$DST" || die "$tool ($profile, $case): target differs from source"
+    cmp "$FROM" "$DST" || die "$tool ($profile, $case): target differs from source"
     wall=$(cat "$DIR/time")
-    if [ "$tool" = failback ]; then
+    if [[ $tool == failback* ]]; then
         wire=$(jq '[.disks[].bytes_on_wire] | add' "$DIR/report.json")
     else
         wire=$(awk -F': ' '/^Total bytes (sent|received)/ {gsub(/,/, "", $2); s += $2} END {print s}' "$DIR/out")
@@ -116,10 +121,14 @@ measure() {
         --argjson wire "$wire" '{profile: $profile, case: $case, tool: $tool, wall_s: $wall, wire_bytes: $wire}' |
         tee -a "$RESULTS" | jq -r '"   \(.profile) \(.case) \(.tool): \(.wall_s) s, wire \(.wire_bytes)"'
 }
+# fb PROFILE MODE DISK
 fb() {
-    "$BIN/failback-client" sync --agent "${FB[$1]}" --map "src=$DST" --ca "$CERTS/ca.pem" \
-        --cert "$CERTS/client.pem" --key "$CERTS/client-key.pem" --progress plain --report "$DIR/report.json"
+    "$BIN/failback-client" sync --agent "${FB[$1]}" --map "$3=$DST" --ca "$CERTS/ca.pem" \
+        --cert "$CERTS/client.pem" --key "$CERTS/client-key.pem" --progress plain \
+        --compression "$2" --report "$DIR/report.json"
 }
+# The tool name of a compression mode: auto is failback's default, the row the targets use.
+fbtool() { if [ "$1" = auto ]; then echo failback; else echo "failback-$1"; fi; }
 rs() {
     rsync -I --inplace --no-whole-file --fsync --stats "rsync://${RS[$1]}/bench/source.img" "$DST"
 }
@@ -128,10 +137,19 @@ stale() { rm -f "$DST"; cp "$STALE" "$DST"; }
 
 for profile in loopback $LINKS; do
     echo "== WAN: $profile"
-    empty && measure "$profile" full failback -- fb "$profile"
+    FROM=$SRC
+    for mode in $MODES; do
+        empty && measure "$profile" full "$(fbtool "$mode")" -- fb "$profile" "$mode" src
+    done
     empty && measure "$profile" full rsync -- rs "$profile"
-    stale && measure "$profile" delta1 failback -- fb "$profile"
+    for mode in $MODES; do
+        stale && measure "$profile" delta1 "$(fbtool "$mode")" -- fb "$profile" "$mode" src
+    done
     stale && measure "$profile" delta1 rsync -- rs "$profile"
+    FROM=$TEXT
+    for mode in $MODES; do
+        empty && measure "$profile" full-text "$(fbtool "$mode")" -- fb "$profile" "$mode" text
+    done
 done
 rm -f "$DST"
 
@@ -151,12 +169,19 @@ jq -s --arg links "$LINKS" '
           value: ($full.wire_bytes * 8 / $full.wall_s / ($l.mbit * 1e6)), need: 0.9, unit: "ratio"},
          {name: "\($p) delta round <= loopback + 5 RTT",
           value: $delta.wall_s, need: ($loop.wall_s + 5 * $l.rtt_ms / 1000), unit: "s"} ]
+     + [ (["loopback"] + $profiles)[] as $p | ("full", "delta1", "full-text") as $c
+       | ($rows | row($p; $c; "failback")) as $auto
+       | [($rows | row($p; $c; "failback-zstd")), ($rows | row($p; $c; "failback-none"))]
+       | map(select(. != null)) as $fixed
+       | select($auto != null and ($fixed | length) == 2)
+       | {name: "\($p) \($c): compression auto <= 1.05 x min(zstd \($fixed[0].wall_s) s, none \($fixed[1].wall_s) s)",
+          value: ($auto.wall_s / ($fixed | map(.wall_s) | min)), need: 1.05, unit: "max"} ]
        | map(. + {pass: (if .unit == "ratio" then .value >= .need else .value <= .need end)})}' \
     "$RESULTS" >"$R"
 
 echo
-echo "WAN results ($(numfmt --to=iec "$SIZE") disk, ~60 % random; wall seconds, wire MB = protocol/--stats bytes):"
-fmt='%-12s %-7s %-9s %8s %9s %10s\n'
+echo "WAN results ($(numfmt --to=iec "$SIZE") disks: ~60 % random; full-text ~10 % random, ~50 % text; wall seconds, wire MB = protocol/--stats bytes):"
+fmt='%-12s %-9s %-13s %8s %9s %10s\n'
 # shellcheck disable=SC2059
 printf "$fmt" profile case tool "wall s" "wire MB" "wire Mbit/s"
 jq -r '.rows[] | [.profile, .case, .tool, .wall_s, (.wire_bytes / 1e6 * 10 | round / 10),
@@ -165,8 +190,9 @@ jq -r '.rows[] | [.profile, .case, .tool, .wall_s, (.wire_bytes / 1e6 * 10 | rou
         # shellcheck disable=SC2059
         printf "$fmt" "$p" "$c" "$t" "$w" "$m" "$r"
     done
-echo "(profile RTT_MS:MBIT = emulated link; rsync = rsync daemon, --inplace --no-whole-file)"
+echo "(profile RTT_MS:MBIT = emulated link; failback = --compression auto, failback-zstd/-none the"
+echo " fixed modes; rsync = rsync daemon, --inplace --no-whole-file)"
 echo
 jq -r '.targets[] | "\(if .pass then "PASS" else "MISS" end)  \(.name): \(.value * 1000 | round / 1000)\(
-    if .unit == "ratio" then " (need >= \(.need))" else " s (need <= \(.need * 1000 | round / 1000) s)" end)"' "$R"
+    if .unit == "ratio" then " (need >= \(.need))" elif .unit == "max" then " (need <= \(.need))" else " s (need <= \(.need * 1000 | round / 1000) s)" end)"' "$R"
 echo "results: $R"

@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use failback_replication::wire::Compression;
 use failback_replication::{block, ClientTls, Mapping, Session, SyncOptions, SyncReport, TlsFiles};
 
 use crate::exit::{self, Exit};
@@ -56,6 +57,10 @@ pub struct SyncArgs {
     /// priority, so they only use CPU time nothing else wants).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub hash_threads: Option<u16>,
+    /// How the agent encodes the blocks it sends: auto (zstd-1 while the link is the
+    /// bottleneck, raw while the CPU is), zstd (always zstd-1 where it shrinks) or none.
+    #[arg(long, default_value = "auto", value_parser = clap::builder::ValueParser::new(str::parse::<Compression>))]
+    pub compression: Compression,
 }
 
 /// Parses sizes like `65536`, `64K`, `64KiB`, `1M`.
@@ -261,6 +266,7 @@ pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
         bandwidth_limit_mbps: args.bwlimit,
         estimate_only: args.estimate,
         hash_threads: args.hash_threads.map(usize::from),
+        compression: args.compression,
         ..SyncOptions::default()
     };
     let progress = progress::make(args.progress);

@@ -261,6 +261,7 @@ async fn whole_disk_refetch_does_not_buffer_the_disk() {
             block_size: BS,
             estimate: true,
             changes_since: None,
+            compression: Default::default(),
         })
         .await;
         raw.send(Message::Hashes {

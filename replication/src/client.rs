@@ -24,7 +24,8 @@ use crate::progress::Progress;
 use crate::report::{DiskReport, SyncReport};
 use crate::tls::{ClientTls, AGENT_SERVER_NAME};
 use crate::wire::{
-    DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, HASH_LEN, PROTOCOL_VERSION,
+    Compression, DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, HASH_LEN,
+    PROTOCOL_VERSION,
 };
 use crate::writer::Target;
 
@@ -178,6 +179,9 @@ pub struct SyncOptions {
     /// priority, the others at idle priority, so they never slow receiving, decrypting,
     /// verifying and writing.
     pub hash_threads: Option<usize>,
+    /// How the agent encodes the blocks it sends: `auto` (zstd-1 while the link is the
+    /// bottleneck, raw while the CPU is), `zstd` or `none`.
+    pub compression: Compression,
 }
 
 impl Default for SyncOptions {
@@ -188,6 +192,7 @@ impl Default for SyncOptions {
             estimate_only: false,
             max_block_retries: 3,
             hash_threads: None,
+            compression: Compression::Auto,
         }
     }
 }
@@ -881,7 +886,10 @@ impl DiskJob {
             target_read,
         } = round;
         let plan = plan.ok_or_else(|| {
-            self.protocol(format!("changes round of disk {} without a plan", self.disk.id))
+            self.protocol(format!(
+                "changes round of disk {} without a plan",
+                self.disk.id
+            ))
         })?;
         let (id, size, bs) = (self.disk.id.clone(), self.disk.size, self.opts.block_size);
         let bs64 = u64::from(bs);
@@ -1128,6 +1136,7 @@ impl DiskJob {
                 block_size: bs,
                 estimate,
                 changes_since: cached.as_ref().and_then(|c| c.token),
+                compression: self.opts.compression,
             },
             &mut wire_bytes,
         )
@@ -1426,7 +1435,8 @@ impl DiskJob {
             }
         }
 
-        let plan = plan.ok_or_else(|| self.protocol(format!("agent finished disk {id} without a plan")))?;
+        let plan =
+            plan.ok_or_else(|| self.protocol(format!("agent finished disk {id} without a plan")))?;
         let agent_hex = hex::encode(agent_digest);
         let local_digest = (!estimate).then(|| digest.finish());
         if let Some(local) = local_digest {

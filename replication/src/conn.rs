@@ -322,6 +322,9 @@ pub struct FrameSender {
     tx: mpsc::Sender<Out>,
     /// Bytes queued for sending (for wire accounting).
     pub sent: Arc<AtomicU64>,
+    /// Bytes the writer task has written to the stream (its drain rate is the link's rate
+    /// while frames queue up).
+    pub written: Arc<AtomicU64>,
 }
 
 impl FrameSender {
@@ -356,10 +359,16 @@ enum Out {
 /// flushing and shutting the stream down) or on a write error (recorded in `dead`).
 pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Out>(32);
+    let written = Arc::new(AtomicU64::new(0));
+    let counter = written.clone();
     let handle = tokio::spawn(async move {
         let mut w = w;
         let mut next = rx.recv().await;
         while let Some(out) = next.take() {
+            let len = match &out {
+                Out::Plain(f) => f.len(),
+                Out::Pieces(p) => p.len(),
+            };
             let res = match out {
                 Out::Plain(frame) => {
                     let res = w.write_all(&frame).await;
@@ -368,6 +377,7 @@ pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::
                 }
                 Out::Pieces(p) => w.write_pieces(p).await,
             };
+            counter.fetch_add(len as u64, Ordering::Relaxed);
             // Drain whatever is already queued before flushing: big TLS records, few syscalls.
             let res = match res {
                 Ok(()) => match rx.try_recv() {
@@ -391,6 +401,7 @@ pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::
         FrameSender {
             tx,
             sent: Arc::new(AtomicU64::new(0)),
+            written,
         },
         handle,
     )

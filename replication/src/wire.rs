@@ -30,11 +30,73 @@ use crate::record::Pieces;
 /// or "only these changed blocks follow", with the backlog and lag at the cut) and ends a
 /// changes round's blocks with `ChangesDone`.
 ///
-/// 4: in a hash compare the agent sends `SyncDone` right after the last window's `WindowDone`
+/// 4: `SyncStart` carries the client's [`Compression`] choice; in a hash compare the agent sends `SyncDone` right after the last window's `WindowDone`
 /// (its digest is final then) instead of on `SyncEnd`; it still answers `Refetch` until
 /// `SyncEnd`, which the client sends without waiting for an answer (one round trip less per
 /// round over a WAN).
 pub const PROTOCOL_VERSION: u16 = 4;
+/// How the agent encodes the differing blocks of a stream: the client's choice, sent in
+/// `SyncStart` (CLI `--compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd-1 while the agent's sends back up (the link is the bottleneck), raw while they
+    /// drain (the CPU is): decided again for every batch the agent reads.
+    #[default]
+    Auto,
+    /// zstd-1 for every block it shrinks.
+    Zstd,
+    /// Never compress.
+    None,
+}
+
+impl Compression {
+    fn to_u8(self) -> u8 {
+        match self {
+            Compression::Auto => 0,
+            Compression::Zstd => 1,
+            Compression::None => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<Self, FrameError> {
+        Ok(match v {
+            0 => Compression::Auto,
+            1 => Compression::Zstd,
+            2 => Compression::None,
+            other => {
+                return Err(FrameError::Malformed(format!(
+                    "unknown compression {other}"
+                )))
+            }
+        })
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compression::Auto),
+            "zstd" => Ok(Compression::Zstd),
+            "none" => Ok(Compression::None),
+            other => Err(format!(
+                "compression {other:?}: expected auto, zstd or none"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::Auto => "auto",
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        })
+    }
+}
+
 /// First four bytes of both hello messages.
 pub const MAGIC: [u8; 4] = *b"FBRP";
 /// Largest frame (tag + body) either side accepts. Block runs are cut well below this.
@@ -191,6 +253,7 @@ pub enum Message {
     },
     /// A→C, right after `AgentHello`: the disks served.
     Manifest { disks: Vec<DiskInfo> },
+    // (SyncStart below ends with `compression: u8`: 0 auto, 1 zstd, 2 none.)
     /// C→A: start syncing `disk` as stream `stream`; `estimate` = compare only, send no data.
     SyncStart {
         stream: u32,
@@ -201,6 +264,8 @@ pub enum Message {
         /// (it holds the hashes of everything it wrote): "send me what changed since". `None`:
         /// hash-compare the whole disk.
         changes_since: Option<Token>,
+        /// How the agent encodes the blocks it sends.
+        compression: Compression,
     },
     /// A→C, first answer to `SyncStart`: what the round covers. `changes`: only changed blocks
     /// follow (as `Blocks`, then `ChangesDone`), the client sends no hashes; otherwise a hash
@@ -382,6 +447,7 @@ impl Message {
                 block_size,
                 estimate,
                 changes_since,
+                compression,
             } => {
                 out.push(T_SYNC_START);
                 put_u32(out, *stream);
@@ -389,6 +455,7 @@ impl Message {
                 put_u32(out, *block_size);
                 out.push(u8::from(*estimate));
                 put_opt_token(out, changes_since.as_ref());
+                out.push(compression.to_u8());
             }
             Message::SyncPlan {
                 stream,
@@ -577,6 +644,7 @@ impl Message {
                 block_size: r.u32("block size")?,
                 estimate: r.bool("estimate")?,
                 changes_since: r.opt_token("changes since")?,
+                compression: Compression::from_u8(r.u8("compression")?)?,
             },
             T_SYNC_PLAN => Message::SyncPlan {
                 stream: r.u32("stream")?,
@@ -1011,8 +1079,9 @@ mod tests {
                     block_size: 65536,
                     estimate: true,
                     changes_since: None,
+                    compression: Compression::Auto,
                 },
-                "0000000f10000000070002643000010000 01 00".replace(' ', ""),
+                "0000001010000000070002643000010000 01 00 00".replace(' ', ""),
             ),
             (
                 Message::SyncStart {
@@ -1024,8 +1093,9 @@ mod tests {
                         session: 0x0102,
                         cut: 3,
                     }),
+                    compression: Compression::None,
                 },
-                "0000001f10000000070002643000010000 00 01 0000000000000102 0000000000000003"
+                "0000002010000000070002643000010000 00 01 0000000000000102 0000000000000003 02"
                     .replace(' ', ""),
             ),
             (

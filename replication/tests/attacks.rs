@@ -62,6 +62,7 @@ fn sync_start(stream: u32) -> Message {
         block_size: BS,
         estimate: true,
         changes_since: None,
+        compression: Default::default(),
     }
 }
 
@@ -168,15 +169,19 @@ async fn oversized_frame_is_refused_from_its_prefix() {
 }
 
 /// Compares all of disk `d` on `stream` (estimate: nothing sent back but `WindowDone`).
+/// (Protocol 4: the whole disk compared, `SyncDone` follows the last `WindowDone` at once.)
 async fn compare_all(raw: &mut Raw, stream: u32, nblocks: u64) {
     raw.send(sync_start(stream)).await;
     raw.send(hashes(stream, 0, usize::try_from(nblocks).unwrap()))
         .await;
     let got = raw
-        .until(|m| matches!(m, Message::WindowDone { stream: s, .. } if *s == stream))
+        .until(|m| matches!(m, Message::SyncDone { stream: s, .. } if *s == stream))
         .await;
     assert!(
-        matches!(got.last(), Some(Message::WindowDone { .. })),
+        matches!(
+            &got[got.len().saturating_sub(2)..],
+            [Message::WindowDone { .. }, Message::SyncDone { blocks, .. }] if *blocks == nblocks
+        ),
         "{got:?}"
     );
 }

@@ -159,7 +159,7 @@ fn client_message() -> impl Strategy<Value = Message> {
     let hash = prop_oneof![Just([0u8; 32]), any::<[u8; 32]>()];
     prop_oneof![
         6 => (stream(), disk, bs, any::<bool>()).prop_map(|(stream, disk, block_size, estimate)| {
-            Message::SyncStart { stream, disk, block_size, estimate, changes_since: None }
+            Message::SyncStart { stream, disk, block_size, estimate, changes_since: None, compression: Default::default() }
         }),
         6 => (stream(), block(), prop::collection::vec(hash, 0..130)).prop_map(
             |(stream, first_block, hashes)| Message::Hashes { stream, first_block, hashes }
@@ -297,6 +297,7 @@ fn agent_edge_sequences() {
         block_size: 4096,
         estimate: false,
         changes_since: None,
+        compression: Default::default(),
     };
     let window = Message::Hashes {
         stream: 1,
@@ -359,6 +360,7 @@ fn agent_refetch_ranges_are_checked() {
         block_size: 4096,
         estimate: false,
         changes_since: None,
+        compression: Default::default(),
     };
     let window = Message::Hashes {
         stream: 1,

@@ -125,6 +125,7 @@ pub fn arb_message() -> impl Strategy<Value = Message> {
                 block_size,
                 estimate,
                 changes_since: None,
+                compression: Default::default(),
             }
         ),
         (
