@@ -160,7 +160,7 @@ jq -s --arg links "$LINKS" '
   . as $rows
   | ($links | split(" ") | map(select(. != ""))) as $profiles
   | {rows: $rows,
-     targets: [ $profiles[] as $p
+     targets: ([ $profiles[] as $p
        | ($p | split(":") | {rtt_ms: (.[0] | tonumber), mbit: (.[1] | tonumber)}) as $l
        | ($rows | row($p; "full"; "failback")) as $full
        | ($rows | row($p; "delta1"; "failback")) as $delta
@@ -176,7 +176,7 @@ jq -s --arg links "$LINKS" '
        | select($auto != null and ($fixed | length) == 2)
        | {name: "\($p) \($c): compression auto <= 1.05 x min(zstd \($fixed[0].wall_s) s, none \($fixed[1].wall_s) s)",
           value: ($auto.wall_s / ($fixed | map(.wall_s) | min)), need: 1.05, unit: "max"} ]
-       | map(. + {pass: (if .unit == "ratio" then .value >= .need else .value <= .need end)})}' \
+       | map(. + {pass: (if .unit == "ratio" then .value >= .need else .value <= .need end)}))}' \
     "$RESULTS" >"$R"
 
 echo
