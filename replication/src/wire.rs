@@ -1049,16 +1049,16 @@ mod tests {
         let h2 = [0x22u8; 32];
         let cases: Vec<(Message, String)> = vec![
             (
-                Message::ClientHello { version: 3 },
-                "0000000701464252500003".into(),
+                Message::ClientHello { version: 4 },
+                "0000000701464252500004".into(),
             ),
             (
                 Message::AgentHello {
-                    version: 3,
+                    version: 4,
                     software: "0.1".into(),
                     instance: Some("i-1".into()),
                 },
-                "0000001202464252500003000330 2e3101000369 2d31".replace(' ', ""),
+                "0000001202464252500004000330 2e3101000369 2d31".replace(' ', ""),
             ),
             (
                 Message::Manifest {
