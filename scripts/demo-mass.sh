@@ -119,7 +119,7 @@ for vm in "${VMS[@]}"; do
         own="its own disk is empty (full sync)"
     fi
     port=$(free_port)
-    token=$(failback token create agent)
+    token=$(failback token create agent 2>>"$DIR/cli.log")
     failback-agent serve --listen "127.0.0.1:$port" --advertise "10.0.2.2:$port" \
         --disk "disk0=$DIR/recovery-$name.img" --server "$FAILBACK_SERVER" --ca "$FAILBACK_CA" \
         --enroll-token "$token" --state-dir "$DIR/agent-$name" --source-vmware-uuid "$uuid" \
@@ -139,18 +139,22 @@ PIDS+=($!)
 wait_for 30 "the hypervisor" grep -q '^ready' "$DIR/hypervisor.log"
 echo "  consoles: $DIR/disks/<vm>.serial.log (appliance), <vm>.disk.serial.log (restored OS)"
 
-step "find, plan, run"
+step "find, plan, dry run, run (in $DIR)"
+cd "$DIR"
+iso=$(realpath --relative-to="$DIR" "$ISO")
 run failback mass find
-run failback mass plan --one-click -o "$DIR/plan.toml"
-echo "--- $DIR/plan.toml"
-sed 's/^/  /' "$DIR/plan.toml"
+run failback mass plan --one-click -o plan.toml
+echo "--- plan.toml, its first entry (one [[vm]] per VM; edit it before the run if needed):"
+awk '/^\[\[vm\]\]/ {n++} n == 1' plan.toml | grep -v '^$' | sed 's/^/  /'
+run failback mass run plan.toml --dry-run --appliance-iso "$iso" --seed-server-url "$SEED_URL"
 T_RUN=$(date +%s)
-run failback mass run "$DIR/plan.toml" --parallel 3 --poll-ms 1000 --appliance-iso "$ISO" \
-    --seed-server-url "$SEED_URL" --results "$DIR/results.json" --progress plain
+run failback mass run plan.toml --parallel 3 --poll-ms 1000 --appliance-iso "$iso" \
+    --seed-server-url "$SEED_URL" --results results.json --progress plain
+cd "$ROOT"
 T_DONE=$(date +%s)
 echo "--- results ($DIR/results.json)"
 jq -r '.vms[] | "  \(.vm_name // .vm): \(.status)" + (if .status == "succeeded"
-    then "; \(.disk_bytes / 1048576 | floor) MiB disk, \((.differing_bytes // 0) / 1048576 | floor) MiB differed, \((.fetched_bytes // 0) / 1048576 | floor) MiB fetched"
+    then "; \(.disk_bytes / 1048576 | floor) MiB disk, \((.differing_bytes // 0) / 104857.6 | floor / 10) MiB differed, \((.fetched_bytes // 0) / 104857.6 | floor / 10) MiB fetched"
     else " (\(.message // ""))" end)' "$DIR/results.json"
 jq -e '.summary.succeeded == 3' "$DIR/results.json" >/dev/null || die "not every VM succeeded: $(jq -c .summary "$DIR/results.json")"
 
