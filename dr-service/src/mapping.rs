@@ -328,10 +328,22 @@ mod tests {
             "/dev/sdb"
         );
         // No serial: the by-path link.
-        let then = [ld("/dev/sda", None, Some("/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0"))];
+        let then = [ld(
+            "/dev/sda",
+            None,
+            Some("/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0"),
+        )];
         let now = [
-            ld("/dev/sda", None, Some("/dev/disk/by-path/pci-0000:00:14.0-usb-0:1:1.0-scsi-0:0:0:0")),
-            ld("/dev/sdb", None, Some("/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0")),
+            ld(
+                "/dev/sda",
+                None,
+                Some("/dev/disk/by-path/pci-0000:00:14.0-usb-0:1:1.0-scsi-0:0:0:0"),
+            ),
+            ld(
+                "/dev/sdb",
+                None,
+                Some("/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0"),
+            ),
         ];
         assert_eq!(
             locate_restored("disk0", "/dev/sda", &then, &now, None, &suggested),
