@@ -28,7 +28,7 @@ FAILBACK_ADVISORY_DB ?=
 # directory named after the database URL.
 ADVISORY_DB_LINK := target/advisory-dbs/advisory-db-3157b0e258782691
 
-.PHONY: setup demo demo-service demo-sync test bench bench-wan iso clean fmt lint fuzz
+.PHONY: setup demo demo-service demo-sync demo-mass test bench bench-wan bench-downtime iso clean fmt lint fuzz
 setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs $(CARGO_DENY)
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
@@ -83,6 +83,13 @@ demo-sync: setup
 	$(CARGO) build --release --bins
 	bash scripts/demo.sh
 
+# A whole mass failback on one machine: vcsim + DR service + three agents + the test hypervisor
+# (QEMU per VM) + `failback mass find/plan/run`, ending with each VM's restored-OS marker.
+demo-mass: setup
+	$(CARGO) build --release --bins
+	bash scripts/iso.sh
+	bash scripts/demo-mass.sh
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -122,6 +129,11 @@ bench: setup
 	$(CARGO) build --release --bins
 	bash scripts/bench.sh
 	bash scripts/bench-wan.sh
+	bash scripts/bench-downtime.sh
+
+# Failback downtime alone: `failback launch` -> the restored OS's marker, per disk size (QEMU).
+bench-downtime: setup
+	bash scripts/bench-downtime.sh
 
 # The WAN section alone: failback and rsync through emulated links (scripts/bench-wan.sh).
 bench-wan: setup

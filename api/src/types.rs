@@ -309,7 +309,10 @@ pub struct CompletedFailback {
 #[serde(deny_unknown_fields)]
 pub struct CompletedDisk {
     pub remote_id: String,
-    /// Local device path at completion (`/dev/sda`; names can change between boots).
+    /// The restored disk's device on the booting machine: the service finds it in the new
+    /// inventory as the pairing did (the seed's mapping, else the serial / WWN / by-path link
+    /// the disk had at pairing, else the suggestion rules), since names like `/dev/sda` can
+    /// change between boots.
     pub local_path: String,
     /// Bytes the digest covers (the recovery volume's size).
     pub size_bytes: u64,

@@ -143,6 +143,52 @@ pub fn check_override(
     Ok(list.to_vec())
 }
 
+/// Where a restored disk is on this boot of an already failed-back machine: device names
+/// (`/dev/sda`) can change between boots (a USB stick, another controller order), so the disk
+/// is found as the pairing found it, by what is stable. In order: the device the client's
+/// override (the seed's mapping) names for the volume; the one disk of `now` with the serial,
+/// WWN or `/dev/disk/by-path` link that the disk at `recorded` had in `then` (the inventory of
+/// the pairing that completed); the disk the normal suggestion rules pick on `now`
+/// (`suggested`); else `recorded` unchanged. The client checks the disk's digest before it
+/// boots anything, so a wrong guess ends in a clear refusal, never in booting another disk.
+pub fn locate_restored(
+    remote: &str,
+    recorded: &str,
+    then: &[InventoryDisk],
+    now: &[InventoryDisk],
+    requested: Option<&[DeviceMapping]>,
+    suggested: &[DeviceMapping],
+) -> String {
+    if let Some(m) = requested
+        .into_iter()
+        .flatten()
+        .find(|m| m.remote == remote && !m.is_excluded())
+    {
+        return m.local.clone();
+    }
+    if let Some(old) = find_local(then, recorded) {
+        type Key = fn(&InventoryDisk) -> Option<&str>;
+        let keys: [Key; 3] = [
+            |d| d.serial.as_deref(),
+            |d| d.wwn.as_deref(),
+            |d| d.by_path.as_deref(),
+        ];
+        for key in keys {
+            let Some(want) = key(old).map(str::trim).filter(|k| !k.is_empty()) else {
+                continue;
+            };
+            let mut hits = now.iter().filter(|d| key(d).map(str::trim) == Some(want));
+            if let (Some(d), None) = (hits.next(), hits.next()) {
+                return d.path.clone();
+            }
+        }
+    }
+    suggested
+        .iter()
+        .find(|m| m.remote == remote && !m.is_excluded())
+        .map_or_else(|| recorded.to_string(), |m| m.local.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +296,84 @@ mod tests {
         assert_eq!(
             check_override(&remote, &local, &partial),
             Err(MappingError::Unmapped { remote: "b".into() })
+        );
+    }
+
+    fn ld(path: &str, serial: Option<&str>, by_path: Option<&str>) -> InventoryDisk {
+        InventoryDisk {
+            serial: serial.map(str::to_string),
+            by_path: by_path.map(str::to_string),
+            ..l(path, GIB)
+        }
+    }
+
+    fn dm(remote: &str, local: &str) -> DeviceMapping {
+        DeviceMapping {
+            remote: remote.into(),
+            local: local.into(),
+        }
+    }
+
+    #[test]
+    fn restored_disk_found_by_serial_when_its_name_changed() {
+        // At pairing the restored disk was /dev/sda; now a USB stick is /dev/sda.
+        let then = [ld("/dev/sda", Some("6000c29a"), None)];
+        let now = [
+            ld("/dev/sda", Some("usb-stick"), None),
+            ld("/dev/sdb", Some("6000c29a"), None),
+        ];
+        let suggested = [dm("disk0", "/dev/sda")];
+        assert_eq!(
+            locate_restored("disk0", "/dev/sda", &then, &now, None, &suggested),
+            "/dev/sdb"
+        );
+        // No serial: the by-path link.
+        let then = [ld(
+            "/dev/sda",
+            None,
+            Some("/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0"),
+        )];
+        let now = [
+            ld(
+                "/dev/sda",
+                None,
+                Some("/dev/disk/by-path/pci-0000:00:14.0-usb-0:1:1.0-scsi-0:0:0:0"),
+            ),
+            ld(
+                "/dev/sdb",
+                None,
+                Some("/dev/disk/by-path/pci-0000:00:10.0-scsi-0:0:0:0"),
+            ),
+        ];
+        assert_eq!(
+            locate_restored("disk0", "/dev/sda", &then, &now, None, &suggested),
+            "/dev/sdb"
+        );
+    }
+
+    #[test]
+    fn restored_disk_mapping_wins_and_ambiguity_falls_back_to_the_suggestion() {
+        let then = [ld("/dev/sda", Some("same"), None)];
+        let now = [
+            ld("/dev/sda", Some("same"), None),
+            ld("/dev/sdb", Some("same"), None),
+        ];
+        let suggested = [dm("disk0", "/dev/sdb")];
+        // Two disks with the recorded serial: not a match; the normal suggestion decides.
+        assert_eq!(
+            locate_restored("disk0", "/dev/sda", &then, &now, None, &suggested),
+            "/dev/sdb"
+        );
+        // The seed's mapping names the device: it wins.
+        let req = [dm("disk0", "/dev/vdc")];
+        assert_eq!(
+            locate_restored("disk0", "/dev/sda", &then, &now, Some(&req), &suggested),
+            "/dev/vdc"
+        );
+        // Nothing known at all: the recorded path.
+        assert_eq!(
+            locate_restored("disk0", "/dev/sda", &[], &[], None, &[]),
+            "/dev/sda"
         );
     }
 }

@@ -841,6 +841,27 @@ impl Service {
             return Ok(None);
         }
         let id = inst.recovery_instance_id.clone();
+        // The restored disks on this boot, found as the pairing found them (names can change).
+        let original = match (&req.inventory.smbios_uuid, &inst.source_hints.vmware_uuid) {
+            (Some(a), Some(b)) => normalize_uuid(a) == normalize_uuid(b),
+            _ => false,
+        };
+        let suggested =
+            mapping::suggest(&inst.agent.disks, &req.inventory.disks, original).unwrap_or_default();
+        let then = f
+            .client_inventory
+            .as_ref()
+            .map_or(&[][..], |i| i.disks.as_slice());
+        let local_now = |d: &DiskDigest| {
+            mapping::locate_restored(
+                &d.remote_id,
+                &d.local_path,
+                then,
+                &req.inventory.disks,
+                req.device_mapping.as_deref(),
+                &suggested,
+            )
+        };
         let mut b = Batch::by("appliance".to_string());
         b.event(
             now_secs(),
@@ -864,7 +885,7 @@ impl Service {
                 .iter()
                 .map(|d| CompletedDisk {
                     remote_id: d.remote_id.clone(),
-                    local_path: d.local_path.clone(),
+                    local_path: local_now(d),
                     size_bytes: f
                         .disks
                         .iter()

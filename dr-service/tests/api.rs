@@ -550,6 +550,120 @@ async fn launch_stop_and_config_drive_the_client_commands(db: Db) {
     s.shutdown().await;
 }
 
+/// An appliance that boots again on a failed-back machine presents its used token: for a
+/// COMPLETED failback the service answers "completed" with the digests and the restored
+/// disk's device on this boot (found by the serial it had at pairing, although a USB stick
+/// now holds its old name), as an informational event; for a failback that did not complete
+/// the used token is still refused (TOKEN_USED) and nothing is recorded.
+async fn used_token_of_a_completed_failback_answers_completed(db: Db) {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path(), &db).await;
+    let c = C::new(&s);
+    let uuid = "4221AAAA-BBBB-CCCC-DDDD-EEEEFFFF0002";
+    let (a, _) = c.enroll(Some(uuid), 1 << 30).await;
+    let (b, _) = c.enroll(None, 1 << 30).await;
+    let pair = |token: &str, disks: Value| {
+        let body = json!({
+            "token": token,
+            "inventory": {"smbios_uuid": uuid, "disks": disks},
+        });
+        c.send(
+            reqwest::Method::POST,
+            "/v1/pair",
+            None,
+            Some(body.to_string()),
+        )
+    };
+    let first = json!([{"path": "/dev/sda", "size_bytes": 1u64 << 30, "serial": "6000c29a"}]);
+    let again = json!([
+        {"path": "/dev/sda", "size_bytes": 8u64 << 30, "serial": "usb-stick-1"},
+        {"path": "/dev/sdb", "size_bytes": 1u64 << 30, "serial": "6000c29a"},
+    ]);
+    let heartbeat = |secret: String, body: Value| {
+        let c = &c;
+        async move {
+            let (st, v) = c
+                .send(
+                    reqwest::Method::POST,
+                    "/v1/client/heartbeat",
+                    Some(&secret),
+                    Some(body.to_string()),
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+            v
+        }
+    };
+
+    // A: paired, launched, completed with equal digests.
+    let ta = c.token("pairing", Some(&a), None).await;
+    let (st, p) = pair(&ta, first.clone()).await;
+    assert_eq!(st, 200, "{p}");
+    assert_eq!(p["device_mapping"][0]["local"], "/dev/sda", "{p}");
+    let secret = p["client_secret"].as_str().unwrap().to_string();
+    let v = heartbeat(secret.clone(), json!({"phase": "IDLE", "round": 1})).await;
+    assert_eq!(v["failback_state"], "FAILBACK_READY_FOR_LAUNCH", "{v}");
+    let (_, v) = c
+        .admin_post("/v1/admin/launch", json!({"recovery_instance_ids": [a]}))
+        .await;
+    assert_eq!(v["results"][0]["accepted"], true, "{v}");
+    let digest = "ab".repeat(32);
+    let done = json!({"phase": "COMPLETED", "round": 2, "digests": [{"remote_id": "disk0",
+        "local_path": "/dev/sda", "local_digest": digest, "agent_digest": digest}]});
+    let v = heartbeat(secret, done).await;
+    assert_eq!(v["failback_state"], "FAILBACK_COMPLETED", "{v}");
+
+    // The appliance boots again with the same token (a USB stick is /dev/sda now).
+    let (st, v) = pair(&ta, again.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let answer: PairAnswer = serde_json::from_value(v.clone()).unwrap();
+    let PairAnswer::Completed(PairCompleted {
+        failback_completed: done,
+    }) = answer
+    else {
+        panic!("not a completed answer: {v}");
+    };
+    assert_eq!(done.recovery_instance_id, a);
+    assert!(done.completed_at.is_some(), "{v}");
+    assert_eq!(
+        done.disks,
+        vec![CompletedDisk {
+            remote_id: "disk0".into(),
+            local_path: "/dev/sdb".into(),
+            size_bytes: 1 << 30,
+            digest: digest.clone(),
+        }]
+    );
+    assert!(done.block_size > 0, "{v}");
+    let (_, i) = c.admin_get(&format!("/v1/admin/instances/{a}")).await;
+    assert_eq!(i["failback"]["state"], "FAILBACK_COMPLETED", "{i}");
+    let (_, e) = c
+        .admin_get(&format!("/v1/admin/events?instance={a}&limit=10000"))
+        .await;
+    let kinds: Vec<&str> = e["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"APPLIANCE_BOOTED_AFTER_COMPLETION"),
+        "{kinds:?}"
+    );
+    assert!(!kinds.contains(&"CLIENT_BOOT_FAILED"), "{kinds:?}");
+
+    // B: paired but not completed; its used token is refused as before, nothing recorded.
+    let tb = c.token("pairing", Some(&b), None).await;
+    let (st, v) = pair(&tb, first).await;
+    assert_eq!(st, 200, "{v}");
+    let before = c.counts().await;
+    let (st, v) = pair(&tb, again).await;
+    assert_eq!(st, 401, "{v}");
+    assert_eq!(v["error"], "TOKEN_USED", "{v}");
+    assert_eq!(c.counts().await, before);
+    s.shutdown().await;
+}
+
 /// A lost connection to the recovery agent is one event per outage (the client reports it in
 /// every heartbeat while it retries), and so is the reconnection.
 async fn agent_outage_is_one_event_and_reconnection_another(db: Db) {
@@ -877,4 +991,5 @@ on_both_backends!(
     agent_outage_is_one_event_and_reconnection_another,
     missed_agent_heartbeats_raise_agent_not_seen,
     boot_reports_are_filed_by_token_or_uuid_limited_and_validated,
+    used_token_of_a_completed_failback_answers_completed,
 );
