@@ -28,7 +28,7 @@ FAILBACK_ADVISORY_DB ?=
 # directory named after the database URL.
 ADVISORY_DB_LINK := target/advisory-dbs/advisory-db-3157b0e258782691
 
-.PHONY: setup demo demo-service demo-sync test bench bench-wan iso clean fmt lint fuzz
+.PHONY: setup demo demo-service demo-sync test bench bench-wan bench-cbt iso clean fmt lint fuzz
 setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs $(CARGO_DENY)
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
@@ -121,12 +121,18 @@ fuzz:
 bench: setup
 	$(CARGO) build --release --bins
 	bash scripts/bench.sh
+	bash scripts/bench-cbt.sh
 	bash scripts/bench-wan.sh
 
 # The WAN section alone: failback and rsync through emulated links (scripts/bench-wan.sh).
 bench-wan: setup
 	$(CARGO) build --release --bins
 	bash scripts/bench-wan.sh
+
+# The change-block tracking section alone (root: loop device, eBPF; BENCH_CBT_SIZE, default 64G).
+bench-cbt: setup
+	$(CARGO) build --release --bins
+	bash scripts/bench-cbt.sh
 
 iso: setup
 	bash scripts/iso.sh

@@ -558,6 +558,18 @@ fn round_error(e: failback_replication::Error) -> Result<String, RunError> {
 }
 
 /// Waits up to `d`, returning early when the command or agent address changes.
+/// Longest pause between hash-compare rounds that find nothing changed.
+const MAX_IDLE_PAUSE: Duration = Duration::from_secs(300);
+
+/// The pause before the next delta round: `base`, doubled for each hash-compare round in a row
+/// that found nothing changed (each re-reads the whole source disk on the agent), up to
+/// [`MAX_IDLE_PAUSE`] (never below `base`). Changes rounds cost only what changed: no backoff.
+fn backoff(base: Duration, idle_compares: u32) -> Duration {
+    let cap = MAX_IDLE_PAUSE.max(base);
+    base.checked_mul(1u32 << idle_compares.min(16))
+        .map_or(cap, |d| d.min(cap))
+}
+
 async fn pause(state: &State, d: Duration) {
     let _ = tokio::time::timeout(d, state.changed.notified()).await;
 }
@@ -796,6 +808,8 @@ async fn replicate(
     let mut round: u64 = 0;
     let mut consistent = false;
     let mut unreachable_reported = false;
+    // Hash-compare rounds in a row that found nothing changed (they back off).
+    let mut idle_compares: u32 = 0;
     loop {
         let (command, addr, bw, hb_secs, unauthorized) = {
             let s = state.lock();
@@ -933,8 +947,15 @@ async fn replicate(
         match outcome {
             Ok(report) => {
                 let differing = report.bytes_differing();
+                // The kind: `changes` when every disk sent only what its tracker saw change,
+                // else `compare` (a hash compare of some disk; the bench parses this line).
+                let kind = if report.disks.iter().all(|d| d.round_kind == "changes") {
+                    "changes"
+                } else {
+                    "compare"
+                };
                 console.say(format!(
-                    "round {round} done in {:.1}s: {} differed, {} fetched",
+                    "round {round} done in {:.3}s ({kind}): {} differed, {} fetched",
                     t0.elapsed().as_secs_f64(),
                     mib(differing),
                     mib(report.bytes_fetched())
@@ -955,7 +976,19 @@ async fn replicate(
                 }
                 // Tell the service right away (READY_FOR_LAUNCH shows without a heartbeat delay).
                 state.kick.notify_one();
-                let wait = opts.delta_interval.unwrap_or(Duration::from_secs(hb_secs));
+                idle_compares = if kind == "compare" && differing == 0 {
+                    idle_compares.saturating_add(1)
+                } else {
+                    0
+                };
+                let base = opts.delta_interval.unwrap_or(Duration::from_secs(hb_secs));
+                let wait = backoff(base, idle_compares);
+                if wait > base {
+                    console.say(format!(
+                        "nothing changed in {idle_compares} hash-compare round(s): next round in {}s",
+                        wait.as_secs()
+                    ));
+                }
                 pause(state, wait).await;
             }
             Err(e) => {
@@ -1150,5 +1183,21 @@ fn add_round_bytes(disks: &mut [DiskProgress], report: &SyncReport) {
             d.differing_bytes = Some(d.differing_bytes.unwrap_or(0) + r.bytes_differing);
             d.fetched_bytes = Some(d.fetched_bytes.unwrap_or(0) + r.bytes_fetched);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_compare_rounds_back_off_exponentially_up_to_the_cap() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(10), 0), s(10));
+        assert_eq!(backoff(s(10), 1), s(20));
+        assert_eq!(backoff(s(10), 3), s(80));
+        assert_eq!(backoff(s(10), 5), MAX_IDLE_PAUSE);
+        assert_eq!(backoff(s(10), u32::MAX), MAX_IDLE_PAUSE);
+        assert_eq!(backoff(s(900), 4), s(900), "never below the interval");
     }
 }

@@ -204,6 +204,17 @@ impl Default for Limits {
     }
 }
 
+/// Paces the whole-disk reads of hash-compare rounds of untracked disks so they leave the
+/// volume mostly to the instance's workload (the agent's `--scan-rate` and idle I/O priority).
+/// Its calls come on the stream's reading thread.
+pub trait ScanPacer: Send + Sync + std::fmt::Debug {
+    /// A paced round starts on this thread; the round ends when the returned guard drops
+    /// (e.g. lower the thread's I/O priority and restore it).
+    fn begin(&self) -> Box<dyn std::any::Any>;
+    /// Blocks until `bytes` more may be read.
+    fn wait(&self, bytes: u64);
+}
+
 /// Agent behaviour beyond the disks and TLS.
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
@@ -216,6 +227,9 @@ pub struct ServeOptions {
     pub allow: Option<Arc<crate::allow::ClientAllowlist>>,
     /// Connection, time and stream limits.
     pub limits: Limits,
+    /// Paces the hash-compare rounds of untracked disks (`None`: full speed). Not applied on
+    /// a connection that asked to quiesce: the final round runs at full speed.
+    pub scan_pacer: Option<Arc<dyn ScanPacer>>,
     /// Test-only fault injection.
     #[cfg(feature = "fault-injection")]
     pub fault: Option<Arc<FaultInjection>>,
@@ -560,6 +574,8 @@ struct Conn<'a> {
     streams: HashMap<u32, mpsc::Sender<Message>>,
     /// The quiesce/thaw command running for this connection (one at a time).
     command: Option<tokio::task::JoinHandle<()>>,
+    /// The client asked to quiesce (and not thaw) on this connection: its rounds are not paced.
+    quiesced: bool,
 }
 
 async fn session(
@@ -584,6 +600,7 @@ async fn session(
         ctx,
         streams: HashMap::new(),
         command: None,
+        quiesced: false,
     };
     let idle = ctx.opts.limits.idle_timeout;
     loop {
@@ -667,6 +684,9 @@ impl Conn<'_> {
             estimate,
             changes_since,
             out: self.out.clone(),
+            pacer: (src.tracking.map.is_none() && !self.quiesced)
+                .then(|| self.ctx.opts.scan_pacer.clone())
+                .flatten(),
             #[cfg(feature = "fault-injection")]
             fault: self.ctx.opts.fault.clone(),
         };
@@ -715,6 +735,7 @@ impl Conn<'_> {
     /// Runs the quiesce (or thaw) command in a task; refused while one is still running.
     async fn command(&mut self, quiesce: bool) {
         let what = if quiesce { "quiesce" } else { "thaw" };
+        self.quiesced = quiesce;
         if self.command.as_ref().is_some_and(|c| !c.is_finished()) {
             let m = format!("{what} refused: a quiesce or thaw command is still running");
             send_error(self.out, CONNECTION_STREAM, ErrorCode::CommandFailed, m).await;
@@ -787,6 +808,8 @@ struct StreamWorker {
     estimate: bool,
     changes_since: Option<Token>,
     out: FrameSender,
+    /// Set for the compare rounds of an untracked disk (see [`ScanPacer`]).
+    pacer: Option<Arc<dyn ScanPacer>>,
     #[cfg(feature = "fault-injection")]
     fault: Option<Arc<FaultInjection>>,
 }
@@ -819,6 +842,10 @@ impl StreamWorker {
         // Compare rounds collect every block's hash for the cache; changes rounds update it.
         let mut all: Vec<Hash> = Vec::new();
         let mut cache = None;
+        let _paced = plan
+            .changes
+            .is_none()
+            .then(|| self.pacer.as_ref().map(|p| p.begin()));
         if let Some((runs, hashes)) = plan.changes {
             let mut hashes = hashes;
             let Some(done) = self.send_changes(&runs, &zeros, &in_flight, &mut hashes) else {
@@ -1111,6 +1138,9 @@ impl StreamWorker {
             let len =
                 usize::try_from(((first + done + n) * bs64).min(self.disk.info.size) - offset)
                     .unwrap_or(0);
+            if let Some(p) = &self.pacer {
+                p.wait(len as u64);
+            }
             scanner.scan(&self.disk, offset, len, |at, data| {
                 let b = at / bs64;
                 let lo = usize::try_from(b - first).unwrap_or(usize::MAX);
