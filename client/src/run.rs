@@ -340,6 +340,30 @@ impl State {
 struct ReportProgress {
     state: Arc<State>,
     ui: Option<Arc<dyn Progress>>,
+    /// Per disk: when its round started and the work done in it (for the ETA).
+    rates: Mutex<std::collections::HashMap<String, DiskRate>>,
+}
+
+/// Work of one disk's round so far: bytes fetched (changes round) or compared (hash compare).
+#[derive(Debug, Clone, Copy)]
+struct DiskRate {
+    started: Instant,
+    changes: bool,
+    done: u64,
+}
+
+/// Seconds until `left` more bytes are done at the rate `done` bytes per `elapsed`
+/// (`None` before anything was measured; `Some(0)` when nothing is left).
+fn eta_secs(left: u64, done: u64, elapsed: Duration) -> Option<u64> {
+    if left == 0 {
+        return Some(0);
+    }
+    let secs = elapsed.as_secs_f64();
+    if done == 0 || secs <= 0.0 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Some((left as f64 * secs / done as f64).ceil() as u64)
 }
 
 impl Progress for ReportProgress {
@@ -358,6 +382,14 @@ impl Progress for ReportProgress {
         }
     }
     fn disk_planned(&self, disk: &str, plan: &failback_replication::RoundPlan) {
+        if let Ok(mut r) = self.rates.lock() {
+            let rate = DiskRate {
+                started: Instant::now(),
+                changes: plan.changes,
+                done: 0,
+            };
+            r.insert(disk.to_owned(), rate);
+        }
         {
             let mut s = self.state.lock();
             if let Some(d) = s.report.disks.iter_mut().find(|d| d.remote_id == disk) {
@@ -384,6 +416,15 @@ impl Progress for ReportProgress {
                     .saturating_add(compared)
                     .min(d.total_bytes);
                 d.replicated_bytes = d.rescanned_bytes;
+                if let Some(r) = self.rates.lock().ok().as_mut().and_then(|r| r.get_mut(disk)) {
+                    r.done += if r.changes { fetched } else { compared };
+                    let left = if r.changes {
+                        d.backlog_bytes
+                    } else {
+                        d.total_bytes.saturating_sub(d.rescanned_bytes)
+                    };
+                    d.eta_secs = eta_secs(left, r.done, r.started.elapsed());
+                }
             }
         }
         if let Some(u) = &self.ui {
@@ -397,6 +438,7 @@ impl Progress for ReportProgress {
                 d.rescanned_bytes = d.total_bytes;
                 d.replicated_bytes = d.total_bytes;
                 d.backlog_bytes = 0;
+                d.eta_secs = Some(0);
             }
         }
         if let Some(u) = &self.ui {
@@ -736,6 +778,7 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
     let progress: Arc<dyn Progress> = Arc::new(ReportProgress {
         state: state.clone(),
         ui: opts.progress.clone(),
+        rates: Mutex::default(),
     });
     let result = replicate(
         &opts, &api, &secret, &state, &console, &tls, &mappings, block_size, &progress, &id,
@@ -972,6 +1015,11 @@ async fn replicate(
                     }
                 }
                 if launching {
+                    console.say(format!(
+                        "final round took {:.3}s (after the quiesce: changed blocks + digests; \
+                         the downtime on the agent side)",
+                        t0.elapsed().as_secs_f64()
+                    ));
                     return finish(state, console, &report, id);
                 }
                 // Tell the service right away (READY_FOR_LAUNCH shows without a heartbeat delay).
@@ -1199,5 +1247,14 @@ mod tests {
         assert_eq!(backoff(s(10), 5), MAX_IDLE_PAUSE);
         assert_eq!(backoff(s(10), u32::MAX), MAX_IDLE_PAUSE);
         assert_eq!(backoff(s(900), 4), s(900), "never below the interval");
+    }
+
+    #[test]
+    fn eta_is_what_is_left_at_the_measured_rate() {
+        let s = Duration::from_secs;
+        assert_eq!(eta_secs(0, 0, s(0)), Some(0));
+        assert_eq!(eta_secs(100, 0, s(3)), None, "no rate yet");
+        assert_eq!(eta_secs(300, 100, s(2)), Some(6));
+        assert_eq!(eta_secs(1, 3, s(1)), Some(1), "rounded up");
     }
 }

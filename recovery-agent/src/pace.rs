@@ -91,15 +91,26 @@ const IOPRIO_WHO_PROCESS: libc::c_long = 1;
 const IOPRIO_CLASS_SHIFT: u32 = 13;
 const IOPRIO_CLASS_IDLE: libc::c_long = 3;
 
+/// The calling thread's I/O priority (`ioprio_get(IOPRIO_WHO_PROCESS, 0)`), or -1.
+#[allow(unsafe_code)]
+fn ioprio_get() -> libc::c_long {
+    // SAFETY: the syscall takes two integers and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) }
+}
+
+/// Sets the calling thread's I/O priority; 0 or -1 (errno set).
+#[allow(unsafe_code)]
+fn ioprio_set(value: libc::c_long) -> libc::c_long {
+    // SAFETY: the syscall takes three integers and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, value) }
+}
+
 impl IdleIo {
     /// Lowers the calling thread to the idle I/O class (best effort: a failure is logged and
     /// the round runs, paced, at the normal priority).
     pub fn enter() -> Self {
-        // SAFETY: ioprio_get/ioprio_set take plain integers; who = 0 is the calling thread.
-        let previous = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
-        let idle = IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT;
-        // SAFETY: as above.
-        let rc = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, idle) };
+        let previous = ioprio_get();
+        let rc = ioprio_set(IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT);
         if rc != 0 || previous < 0 {
             tracing::warn!(
                 "cannot set idle I/O priority for the rescan: {}",
@@ -114,17 +125,14 @@ impl IdleIo {
 
     /// The calling thread's I/O priority class (0 none, 1 realtime, 2 best effort, 3 idle).
     pub fn current_class() -> libc::c_long {
-        // SAFETY: see `enter`.
-        let v = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
-        v >> IOPRIO_CLASS_SHIFT
+        ioprio_get() >> IOPRIO_CLASS_SHIFT
     }
 }
 
 impl Drop for IdleIo {
     fn drop(&mut self) {
         if let Some(p) = self.previous {
-            // SAFETY: see `enter`.
-            unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, p) };
+            ioprio_set(p);
         }
     }
 }

@@ -377,6 +377,7 @@ async fn a_partition_is_tracked_through_its_parent_device() {
 }
 
 /// The I/O priority class of thread `tid` (3 = idle).
+#[allow(unsafe_code)]
 fn ioprio_class(tid: i32) -> i64 {
     // SAFETY: ioprio_get(IOPRIO_WHO_PROCESS = 1, tid) takes plain integers.
     let v = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
