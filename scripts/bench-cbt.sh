@@ -122,6 +122,7 @@ start_agent() {
 }
 start_agent
 wait_for 60 "the agent to enroll" grep -q "as recovery instance" "$DIR/agent.log"
+wait_for 60 "the agent's tracking status" grep -q "tracking: " "$DIR/agent.log"
 grep -q "tracking: on" "$DIR/agent.log" || die "the agent does not track $LOOP: $(grep tracking: "$DIR/agent.log")"
 ID=$(grep -o 'as recovery instance .*' "$DIR/agent.log" | head -1 | awk '{print $4}')
 PAIR_TOKEN=$("$BIN/failback" token create pairing --instance "$ID")

@@ -68,6 +68,37 @@ impl Loop {
     }
 }
 
+impl Loop {
+    /// The device node of partition `n`: the kernel's scan may lag (then `partx -a` adds the
+    /// partitions) and a container's /dev may lack the node (then it is made from sysfs).
+    fn partition(&self, n: u32) -> PathBuf {
+        let name = self.dev.file_name().unwrap().to_str().unwrap().to_owned();
+        let sys = PathBuf::from(format!("/sys/block/{name}/{name}p{n}/dev"));
+        for i in 0..100 {
+            if sys.exists() {
+                break;
+            }
+            if i == 20 {
+                let _ = Command::new("partx").arg("-a").arg(&self.dev).status();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let numbers = std::fs::read_to_string(&sys)
+            .unwrap_or_else(|e| panic!("{}: {e} (no partition {n})", sys.display()));
+        let part = PathBuf::from(format!("/dev/{name}p{n}"));
+        if !part.exists() {
+            let (major, minor) = numbers.trim().split_once(':').unwrap();
+            let st = Command::new("mknod")
+                .arg(&part)
+                .args(["b", major, minor])
+                .status()
+                .unwrap();
+            assert!(st.success(), "mknod {}", part.display());
+        }
+        part
+    }
+}
+
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
@@ -344,13 +375,7 @@ async fn untracked_image_files_keep_hash_compare_rounds() {
 async fn a_partition_is_tracked_through_its_parent_device() {
     // One partition from 1 MiB (sector 2048), 32 MiB long, in a 48 MiB image.
     let disk = Loop::partitioned(48 * MIB, "label: dos\nstart=2048, size=65536\n");
-    let part = PathBuf::from(format!("{}p1", disk.dev.display()));
-    for _ in 0..100 {
-        if part.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let part = disk.partition(1);
     write_direct(&part, 0, &random_bytes(20, usize::try_from(2 * MIB).unwrap()));
     let dir = tempfile::tempdir().unwrap();
     let tls = certs(dir.path());
