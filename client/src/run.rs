@@ -362,7 +362,11 @@ fn eta_secs(left: u64, done: u64, elapsed: Duration) -> Option<u64> {
     if done == 0 || secs <= 0.0 {
         return None;
     }
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
     Some((left as f64 * secs / done as f64).ceil() as u64)
 }
 
@@ -416,7 +420,13 @@ impl Progress for ReportProgress {
                     .saturating_add(compared)
                     .min(d.total_bytes);
                 d.replicated_bytes = d.rescanned_bytes;
-                if let Some(r) = self.rates.lock().ok().as_mut().and_then(|r| r.get_mut(disk)) {
+                if let Some(r) = self
+                    .rates
+                    .lock()
+                    .ok()
+                    .as_mut()
+                    .and_then(|r| r.get_mut(disk))
+                {
                     r.done += if r.changes { fetched } else { compared };
                     let left = if r.changes {
                         d.backlog_bytes

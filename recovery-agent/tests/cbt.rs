@@ -376,7 +376,11 @@ async fn a_partition_is_tracked_through_its_parent_device() {
     // One partition from 1 MiB (sector 2048), 32 MiB long, in a 48 MiB image.
     let disk = Loop::partitioned(48 * MIB, "label: dos\nstart=2048, size=65536\n");
     let part = disk.partition(1);
-    write_direct(&part, 0, &random_bytes(20, usize::try_from(2 * MIB).unwrap()));
+    write_direct(
+        &part,
+        0,
+        &random_bytes(20, usize::try_from(2 * MIB).unwrap()),
+    );
     let dir = tempfile::tempdir().unwrap();
     let tls = certs(dir.path());
     let (_agent, addr) = agent(dir.path(), &part, &[]);
@@ -390,14 +394,21 @@ async fn a_partition_is_tracked_through_its_parent_device() {
     assert_eq!(r1.size, 32 * MIB);
     assert_same(&part, &c.target);
     let r2 = c.round().await;
-    assert_eq!((r2.round_kind.as_str(), r2.tracking.as_str()), ("changes", "on"));
+    assert_eq!(
+        (r2.round_kind.as_str(), r2.tracking.as_str()),
+        ("changes", "on")
+    );
     write_direct(&part, 5 * BS, &random_bytes(21, 4096)); // partition block 5
     write_direct(&disk.dev, MIB + 9 * BS, &random_bytes(22, 4096)); // parent -> partition block 9
     write_direct(&disk.dev, 40 * MIB, &random_bytes(23, 4096)); // parent, outside the partition
     let r3 = c.round().await;
     assert_eq!(r3.round_kind, "changes");
     assert_eq!(r3.blocks_differing, 2, "{r3:?}");
-    assert_eq!(r3.backlog_bytes, 2 * BS, "only the partition's two blocks are its backlog");
+    assert_eq!(
+        r3.backlog_bytes,
+        2 * BS,
+        "only the partition's two blocks are its backlog"
+    );
     assert_same(&part, &c.target);
 }
 
@@ -456,7 +467,10 @@ async fn untracked_rescans_are_paced_at_idle_io_priority() {
     let r = c.round().await;
     let secs = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
-    assert!(watcher.join().unwrap(), "no agent thread ran at idle I/O priority");
+    assert!(
+        watcher.join().unwrap(),
+        "no agent thread ran at idle I/O priority"
+    );
     assert_eq!(r.round_kind, "compare");
     assert_same(&img, &c.target);
     // Burst + one 4 MiB read batch of slack over rate x time.

@@ -439,14 +439,21 @@ fn service_full_failback_survives_agent_and_service_restarts_then_launches() {
         .unwrap_or_else(|| panic!("no final_round_secs: {}", v["failback"]));
     assert!(secs > 0.0 && secs < 60.0, "final round {secs}s");
     let line = format!("final round took {secs:.3}s");
-    assert!(client.log().contains(&line), "{line} not in:\n{}", client.log());
+    assert!(
+        client.log().contains(&line),
+        "{line} not in:\n{}",
+        client.log()
+    );
     let event = ev["items"]
         .as_array()
         .unwrap()
         .iter()
         .find(|e| e["kind"] == "FINAL_ROUND")
         .unwrap_or_else(|| panic!("no FINAL_ROUND event: {kinds:?}"));
-    assert!(event["message"].as_str().unwrap().contains(&line), "{event}");
+    assert!(
+        event["message"].as_str().unwrap().contains(&line),
+        "{event}"
+    );
     let (_, text) = env.cli_text(&["instances", "describe", &id]);
     assert!(text.contains("final round "), "{text}");
 }
