@@ -28,7 +28,7 @@ FAILBACK_ADVISORY_DB ?=
 # directory named after the database URL.
 ADVISORY_DB_LINK := target/advisory-dbs/advisory-db-3157b0e258782691
 
-.PHONY: setup demo demo-service demo-sync demo-mass test bench bench-wan bench-downtime iso clean fmt lint fuzz
+.PHONY: setup demo demo-service demo-sync demo-mass test bench bench-wan bench-cbt bench-downtime iso clean fmt lint fuzz
 setup: target/.setup-apt $(VCSIM) $(HYPERVISOR) iso-inputs $(CARGO_DENY)
 	@rustup target list --installed | grep -q x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 
@@ -128,6 +128,7 @@ fuzz:
 bench: setup
 	$(CARGO) build --release --bins
 	bash scripts/bench.sh
+	bash scripts/bench-cbt.sh
 	bash scripts/bench-wan.sh
 	bash scripts/bench-downtime.sh
 
@@ -139,6 +140,11 @@ bench-downtime: setup
 bench-wan: setup
 	$(CARGO) build --release --bins
 	bash scripts/bench-wan.sh
+
+# The change-block tracking section alone (root: loop device, eBPF; BENCH_CBT_SIZE, default 64G).
+bench-cbt: setup
+	$(CARGO) build --release --bins
+	bash scripts/bench-cbt.sh
 
 iso: setup
 	bash scripts/iso.sh

@@ -62,7 +62,7 @@ echo "== WAN: generating a $(numfmt --to=iec "$SIZE") source (~60 % random) and 
 echo "== WAN: starting the agent, the rsync daemon and one emulated link per profile"
 CERTS=$DIR/certs
 "$BIN/failback-agent" dev-certs "$CERTS" >/dev/null
-"$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" --disk "text=$TEXT" \
+"$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" --disk "text=$TEXT" --scan-rate 0 \
     --ca "$CERTS/ca.pem" --cert "$CERTS/agent.pem" --key "$CERTS/agent-key.pem" \
     >"$DIR/agent.out" 2>"$DIR/agent.log" &
 PIDS+=("$!")

@@ -110,7 +110,8 @@ start_server() { # NAME cmd... (PORT[NAME] must be set)
 }
 if want failback; then
     # Port 0: the agent binds a free port and prints `listening on ADDR` on stdout.
-    "$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" \
+    # --scan-rate 0: image files are not tracked, and this measures the engine at full speed.
+    "$BIN/failback-agent" serve --listen 127.0.0.1:0 --disk "src=$SRC" --scan-rate 0 \
         --ca "$CERTS/ca.pem" --cert "$CERTS/agent.pem" --key "$CERTS/agent-key.pem" \
         >"$DIR/agent.out" 2>"$DIR/agent.log" &
     SPID[agent]=$!

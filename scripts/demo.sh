@@ -66,7 +66,7 @@ step "3. certificates from a private CA, agent on 127.0.0.1"
 "$BIN/failback-agent" dev-certs "$DIR/certs" >/dev/null
 ls "$DIR/certs" | sed 's/^/   /'
 # Port 0: the agent binds a free port and prints `listening on ADDR` on stdout.
-"$BIN/failback-agent" serve --listen 127.0.0.1:0 \
+"$BIN/failback-agent" serve --listen 127.0.0.1:0 --scan-rate 0 \
     --disk "web-root=$DIR/remote/web-root.img" --disk "web-data=$DIR/remote/web-data.img" \
     --ca "$DIR/certs/ca.pem" --cert "$DIR/certs/agent.pem" --key "$DIR/certs/agent-key.pem" \
     >"$DIR/agent.out" 2>"$DIR/agent.log" &

@@ -150,6 +150,10 @@ pub struct DiskProgress {
     /// Age in seconds of the oldest change not yet received, at the round's start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_secs: Option<u64>,
+    /// Seconds until this disk's round is done, at the rate measured in it: the backlog
+    /// (changes round) or the bytes left to compare (hash compare) over bytes per second so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
 }
 
 /// Identification hints of the original source server (AWS `IdentificationHints`).
@@ -706,6 +710,10 @@ pub struct FailbackStatus {
     pub lag_secs: Option<u64>,
     /// Estimated completion of the current round (Unix seconds).
     pub eta_at: Option<u64>,
+    /// Duration in seconds of the final round at launch (quiesce done → dirty blocks + digest):
+    /// the failback's downtime on the agent side. Set at FAILBACK_COMPLETED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_round_secs: Option<f64>,
     pub last_consistent_at: Option<u64>,
     pub errors: Vec<ReplicationError>,
     pub last_error_message: Option<String>,

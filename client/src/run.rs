@@ -340,6 +340,34 @@ impl State {
 struct ReportProgress {
     state: Arc<State>,
     ui: Option<Arc<dyn Progress>>,
+    /// Per disk: when its round started and the work done in it (for the ETA).
+    rates: Mutex<std::collections::HashMap<String, DiskRate>>,
+}
+
+/// Work of one disk's round so far: bytes fetched (changes round) or compared (hash compare).
+#[derive(Debug, Clone, Copy)]
+struct DiskRate {
+    started: Instant,
+    changes: bool,
+    done: u64,
+}
+
+/// Seconds until `left` more bytes are done at the rate `done` bytes per `elapsed`
+/// (`None` before anything was measured; `Some(0)` when nothing is left).
+fn eta_secs(left: u64, done: u64, elapsed: Duration) -> Option<u64> {
+    if left == 0 {
+        return Some(0);
+    }
+    let secs = elapsed.as_secs_f64();
+    if done == 0 || secs <= 0.0 {
+        return None;
+    }
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    Some((left as f64 * secs / done as f64).ceil() as u64)
 }
 
 impl Progress for ReportProgress {
@@ -358,6 +386,14 @@ impl Progress for ReportProgress {
         }
     }
     fn disk_planned(&self, disk: &str, plan: &failback_replication::RoundPlan) {
+        if let Ok(mut r) = self.rates.lock() {
+            let rate = DiskRate {
+                started: Instant::now(),
+                changes: plan.changes,
+                done: 0,
+            };
+            r.insert(disk.to_owned(), rate);
+        }
         {
             let mut s = self.state.lock();
             if let Some(d) = s.report.disks.iter_mut().find(|d| d.remote_id == disk) {
@@ -384,6 +420,21 @@ impl Progress for ReportProgress {
                     .saturating_add(compared)
                     .min(d.total_bytes);
                 d.replicated_bytes = d.rescanned_bytes;
+                if let Some(r) = self
+                    .rates
+                    .lock()
+                    .ok()
+                    .as_mut()
+                    .and_then(|r| r.get_mut(disk))
+                {
+                    r.done += if r.changes { fetched } else { compared };
+                    let left = if r.changes {
+                        d.backlog_bytes
+                    } else {
+                        d.total_bytes.saturating_sub(d.rescanned_bytes)
+                    };
+                    d.eta_secs = eta_secs(left, r.done, r.started.elapsed());
+                }
             }
         }
         if let Some(u) = &self.ui {
@@ -397,6 +448,7 @@ impl Progress for ReportProgress {
                 d.rescanned_bytes = d.total_bytes;
                 d.replicated_bytes = d.total_bytes;
                 d.backlog_bytes = 0;
+                d.eta_secs = Some(0);
             }
         }
         if let Some(u) = &self.ui {
@@ -558,6 +610,18 @@ fn round_error(e: failback_replication::Error) -> Result<String, RunError> {
 }
 
 /// Waits up to `d`, returning early when the command or agent address changes.
+/// Longest pause between hash-compare rounds that find nothing changed.
+const MAX_IDLE_PAUSE: Duration = Duration::from_secs(300);
+
+/// The pause before the next delta round: `base`, doubled for each hash-compare round in a row
+/// that found nothing changed (each re-reads the whole source disk on the agent), up to
+/// [`MAX_IDLE_PAUSE`] (never below `base`). Changes rounds cost only what changed: no backoff.
+fn backoff(base: Duration, idle_compares: u32) -> Duration {
+    let cap = MAX_IDLE_PAUSE.max(base);
+    base.checked_mul(1u32 << idle_compares.min(16))
+        .map_or(cap, |d| d.min(cap))
+}
+
 async fn pause(state: &State, d: Duration) {
     let _ = tokio::time::timeout(d, state.changed.notified()).await;
 }
@@ -724,6 +788,7 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
     let progress: Arc<dyn Progress> = Arc::new(ReportProgress {
         state: state.clone(),
         ui: opts.progress.clone(),
+        rates: Mutex::default(),
     });
     let result = replicate(
         &opts, &api, &secret, &state, &console, &tls, &mappings, block_size, &progress, &id,
@@ -796,6 +861,8 @@ async fn replicate(
     let mut round: u64 = 0;
     let mut consistent = false;
     let mut unreachable_reported = false;
+    // Hash-compare rounds in a row that found nothing changed (they back off).
+    let mut idle_compares: u32 = 0;
     loop {
         let (command, addr, bw, hb_secs, unauthorized) = {
             let s = state.lock();
@@ -933,8 +1000,15 @@ async fn replicate(
         match outcome {
             Ok(report) => {
                 let differing = report.bytes_differing();
+                // The kind: `changes` when every disk sent only what its tracker saw change,
+                // else `compare` (a hash compare of some disk; the bench parses this line).
+                let kind = if report.disks.iter().all(|d| d.round_kind == "changes") {
+                    "changes"
+                } else {
+                    "compare"
+                };
                 console.say(format!(
-                    "round {round} done in {:.1}s: {} differed, {} fetched",
+                    "round {round} done in {:.3}s ({kind}): {} differed, {} fetched",
                     t0.elapsed().as_secs_f64(),
                     mib(differing),
                     mib(report.bytes_fetched())
@@ -951,11 +1025,28 @@ async fn replicate(
                     }
                 }
                 if launching {
+                    console.say(format!(
+                        "final round took {:.3}s (after the quiesce: changed blocks + digests; \
+                         the downtime on the agent side)",
+                        t0.elapsed().as_secs_f64()
+                    ));
                     return finish(state, console, &report, id);
                 }
                 // Tell the service right away (READY_FOR_LAUNCH shows without a heartbeat delay).
                 state.kick.notify_one();
-                let wait = opts.delta_interval.unwrap_or(Duration::from_secs(hb_secs));
+                idle_compares = if kind == "compare" && differing == 0 {
+                    idle_compares.saturating_add(1)
+                } else {
+                    0
+                };
+                let base = opts.delta_interval.unwrap_or(Duration::from_secs(hb_secs));
+                let wait = backoff(base, idle_compares);
+                if wait > base {
+                    console.say(format!(
+                        "nothing changed in {idle_compares} hash-compare round(s): next round in {}s",
+                        wait.as_secs()
+                    ));
+                }
                 pause(state, wait).await;
             }
             Err(e) => {
@@ -1150,5 +1241,30 @@ fn add_round_bytes(disks: &mut [DiskProgress], report: &SyncReport) {
             d.differing_bytes = Some(d.differing_bytes.unwrap_or(0) + r.bytes_differing);
             d.fetched_bytes = Some(d.fetched_bytes.unwrap_or(0) + r.bytes_fetched);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_compare_rounds_back_off_exponentially_up_to_the_cap() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(10), 0), s(10));
+        assert_eq!(backoff(s(10), 1), s(20));
+        assert_eq!(backoff(s(10), 3), s(80));
+        assert_eq!(backoff(s(10), 5), MAX_IDLE_PAUSE);
+        assert_eq!(backoff(s(10), u32::MAX), MAX_IDLE_PAUSE);
+        assert_eq!(backoff(s(900), 4), s(900), "never below the interval");
+    }
+
+    #[test]
+    fn eta_is_what_is_left_at_the_measured_rate() {
+        let s = Duration::from_secs;
+        assert_eq!(eta_secs(0, 0, s(0)), Some(0));
+        assert_eq!(eta_secs(100, 0, s(3)), None, "no rate yet");
+        assert_eq!(eta_secs(300, 100, s(2)), Some(6));
+        assert_eq!(eta_secs(1, 3, s(1)), Some(1), "rounded up");
     }
 }

@@ -1354,6 +1354,18 @@ impl Service {
                     set_replication(f, ReplicationState::Stopped);
                     f.completed_at = Some(now);
                     f.lag_secs = Some(0);
+                    f.final_round_secs = rep.last_round_secs;
+                    if let Some(secs) = rep.last_round_secs {
+                        b.event(
+                            now,
+                            Some(&id),
+                            "FINAL_ROUND",
+                            format!(
+                                "final round took {secs:.3}s (after the quiesce: changed blocks \
+                                 + digests; the downtime on the agent side)"
+                            ),
+                        );
+                    }
                     b.event(
                         now,
                         Some(&id),

@@ -4,6 +4,7 @@
 
 pub mod cbt;
 pub mod enroll;
+pub mod pace;
 
 use std::path::{Path, PathBuf};
 
@@ -94,6 +95,15 @@ pub struct TrackArgs {
     #[arg(long, value_name = "MS", default_value_t = 5, hide = true,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub tracker_poll_ms: u64,
+    /// Rescans of disks that cannot be tracked read at most this many MB/s (10^6 bytes), at
+    /// idle I/O priority, so they leave the volume mostly to the workload; 0 = unlimited. The
+    /// final round after a quiesce is never paced.
+    #[arg(long, value_name = "MB/s", default_value_t = pace::DEFAULT_RATE_MB)]
+    pub scan_rate: u64,
+    /// Bytes (MiB) a paced rescan may read at full speed before the rate applies (a small
+    /// disk's round is not slowed; the average stays at --scan-rate).
+    #[arg(long, value_name = "MIB", default_value_t = pace::DEFAULT_BURST_MIB, hide = true)]
+    pub scan_burst_mib: u64,
 }
 
 impl TrackArgs {
@@ -104,6 +114,17 @@ impl TrackArgs {
             ring_bytes: self.tracker_ring_bytes,
             poll: std::time::Duration::from_millis(self.tracker_poll_ms),
         });
+    }
+
+    /// The pacer for hash-compare rounds of untracked disks (`None` for `--scan-rate 0`).
+    pub fn pacer(&self) -> Option<std::sync::Arc<dyn failback_replication::server::ScanPacer>> {
+        let p = pace::Pacer::new(self.scan_rate, self.scan_burst_mib)?;
+        tracing::info!(
+            "rescans of untracked disks: at most {} MB/s (after {} MiB), idle I/O priority",
+            self.scan_rate,
+            self.scan_burst_mib
+        );
+        Some(std::sync::Arc::new(p))
     }
 }
 

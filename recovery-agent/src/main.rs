@@ -97,6 +97,7 @@ fn main() -> ExitCode {
                     quiesce_cmd: args.quiesce_cmd,
                     thaw_cmd: args.thaw_cmd,
                     limits: args.limits.limits(),
+                    scan_pacer: args.track.pacer(),
                     ..Default::default()
                 }
                 .with_fault_env(),
@@ -159,6 +160,7 @@ fn serve(args: ServeArgs) -> Result<(), AgentError> {
         quiesce_cmd: args.quiesce_cmd,
         thaw_cmd: args.thaw_cmd,
         limits: args.limits.limits(),
+        scan_pacer: args.track.pacer(),
         ..Default::default()
     }
     .with_fault_env();

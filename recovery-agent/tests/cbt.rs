@@ -42,6 +42,63 @@ impl Loop {
     }
 }
 
+impl Loop {
+    /// A loop device with partition scanning over an image holding the sfdisk `table`.
+    fn partitioned(size: u64, table: &str) -> Loop {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("src.img");
+        File::create(&img).unwrap().set_len(size).unwrap();
+        let mut sfdisk = Command::new("sfdisk")
+            .arg(&img)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sfdisk");
+        std::io::Write::write_all(sfdisk.stdin.as_mut().unwrap(), table.as_bytes()).unwrap();
+        drop(sfdisk.stdin.take());
+        assert!(sfdisk.wait().unwrap().success(), "sfdisk {table:?}");
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "-P"])
+            .arg(&img)
+            .output()
+            .expect("losetup -P (tests run as root)");
+        assert!(out.status.success(), "losetup -P: {out:?}");
+        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        Loop { dev, _dir: dir }
+    }
+}
+
+impl Loop {
+    /// The device node of partition `n`: the kernel's scan may lag (then `partx -a` adds the
+    /// partitions) and a container's /dev may lack the node (then it is made from sysfs).
+    fn partition(&self, n: u32) -> PathBuf {
+        let name = self.dev.file_name().unwrap().to_str().unwrap().to_owned();
+        let sys = PathBuf::from(format!("/sys/block/{name}/{name}p{n}/dev"));
+        for i in 0..100 {
+            if sys.exists() {
+                break;
+            }
+            if i == 20 {
+                let _ = Command::new("partx").arg("-a").arg(&self.dev).status();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let numbers = std::fs::read_to_string(&sys)
+            .unwrap_or_else(|e| panic!("{}: {e} (no partition {n})", sys.display()));
+        let part = PathBuf::from(format!("/dev/{name}p{n}"));
+        if !part.exists() {
+            let (major, minor) = numbers.trim().split_once(':').unwrap();
+            let st = Command::new("mknod")
+                .arg(&part)
+                .args(["b", major, minor])
+                .status()
+                .unwrap();
+            assert!(st.success(), "mknod {}", part.display());
+        }
+        part
+    }
+}
+
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
@@ -309,4 +366,122 @@ async fn untracked_image_files_keep_hash_compare_rounds() {
     );
     assert_eq!((r.blocks_differing, r.target_read), (1, false));
     assert_same(&img, &c.target);
+}
+
+/// A partition of a loop device is tracked on the device served: writes through the partition
+/// and writes to the parent disk inside the partition's range are seen (bios are remapped to
+/// the parent); writes to the parent outside the partition are not this disk's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_is_tracked_through_its_parent_device() {
+    // One partition from 1 MiB (sector 2048), 32 MiB long, in a 48 MiB image.
+    let disk = Loop::partitioned(48 * MIB, "label: dos\nstart=2048, size=65536\n");
+    let part = disk.partition(1);
+    write_direct(
+        &part,
+        0,
+        &random_bytes(20, usize::try_from(2 * MIB).unwrap()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(dir.path());
+    let (_agent, addr) = agent(dir.path(), &part, &[]);
+    let c = Client {
+        tls,
+        addr,
+        target: dir.path().join("dst.img"),
+        cache: Arc::new(HashCache::default()),
+    };
+    let r1 = c.round().await;
+    assert_eq!(r1.size, 32 * MIB);
+    assert_same(&part, &c.target);
+    let r2 = c.round().await;
+    assert_eq!(
+        (r2.round_kind.as_str(), r2.tracking.as_str()),
+        ("changes", "on")
+    );
+    write_direct(&part, 5 * BS, &random_bytes(21, 4096)); // partition block 5
+    write_direct(&disk.dev, MIB + 9 * BS, &random_bytes(22, 4096)); // parent -> partition block 9
+    write_direct(&disk.dev, 40 * MIB, &random_bytes(23, 4096)); // parent, outside the partition
+    let r3 = c.round().await;
+    assert_eq!(r3.round_kind, "changes");
+    assert_eq!(r3.blocks_differing, 2, "{r3:?}");
+    assert_eq!(
+        r3.backlog_bytes,
+        2 * BS,
+        "only the partition's two blocks are its backlog"
+    );
+    assert_same(&part, &c.target);
+}
+
+/// The I/O priority class of thread `tid` (3 = idle).
+#[allow(unsafe_code)]
+fn ioprio_class(tid: i32) -> i64 {
+    // SAFETY: ioprio_get(IOPRIO_WHO_PROCESS = 1, tid) takes plain integers.
+    let v = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
+    v >> 13
+}
+
+fn threads(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Untracked (an image file): hash-compare rounds are paced by --scan-rate (an upper bound on
+/// bytes per elapsed time, which cannot flake) and read at idle I/O priority, restored after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untracked_rescans_are_paced_at_idle_io_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.img");
+    let size = 32 * MIB;
+    std::fs::write(&img, random_bytes(30, usize::try_from(size).unwrap())).unwrap();
+    let tls = certs(dir.path());
+    let (rate_mb, burst_mib) = (16.0, 4u64);
+    let (agent, addr) = agent(
+        dir.path(),
+        &img,
+        &["--scan-rate", "16", "--scan-burst-mib", "4"],
+    );
+    let pid = agent.0.id();
+    let c = Client {
+        tls,
+        addr,
+        target: dir.path().join("dst.img"),
+        cache: Arc::new(HashCache::default()),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen_idle = false;
+            while !stop.load(Ordering::SeqCst) {
+                seen_idle |= threads(pid).into_iter().any(|t| ioprio_class(t) == 3);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            seen_idle
+        })
+    };
+    let t0 = std::time::Instant::now();
+    let r = c.round().await;
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        watcher.join().unwrap(),
+        "no agent thread ran at idle I/O priority"
+    );
+    assert_eq!(r.round_kind, "compare");
+    assert_same(&img, &c.target);
+    // Burst + one 4 MiB read batch of slack over rate x time.
+    let bound = rate_mb * 1e6 * secs + ((burst_mib + 4) * MIB) as f64;
+    assert!(
+        (size as f64) <= bound,
+        "{size} bytes read in {secs:.2}s: more than {rate_mb} MB/s allows (bound {bound})"
+    );
+    let still: Vec<i32> = threads(pid)
+        .into_iter()
+        .filter(|t| ioprio_class(*t) == 3)
+        .collect();
+    assert!(still.is_empty(), "threads left at idle priority: {still:?}");
 }

@@ -204,6 +204,17 @@ impl Default for Limits {
     }
 }
 
+/// Paces the whole-disk reads of hash-compare rounds of untracked disks so they leave the
+/// volume mostly to the instance's workload (the agent's `--scan-rate` and idle I/O priority).
+/// Its calls come on the stream's reading thread.
+pub trait ScanPacer: Send + Sync + std::fmt::Debug {
+    /// A paced round starts on this thread; the round ends when the returned guard drops
+    /// (e.g. lower the thread's I/O priority and restore it).
+    fn begin(&self) -> Box<dyn std::any::Any>;
+    /// Blocks until `bytes` more may be read.
+    fn wait(&self, bytes: u64);
+}
+
 /// Agent behaviour beyond the disks and TLS.
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
@@ -216,6 +227,9 @@ pub struct ServeOptions {
     pub allow: Option<Arc<crate::allow::ClientAllowlist>>,
     /// Connection, time and stream limits.
     pub limits: Limits,
+    /// Paces the hash-compare rounds of untracked disks (`None`: full speed). Not applied on
+    /// a connection that asked to quiesce: the final round runs at full speed.
+    pub scan_pacer: Option<Arc<dyn ScanPacer>>,
     /// Test-only fault injection.
     #[cfg(feature = "fault-injection")]
     pub fault: Option<Arc<FaultInjection>>,
@@ -560,6 +574,8 @@ struct Conn<'a> {
     streams: HashMap<u32, mpsc::Sender<Message>>,
     /// The quiesce/thaw command running for this connection (one at a time).
     command: Option<tokio::task::JoinHandle<()>>,
+    /// The client asked to quiesce (and not thaw) on this connection: its rounds are not paced.
+    quiesced: bool,
 }
 
 async fn session(
@@ -584,6 +600,7 @@ async fn session(
         ctx,
         streams: HashMap::new(),
         command: None,
+        quiesced: false,
     };
     let idle = ctx.opts.limits.idle_timeout;
     loop {
@@ -674,6 +691,9 @@ impl Conn<'_> {
             compression,
             auto: std::cell::RefCell::new(AutoCompression::default()),
             out: self.out.clone(),
+            pacer: (src.tracking.map.is_none() && !self.quiesced)
+                .then(|| self.ctx.opts.scan_pacer.clone())
+                .flatten(),
             #[cfg(feature = "fault-injection")]
             fault: self.ctx.opts.fault.clone(),
         };
@@ -722,6 +742,7 @@ impl Conn<'_> {
     /// Runs the quiesce (or thaw) command in a task; refused while one is still running.
     async fn command(&mut self, quiesce: bool) {
         let what = if quiesce { "quiesce" } else { "thaw" };
+        self.quiesced = quiesce;
         if self.command.as_ref().is_some_and(|c| !c.is_finished()) {
             let m = format!("{what} refused: a quiesce or thaw command is still running");
             send_error(self.out, CONNECTION_STREAM, ErrorCode::CommandFailed, m).await;
@@ -797,6 +818,8 @@ struct StreamWorker {
     /// `Compression::Auto`'s measurements and choice (see [`StreamWorker::squeeze`]).
     auto: std::cell::RefCell<AutoCompression>,
     out: FrameSender,
+    /// Set for the compare rounds of an untracked disk (see [`ScanPacer`]).
+    pacer: Option<Arc<dyn ScanPacer>>,
     #[cfg(feature = "fault-injection")]
     fault: Option<Arc<FaultInjection>>,
 }
@@ -898,6 +921,10 @@ impl StreamWorker {
         // A hash compare's digest is final once the last window is compared (refetches do not
         // change it), so `SyncDone` goes out then, not a round trip later on `SyncEnd`.
         let mut done_sent = false;
+        let _paced = plan
+            .changes
+            .is_none()
+            .then(|| self.pacer.as_ref().map(|p| p.begin()));
         if let Some((runs, hashes)) = plan.changes {
             let mut hashes = hashes;
             let Some(done) = self.send_changes(&runs, &zeros, &in_flight, &mut hashes) else {
@@ -1216,6 +1243,9 @@ impl StreamWorker {
             let len =
                 usize::try_from(((first + done + n) * bs64).min(self.disk.info.size) - offset)
                     .unwrap_or(0);
+            if let Some(p) = &self.pacer {
+                p.wait(len as u64);
+            }
             scanner.scan(&self.disk, offset, len, |at, data| {
                 let b = at / bs64;
                 let lo = usize::try_from(b - first).unwrap_or(usize::MAX);

@@ -159,6 +159,21 @@ impl Env {
         )
     }
 
+    /// Runs the CLI with its text output: (exit code, stdout).
+    fn cli_text(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(bin("failback"))
+            .args(args)
+            .env("FAILBACK_SERVER", self.url())
+            .env("FAILBACK_ADMIN_TOKEN", &self.admin)
+            .env("FAILBACK_CA", self.ca())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     fn token(&self, kind: &str, instance: Option<&str>) -> String {
         let mut a = vec!["token", "create", kind];
         if let Some(i) = instance {
@@ -417,6 +432,30 @@ fn service_full_failback_survives_agent_and_service_restarts_then_launches() {
         .collect();
     assert!(kinds.contains(&"LOG_UPLOADED"), "{kinds:?}");
     assert!(kinds.contains(&"LAUNCH_REQUESTED"), "{kinds:?}");
+    // The final round's duration (the downtime on the agent side): in the client's log, the
+    // instance and a FINAL_ROUND event, the same figure, plausible for a 24 MiB disk.
+    let secs = v["failback"]["final_round_secs"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no final_round_secs: {}", v["failback"]));
+    assert!(secs > 0.0 && secs < 60.0, "final round {secs}s");
+    let line = format!("final round took {secs:.3}s");
+    assert!(
+        client.log().contains(&line),
+        "{line} not in:\n{}",
+        client.log()
+    );
+    let event = ev["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "FINAL_ROUND")
+        .unwrap_or_else(|| panic!("no FINAL_ROUND event: {kinds:?}"));
+    assert!(
+        event["message"].as_str().unwrap().contains(&line),
+        "{event}"
+    );
+    let (_, text) = env.cli_text(&["instances", "describe", &id]);
+    assert!(text.contains("final round "), "{text}");
 }
 
 #[test]

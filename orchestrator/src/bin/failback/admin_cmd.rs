@@ -281,6 +281,9 @@ fn describe_text(i: &RecoveryInstance) {
             .map(|e| when(Some(e)))
             .unwrap_or_else(|| "-".into())
     );
+    if let Some(s) = f.final_round_secs {
+        println!("final round        {s:.3}s (launch downtime on the agent side)");
+    }
     println!(
         "config             bandwidth {} Mbit/s, use_private_ip {}",
         if i.config.bandwidth_throttling_mbps == 0 {
@@ -302,13 +305,14 @@ fn describe_text(i: &RecoveryInstance) {
     }
     for d in &f.disks {
         println!(
-            "disk               {} -> {}: total {} replicated {} rescanned {} backlog {}",
+            "disk               {} -> {}: total {} replicated {} rescanned {} backlog {} eta {}",
             d.remote_id,
             d.local_path,
             d.total_bytes,
             d.replicated_bytes,
             d.rescanned_bytes,
-            d.backlog_bytes
+            d.backlog_bytes,
+            d.eta_secs.map_or_else(|| "-".into(), |s| format!("{s}s"))
         );
     }
     for d in &f.digests {
