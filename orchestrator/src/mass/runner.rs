@@ -230,8 +230,13 @@ impl Shared {
 }
 
 impl Runner {
-    fn label(p: &VmPlan) -> String {
-        p.target.label()
+    /// The VM's label in progress, state and results: the target's label, prefixed with its
+    /// vCenter (`east/web-01`) when the plan has several (names repeat across vCenters).
+    fn label(plan: &Plan, p: &VmPlan) -> String {
+        match plan.vcenter_of(p) {
+            Some(vc) if plan.vcenters.len() > 1 => format!("{vc}/{}", p.target.label()),
+            _ => p.target.label(),
+        }
     }
 
     /// The connection of a VM's vCenter (`run` checked every plan entry has one).
@@ -298,7 +303,7 @@ impl Runner {
                 .vms
                 .iter()
                 .map(|p| {
-                    let mut v = VmState::new(&Self::label(p), p.recovery_instance.clone());
+                    let mut v = VmState::new(&Self::label(plan, p), p.recovery_instance.clone());
                     v.wave = p.wave.clone();
                     v.vcenter = plan.vcenter_of(p).map(str::to_string);
                     v.datastore = Some(self.conn(v.vcenter.as_deref()).datastore.clone());

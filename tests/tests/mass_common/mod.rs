@@ -609,3 +609,122 @@ pub fn assert_same_config(
         }
     }
 }
+
+/// `tests/vm_config.py set NAME key=value...` (`uuid=`, `guest_ip=`).
+pub fn vm_config_set(vcsim: &Vcsim, name: &str, fields: &[&str]) {
+    let mut args = vec!["set", name];
+    args.extend_from_slice(fields);
+    vm_config_cmd(vcsim, &args).expect("vm_config.py set");
+}
+
+/// Simulated clients (see [`simulate_clients`]) for one vcsim's VMs on `LocalDS_0`, running
+/// until [`Sim::finish`].
+pub struct Sim {
+    pub log: Arc<Mutex<SimLog>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sim {
+    /// VMs whose BIOS UUID is in `never_pair` boot, but their client never pairs.
+    pub fn start(vcsim: &Vcsim, never_pair: HashSet<String>) -> Sim {
+        let log = Arc::new(Mutex::new(SimLog::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dirs = HashMap::from([("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"))]);
+        let task = tokio::spawn(simulate_clients(
+            vcsim.config(),
+            dirs,
+            never_pair,
+            log.clone(),
+            stop.clone(),
+        ));
+        Sim { log, stop, task }
+    }
+
+    /// Stops the simulation and returns what it did; asserts it met no error.
+    pub async fn finish(self) -> SimLog {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.task.await;
+        let log = std::mem::take(&mut *self.log.lock().unwrap());
+        assert!(log.errors.is_empty(), "simulated clients: {:?}", log.errors);
+        log
+    }
+}
+
+/// A stand-in appliance ISO of 256 KiB in `dir` (the simulated clients never boot it).
+pub fn stub_appliance(dir: &Path) -> PathBuf {
+    let p = dir.join("failback.iso");
+    if !p.exists() {
+        std::fs::write(&p, vec![1u8; 256 << 10]).unwrap();
+    }
+    p
+}
+
+/// `failback mass run PLAN --appliance-iso (stub in dir) --parallel N --poll-ms 200
+/// --progress plain EXTRA...`
+pub fn mass_run_args(plan: &Path, dir: &Path, parallel: usize, extra: &[&str]) -> Vec<String> {
+    let appliance = stub_appliance(dir);
+    let mut a: Vec<String> = ["mass", "run", plan.to_str().unwrap(), "--parallel"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(parallel.to_string());
+    for s in [
+        "--poll-ms",
+        "200",
+        "--appliance-iso",
+        appliance.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ] {
+        a.push(s.to_string());
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `failback mass plan --one-click -o PLAN EXTRA...`, which must succeed; the plan and the
+/// command's output.
+pub fn one_click_plan(
+    env: &[(String, String)],
+    plan: &Path,
+    extra: &[&str],
+) -> (failback_config::plan::Plan, String) {
+    let mut args = vec!["mass", "plan", "--one-click", "-o", plan.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, out, err) = failback(&args, env);
+    assert_eq!(code, 0, "mass plan: {out}\n{err}");
+    (
+        failback_config::plan::Plan::load(plan).expect("load the written plan"),
+        out,
+    )
+}
+
+/// Writes `plan` back to `path` (TOML).
+pub fn save_plan(plan: &failback_config::plan::Plan, path: &Path) {
+    let text = plan
+        .encode(failback_config::plan::PlanFormat::Toml)
+        .unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// A results (or any JSON) file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The results' VMs by `vm` label (`vcenter/name` in multi-vCenter plans), and also by
+/// `vm_name` when that is unique.
+pub fn results_by_vm(r: &serde_json::Value) -> HashMap<String, serde_json::Value> {
+    let vms = r["vms"].as_array().unwrap();
+    let mut out = HashMap::new();
+    for v in vms {
+        out.insert(v["vm"].as_str().unwrap().to_string(), v.clone());
+        if let Some(n) = v["vm_name"].as_str() {
+            if vms.iter().filter(|x| x["vm_name"] == n).count() == 1 {
+                out.insert(n.to_string(), v.clone());
+            }
+        }
+    }
+    out
+}
