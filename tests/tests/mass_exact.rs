@@ -217,8 +217,9 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
     assert!(local.is_empty(), "seeds left in the work dir: {local:?}");
     assert_eq!(
         r["left_behind"],
-        serde_json::json!(["failback/failback.iso"])
+        serde_json::json!([{"datastore": "LocalDS_0", "path": "failback/failback.iso"}])
     );
+    assert_eq!(r["removed"], serde_json::json!([]));
     assert!(ds.join("failback/failback.iso").exists());
 
     // Every VM, read by pyVmomi: same power state, every device and boot option as before;
@@ -386,4 +387,124 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
         "{:?}",
         log.lock().unwrap().errors
     );
+}
+
+/// Readiness checks against what vcsim reports for the guest: wave 1's VM has a guest IP and
+/// a TCP port that answers (it passes); wave 2's port is closed, so it fails after the
+/// wave's time-out, and as the wave's policy is `continue`, wave 3 still runs. With
+/// `--cleanup` the appliance ISO is deleted from the datastore and listed as removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_tcp_port_and_guest_ip_with_continue_policy_and_cleanup() {
+    use failback_config::plan::{Readiness, Wave, WavePolicy};
+    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs
+    let dr = DrService::start_for_simulation();
+    let vms = non_template_vms(&vcsim.client().await).await;
+    let name = |i: usize| vms[i].summary.name.clone();
+    let mut env = vcsim.cli_env();
+    env.extend(dr.cli_env());
+    let work = tempfile::tempdir().unwrap();
+    // VMs 0..3 get instances; VM 3 none (skipped). VMs 0 and 1 report a guest IP.
+    for v in &vms[..3] {
+        dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
+            .await;
+    }
+    for i in 0..2 {
+        vm_config_set(&vcsim, &name(i), &["guest_ip=127.0.0.1"]);
+    }
+    let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open_port = open.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acc = accepted.clone();
+    tokio::spawn(async move {
+        while open.accept().await.is_ok() {
+            acc.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // dropped: nothing listens there
+
+    let plan_path = work.path().join("plan.toml");
+    let (mut plan, _) = one_click_plan(&env, &plan_path, &[]);
+    let ready = |port: u16, timeout_secs| {
+        Some(Readiness {
+            tools_running: false,
+            guest_ip: true,
+            tcp_port: Some(port),
+            timeout_secs,
+        })
+    };
+    plan.waves = vec![
+        Wave {
+            name: "db".into(),
+            on_failure: WavePolicy::Stop,
+            readiness: ready(open_port, 60),
+        },
+        Wave {
+            name: "app".into(),
+            on_failure: WavePolicy::Continue,
+            readiness: ready(closed_port, 3),
+        },
+        Wave {
+            name: "web".into(),
+            on_failure: WavePolicy::Stop,
+            readiness: None,
+        },
+    ];
+    for v in plan.vms.iter_mut().filter(|v| v.recovery_instance.is_some()) {
+        let n = v.target.name.clone().unwrap();
+        let w = ["db", "app", "web"][(0..3).find(|&i| name(i) == n).unwrap()];
+        v.wave = Some(w.into());
+    }
+    save_plan(&plan, &plan_path);
+
+    let results = work.path().join("results.json");
+    let args = mass_run_args(
+        &plan_path,
+        work.path(),
+        4,
+        &["--results", results.to_str().unwrap(), "--cleanup"],
+    );
+    let mut dry = args.clone();
+    dry.push("--dry-run".into());
+    let (code, out, err) = failback_async(dry, env.clone()).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "== wave 2/3 app (on_failure continue, readiness: guest IP + TCP port {closed_port} within 3 s) =="
+        )),
+        "{out}"
+    );
+    let sim = Sim::start(&vcsim, HashSet::new());
+    let (code, out, err) = failback_async(args, env.clone()).await;
+    sim.finish().await;
+    assert_eq!(code, 10, "the app VM failed:\n{out}\n{err}");
+
+    let r = read_json(&results);
+    let by = results_by_vm(&r);
+    assert_eq!(by[&name(0)]["status"], "succeeded", "{r:#}");
+    assert!(accepted.load(Ordering::Relaxed) >= 1, "port {open_port} never probed");
+    let app = &by[&name(1)];
+    assert_eq!(app["status"], "failed", "{app:#}");
+    assert_eq!(app["failed_step"], "readiness");
+    let msg = app["message"].as_str().unwrap();
+    assert!(
+        msg.contains("not ready within 3 s") && msg.contains(&format!("TCP 127.0.0.1:{closed_port}")),
+        "{msg}"
+    );
+    // `continue`: the next wave ran although wave 2 failed.
+    let web = &by[&name(2)];
+    assert_eq!(web["status"], "succeeded", "{web:#}");
+    assert!(web["started_at"].as_u64() >= app["finished_at"].as_u64(), "{r:#}");
+    assert_eq!(by[&name(3)]["status"], "skipped");
+    // --cleanup: the appliance ISO is gone from the datastore and the results list it.
+    let ds = vcsim.datastore_dir("LocalDS_0");
+    assert!(!ds.join("failback/failback.iso").exists());
+    assert_eq!(
+        r["removed"],
+        serde_json::json!([{"datastore": "LocalDS_0", "path": "failback/failback.iso"}])
+    );
+    assert_eq!(r["left_behind"], serde_json::json!([]), "{r:#}");
 }
