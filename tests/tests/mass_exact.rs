@@ -10,35 +10,17 @@
 
 mod mass_common;
 
-use failback_config::plan::{OnFailure, Plan, PlanFormat};
+use failback_config::plan::{OnFailure, Plan};
 use mass_common::*;
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
-fn names(r: &serde_json::Value) -> HashMap<String, serde_json::Value> {
-    r["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            let n = v["vm_name"].as_str().or(v["vm"].as_str()).unwrap();
-            (n.to_string(), v.clone())
-        })
-        .collect()
-}
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_device_boot_option_and_snapshot_is_as_before() {
-    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs
-    let dr = DrService::start_for_simulation();
-    let vc = vcsim.client().await;
-    let vms = non_template_vms(&vc).await;
-    let name = |i: usize| vms[i].summary.name.clone();
-    let bios = |i: usize| vms[i].summary.bios_uuid.clone().unwrap();
-    let mut env = vcsim.cli_env();
-    env.extend(dr.cli_env());
-    let work = tempfile::tempdir().unwrap();
+    let w = World::start(&["-vm", "2", "-host", "1"]).await; // 4 VMs
+    let (vcsim, dr, env, work) = (&w.vcsim, &w.dr, &w.env, &w.work);
+    let (name, bios) = (|i| w.name(i), |i| w.bios(i));
 
     // VM 0: a CD-ROM and boot options of its own (the others keep vcsim's: an ATAPI drive,
     // start-connected and connected, and empty boot options).
@@ -93,19 +75,7 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
         dr.enroll_sim_agent(&bios(i), 64 << 20).await;
     }
     let plan_path = work.path().join("plan.toml");
-    let (code, out, err) = failback(
-        &[
-            "mass",
-            "plan",
-            "--one-click",
-            "--snapshot",
-            "-o",
-            plan_path.to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let mut plan = Plan::load(&plan_path).unwrap();
+    let (mut plan, _) = one_click_plan(env, &plan_path, &["--snapshot"]);
     // One-click lists the VM without an instance too (as an entry without one).
     assert_eq!(plan.vms.len(), 4, "{plan:#?}");
     let entry = |p: &mut Plan, i: usize| {
@@ -122,55 +92,29 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
     let e2 = entry(&mut plan, 2);
     plan.vms[e2].options.on_failure = OnFailure::Revert;
     plan.vms[e2].options.timeouts.pair_secs = 8;
-    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+    save_plan(&plan, &plan_path);
 
     // VM 2's client never pairs: it fails and is reverted.
-    let log = Arc::new(Mutex::new(SimLog::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let dirs: HashMap<String, _> = [("LOCALDS_0".to_string(), ds.clone())].into();
-    let sim = tokio::spawn(simulate_clients(
-        vcsim.config(),
-        dirs,
-        HashSet::from([bios(2)]),
-        log.clone(),
-        stop.clone(),
-    ));
-    let appliance = work.path().join("failback.iso");
-    std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
+    let sim = Sim::start(vcsim, HashSet::from([bios(2)]));
     let results = work.path().join("results.json");
     let state = work.path().join("state");
-    let args: Vec<String> = [
-        "mass",
-        "run",
-        plan_path.to_str().unwrap(),
-        "--parallel",
-        "4",
-        "--poll-ms",
-        "200",
-        "--appliance-iso",
-        appliance.to_str().unwrap(),
-        "--state",
-        state.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-        "--progress",
-        "plain",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let (code, out, err) = failback_async(args, env.clone()).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sim.await;
-    assert_eq!(code, 10, "VM 2 failed:\n{out}\n{err}");
-    assert!(
-        log.lock().unwrap().errors.is_empty(),
-        "{:?}",
-        log.lock().unwrap().errors
+    let args = mass_run_args(
+        &plan_path,
+        work.path(),
+        4,
+        &[
+            "--state",
+            state.to_str().unwrap(),
+            "--results",
+            results.to_str().unwrap(),
+        ],
     );
+    let (code, out, err) = failback_async(args, env.clone()).await;
+    sim.finish().await;
+    assert_eq!(code, 10, "VM 2 failed:\n{out}\n{err}");
 
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
-    let by = names(&r);
+    let r = read_json(&results);
+    let by = results_by_vm(&r);
     assert_eq!(by[&name(0)]["status"], "succeeded", "{r:#}");
     assert_eq!(by[&name(0)]["snapshot_outcome"], "removed");
     assert_eq!(by[&name(1)]["status"], "succeeded");
@@ -234,31 +178,14 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     use failback_config::plan::{Readiness, Wave, WavePolicy};
-    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs, no VMware Tools
-    let dr = DrService::start_for_simulation();
-    let vc = vcsim.client().await;
-    let vms = non_template_vms(&vc).await;
-    let name = |i: usize| vms[i].summary.name.clone();
-    let mut env = vcsim.cli_env();
-    env.extend(dr.cli_env());
-    let work = tempfile::tempdir().unwrap();
-    for v in &vms {
-        dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
-            .await;
+    let w = World::start(&["-vm", "2", "-host", "1"]).await; // 4 VMs, no VMware Tools
+    let (vcsim, dr, env, work) = (&w.vcsim, &w.dr, &w.env, &w.work);
+    let name = |i| w.name(i);
+    for i in 0..w.vms.len() {
+        dr.enroll_sim_agent(&w.bios(i), 64 << 20).await;
     }
     let plan_path = work.path().join("plan.toml");
-    let (code, out, err) = failback(
-        &[
-            "mass",
-            "plan",
-            "--one-click",
-            "-o",
-            plan_path.to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let mut plan = Plan::load(&plan_path).unwrap();
+    let (mut plan, _) = one_click_plan(env, &plan_path, &[]);
     let wave = |n: &str, readiness| Wave {
         name: n.into(),
         on_failure: WavePolicy::Stop,
@@ -293,35 +220,19 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     }
     // Plan order is not wave order: the run must not depend on it.
     plan.vms.reverse();
-    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+    save_plan(&plan, &plan_path);
 
-    let appliance = work.path().join("failback.iso");
-    std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
     let results = work.path().join("results.json");
     let state = work.path().join("state");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "mass",
-            "run",
-            plan_path.to_str().unwrap(),
-            "--parallel",
-            "4",
-            "--poll-ms",
-            "200",
-            "--appliance-iso",
-            appliance.to_str().unwrap(),
+        let mut a = vec![
             "--state",
             state.to_str().unwrap(),
             "--results",
             results.to_str().unwrap(),
-            "--progress",
-            "plain",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+        ];
+        a.extend_from_slice(extra);
+        mass_run_args(&plan_path, work.path(), 4, &a)
     };
 
     // The dry run shows the waves in order.
@@ -333,19 +244,9 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     assert!(at("readiness: VMware Tools running within 2 s") > 0);
     assert!(at("== wave 3/3 web") < at(&name(3)));
 
-    let log = Arc::new(Mutex::new(SimLog::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let dirs: HashMap<String, _> =
-        [("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"))].into();
-    let sim = tokio::spawn(simulate_clients(
-        vcsim.config(),
-        dirs,
-        HashSet::new(),
-        log.clone(),
-        stop.clone(),
-    ));
+    let sim = Sim::start(vcsim, HashSet::new());
     let check = |r: &serde_json::Value| {
-        let by = names(r);
+        let by = results_by_vm(r);
         for i in 0..2 {
             assert_eq!(by[&name(i)]["status"], "succeeded", "{r:#}");
             assert_eq!(by[&name(i)]["wave"], "db");
@@ -375,18 +276,12 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     };
     let (code, out, err) = failback_async(args(&[]), env.clone()).await;
     assert_eq!(code, 10, "{out}\n{err}");
-    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
+    check(&read_json(&results));
     // Resume (retrying the failed VM): still not ready, so wave 3 still does not start.
     let (code, out, err) = failback_async(args(&["--resume", "--retry-failed"]), env.clone()).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sim.await;
+    sim.finish().await;
     assert_eq!(code, 10, "{out}\n{err}");
-    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
-    assert!(
-        log.lock().unwrap().errors.is_empty(),
-        "{:?}",
-        log.lock().unwrap().errors
-    );
+    check(&read_json(&results));
 }
 
 /// Readiness checks against what vcsim reports for the guest: wave 1's VM has a guest IP and
@@ -396,20 +291,15 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_tcp_port_and_guest_ip_with_continue_policy_and_cleanup() {
     use failback_config::plan::{Readiness, Wave, WavePolicy};
-    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs
-    let dr = DrService::start_for_simulation();
-    let vms = non_template_vms(&vcsim.client().await).await;
-    let name = |i: usize| vms[i].summary.name.clone();
-    let mut env = vcsim.cli_env();
-    env.extend(dr.cli_env());
-    let work = tempfile::tempdir().unwrap();
+    let w = World::start(&["-vm", "2", "-host", "1"]).await; // 4 VMs
+    let (vcsim, dr, env, work) = (&w.vcsim, &w.dr, &w.env, &w.work);
+    let name = |i| w.name(i);
     // VMs 0..3 get instances; VM 3 none (skipped). VMs 0 and 1 report a guest IP.
-    for v in &vms[..3] {
-        dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
-            .await;
+    for i in 0..3 {
+        dr.enroll_sim_agent(&w.bios(i), 64 << 20).await;
     }
     for i in 0..2 {
-        vm_config_set(&vcsim, &name(i), &["guest_ip=127.0.0.1"]);
+        vm_config_set(vcsim, &name(i), &["guest_ip=127.0.0.1"]);
     }
     let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let open_port = open.local_addr().unwrap().port();
@@ -427,7 +317,7 @@ async fn readiness_tcp_port_and_guest_ip_with_continue_policy_and_cleanup() {
         .port(); // dropped: nothing listens there
 
     let plan_path = work.path().join("plan.toml");
-    let (mut plan, _) = one_click_plan(&env, &plan_path, &[]);
+    let (mut plan, _) = one_click_plan(env, &plan_path, &[]);
     let ready = |port: u16, timeout_secs| {
         Some(Readiness {
             tools_running: false,
@@ -477,7 +367,7 @@ async fn readiness_tcp_port_and_guest_ip_with_continue_policy_and_cleanup() {
         )),
         "{out}"
     );
-    let sim = Sim::start(&vcsim, HashSet::new());
+    let sim = Sim::start(vcsim, HashSet::new());
     let (code, out, err) = failback_async(args, env.clone()).await;
     sim.finish().await;
     assert_eq!(code, 10, "the app VM failed:\n{out}\n{err}");

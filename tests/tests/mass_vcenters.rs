@@ -12,7 +12,6 @@ use failback_orchestrator::mass::state::{self, Step, VmStatus};
 use mass_common::*;
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_vcenters_one_plan_killed_and_resumed() {
@@ -137,33 +136,7 @@ async fn two_vcenters_one_plan_killed_and_resumed() {
     let sim_west = Sim::start(&west, HashSet::new());
 
     // kill -9 once a VM is past "attach ISOs + boot order".
-    let mut child = std::process::Command::new(bin("failback"))
-        .args(&args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        let st = state::load(&state_dir).ok();
-        let past = st.as_ref().is_some_and(|s| {
-            s.vms
-                .iter()
-                .any(|v| v.last_completed >= Some(Step::SetBootOrder))
-        });
-        if past {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "run finished before it could be killed"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    kill_run_after(&args, &env, &state_dir, Step::SetBootOrder).await;
     let mid = state::load(&state_dir).unwrap();
     assert!(mid.vms.iter().any(|v| v.status == VmStatus::Running));
     // The state knows each VM's vCenter, and the appliance went to each vCenter's datastore.

@@ -728,3 +728,81 @@ pub fn results_by_vm(r: &serde_json::Value) -> HashMap<String, serde_json::Value
     }
     out
 }
+
+/// Starts `failback ARGS` and kills it with SIGKILL as soon as the state in `state_dir`
+/// shows a VM whose last completed step is `step` or later; returns that step. Fails if the
+/// run ends first or makes no progress for 120 s.
+pub async fn kill_run_after(
+    args: &[String],
+    env: &[(String, String)],
+    state_dir: &Path,
+    step: failback_orchestrator::mass::state::Step,
+) -> failback_orchestrator::mass::state::Step {
+    let mut child = Command::new(bin("failback"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn failback mass run");
+    let t0 = Instant::now();
+    loop {
+        let st = failback_orchestrator::mass::state::load(state_dir).ok();
+        let past = st
+            .as_ref()
+            .and_then(|s| s.vms.iter().filter_map(|v| v.last_completed).find(|s| *s >= step));
+        if let Some(reached) = past {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return reached;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run finished before it could be killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "run made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A vcsim (started with `vcsim_args`), a DR service for simulated clients, a logged-in
+/// vCenter client, the VMs (not templates, by name), the CLI environment for both and a work
+/// directory.
+pub struct World {
+    pub vcsim: Vcsim,
+    pub dr: DrService,
+    pub vc: Client,
+    pub vms: Vec<failback_vcenter::Vm>,
+    pub env: Vec<(String, String)>,
+    pub work: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start(vcsim_args: &[&str]) -> World {
+        let vcsim = Vcsim::start(vcsim_args);
+        let dr = DrService::start_for_simulation();
+        let vc = vcsim.client().await;
+        let vms = non_template_vms(&vc).await;
+        let mut env = vcsim.cli_env();
+        env.extend(dr.cli_env());
+        World {
+            vcsim,
+            dr,
+            vc,
+            vms,
+            env,
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn name(&self, i: usize) -> String {
+        self.vms[i].summary.name.clone()
+    }
+
+    pub fn bios(&self, i: usize) -> String {
+        self.vms[i].summary.bios_uuid.clone().unwrap()
+    }
+}
