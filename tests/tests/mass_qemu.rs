@@ -11,7 +11,6 @@
 mod mass_common;
 
 use failback_api::TokenKind;
-use failback_config::plan::{Plan, PlanFormat};
 use failback_tests::vcsim::{go_tool, workspace_root};
 use failback_tests::KillOnDrop;
 use mass_common::*;
@@ -187,18 +186,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
     let mut env = vcsim.cli_env();
     env.extend(dr.cli_env());
     let plan_path = work.path().join("plan.toml");
-    let (code, out, err) = failback(
-        &[
-            "mass",
-            "plan",
-            "--one-click",
-            "-o",
-            plan_path.to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let mut plan = Plan::load(&plan_path).unwrap();
+    let (mut plan, out) = one_click_plan(&env, &plan_path, &[]);
     // vcsim has four VMs: three match an instance, the fourth is listed as skipped.
     assert_eq!(plan.vms.len(), 4, "{out}");
     let matched = plan.vms.iter().filter(|v| v.recovery_instance.is_some());
@@ -208,7 +196,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
         v.options.timeouts.sync_secs = 900;
         v.options.timeouts.complete_secs = 900;
     }
-    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+    save_plan(&plan, &plan_path);
 
     let results = work.path().join("results.json");
     let args: Vec<String> = [
@@ -259,7 +247,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
         s
     };
     assert_eq!(code, 0, "{}", diag());
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    let r = read_json(&results);
     assert_eq!(r["summary"]["succeeded"], 3, "{r:#}\n{}", diag());
     assert_eq!(r["summary"]["skipped"], 1, "{r:#}");
     for v in r["vms"].as_array().unwrap() {
