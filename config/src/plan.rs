@@ -800,7 +800,11 @@ impl Plan {
                 ),
                 (true, None) if e.user_env.is_none() || e.password_env.is_none() => push(
                     "plan",
-                    f(if e.user_env.is_none() { "user_env" } else { "password_env" }),
+                    f(if e.user_env.is_none() {
+                        "user_env"
+                    } else {
+                        "password_env"
+                    }),
                     "user_env and password_env go together".into(),
                 ),
                 _ => {}

@@ -304,7 +304,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("east.cred");
-        std::fs::write(&file, "user = \"admin@vsphere.local\"\npassword = \"s3cret\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "user = \"admin@vsphere.local\"\npassword = \"s3cret\"\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let mut e = entry("east");
         e.credentials_file = Some(file.display().to_string());
@@ -317,7 +321,10 @@ mod tests {
             "{err}"
         );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(entry_config(&e, 600).unwrap_err().to_string().contains("mode 0640"));
+        assert!(entry_config(&e, 600)
+            .unwrap_err()
+            .to_string()
+            .contains("mode 0640"));
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = entry_config(&e, 600).unwrap();
         assert_eq!(c.url, "https://vc.example:8443/sdk");
@@ -340,7 +347,10 @@ mod tests {
             "{err}"
         );
         e.password_env = Some("FAILBACK_TEST_VC_WEST_USER".into());
-        assert_eq!(entry_config(&e, 30).unwrap().task_timeout, Duration::from_secs(30));
+        assert_eq!(
+            entry_config(&e, 30).unwrap().task_timeout,
+            Duration::from_secs(30)
+        );
     }
 
     #[test]

@@ -24,8 +24,8 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
 
     // VM 0: a CD-ROM and boot options of its own (the others keep vcsim's: an ATAPI drive,
     // start-connected and connected, and empty boot options).
-    vm_config_customise(&vcsim, &name(0));
-    let before = vm_config_dump(&vcsim);
+    vm_config_customise(vcsim, &name(0));
+    let before = vm_config_dump(vcsim);
 
     // `failback vcenter attach-iso --state` then `detach-iso --remove-added` on VM 3 (which
     // no instance matches, so the mass run leaves it alone): the reused drive comes back
@@ -45,11 +45,11 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
             "--state",
             att.to_str().unwrap(),
         ],
-        &env,
+        env,
     );
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("reused"), "{out}");
-    let mid = vm_config_dump(&vcsim);
+    let mid = vm_config_dump(vcsim);
     assert!(
         mid[&name(3)]["devices"]
             .to_string()
@@ -66,7 +66,7 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
             "--remove-added",
             att.to_str().unwrap(),
         ],
-        &env,
+        env,
     );
     assert_eq!(code, 0, "{out}\n{err}");
 
@@ -168,7 +168,7 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
 
     // Every VM, read by pyVmomi: same power state, every device and boot option as before;
     // only VM 1 (keep_snapshot) has gained its protective snapshot.
-    let after = vm_config_dump(&vcsim);
+    let after = vm_config_dump(vcsim);
     assert_same_config(&before, &after, &[&name(1)]);
 }
 
@@ -343,7 +343,11 @@ async fn readiness_tcp_port_and_guest_ip_with_continue_policy_and_cleanup() {
             readiness: None,
         },
     ];
-    for v in plan.vms.iter_mut().filter(|v| v.recovery_instance.is_some()) {
+    for v in plan
+        .vms
+        .iter_mut()
+        .filter(|v| v.recovery_instance.is_some())
+    {
         let n = v.target.name.clone().unwrap();
         let w = ["db", "app", "web"][(0..3).find(|&i| name(i) == n).unwrap()];
         v.wave = Some(w.into());
@@ -375,19 +379,26 @@ async fn readiness_tcp_port_and_guest_ip_with_continue_policy_and_cleanup() {
     let r = read_json(&results);
     let by = results_by_vm(&r);
     assert_eq!(by[&name(0)]["status"], "succeeded", "{r:#}");
-    assert!(accepted.load(Ordering::Relaxed) >= 1, "port {open_port} never probed");
+    assert!(
+        accepted.load(Ordering::Relaxed) >= 1,
+        "port {open_port} never probed"
+    );
     let app = &by[&name(1)];
     assert_eq!(app["status"], "failed", "{app:#}");
     assert_eq!(app["failed_step"], "readiness");
     let msg = app["message"].as_str().unwrap();
     assert!(
-        msg.contains("not ready within 3 s") && msg.contains(&format!("TCP 127.0.0.1:{closed_port}")),
+        msg.contains("not ready within 3 s")
+            && msg.contains(&format!("TCP 127.0.0.1:{closed_port}")),
         "{msg}"
     );
     // `continue`: the next wave ran although wave 2 failed.
     let web = &by[&name(2)];
     assert_eq!(web["status"], "succeeded", "{web:#}");
-    assert!(web["started_at"].as_u64() >= app["finished_at"].as_u64(), "{r:#}");
+    assert!(
+        web["started_at"].as_u64() >= app["finished_at"].as_u64(),
+        "{r:#}"
+    );
     assert_eq!(by[&name(3)]["status"], "skipped");
     // --cleanup: the appliance ISO is gone from the datastore and the results list it.
     let ds = vcsim.datastore_dir("LocalDS_0");

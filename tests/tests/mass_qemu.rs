@@ -8,10 +8,11 @@
 //! real test OS disk, `failback_tests::testos`; the harness runs with `-boot-disks`): its
 //! marker (generation v2, content checksum, root device) appears on that VM's console.
 
+mod appliance_support;
 mod mass_common;
 
 use failback_api::TokenKind;
-use failback_tests::vcsim::{go_tool, workspace_root};
+use failback_tests::vcsim::go_tool;
 use failback_tests::KillOnDrop;
 use mass_common::*;
 use std::io::{BufRead, BufReader, Write};
@@ -51,29 +52,11 @@ fn appliance_iso(dir: &Path) -> PathBuf {
     if let Some(p) = std::env::var_os("FAILBACK_APPLIANCE_ISO") {
         return PathBuf::from(p);
     }
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(&root)
-        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "-p",
-            "failback-client",
-        ])
-        .status()
-        .expect("cargo build musl client");
-    assert!(st.success(), "building the static client failed");
-    let inputs = failback_iso::inputs::Inputs::from_cache(&failback_iso::inputs::default_cache())
-        .unwrap_or_else(|e| panic!("appliance ISO inputs missing ({e}); run `make setup`"));
     let out = dir.join("failback.iso");
     failback_iso::appliance::build(
         &failback_iso::appliance::ApplianceOptions {
-            inputs,
-            client: root.join("target/x86_64-unknown-linux-musl/release/failback-client"),
+            inputs: appliance_support::inputs(),
+            client: appliance_support::client(),
             extra_kernel_args: String::new(),
         },
         &out,

@@ -61,10 +61,7 @@ async fn two_vcenters_one_plan_killed_and_resumed() {
     // No VCENTER_* variables: everything comes from the [[vcenter]] entries.
     let mut env = dr.cli_env();
     env.push(("VC_EAST_USER".into(), east.var("VCSIM_USERNAME").into()));
-    env.push((
-        "VC_EAST_PASSWORD".into(),
-        east.var("VCSIM_PASSWORD").into(),
-    ));
+    env.push(("VC_EAST_PASSWORD".into(), east.var("VCSIM_PASSWORD").into()));
     let vcs = vcenters.to_str().unwrap();
 
     // A credentials file others may read is refused, naming the file and its mode.
@@ -88,7 +85,10 @@ async fn two_vcenters_one_plan_killed_and_resumed() {
     for vc in ["east", "west"] {
         let mine: Vec<_> = found.iter().filter(|v| v["vcenter"] == vc).collect();
         assert_eq!(mine.len(), 2, "{out}");
-        assert!(mine.iter().all(|v| v["recovery_instance"].is_string()), "{out}");
+        assert!(
+            mine.iter().all(|v| v["recovery_instance"].is_string()),
+            "{out}"
+        );
     }
 
     let plan_path = work.path().join("plan.toml");
@@ -141,7 +141,10 @@ async fn two_vcenters_one_plan_killed_and_resumed() {
     assert!(mid.vms.iter().any(|v| v.status == VmStatus::Running));
     // The state knows each VM's vCenter, and the appliance went to each vCenter's datastore.
     for v in &mid.vms {
-        assert!(v.vm.starts_with(&format!("{}/", v.vcenter.as_deref().unwrap())), "{v:?}");
+        assert!(
+            v.vm.starts_with(&format!("{}/", v.vcenter.as_deref().unwrap())),
+            "{v:?}"
+        );
     }
     let copies: Vec<_> = mid
         .header
@@ -156,8 +159,14 @@ async fn two_vcenters_one_plan_killed_and_resumed() {
             ("west".to_string(), "fb-west/failback.iso".to_string())
         ]
     );
-    assert!(east.datastore_dir("LocalDS_0").join("failback/failback.iso").exists());
-    assert!(west.datastore_dir("LocalDS_0").join("fb-west/failback.iso").exists());
+    assert!(east
+        .datastore_dir("LocalDS_0")
+        .join("failback/failback.iso")
+        .exists());
+    assert!(west
+        .datastore_dir("LocalDS_0")
+        .join("fb-west/failback.iso")
+        .exists());
 
     let mut resume = args.clone();
     resume.extend(["--resume".to_string(), "--cleanup".to_string()]);
@@ -189,8 +198,14 @@ async fn two_vcenters_one_plan_killed_and_resumed() {
             {"vcenter": "west", "datastore": "LocalDS_0", "path": "fb-west/failback.iso"},
         ])
     );
-    assert!(!east.datastore_dir("LocalDS_0").join("failback/failback.iso").exists());
-    assert!(!west.datastore_dir("LocalDS_0").join("fb-west/failback.iso").exists());
+    assert!(!east
+        .datastore_dir("LocalDS_0")
+        .join("failback/failback.iso")
+        .exists());
+    assert!(!west
+        .datastore_dir("LocalDS_0")
+        .join("fb-west/failback.iso")
+        .exists());
 
     // pyVmomi, on both vCenters: every device and boot option as before, one kept snapshot.
     for (vcsim, before, vms) in [

@@ -127,7 +127,11 @@ pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matchi
                         } else {
                             "instance UUID"
                         },
-                        found.iter().map(|v| vm_label(v)).collect::<Vec<_>>().join(", ")
+                        found
+                            .iter()
+                            .map(|v| vm_label(v))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 });
             }
@@ -312,12 +316,18 @@ mod tests {
         };
         let vms = vec![in_vc("east", U1), in_vc("west", U2)];
         let m = match_instances(
-            &[ri("i-w", Some(U2), None, &[]), ri("i-e", Some(U1), None, &[])],
+            &[
+                ri("i-w", Some(U2), None, &[]),
+                ri("i-e", Some(U1), None, &[]),
+            ],
             &vms,
         );
         assert_eq!(m.for_vm(&vms[0]).unwrap().instance_id, "i-e");
         assert_eq!(m.for_vm(&vms[1]).unwrap().instance_id, "i-w");
-        assert_eq!(m.for_vm(&vms[1]).unwrap().vm_vcenter.as_deref(), Some("west"));
+        assert_eq!(
+            m.for_vm(&vms[1]).unwrap().vm_vcenter.as_deref(),
+            Some("west")
+        );
         // The same BIOS UUID in both vCenters (a cloned VM): not a match, and said so.
         let twins = vec![in_vc("east", U1), in_vc("west", U1)];
         let m = match_instances(&[ri("i-a", Some(U1), None, &[])], &twins);

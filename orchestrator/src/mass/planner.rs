@@ -162,10 +162,7 @@ pub fn one_click(
             options: options.clone(),
         });
     }
-    let mut unmatched: Vec<&VmInfo> = vms
-        .iter()
-        .filter(|v| m.for_vm(v).is_none())
-        .collect();
+    let mut unmatched: Vec<&VmInfo> = vms.iter().filter(|v| m.for_vm(v).is_none()).collect();
     unmatched.sort_by(|a, b| (&a.vcenter, &a.name).cmp(&(&b.vcenter, &b.name)));
     for vm in unmatched {
         plan.vms.push(VmPlan {

@@ -9,8 +9,8 @@ use super::matching::{norm_mac, norm_uuid};
 use super::progress::RunProgress;
 use super::results::RunResults;
 use super::state::{
-    ApplianceCopy, DatastoreFile, RunHeader, RunState, SnapshotOutcome, StateDir, StateError,
-    Step, VmState, VmStatus, STATE_FORMAT,
+    ApplianceCopy, DatastoreFile, RunHeader, RunState, SnapshotOutcome, StateDir, StateError, Step,
+    VmState, VmStatus, STATE_FORMAT,
 };
 use failback_api::{FailbackState, RecoveryInstance};
 use failback_config::plan::{LaunchMode, OnFailure, Plan, Readiness, VmPlan, Wave, WavePolicy};
@@ -403,7 +403,10 @@ impl Runner {
                 let path = conn.iso_path(&appliance_file);
                 match self.upload_appliance(conn, &path).await {
                     Ok(sha256) => {
-                        state.header.appliances.retain(|a| a.file.vcenter != conn.name);
+                        state
+                            .header
+                            .appliances
+                            .retain(|a| a.file.vcenter != conn.name);
                         state.header.appliances.push(ApplianceCopy {
                             file: DatastoreFile {
                                 vcenter: conn.name.clone(),
@@ -432,7 +435,11 @@ impl Runner {
                     inventory.insert(conn.name.clone(), v);
                 }
                 Err(e) => {
-                    let msg = format!("cannot list the VMs of vCenter {}: {}", conn.label(), e.chain());
+                    let msg = format!(
+                        "cannot list the VMs of vCenter {}: {}",
+                        conn.label(),
+                        e.chain()
+                    );
                     for &i in &mine {
                         let v = &mut state.vms[i];
                         v.status = VmStatus::Failed;
@@ -518,7 +525,10 @@ impl Runner {
             let vcenter = plan.vcenter_of(vmplan).map(str::to_string);
             let resolved = resolve_vm(
                 vmplan,
-                inventory.get(&vcenter).map(Vec::as_slice).unwrap_or_default(),
+                inventory
+                    .get(&vcenter)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
             )
             .cloned();
             let appliance_err = appliance_err.get(&vcenter).cloned();
@@ -651,9 +661,7 @@ impl Runner {
         let hv = self.hv(v.vcenter.as_deref());
         if let Some(ds) = v.seed_ds_path.clone() {
             if let Err(e) = self
-                .retry("delete seed ISO", &v.vm.clone(), || {
-                    hv.delete_file(&ds)
-                })
+                .retry("delete seed ISO", &v.vm.clone(), || hv.delete_file(&ds))
                 .await
             {
                 return Some(format!("delete seed ISO {ds}: {}", e.chain()));
@@ -1077,10 +1085,8 @@ impl Runner {
                         .map(|n| n.to_string_lossy().to_string())
                         .unwrap_or_default()
                 ));
-                self.retry("upload seed ISO", &label, || {
-                    hv.upload(&path, &ds, &sha)
-                })
-                .await?;
+                self.retry("upload seed ISO", &label, || hv.upload(&path, &ds, &sha))
+                    .await?;
                 v.seed_ds_path = Some(ds);
                 Ok(Flow::Next)
             }

@@ -748,9 +748,12 @@ pub async fn kill_run_after(
     let t0 = Instant::now();
     loop {
         let st = failback_orchestrator::mass::state::load(state_dir).ok();
-        let past = st
-            .as_ref()
-            .and_then(|s| s.vms.iter().filter_map(|v| v.last_completed).find(|s| *s >= step));
+        let past = st.as_ref().and_then(|s| {
+            s.vms
+                .iter()
+                .filter_map(|v| v.last_completed)
+                .find(|s| *s >= step)
+        });
         if let Some(reached) = past {
             child.kill().unwrap();
             child.wait().unwrap();

@@ -78,7 +78,13 @@ impl Vcenters {
         Ok(out)
     }
 
-    fn push(&mut self, name: Option<String>, client: vc::Client, datastore: String, folder: String) {
+    fn push(
+        &mut self,
+        name: Option<String>,
+        client: vc::Client,
+        datastore: String,
+        folder: String,
+    ) {
         let b = Arc::new(VcenterBackend {
             client,
             datastore: datastore.clone(),
