@@ -446,6 +446,12 @@ async fn run_plan(a: RunArgs) -> CmdResult {
     }
     let ca_pem = a.dr.ca_pem()?;
     let dr = Arc::new(a.dr.connect()?);
+    if !plan.vcenters.is_empty() && (a.vc.host.is_some() || a.vc.url.is_some()) {
+        eprintln!(
+            "note: {} has [[vcenter]] entries; --vcenter / VCENTER_HOST / GOVC_URL are not used",
+            a.plan.display()
+        );
+    }
     let hv = Vcenters::connect(&a.vc, &plan.vcenters, &a.folder, true).await?;
     if a.dry_run {
         let rows = planner::dry_run(
