@@ -11,6 +11,10 @@ before and after a run does not trust the code under test to read what it wrote.
                                  start-connected, connected, no guest control, and boot
                                  options of its own (boot delay, disk first, retry), so that
                                  "exactly as before" is tested on more than vcsim's defaults
+  vm_config.py set NAME uuid=U   give VM NAME the BIOS UUID U (vcsim derives UUIDs from the
+                                 inventory path, so two simulators have the same ones)
+  vm_config.py set NAME guest_ip=IP
+                                 make vcsim report IP as the guest's address (guest.ipAddress)
 
 Connection from the environment: VCENTER_HOST (https://host:port/sdk), VCENTER_USER,
 VCENTER_PASSWORD; the certificate is not checked (vcsim's is self-signed).
@@ -106,6 +110,23 @@ def customise(si, name):
         sys.exit("reconfigure %s: %s" % (name, task.info.error))
 
 
+def set_fields(si, name, assignments):
+    vm = next(v for v in all_vms(si) if v.name == name)
+    spec = vim.vm.ConfigSpec()
+    for a in assignments:
+        key, value = a.split("=", 1)
+        if key == "uuid":
+            spec.uuid = value
+        elif key == "guest_ip":
+            # vcsim's hook: "SET.<property>" extraConfig keys set that VM property.
+            spec.extraConfig = [vim.option.OptionValue(key="SET.guest.ipAddress", value=value)]
+        else:
+            sys.exit("unknown field %s" % key)
+    task = vm.ReconfigVM_Task(spec)
+    if task.info.state != "success":
+        sys.exit("reconfigure %s: %s" % (name, task.info.error))
+
+
 def main():
     si = connect()
     try:
@@ -113,6 +134,8 @@ def main():
             dump(si)
         elif len(sys.argv) == 3 and sys.argv[1] == "customise":
             customise(si, sys.argv[2])
+        elif len(sys.argv) >= 4 and sys.argv[1] == "set":
+            set_fields(si, sys.argv[2], sys.argv[3:])
         else:
             sys.exit(__doc__)
     finally:

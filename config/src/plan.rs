@@ -11,8 +11,18 @@
 //! version = 1
 //! unmatched_instances = ["ri-0042"]     # instances no VM matched (reported as skipped)
 //!
+//! # Optional: the vCenters the VMs live in (none: one vCenter from --vcenter / VCENTER_HOST).
+//! [[vcenter]]
+//! name = "east"
+//! host = "vc-east.example"              # host, host:port or https://host:port/sdk
+//! datastore = "ds-east-01"              # where the appliance and seed ISOs go
+//! folder = "failback"                   # inside the datastore (default: --folder)
+//! user_env = "VC_EAST_USER"             # credentials from these variables, or:
+//! password_env = "VC_EAST_PASSWORD"     # credentials_file = "/etc/failback/east.cred" (0600)
+//!
 //! [[vm]]
 //! recovery_instance = "ri-0001"         # omit: no instance for this VM (reported as skipped)
+//! vcenter = "east"                      # required when the plan has several [[vcenter]]
 //! matched_by = "bios_uuid"              # informational, written by `plan --one-click`
 //! [vm.target]
 //! name = "web-01"
@@ -54,9 +64,116 @@ pub struct Plan {
     /// passed the wave's readiness check.
     #[serde(default, rename = "wave", skip_serializing_if = "Vec::is_empty")]
     pub waves: Vec<Wave>,
+    /// The vCenters the plan's VMs live in. Empty: one vCenter given by the command's
+    /// `--vcenter` flags / `VCENTER_*` environment (the single-vCenter form).
+    #[serde(default, rename = "vcenter", skip_serializing_if = "Vec::is_empty")]
+    pub vcenters: Vec<VcenterEntry>,
     /// One entry per VM.
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmPlan>,
+}
+
+/// One vCenter of a plan (`[[vcenter]]`). Credentials come from two environment variables
+/// (`user_env`, `password_env`) or from a [`VcenterCredentials`] file that only its owner
+/// may read (mode 0600); the plan itself never holds a password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcenterEntry {
+    /// Named by `vcenter = "..."` in the VM entries, the dry run and the results.
+    pub name: String,
+    /// `host`, `host:port` or `https://host[:port]/sdk`.
+    pub host: String,
+    /// Datastore for the appliance ISO (uploaded once per vCenter) and the seed ISOs.
+    pub datastore: String,
+    /// Folder inside the datastore for the ISOs (default: the run's `--folder`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<String>,
+    /// Datacenter (default: the only one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacenter: Option<String>,
+    /// Environment variable holding the user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_env: Option<String>,
+    /// Environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// File with `user = "..."` and `password = "..."` (TOML), mode 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
+    /// CA certificate(s) (PEM) to verify this vCenter with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// Pin this vCenter's certificate by SHA-256 (hex, colons allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbprint: Option<String>,
+    /// Accept any certificate (test labs only).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub insecure: bool,
+}
+
+/// A `credentials_file` of a `[[vcenter]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcenterCredentials {
+    pub user: String,
+    pub password: String,
+}
+
+/// A file of `[[vcenter]]` entries (`failback mass find|plan --vcenters FILE`), in the plan's
+/// format; `plan` copies them into the plan it writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcenterList {
+    #[serde(default, rename = "vcenter")]
+    pub vcenters: Vec<VcenterEntry>,
+}
+
+impl VcenterList {
+    /// Read (TOML, or JSON for `.json`) and check the entries like a plan's.
+    pub fn load(path: &Path) -> Result<Self, PlanError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let list: VcenterList = match PlanFormat::from_path(path) {
+            PlanFormat::Toml => toml::from_str(&text).map_err(|source| PlanError::Toml {
+                path: shown.clone(),
+                source,
+            })?,
+            PlanFormat::Json => serde_json::from_str(&text).map_err(|source| PlanError::Json {
+                path: shown.clone(),
+                source,
+            })?,
+        };
+        let mut issues = vec![];
+        if list.vcenters.is_empty() {
+            issues.push(PlanIssue {
+                vm: "plan".into(),
+                field: "vcenter".into(),
+                message: format!("{shown} has no [[vcenter]] entry"),
+            });
+        }
+        let probe = Plan {
+            version: PLAN_VERSION,
+            unmatched_instances: vec![],
+            waves: vec![],
+            vcenters: list.vcenters.clone(),
+            vms: vec![],
+        };
+        probe.validate_vcenters(&mut |vm: &str, field: String, message: String| {
+            issues.push(PlanIssue {
+                vm: vm.into(),
+                field,
+                message,
+            })
+        });
+        if issues.is_empty() {
+            Ok(list)
+        } else {
+            Err(PlanError::Invalid(issues))
+        }
+    }
 }
 
 /// One runbook wave.
@@ -115,6 +232,10 @@ pub struct VmPlan {
     /// The runbook wave (a `[[wave]]` name); required when the plan has waves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wave: Option<String>,
+    /// The vCenter (a `[[vcenter]]` name) the VM lives in; required when the plan has
+    /// several, optional with one, absent in the single-vCenter form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcenter: Option<String>,
     /// How the one-click matcher found this pair (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matched_by: Option<MatchedBy>,
@@ -461,6 +582,7 @@ impl Plan {
                 }
             }
         }
+        self.validate_vcenters(&mut push);
         let mut instances: HashMap<&str, String> = HashMap::new();
         let mut targets: HashMap<String, String> = HashMap::new();
         for (i, vm) in self.vms.iter().enumerate() {
@@ -506,6 +628,26 @@ impl Plan {
                 ),
                 _ => {}
             }
+            match (&vm.vcenter, self.vcenters.len()) {
+                (Some(v), 0) => push(
+                    &label,
+                    f("vcenter"),
+                    format!("names vCenter {v} but the plan has no [[vcenter]]"),
+                ),
+                (Some(v), _) if !self.vcenters.iter().any(|e| e.name == *v) => push(
+                    &label,
+                    f("vcenter"),
+                    format!("vCenter {v} is not defined in [[vcenter]]"),
+                ),
+                (None, n) if n > 1 => push(
+                    &label,
+                    f("vcenter"),
+                    format!("is required: the plan has {n} [[vcenter]] entries"),
+                ),
+                _ => {}
+            }
+            // The same name or moref may exist in two vCenters: targets are unique per vCenter.
+            let scope = self.vcenter_of(vm).unwrap_or_default().to_string();
             let t = &vm.target;
             let ids = [
                 ("name", &t.name),
@@ -533,7 +675,7 @@ impl Plan {
                         format!("{v:?} is not a UUID (8-4-4-4-12 hex digits)"),
                     );
                 }
-                let k = format!("{key}={}", v.to_ascii_lowercase());
+                let k = format!("{scope}\0{key}={}", v.to_ascii_lowercase());
                 if let Some(other) = targets.insert(k, label.clone()) {
                     push(
                         &label,
@@ -597,6 +739,84 @@ impl Plan {
             Ok(())
         } else {
             Err(PlanError::Invalid(issues))
+        }
+    }
+}
+
+impl Plan {
+    /// The `[[vcenter]]` name of a VM entry: its `vcenter`, else the only entry's; `None` in
+    /// the single-vCenter form (no `[[vcenter]]`).
+    pub fn vcenter_of<'a>(&'a self, vm: &'a VmPlan) -> Option<&'a str> {
+        match (&vm.vcenter, self.vcenters.as_slice()) {
+            (Some(v), _) => Some(v.as_str()),
+            (None, [only]) => Some(only.name.as_str()),
+            _ => None,
+        }
+    }
+
+    fn validate_vcenters(&self, push: &mut impl FnMut(&str, String, String)) {
+        let mut names = HashMap::new();
+        let mut hosts = HashMap::new();
+        for (i, e) in self.vcenters.iter().enumerate() {
+            let f = |name: &str| format!("vcenter[{i}].{name}");
+            for (field, value) in [
+                ("name", &e.name),
+                ("host", &e.host),
+                ("datastore", &e.datastore),
+            ] {
+                if value.trim().is_empty() {
+                    push("plan", f(field), "is empty".into());
+                }
+            }
+            if !e.name.trim().is_empty() && names.insert(e.name.as_str(), i).is_some() {
+                push(
+                    "plan",
+                    f("name"),
+                    format!("vCenter {} is defined twice", e.name),
+                );
+            }
+            let host = e.host.trim().to_ascii_lowercase();
+            if let Some(other) = hosts.insert(host, e.name.as_str()) {
+                push(
+                    "plan",
+                    f("host"),
+                    format!(
+                        "{} is also the host of vCenter {other}: one [[vcenter]] per vCenter",
+                        e.host
+                    ),
+                );
+            }
+            let env = e.user_env.is_some() || e.password_env.is_some();
+            match (env, &e.credentials_file) {
+                (true, Some(_)) => push(
+                    "plan",
+                    f("credentials_file"),
+                    "set either user_env + password_env or credentials_file, not both".into(),
+                ),
+                (false, None) => push(
+                    "plan",
+                    f("credentials_file"),
+                    "no credentials: set user_env + password_env, or credentials_file".into(),
+                ),
+                (true, None) if e.user_env.is_none() || e.password_env.is_none() => push(
+                    "plan",
+                    f(if e.user_env.is_none() {
+                        "user_env"
+                    } else {
+                        "password_env"
+                    }),
+                    "user_env and password_env go together".into(),
+                ),
+                _ => {}
+            }
+            let pins = [e.insecure, e.ca.is_some(), e.thumbprint.is_some()];
+            if pins.iter().filter(|p| **p).count() > 1 {
+                push(
+                    "plan",
+                    f("insecure"),
+                    "choose one of insecure, ca, thumbprint".into(),
+                );
+            }
         }
     }
 }
@@ -697,6 +917,7 @@ mod tests {
         VmPlan {
             recovery_instance: ri.map(str::to_string),
             wave: None,
+            vcenter: None,
             matched_by: Some(MatchedBy::Manual),
             target: VmTarget {
                 name: Some(name.into()),
@@ -713,6 +934,7 @@ mod tests {
             version: PLAN_VERSION,
             unmatched_instances: vec![],
             waves: vec![],
+            vcenters: vec![],
             vms,
         }
     }
@@ -722,6 +944,81 @@ mod tests {
             Err(PlanError::Invalid(v)) => v,
             other => panic!("expected invalid plan, got {other:?}"),
         }
+    }
+
+    fn vcenter(name: &str, host: &str) -> VcenterEntry {
+        VcenterEntry {
+            name: name.into(),
+            host: host.into(),
+            datastore: "ds1".into(),
+            folder: None,
+            datacenter: None,
+            user_env: Some("VC_USER".into()),
+            password_env: Some("VC_PASSWORD".into()),
+            credentials_file: None,
+            ca: None,
+            thumbprint: None,
+            insecure: true,
+        }
+    }
+
+    #[test]
+    fn vcenters_are_checked_and_each_vm_names_one() {
+        let mut p = plan(vec![vm("a", Some("ri-1")), vm("a", Some("ri-2"))]);
+        // The same VM name in two vCenters is two VMs.
+        p.vms[0].vcenter = Some("east".into());
+        p.vms[1].vcenter = Some("west".into());
+        p.vcenters = vec![vcenter("east", "vc1"), vcenter("west", "vc2")];
+        p.validate().unwrap();
+        assert_eq!(p.vcenter_of(&p.vms[1]), Some("west"));
+        // One entry: VMs may leave `vcenter` out.
+        let mut one = plan(vec![vm("a", Some("ri-1"))]);
+        one.vcenters = vec![vcenter("only", "vc1")];
+        one.validate().unwrap();
+        assert_eq!(one.vcenter_of(&one.vms[0]), Some("only"));
+        // No entries: the single-vCenter form.
+        assert_eq!(plan(vec![vm("a", None)]).vcenter_of(&one.vms[0]), None);
+
+        let mut bad = p.clone();
+        bad.vms[1].vcenter = None; // several vCenters: required
+        bad.vms[0].vcenter = Some("north".into());
+        bad.vcenters[1].host = "VC1".into(); // same host twice
+        bad.vcenters[1].credentials_file = Some("/x".into()); // both kinds
+        bad.vcenters[0].password_env = None; // half of the env pair
+        bad.vcenters[0].thumbprint = Some("ab".into()); // with insecure
+        bad.vcenters.push(vcenter("east", "vc3")); // name twice
+        bad.vcenters[2].datastore = " ".into();
+        let got = issues(&bad);
+        let has = |field: &str| got.iter().any(|i| i.field == field);
+        for f in [
+            "vm[0].vcenter",
+            "vm[1].vcenter",
+            "vcenter[1].host",
+            "vcenter[1].credentials_file",
+            "vcenter[0].password_env",
+            "vcenter[0].insecure",
+            "vcenter[2].name",
+            "vcenter[2].datastore",
+        ] {
+            assert!(has(f), "{f}: {got:#?}");
+        }
+        let mut lone = plan(vec![vm("a", Some("ri-1"))]);
+        lone.vms[0].vcenter = Some("east".into());
+        assert!(issues(&lone).iter().any(|i| i.field == "vm[0].vcenter"));
+        let mut nocred = one.clone();
+        nocred.vcenters[0].user_env = None;
+        nocred.vcenters[0].password_env = None;
+        assert!(issues(&nocred)
+            .iter()
+            .any(|i| i.message.contains("no credentials")));
+        // Unknown fields in [[vcenter]] are refused.
+        let err = Plan::parse(
+            "version = 1\n[[vcenter]]\nname = \"a\"\nhost = \"h\"\ndatastore = \"d\"\npasword = \"x\"\n",
+            PlanFormat::Toml,
+            "p.toml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("pasword"), "{err}");
     }
 
     #[test]
@@ -742,9 +1039,23 @@ mod tests {
         a.options.launch = LaunchMode::Manual;
         a.options.protective_snapshot = true;
         a.wave = Some("web".into());
+        a.vcenter = Some("east".into());
         let mut db = vm("db-01", None);
         db.wave = Some("db".into());
+        db.vcenter = Some("west".into());
         let p = Plan {
+            vcenters: vec![
+                vcenter("east", "vc-east.example"),
+                VcenterEntry {
+                    user_env: None,
+                    password_env: None,
+                    credentials_file: Some("/etc/failback/west.cred".into()),
+                    folder: Some("fb".into()),
+                    thumbprint: Some("ab".repeat(32)),
+                    insecure: false,
+                    ..vcenter("west", "https://vc-west.example:8443/sdk")
+                },
+            ],
             version: 1,
             unmatched_instances: vec!["ri-9".into()],
             waves: vec![

@@ -4,8 +4,9 @@
 //! govc-style URL (`--vcenter https://user:pass@host/sdk`, or GOVC_URL).
 
 use clap::Args;
+use failback_config::plan::{VcenterCredentials, VcenterEntry};
 use failback_vcenter::{Client, Config, Error, TlsMode};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Exit codes for vCenter failures (README "vCenter" lists them).
@@ -190,9 +191,167 @@ impl VcenterArgs {
     }
 }
 
+/// The connection settings of a plan's `[[vcenter]]` entry: its host, datastore, datacenter
+/// and TLS choice, and credentials from its two environment variables or its credentials
+/// file, which must be readable by its owner only. `task_timeout_secs` as `--task-timeout`.
+pub fn entry_config(e: &VcenterEntry, task_timeout_secs: u64) -> Result<Config, Error> {
+    let (user, password) = entry_credentials(e)?;
+    let args = VcenterArgs {
+        host: Some(e.host.clone()),
+        user: Some(user),
+        password: Some(password),
+        datastore: Some(e.datastore.clone()),
+        datacenter: e.datacenter.clone(),
+        ca: e.ca.as_ref().map(PathBuf::from),
+        thumbprint: e.thumbprint.clone(),
+        insecure: e.insecure,
+        task_timeout_secs,
+        ..Default::default()
+    };
+    args.config()
+        .map_err(|err| Error::Config(format!("vCenter {}: {err}", e.name)))
+}
+
+/// User and password of a `[[vcenter]]` entry (see [`entry_config`]).
+pub fn entry_credentials(e: &VcenterEntry) -> Result<(String, String), Error> {
+    if let Some(path) = &e.credentials_file {
+        return read_credentials_file(Path::new(path))
+            .map(|c| (c.user, c.password))
+            .map_err(|m| Error::Config(format!("vCenter {}: {m}", e.name)));
+    }
+    let var = |name: &Option<String>, what: &str| {
+        let name = name.as_deref().ok_or_else(|| {
+            Error::Config(format!(
+                "vCenter {}: no {what}: set {what}_env or credentials_file",
+                e.name
+            ))
+        })?;
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "vCenter {}: environment variable {name} ({what}_env) is not set",
+                    e.name
+                ))
+            })
+    };
+    Ok((var(&e.user_env, "user")?, var(&e.password_env, "password")?))
+}
+
+/// Reads a credentials file (`user = "..."`, `password = "..."`), refusing one that its
+/// group or others may read or write: it holds a password.
+pub fn read_credentials_file(path: &Path) -> Result<VcenterCredentials, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "credentials file {} has mode {mode:04o}: it holds a password, so group and others must have no access (chmod 600 {})",
+                path.display(),
+                path.display()
+            ));
+        }
+    }
+    if !meta.is_file() {
+        return Err(format!(
+            "credentials file {} is not a regular file",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
+    let c: VcenterCredentials = toml::from_str(&text).map_err(|e| {
+        format!(
+            "credentials file {} is not `user = \"...\"` and `password = \"...\"` (TOML): {e}",
+            path.display()
+        )
+    })?;
+    if c.user.is_empty() || c.password.is_empty() {
+        return Err(format!(
+            "credentials file {}: user and password must not be empty",
+            path.display()
+        ));
+    }
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(name: &str) -> VcenterEntry {
+        VcenterEntry {
+            name: name.into(),
+            host: "vc.example:8443".into(),
+            datastore: "ds1".into(),
+            folder: None,
+            datacenter: None,
+            user_env: None,
+            password_env: None,
+            credentials_file: None,
+            ca: None,
+            thumbprint: None,
+            insecure: true,
+        }
+    }
+
+    #[test]
+    fn entry_credentials_from_a_private_file_or_the_environment() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("east.cred");
+        std::fs::write(
+            &file,
+            "user = \"admin@vsphere.local\"\npassword = \"s3cret\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut e = entry("east");
+        e.credentials_file = Some(file.display().to_string());
+        let err = entry_config(&e, 600).unwrap_err().to_string();
+        assert!(
+            err.contains("vCenter east")
+                && err.contains(&file.display().to_string())
+                && err.contains("mode 0644")
+                && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(entry_config(&e, 600)
+            .unwrap_err()
+            .to_string()
+            .contains("mode 0640"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = entry_config(&e, 600).unwrap();
+        assert_eq!(c.url, "https://vc.example:8443/sdk");
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("admin@vsphere.local", "s3cret")
+        );
+        assert_eq!(c.tls, TlsMode::Insecure);
+        std::fs::write(&file, "user = \"a\"\npass = \"b\"\n").unwrap();
+        let err = entry_config(&e, 600).unwrap_err().to_string();
+        assert!(err.contains("pass"), "{err}");
+
+        let mut e = entry("west");
+        e.user_env = Some("FAILBACK_TEST_VC_WEST_USER".into());
+        e.password_env = Some("FAILBACK_TEST_VC_WEST_PASSWORD_UNSET".into());
+        std::env::set_var("FAILBACK_TEST_VC_WEST_USER", "u");
+        let err = entry_config(&e, 600).unwrap_err().to_string();
+        assert!(
+            err.contains("vCenter west") && err.contains("FAILBACK_TEST_VC_WEST_PASSWORD_UNSET"),
+            "{err}"
+        );
+        e.password_env = Some("FAILBACK_TEST_VC_WEST_USER".into());
+        assert_eq!(
+            entry_config(&e, 30).unwrap().task_timeout,
+            Duration::from_secs(30)
+        );
+    }
 
     #[test]
     fn host_port_user_and_govc_url() {

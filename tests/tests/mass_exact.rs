@@ -10,40 +10,22 @@
 
 mod mass_common;
 
-use failback_config::plan::{OnFailure, Plan, PlanFormat};
+use failback_config::plan::{OnFailure, Plan};
 use mass_common::*;
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
-fn names(r: &serde_json::Value) -> HashMap<String, serde_json::Value> {
-    r["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            let n = v["vm_name"].as_str().or(v["vm"].as_str()).unwrap();
-            (n.to_string(), v.clone())
-        })
-        .collect()
-}
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_device_boot_option_and_snapshot_is_as_before() {
-    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs
-    let dr = DrService::start_for_simulation();
-    let vc = vcsim.client().await;
-    let vms = non_template_vms(&vc).await;
-    let name = |i: usize| vms[i].summary.name.clone();
-    let bios = |i: usize| vms[i].summary.bios_uuid.clone().unwrap();
-    let mut env = vcsim.cli_env();
-    env.extend(dr.cli_env());
-    let work = tempfile::tempdir().unwrap();
+    let w = World::start(&["-vm", "2", "-host", "1"]).await; // 4 VMs
+    let (vcsim, dr, env, work) = (&w.vcsim, &w.dr, &w.env, &w.work);
+    let (name, bios) = (|i| w.name(i), |i| w.bios(i));
 
     // VM 0: a CD-ROM and boot options of its own (the others keep vcsim's: an ATAPI drive,
     // start-connected and connected, and empty boot options).
-    vm_config_customise(&vcsim, &name(0));
-    let before = vm_config_dump(&vcsim);
+    vm_config_customise(vcsim, &name(0));
+    let before = vm_config_dump(vcsim);
 
     // `failback vcenter attach-iso --state` then `detach-iso --remove-added` on VM 3 (which
     // no instance matches, so the mass run leaves it alone): the reused drive comes back
@@ -63,11 +45,11 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
             "--state",
             att.to_str().unwrap(),
         ],
-        &env,
+        env,
     );
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("reused"), "{out}");
-    let mid = vm_config_dump(&vcsim);
+    let mid = vm_config_dump(vcsim);
     assert!(
         mid[&name(3)]["devices"]
             .to_string()
@@ -84,7 +66,7 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
             "--remove-added",
             att.to_str().unwrap(),
         ],
-        &env,
+        env,
     );
     assert_eq!(code, 0, "{out}\n{err}");
 
@@ -93,19 +75,7 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
         dr.enroll_sim_agent(&bios(i), 64 << 20).await;
     }
     let plan_path = work.path().join("plan.toml");
-    let (code, out, err) = failback(
-        &[
-            "mass",
-            "plan",
-            "--one-click",
-            "--snapshot",
-            "-o",
-            plan_path.to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let mut plan = Plan::load(&plan_path).unwrap();
+    let (mut plan, _) = one_click_plan(env, &plan_path, &["--snapshot"]);
     // One-click lists the VM without an instance too (as an entry without one).
     assert_eq!(plan.vms.len(), 4, "{plan:#?}");
     let entry = |p: &mut Plan, i: usize| {
@@ -122,55 +92,29 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
     let e2 = entry(&mut plan, 2);
     plan.vms[e2].options.on_failure = OnFailure::Revert;
     plan.vms[e2].options.timeouts.pair_secs = 8;
-    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+    save_plan(&plan, &plan_path);
 
     // VM 2's client never pairs: it fails and is reverted.
-    let log = Arc::new(Mutex::new(SimLog::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let dirs: HashMap<String, _> = [("LOCALDS_0".to_string(), ds.clone())].into();
-    let sim = tokio::spawn(simulate_clients(
-        vcsim.config(),
-        dirs,
-        HashSet::from([bios(2)]),
-        log.clone(),
-        stop.clone(),
-    ));
-    let appliance = work.path().join("failback.iso");
-    std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
+    let sim = Sim::start(vcsim, HashSet::from([bios(2)]));
     let results = work.path().join("results.json");
     let state = work.path().join("state");
-    let args: Vec<String> = [
-        "mass",
-        "run",
-        plan_path.to_str().unwrap(),
-        "--parallel",
-        "4",
-        "--poll-ms",
-        "200",
-        "--appliance-iso",
-        appliance.to_str().unwrap(),
-        "--state",
-        state.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-        "--progress",
-        "plain",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let (code, out, err) = failback_async(args, env.clone()).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sim.await;
-    assert_eq!(code, 10, "VM 2 failed:\n{out}\n{err}");
-    assert!(
-        log.lock().unwrap().errors.is_empty(),
-        "{:?}",
-        log.lock().unwrap().errors
+    let args = mass_run_args(
+        &plan_path,
+        work.path(),
+        4,
+        &[
+            "--state",
+            state.to_str().unwrap(),
+            "--results",
+            results.to_str().unwrap(),
+        ],
     );
+    let (code, out, err) = failback_async(args, env.clone()).await;
+    sim.finish().await;
+    assert_eq!(code, 10, "VM 2 failed:\n{out}\n{err}");
 
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
-    let by = names(&r);
+    let r = read_json(&results);
+    let by = results_by_vm(&r);
     assert_eq!(by[&name(0)]["status"], "succeeded", "{r:#}");
     assert_eq!(by[&name(0)]["snapshot_outcome"], "removed");
     assert_eq!(by[&name(1)]["status"], "succeeded");
@@ -217,13 +161,14 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
     assert!(local.is_empty(), "seeds left in the work dir: {local:?}");
     assert_eq!(
         r["left_behind"],
-        serde_json::json!(["failback/failback.iso"])
+        serde_json::json!([{"datastore": "LocalDS_0", "path": "failback/failback.iso"}])
     );
+    assert_eq!(r["removed"], serde_json::json!([]));
     assert!(ds.join("failback/failback.iso").exists());
 
     // Every VM, read by pyVmomi: same power state, every device and boot option as before;
     // only VM 1 (keep_snapshot) has gained its protective snapshot.
-    let after = vm_config_dump(&vcsim);
+    let after = vm_config_dump(vcsim);
     assert_same_config(&before, &after, &[&name(1)]);
 }
 
@@ -233,31 +178,14 @@ async fn every_device_boot_option_and_snapshot_is_as_before() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     use failback_config::plan::{Readiness, Wave, WavePolicy};
-    let vcsim = Vcsim::start(&["-vm", "2", "-host", "1"]); // 4 VMs, no VMware Tools
-    let dr = DrService::start_for_simulation();
-    let vc = vcsim.client().await;
-    let vms = non_template_vms(&vc).await;
-    let name = |i: usize| vms[i].summary.name.clone();
-    let mut env = vcsim.cli_env();
-    env.extend(dr.cli_env());
-    let work = tempfile::tempdir().unwrap();
-    for v in &vms {
-        dr.enroll_sim_agent(v.summary.bios_uuid.as_deref().unwrap(), 64 << 20)
-            .await;
+    let w = World::start(&["-vm", "2", "-host", "1"]).await; // 4 VMs, no VMware Tools
+    let (vcsim, dr, env, work) = (&w.vcsim, &w.dr, &w.env, &w.work);
+    let name = |i| w.name(i);
+    for i in 0..w.vms.len() {
+        dr.enroll_sim_agent(&w.bios(i), 64 << 20).await;
     }
     let plan_path = work.path().join("plan.toml");
-    let (code, out, err) = failback(
-        &[
-            "mass",
-            "plan",
-            "--one-click",
-            "-o",
-            plan_path.to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let mut plan = Plan::load(&plan_path).unwrap();
+    let (mut plan, _) = one_click_plan(env, &plan_path, &[]);
     let wave = |n: &str, readiness| Wave {
         name: n.into(),
         on_failure: WavePolicy::Stop,
@@ -292,35 +220,19 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     }
     // Plan order is not wave order: the run must not depend on it.
     plan.vms.reverse();
-    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+    save_plan(&plan, &plan_path);
 
-    let appliance = work.path().join("failback.iso");
-    std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
     let results = work.path().join("results.json");
     let state = work.path().join("state");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "mass",
-            "run",
-            plan_path.to_str().unwrap(),
-            "--parallel",
-            "4",
-            "--poll-ms",
-            "200",
-            "--appliance-iso",
-            appliance.to_str().unwrap(),
+        let mut a = vec![
             "--state",
             state.to_str().unwrap(),
             "--results",
             results.to_str().unwrap(),
-            "--progress",
-            "plain",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+        ];
+        a.extend_from_slice(extra);
+        mass_run_args(&plan_path, work.path(), 4, &a)
     };
 
     // The dry run shows the waves in order.
@@ -332,19 +244,9 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     assert!(at("readiness: VMware Tools running within 2 s") > 0);
     assert!(at("== wave 3/3 web") < at(&name(3)));
 
-    let log = Arc::new(Mutex::new(SimLog::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let dirs: HashMap<String, _> =
-        [("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"))].into();
-    let sim = tokio::spawn(simulate_clients(
-        vcsim.config(),
-        dirs,
-        HashSet::new(),
-        log.clone(),
-        stop.clone(),
-    ));
+    let sim = Sim::start(vcsim, HashSet::new());
     let check = |r: &serde_json::Value| {
-        let by = names(r);
+        let by = results_by_vm(r);
         for i in 0..2 {
             assert_eq!(by[&name(i)]["status"], "succeeded", "{r:#}");
             assert_eq!(by[&name(i)]["wave"], "db");
@@ -374,16 +276,136 @@ async fn waves_run_in_order_and_a_failed_wave_stops_the_next() {
     };
     let (code, out, err) = failback_async(args(&[]), env.clone()).await;
     assert_eq!(code, 10, "{out}\n{err}");
-    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
+    check(&read_json(&results));
     // Resume (retrying the failed VM): still not ready, so wave 3 still does not start.
     let (code, out, err) = failback_async(args(&["--resume", "--retry-failed"]), env.clone()).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sim.await;
+    sim.finish().await;
     assert_eq!(code, 10, "{out}\n{err}");
-    check(&serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap());
-    assert!(
-        log.lock().unwrap().errors.is_empty(),
-        "{:?}",
-        log.lock().unwrap().errors
+    check(&read_json(&results));
+}
+
+/// Readiness checks against what vcsim reports for the guest: wave 1's VM has a guest IP and
+/// a TCP port that answers (it passes); wave 2's port is closed, so it fails after the
+/// wave's time-out, and as the wave's policy is `continue`, wave 3 still runs. With
+/// `--cleanup` the appliance ISO is deleted from the datastore and listed as removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_tcp_port_and_guest_ip_with_continue_policy_and_cleanup() {
+    use failback_config::plan::{Readiness, Wave, WavePolicy};
+    let w = World::start(&["-vm", "2", "-host", "1"]).await; // 4 VMs
+    let (vcsim, dr, env, work) = (&w.vcsim, &w.dr, &w.env, &w.work);
+    let name = |i| w.name(i);
+    // VMs 0..3 get instances; VM 3 none (skipped). VMs 0 and 1 report a guest IP.
+    for i in 0..3 {
+        dr.enroll_sim_agent(&w.bios(i), 64 << 20).await;
+    }
+    for i in 0..2 {
+        vm_config_set(vcsim, &name(i), &["guest_ip=127.0.0.1"]);
+    }
+    let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open_port = open.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acc = accepted.clone();
+    tokio::spawn(async move {
+        while open.accept().await.is_ok() {
+            acc.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // dropped: nothing listens there
+
+    let plan_path = work.path().join("plan.toml");
+    let (mut plan, _) = one_click_plan(env, &plan_path, &[]);
+    let ready = |port: u16, timeout_secs| {
+        Some(Readiness {
+            tools_running: false,
+            guest_ip: true,
+            tcp_port: Some(port),
+            timeout_secs,
+        })
+    };
+    plan.waves = vec![
+        Wave {
+            name: "db".into(),
+            on_failure: WavePolicy::Stop,
+            readiness: ready(open_port, 60),
+        },
+        Wave {
+            name: "app".into(),
+            on_failure: WavePolicy::Continue,
+            readiness: ready(closed_port, 3),
+        },
+        Wave {
+            name: "web".into(),
+            on_failure: WavePolicy::Stop,
+            readiness: None,
+        },
+    ];
+    for v in plan
+        .vms
+        .iter_mut()
+        .filter(|v| v.recovery_instance.is_some())
+    {
+        let n = v.target.name.clone().unwrap();
+        let w = ["db", "app", "web"][(0..3).find(|&i| name(i) == n).unwrap()];
+        v.wave = Some(w.into());
+    }
+    save_plan(&plan, &plan_path);
+
+    let results = work.path().join("results.json");
+    let args = mass_run_args(
+        &plan_path,
+        work.path(),
+        4,
+        &["--results", results.to_str().unwrap(), "--cleanup"],
     );
+    let mut dry = args.clone();
+    dry.push("--dry-run".into());
+    let (code, out, err) = failback_async(dry, env.clone()).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "== wave 2/3 app (on_failure continue, readiness: guest IP + TCP port {closed_port} within 3 s) =="
+        )),
+        "{out}"
+    );
+    let sim = Sim::start(vcsim, HashSet::new());
+    let (code, out, err) = failback_async(args, env.clone()).await;
+    sim.finish().await;
+    assert_eq!(code, 10, "the app VM failed:\n{out}\n{err}");
+
+    let r = read_json(&results);
+    let by = results_by_vm(&r);
+    assert_eq!(by[&name(0)]["status"], "succeeded", "{r:#}");
+    assert!(
+        accepted.load(Ordering::Relaxed) >= 1,
+        "port {open_port} never probed"
+    );
+    let app = &by[&name(1)];
+    assert_eq!(app["status"], "failed", "{app:#}");
+    assert_eq!(app["failed_step"], "readiness");
+    let msg = app["message"].as_str().unwrap();
+    assert!(
+        msg.contains("not ready within 3 s")
+            && msg.contains(&format!("TCP 127.0.0.1:{closed_port}")),
+        "{msg}"
+    );
+    // `continue`: the next wave ran although wave 2 failed.
+    let web = &by[&name(2)];
+    assert_eq!(web["status"], "succeeded", "{web:#}");
+    assert!(
+        web["started_at"].as_u64() >= app["finished_at"].as_u64(),
+        "{r:#}"
+    );
+    assert_eq!(by[&name(3)]["status"], "skipped");
+    // --cleanup: the appliance ISO is gone from the datastore and the results list it.
+    let ds = vcsim.datastore_dir("LocalDS_0");
+    assert!(!ds.join("failback/failback.iso").exists());
+    assert_eq!(
+        r["removed"],
+        serde_json::json!([{"datastore": "LocalDS_0", "path": "failback/failback.iso"}])
+    );
+    assert_eq!(r["left_behind"], serde_json::json!([]), "{r:#}");
 }

@@ -10,86 +10,14 @@ use failback_config::plan::{Plan, PlanFormat};
 use mass_common::*;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-struct World {
-    vcsim: Vcsim,
-    dr: DrService,
-    vc: failback_vcenter::Client,
-    vms: Vec<failback_vcenter::Vm>,
-    env: Vec<(String, String)>,
-    work: tempfile::TempDir,
-}
-
-async fn world(vms_per_pool: &str) -> World {
-    let vcsim = Vcsim::start(&["-vm", vms_per_pool, "-host", "1"]);
-    let dr = DrService::start_for_simulation();
-    let vc = vcsim.client().await;
-    let vms = non_template_vms(&vc).await;
-    let mut env = vcsim.cli_env();
-    env.extend(dr.cli_env());
-    World {
-        vcsim,
-        dr,
-        vc,
-        vms,
-        env,
-        work: tempfile::tempdir().unwrap(),
-    }
-}
-
-fn start_sim(
-    w: &World,
-    never: HashSet<String>,
-) -> (
-    Arc<Mutex<SimLog>>,
-    Arc<AtomicBool>,
-    tokio::task::JoinHandle<()>,
-) {
-    let log = Arc::new(Mutex::new(SimLog::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut dirs = HashMap::new();
-    dirs.insert("LOCALDS_0".to_string(), w.vcsim.datastore_dir("LocalDS_0"));
-    let h = tokio::spawn(simulate_clients(
-        w.vcsim.config(),
-        dirs,
-        never,
-        log.clone(),
-        stop.clone(),
-    ));
-    (log, stop, h)
-}
 
 fn run_args(w: &World, plan: &Path, extra: &[&str]) -> Vec<String> {
-    let appliance = w.work.path().join("failback.iso");
-    if !appliance.exists() {
-        std::fs::write(&appliance, vec![1u8; 256 << 10]).unwrap();
-    }
-    let mut a: Vec<String> = [
-        "mass",
-        "run",
-        plan.to_str().unwrap(),
-        "--parallel",
-        "3",
-        "--poll-ms",
-        "200",
-        "--appliance-iso",
-        appliance.to_str().unwrap(),
-        "--progress",
-        "plain",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    mass_run_args(plan, w.work.path(), 3, extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed() {
-    let w = world("2").await; // 4 VMs
+    let w = World::start(&["-vm", "2", "-host", "1"]).await; // 4 VMs
     let before = boot_options_by_moref(&w.vms);
     let bios = |i: usize| w.vms[i].summary.bios_uuid.clone().unwrap();
     // VMs 0..3 get instances; VM 3 none; one instance matches no VM.
@@ -152,22 +80,16 @@ async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed()
         "dry run wrote state"
     );
 
-    let (log, stop, sim) = start_sim(&w, [bios(2)].into_iter().collect());
+    let sim = Sim::start(&w.vcsim, [bios(2)].into_iter().collect());
     let results = w.work.path().join("results.json");
     let (code, out, err) = failback_async(
         run_args(&w, &plan_path, &["--results", results.to_str().unwrap()]),
         w.env.clone(),
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sim.await;
+    sim.finish().await;
     assert_eq!(code, 10, "exit code says a VM failed:\n{out}\n{err}");
-    assert!(
-        log.lock().unwrap().errors.is_empty(),
-        "{:?}",
-        log.lock().unwrap().errors
-    );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    let r = read_json(&results);
     let s = &r["summary"];
     assert_eq!(
         (
@@ -216,7 +138,7 @@ async fn unmatched_skipped_and_never_pairing_vm_times_out_while_others_succeed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
-    let w = world("2").await;
+    let w = World::start(&["-vm", "2", "-host", "1"]).await;
     let before = boot_options_by_moref(&w.vms);
     let cdroms_before: HashMap<String, usize> = w
         .vms
@@ -228,21 +150,9 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
             .await;
     }
     let plan_path = w.work.path().join("plan.json");
-    let (code, out, err) = failback(
-        &[
-            "mass",
-            "plan",
-            "--one-click",
-            "--snapshot",
-            "--keep-snapshot",
-            "-o",
-            plan_path.to_str().unwrap(),
-        ],
-        &w.env,
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
+    one_click_plan(&w.env, &plan_path, &["--snapshot", "--keep-snapshot"]);
     let config_before = vm_config_dump(&w.vcsim);
-    let (log, stop, sim) = start_sim(&w, HashSet::new());
+    let sim = Sim::start(&w.vcsim, HashSet::new());
     let state = w.work.path().join("state");
     let results = w.work.path().join("results.json");
     let args = run_args(
@@ -258,37 +168,13 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
 
     // Kill -9 the orchestrator once some VM is past "attach ISOs + boot order" (its VM
     // reconfigured, appliance booting): the worst moment to lose the saved boot options.
-    let mut child = std::process::Command::new(bin("failback"))
-        .args(&args)
-        .envs(w.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    let killed_at = loop {
-        let st = failback_orchestrator::mass::state::load(&state).ok();
-        let past = st.as_ref().and_then(|s| {
-            s.vms
-                .iter()
-                .filter_map(|v| v.last_completed)
-                .find(|s| *s >= failback_orchestrator::mass::state::Step::SetBootOrder)
-        });
-        if let Some(step) = past {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            break step;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "run finished before it could be killed"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "run made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let killed_at = kill_run_after(
+        &args,
+        &w.env,
+        &state,
+        failback_orchestrator::mass::state::Step::SetBootOrder,
+    )
+    .await;
     let mid = failback_orchestrator::mass::state::load(&state).unwrap();
     assert!(
         mid.vms
@@ -304,15 +190,9 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
     let mut resume = args.clone();
     resume.push("--resume".into());
     let (code, out, err) = failback_async(resume, w.env.clone()).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sim.await;
-    assert_eq!(
-        code,
-        0,
-        "{out}\n{err}\nsim: {:?}",
-        log.lock().unwrap().errors
-    );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    let log = sim.finish().await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r = read_json(&results);
     assert_eq!(
         r["summary"]["succeeded"].as_u64(),
         Some(w.vms.len() as u64),
@@ -344,5 +224,5 @@ async fn killed_orchestrator_resumes_without_repeating_destructive_steps() {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     assert_same_config(&config_before, &vm_config_dump(&w.vcsim), &names);
     // One pairing per instance: tokens were not re-issued for VMs past that step.
-    assert_eq!(log.lock().unwrap().paired.len(), w.vms.len());
+    assert_eq!(log.paired.len(), w.vms.len());
 }

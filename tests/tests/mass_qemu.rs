@@ -8,11 +8,11 @@
 //! real test OS disk, `failback_tests::testos`; the harness runs with `-boot-disks`): its
 //! marker (generation v2, content checksum, root device) appears on that VM's console.
 
+mod appliance_support;
 mod mass_common;
 
 use failback_api::TokenKind;
-use failback_config::plan::{Plan, PlanFormat};
-use failback_tests::vcsim::{go_tool, workspace_root};
+use failback_tests::vcsim::go_tool;
 use failback_tests::KillOnDrop;
 use mass_common::*;
 use std::io::{BufRead, BufReader, Write};
@@ -52,29 +52,11 @@ fn appliance_iso(dir: &Path) -> PathBuf {
     if let Some(p) = std::env::var_os("FAILBACK_APPLIANCE_ISO") {
         return PathBuf::from(p);
     }
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(&root)
-        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "-p",
-            "failback-client",
-        ])
-        .status()
-        .expect("cargo build musl client");
-    assert!(st.success(), "building the static client failed");
-    let inputs = failback_iso::inputs::Inputs::from_cache(&failback_iso::inputs::default_cache())
-        .unwrap_or_else(|e| panic!("appliance ISO inputs missing ({e}); run `make setup`"));
     let out = dir.join("failback.iso");
     failback_iso::appliance::build(
         &failback_iso::appliance::ApplianceOptions {
-            inputs,
-            client: root.join("target/x86_64-unknown-linux-musl/release/failback-client"),
+            inputs: appliance_support::inputs(),
+            client: appliance_support::client(),
             extra_kernel_args: String::new(),
         },
         &out,
@@ -187,18 +169,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
     let mut env = vcsim.cli_env();
     env.extend(dr.cli_env());
     let plan_path = work.path().join("plan.toml");
-    let (code, out, err) = failback(
-        &[
-            "mass",
-            "plan",
-            "--one-click",
-            "-o",
-            plan_path.to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(code, 0, "{out}\n{err}");
-    let mut plan = Plan::load(&plan_path).unwrap();
+    let (mut plan, out) = one_click_plan(&env, &plan_path, &[]);
     // vcsim has four VMs: three match an instance, the fourth is listed as skipped.
     assert_eq!(plan.vms.len(), 4, "{out}");
     let matched = plan.vms.iter().filter(|v| v.recovery_instance.is_some());
@@ -208,7 +179,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
         v.options.timeouts.sync_secs = 900;
         v.options.timeouts.complete_secs = 900;
     }
-    std::fs::write(&plan_path, plan.encode(PlanFormat::Toml).unwrap()).unwrap();
+    save_plan(&plan, &plan_path);
 
     let results = work.path().join("results.json");
     let args: Vec<String> = [
@@ -259,7 +230,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
         s
     };
     assert_eq!(code, 0, "{}", diag());
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    let r = read_json(&results);
     assert_eq!(r["summary"]["succeeded"], 3, "{r:#}\n{}", diag());
     assert_eq!(r["summary"]["skipped"], 1, "{r:#}");
     for v in r["vms"].as_array().unwrap() {

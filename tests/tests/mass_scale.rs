@@ -8,9 +8,8 @@
 mod mass_common;
 
 use mass_common::*;
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,28 +57,14 @@ async fn mass_run_500_vms_with_simulated_clients() {
     let plan = work.path().join("plan.toml");
     let mut env = vcsim.cli_env();
     env.extend(dr.cli_env());
-    let (code, out, err) = failback(
-        &["mass", "plan", "--one-click", "-o", plan.to_str().unwrap()],
-        &env,
-    );
-    assert_eq!(code, 0, "plan: {out}\n{err}");
+    let (_, out) = one_click_plan(&env, &plan, &[]);
     assert!(out.contains(&format!("{n} matched")), "{out}");
 
     let appliance = work.path().join("failback.iso");
     std::fs::write(&appliance, vec![7u8; 1 << 20]).unwrap();
     let results = work.path().join("results.json");
 
-    let log = Arc::new(Mutex::new(SimLog::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut dirs = HashMap::new();
-    dirs.insert("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"));
-    let sim = tokio::spawn(simulate_clients(
-        vcsim.config(),
-        dirs,
-        HashSet::new(),
-        log.clone(),
-        stop.clone(),
-    ));
+    let sim = Sim::start(&vcsim, HashSet::new());
 
     let t_run = Instant::now();
     let args: Vec<String> = [
@@ -102,19 +87,13 @@ async fn mass_run_500_vms_with_simulated_clients() {
     .collect();
     let (code, out, err) = failback_async(args, env.clone()).await;
     let wall = t_run.elapsed().as_secs_f64();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = sim.await;
-    assert_eq!(
-        code,
-        0,
-        "run: {out}\n{err}\nsim errors: {:?}",
-        log.lock().unwrap().errors
-    );
+    let log = sim.finish().await;
+    assert_eq!(code, 0, "run: {out}\n{err}");
 
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    let r = read_json(&results);
     assert_eq!(r["summary"]["succeeded"], n, "{}", r["summary"]);
     assert_eq!(r["summary"]["failed"], 0);
-    assert_eq!(log.lock().unwrap().completed.len(), n);
+    assert_eq!(log.completed.len(), n);
 
     // Every VM: powered on, no ISO attached, boot options exactly as before.
     assert_vms_restored(&vc, &before).await;

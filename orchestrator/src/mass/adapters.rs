@@ -63,6 +63,7 @@ fn already_there(res: vc::Result<()>) -> vc::Result<()> {
 
 fn vm_info(s: &vc::VmSummary) -> VmInfo {
     VmInfo {
+        vcenter: None,
         moref: s.moref.clone(),
         name: s.name.clone(),
         bios_uuid: s.bios_uuid.clone(),

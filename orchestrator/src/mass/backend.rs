@@ -84,6 +84,10 @@ pub struct VmDisk {
 /// What the orchestrator needs to know about a vCenter VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
+    /// The plan's `[[vcenter]]` name of the vCenter the VM was listed from (`None` in the
+    /// single-vCenter form). Morefs, names and even UUIDs repeat across vCenters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcenter: Option<String>,
     pub moref: String,
     pub name: String,
     pub bios_uuid: Option<String>,
@@ -169,6 +173,51 @@ pub trait Hypervisor: Send + Sync {
     async fn detach_isos(&self, moref: &str, attached: &[AttachedCdrom]) -> BResult<()>;
     /// Put back exactly the saved boot options.
     async fn restore_boot(&self, moref: &str, saved: &SavedBoot) -> BResult<()>;
+}
+
+/// One vCenter a run drives: its plan name (`None` in the single-vCenter form), its backend
+/// and where its ISOs go.
+#[derive(Clone)]
+pub struct VcenterConn {
+    pub name: Option<String>,
+    pub hv: std::sync::Arc<dyn Hypervisor>,
+    /// The datastore the backend uploads to (for messages and the results).
+    pub datastore: String,
+    /// Folder inside the datastore for the ISOs (no `[datastore]` prefix).
+    pub folder: String,
+}
+
+impl VcenterConn {
+    /// `name` or `vcenter` for the single-vCenter form (progress and messages).
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or("vcenter")
+    }
+
+    /// Path inside the datastore of a file in the ISO folder (`sub` may hold a `seeds/`).
+    pub fn iso_path(&self, sub: &str) -> String {
+        format!("{}/{sub}", self.folder.trim_end_matches('/'))
+    }
+
+    /// Every VM of this vCenter, tagged with its name.
+    pub async fn list_vms(&self) -> BResult<Vec<VmInfo>> {
+        let mut vms = self.hv.list_vms().await.map_err(|e| BackendError {
+            message: format!("vCenter {}: {}", self.label(), e.message),
+            ..e
+        })?;
+        for v in &mut vms {
+            v.vcenter = self.name.clone();
+        }
+        Ok(vms)
+    }
+}
+
+/// Every VM of every vCenter (each tagged with its vCenter), in the order of `conns`.
+pub async fn list_all(conns: &[VcenterConn]) -> BResult<Vec<VmInfo>> {
+    let mut all = vec![];
+    for c in conns {
+        all.extend(c.list_vms().await?);
+    }
+    Ok(all)
 }
 
 /// The DR-service operations a mass failback needs (admin API).

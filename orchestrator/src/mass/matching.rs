@@ -51,6 +51,8 @@ pub fn norm_mac(s: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Match {
     pub instance_id: String,
+    /// The VM's vCenter (plan `[[vcenter]]` name; `None` in the single-vCenter form).
+    pub vm_vcenter: Option<String>,
     pub vm_moref: String,
     pub by: MatchedBy,
 }
@@ -65,16 +67,21 @@ pub struct Matching {
 
 impl Matching {
     /// Instance matched to this VM, if any.
-    pub fn for_vm(&self, moref: &str) -> Option<&Match> {
-        self.matches.iter().find(|m| m.vm_moref == moref)
+    pub fn for_vm(&self, vm: &VmInfo) -> Option<&Match> {
+        self.matches
+            .iter()
+            .find(|m| m.vm_moref == vm.moref && m.vm_vcenter == vm.vcenter)
     }
 }
 
 /// Match in three passes (BIOS UUID, instance UUID, MAC), so that a strong identifier always
 /// wins over a weaker one regardless of the order of the input lists.
 pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matching {
-    let mut taken_vm: HashSet<&str> = HashSet::new();
+    // A VM is its vCenter + moref: morefs repeat across vCenters.
+    let key = |vm: &'_ VmInfo| (vm.vcenter.clone(), vm.moref.clone());
+    let mut taken_vm: HashSet<(Option<String>, String)> = HashSet::new();
     let mut done: BTreeMap<&str, Match> = BTreeMap::new();
+    let mut ambiguous: BTreeMap<&str, String> = BTreeMap::new();
     // Pass 1 and 2: UUIDs.
     for by in [MatchedBy::BiosUuid, MatchedBy::InstanceUuid] {
         for ri in instances {
@@ -91,7 +98,7 @@ pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matchi
             };
             let found: Vec<&VmInfo> = vms
                 .iter()
-                .filter(|vm| !taken_vm.contains(vm.moref.as_str()))
+                .filter(|vm| !taken_vm.contains(&key(vm)))
                 .filter(|vm| {
                     let v = match by {
                         MatchedBy::BiosUuid => vm.bios_uuid.as_deref(),
@@ -101,15 +108,32 @@ pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matchi
                 })
                 .collect();
             if let [vm] = found.as_slice() {
-                taken_vm.insert(vm.moref.as_str());
+                taken_vm.insert(key(vm));
                 done.insert(
                     id,
                     Match {
                         instance_id: id.to_string(),
+                        vm_vcenter: vm.vcenter.clone(),
                         vm_moref: vm.moref.clone(),
                         by,
                     },
                 );
+            } else if found.len() > 1 {
+                ambiguous.entry(id).or_insert_with(|| {
+                    format!(
+                        "{} {hint} is ambiguous: VMs {} carry it; add the VM to the plan by hand",
+                        if by == MatchedBy::BiosUuid {
+                            "BIOS UUID"
+                        } else {
+                            "instance UUID"
+                        },
+                        found
+                            .iter()
+                            .map(|v| vm_label(v))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                });
             }
         }
     }
@@ -128,20 +152,24 @@ pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matchi
             .collect();
         let found: Vec<&VmInfo> = vms
             .iter()
-            .filter(|vm| !taken_vm.contains(vm.moref.as_str()))
+            .filter(|vm| !taken_vm.contains(&key(vm)))
             .filter(|vm| vm.macs.iter().any(|m| macs.contains(&norm_mac(m))))
             .collect();
         match found.as_slice() {
             [vm] => {
-                taken_vm.insert(vm.moref.as_str());
+                taken_vm.insert(key(vm));
                 done.insert(
                     id,
                     Match {
                         instance_id: id.to_string(),
+                        vm_vcenter: vm.vcenter.clone(),
                         vm_moref: vm.moref.clone(),
                         by: MatchedBy::Mac,
                     },
                 );
+            }
+            [] if ambiguous.contains_key(id) => {
+                reasons.insert(id, ambiguous.remove(id).unwrap_or_default());
             }
             [] => {
                 let h = &ri.source_hints;
@@ -164,7 +192,7 @@ pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matchi
                 reasons.insert(id, msg);
             }
             many => {
-                let names: Vec<&str> = many.iter().map(|v| v.name.as_str()).collect();
+                let names: Vec<String> = many.iter().map(|v| vm_label(v)).collect();
                 reasons.insert(
                     id,
                     format!(
@@ -187,6 +215,14 @@ pub fn match_instances(instances: &[RecoveryInstance], vms: &[VmInfo]) -> Matchi
     out
 }
 
+/// `name` or `name (vcenter)`.
+fn vm_label(vm: &VmInfo) -> String {
+    match &vm.vcenter {
+        Some(vc) => format!("{} ({vc})", vm.name),
+        None => vm.name.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::backend::Power;
@@ -195,6 +231,7 @@ mod tests {
 
     fn vm(moref: &str, bios: &str, inst: &str, macs: &[&str]) -> VmInfo {
         VmInfo {
+            vcenter: None,
             moref: moref.into(),
             name: format!("name-{moref}"),
             bios_uuid: Some(bios.into()),
@@ -268,7 +305,38 @@ mod tests {
             "{:?}",
             m.unmatched_instances
         );
-        assert_eq!(m.for_vm("vm-2").unwrap().instance_id, "i-inst");
+        assert_eq!(m.for_vm(&vms[1]).unwrap().instance_id, "i-inst");
+    }
+
+    #[test]
+    fn same_moref_in_two_vcenters_is_two_vms_and_a_shared_uuid_is_ambiguous() {
+        let in_vc = |vc: &str, bios: &str| VmInfo {
+            vcenter: Some(vc.into()),
+            ..vm("vm-63", bios, I1, &[])
+        };
+        let vms = vec![in_vc("east", U1), in_vc("west", U2)];
+        let m = match_instances(
+            &[
+                ri("i-w", Some(U2), None, &[]),
+                ri("i-e", Some(U1), None, &[]),
+            ],
+            &vms,
+        );
+        assert_eq!(m.for_vm(&vms[0]).unwrap().instance_id, "i-e");
+        assert_eq!(m.for_vm(&vms[1]).unwrap().instance_id, "i-w");
+        assert_eq!(
+            m.for_vm(&vms[1]).unwrap().vm_vcenter.as_deref(),
+            Some("west")
+        );
+        // The same BIOS UUID in both vCenters (a cloned VM): not a match, and said so.
+        let twins = vec![in_vc("east", U1), in_vc("west", U1)];
+        let m = match_instances(&[ri("i-a", Some(U1), None, &[])], &twins);
+        assert!(m.matches.is_empty());
+        let reason = &m.unmatched_instances[0].1;
+        assert!(
+            reason.contains("ambiguous") && reason.contains("name-vm-63 (west)"),
+            "{reason}"
+        );
     }
 
     #[test]

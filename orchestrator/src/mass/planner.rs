@@ -1,7 +1,7 @@
 //! `find`, `plan --one-click`, `plan --generate` and `run --dry-run`: everything that looks
 //! but does not touch.
 
-use super::backend::{BResult, DrService, Hypervisor, Power, VmInfo};
+use super::backend::{list_all, BResult, DrService, Power, VcenterConn, VmInfo};
 use super::matching::{match_instances, Matching};
 use super::progress::human;
 use super::runner::{resolve_vm, InProgress};
@@ -24,11 +24,11 @@ pub struct FoundVm {
 /// `find`: VMs (optionally filtered by a case-insensitive name substring) with the recovery
 /// instance each matches.
 pub async fn find(
-    hv: &dyn Hypervisor,
+    vcenters: &[VcenterConn],
     dr: &dyn DrService,
     name_filter: Option<&str>,
 ) -> BResult<(Vec<FoundVm>, Matching)> {
-    let vms = hv.list_vms().await?;
+    let vms = list_all(vcenters).await?;
     let instances = dr.instances().await?;
     let m = match_instances(&instances, &vms);
     let filter = name_filter.map(str::to_lowercase);
@@ -40,7 +40,7 @@ pub async fn find(
                 .is_none_or(|f| v.name.to_lowercase().contains(f))
         })
         .map(|vm| {
-            let hit = m.for_vm(&vm.moref);
+            let hit = m.for_vm(&vm);
             FoundVm {
                 recovery_instance: hit.map(|h| h.instance_id.clone()),
                 matched_by: hit.map(|h| h.by),
@@ -48,13 +48,23 @@ pub async fn find(
             }
         })
         .collect();
-    out.sort_by(|a, b| a.vm.name.cmp(&b.vm.name));
+    out.sort_by(|a, b| (&a.vm.vcenter, &a.vm.name).cmp(&(&b.vm.vcenter, &b.vm.name)));
     Ok((out, m))
 }
 
 /// Render `find` rows as a text table.
 pub fn find_table(rows: &[FoundVm]) -> String {
-    let mut s = format!(
+    let vc_width = rows
+        .iter()
+        .filter_map(|r| r.vm.vcenter.as_deref())
+        .map(str::len)
+        .max();
+    let vc = |v: Option<&str>| match vc_width {
+        Some(w) => format!("{:<w$} ", v.unwrap_or("-"), w = w.max(7)),
+        None => String::new(),
+    };
+    let mut s = vc(Some("VCENTER"));
+    s += &format!(
         "{:<24} {:<10} {:<36} {:<36} {:<5} {:<20} {:<18} {}\n",
         "NAME",
         "MOREF",
@@ -76,6 +86,7 @@ pub fn find_table(rows: &[FoundVm]) -> String {
             Power::Off => "off",
             Power::Suspended => "susp",
         };
+        s.push_str(&vc(r.vm.vcenter.as_deref()));
         s.push_str(&format!(
             "{:<24} {:<10} {:<36} {:<36} {:<5} {:<20} {:<18} {}\n",
             r.vm.name,
@@ -130,15 +141,20 @@ pub fn one_click(
             .map(|(id, _)| id.clone())
             .collect(),
         waves: vec![],
+        vcenters: vec![],
         vms: vec![],
     };
     for hit in &m.matches {
-        let Some(vm) = vms.iter().find(|v| v.moref == hit.vm_moref) else {
+        let Some(vm) = vms
+            .iter()
+            .find(|v| v.moref == hit.vm_moref && v.vcenter == hit.vm_vcenter)
+        else {
             continue;
         };
         plan.vms.push(VmPlan {
             recovery_instance: Some(hit.instance_id.clone()),
             wave: None,
+            vcenter: vm.vcenter.clone(),
             matched_by: Some(hit.by),
             target: target_of(vm),
             network: Network::default(),
@@ -146,15 +162,13 @@ pub fn one_click(
             options: options.clone(),
         });
     }
-    let mut unmatched: Vec<&VmInfo> = vms
-        .iter()
-        .filter(|v| m.for_vm(&v.moref).is_none())
-        .collect();
-    unmatched.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut unmatched: Vec<&VmInfo> = vms.iter().filter(|v| m.for_vm(v).is_none()).collect();
+    unmatched.sort_by(|a, b| (&a.vcenter, &a.name).cmp(&(&b.vcenter, &b.name)));
     for vm in unmatched {
         plan.vms.push(VmPlan {
             recovery_instance: None,
             wave: None,
+            vcenter: vm.vcenter.clone(),
             matched_by: None,
             target: target_of(vm),
             network: Network::default(),
@@ -183,6 +197,7 @@ pub fn generate(
             .map(|(id, _)| id.clone())
             .collect(),
         waves: vec![],
+        vcenters: vec![],
         vms: vec![],
     };
     let mut sorted: Vec<&VmInfo> = vms
@@ -193,12 +208,13 @@ pub fn generate(
                 .is_none_or(|f| v.name.to_lowercase().contains(f))
         })
         .collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    sorted.sort_by(|a, b| (&a.vcenter, &a.name).cmp(&(&b.vcenter, &b.name)));
     for vm in sorted {
-        let hit = m.for_vm(&vm.moref);
+        let hit = m.for_vm(vm);
         plan.vms.push(VmPlan {
             recovery_instance: hit.map(|h| h.instance_id.clone()),
             wave: None,
+            vcenter: vm.vcenter.clone(),
             matched_by: hit.map(|h| h.by),
             target: target_of(vm),
             network: Network::default(),
@@ -215,6 +231,8 @@ pub struct DryRunVm {
     pub vm: String,
     /// `N/M name (on_failure ..., readiness ...)` when the plan has waves.
     pub wave: Option<String>,
+    /// The plan's `[[vcenter]]` name (`None`: single-vCenter form).
+    pub vcenter: Option<String>,
     pub recovery_instance: Option<String>,
     pub vm_moref: Option<String>,
     pub power: Option<Power>,
@@ -228,18 +246,20 @@ pub struct DryRunVm {
 
 /// `run --dry-run`: resolve every VM and instance, print every step, change nothing.
 pub async fn dry_run(
-    hv: &dyn Hypervisor,
+    vcenters: &[VcenterConn],
     dr: &dyn DrService,
     plan: &Plan,
     in_progress: InProgress,
     launch: Option<LaunchMode>,
 ) -> BResult<Vec<DryRunVm>> {
-    let vms = hv.list_vms().await?;
+    let vms = list_all(vcenters).await?;
     let instances = dr.instances().await?;
     let mut out = vec![];
     for p in &plan.vms {
+        let vcenter = plan.vcenter_of(p);
         let mut d = DryRunVm {
             wave: wave_line(plan, p),
+            vcenter: vcenter.map(str::to_string),
             vm: p.target.label(),
             recovery_instance: p.recovery_instance.clone(),
             vm_moref: None,
@@ -254,7 +274,12 @@ pub async fn dry_run(
             out.push(d);
             continue;
         };
-        let vm = match resolve_vm(p, &vms) {
+        let mine: Vec<VmInfo> = vms
+            .iter()
+            .filter(|v| v.vcenter.as_deref() == vcenter)
+            .cloned()
+            .collect();
+        let vm = match resolve_vm(p, &mine) {
             Ok(vm) => vm,
             Err(e) => {
                 d.verdict = format!("fail: {e}");
@@ -335,6 +360,7 @@ pub async fn dry_run(
     for id in &plan.unmatched_instances {
         out.push(DryRunVm {
             wave: None,
+            vcenter: None,
             vm: format!("(no VM for {id})"),
             recovery_instance: Some(id.clone()),
             vm_moref: None,
@@ -349,7 +375,7 @@ pub async fn dry_run(
     out.sort_by_key(|d| {
         plan.vms
             .iter()
-            .find(|p| p.target.label() == d.vm)
+            .find(|p| p.target.label() == d.vm && plan.vcenter_of(p) == d.vcenter.as_deref())
             .map(|p| super::runner::wave_index(plan, p))
             .unwrap_or(usize::MAX)
     });
@@ -398,8 +424,12 @@ pub fn dry_run_text(rows: &[DryRunVm]) -> String {
             s.push_str(&format!("== {} ==\n", wave.unwrap_or_default()));
         }
         s.push_str(&format!(
-            "{} <- {}: {}{}\n",
+            "{}{} <- {}: {}{}\n",
             d.vm,
+            d.vcenter
+                .as_deref()
+                .map(|v| format!(" [vCenter {v}]"))
+                .unwrap_or_default(),
             d.recovery_instance.as_deref().unwrap_or("-"),
             d.verdict,
             d.failback_state

@@ -3,7 +3,7 @@
 //! digests; plus the exact settings and plan used (DRSFA keeps these in a separate
 //! `failback_hosts_settings.json`; one file is easier to archive).
 
-use super::state::{RunState, SnapshotOutcome, Step, VmStatus};
+use super::state::{DatastoreFile, RunState, SnapshotOutcome, Step, VmStatus};
 use failback_api::{DiskDigest, DiskProgress};
 use failback_config::plan::Plan;
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,8 @@ pub struct VmResult {
     pub recovery_instance: Option<String>,
     /// The runbook wave (plan `[[wave]]`), if the plan has waves.
     pub wave: Option<String>,
+    /// The plan's `[[vcenter]]` name of the VM's vCenter (`null`: single-vCenter form).
+    pub vcenter: Option<String>,
     pub vm_name: Option<String>,
     pub vm_moref: Option<String>,
     /// vCenter BIOS UUID of the VM failed back to.
@@ -66,9 +68,11 @@ pub struct RunResults {
     pub settings: serde_json::Value,
     pub plan: Plan,
     pub summary: Summary,
-    /// Files the run left on the datastore (paths inside the run's datastore): the appliance
-    /// ISO unless `--cleanup`, seed ISOs with `--keep-seeds` or whose deletion failed.
-    pub left_behind: Vec<String>,
+    /// Files the run left on datastores: the appliance ISO (one per vCenter) unless
+    /// `--cleanup`, seed ISOs with `--keep-seeds` or whose deletion failed.
+    pub left_behind: Vec<DatastoreFile>,
+    /// Appliance ISOs `--cleanup` deleted. (Seed ISOs deleted: `seed_deleted` per VM.)
+    pub removed: Vec<DatastoreFile>,
     pub vms: Vec<VmResult>,
 }
 
@@ -98,6 +102,7 @@ impl RunResults {
                     vm: v.vm.clone(),
                     recovery_instance: v.recovery_instance.clone(),
                     wave: v.wave.clone(),
+                    vcenter: v.vcenter.clone(),
                     vm_name: v.vm_name.clone(),
                     vm_moref: v.moref.clone(),
                     vm_bios_uuid: v.bios_uuid.clone(),
@@ -122,22 +127,31 @@ impl RunResults {
                 }
             })
             .collect();
-        let mut left_behind: Vec<String> = state
-            .header
-            .appliance
-            .iter()
-            .filter(|_| !state.header.appliance_deleted)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let appliances = |deleted: bool| {
+            state
+                .header
+                .appliances
+                .iter()
+                .filter(move |a| a.deleted == deleted)
+                .map(|a| a.file.clone())
+        };
+        let mut left_behind: Vec<DatastoreFile> = appliances(false).collect();
         left_behind.extend(
             state
                 .vms
                 .iter()
                 .filter(|v| !v.seed_deleted)
-                .filter_map(|v| v.seed_ds_path.clone()),
+                .filter_map(|v| {
+                    Some(DatastoreFile {
+                        vcenter: v.vcenter.clone(),
+                        datastore: v.datastore.clone().unwrap_or_default(),
+                        path: v.seed_ds_path.clone()?,
+                    })
+                }),
         );
         Self {
             left_behind,
+            removed: appliances(true).collect(),
             run_id: state.header.run_id.clone(),
             started_at,
             finished_at,

@@ -2,18 +2,21 @@
 //! durable per-step state, retries for transient errors, per-phase timeouts, rollback of a
 //! failed VM's configuration, and a results file. One VM's failure never stops the others.
 
-use super::backend::{BackendError, DrService, Hypervisor, Power, SeedBuilder, SeedInput, VmInfo};
+use super::backend::{
+    BackendError, DrService, Hypervisor, Power, SeedBuilder, SeedInput, VcenterConn, VmInfo,
+};
 use super::matching::{norm_mac, norm_uuid};
 use super::progress::RunProgress;
 use super::results::RunResults;
 use super::state::{
-    RunHeader, RunState, SnapshotOutcome, StateDir, StateError, Step, VmState, VmStatus,
-    STATE_FORMAT,
+    ApplianceCopy, DatastoreFile, RunHeader, RunState, SnapshotOutcome, StateDir, StateError, Step,
+    VmState, VmStatus, STATE_FORMAT,
 };
 use failback_api::{FailbackState, RecoveryInstance};
 use failback_config::plan::{LaunchMode, OnFailure, Plan, Readiness, VmPlan, Wave, WavePolicy};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,7 +35,8 @@ pub enum InProgress {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSettings {
     pub parallel: usize,
-    /// Folder inside the datastore for the ISOs (no `[datastore]` prefix).
+    /// Default folder inside a datastore for the ISOs (no `[datastore]` prefix); a plan's
+    /// `[[vcenter]]` entry may name its own.
     pub folder: String,
     pub appliance_iso: PathBuf,
     /// DR service URL written into seed ISOs (as the appliances reach it).
@@ -84,6 +88,8 @@ pub enum RunError {
     },
     #[error("cannot list vCenter VMs: {0}")]
     ListVms(String),
+    #[error("the plan's VM {vm} names vCenter {vcenter}, which this run is not connected to")]
+    UnknownVcenter { vm: String, vcenter: String },
 }
 
 /// Outcome of a run (the results are also in the results file).
@@ -185,7 +191,8 @@ type StepResult<T> = Result<T, BackendError>;
 
 /// The engine.
 pub struct Runner {
-    pub hv: Arc<dyn Hypervisor>,
+    /// Every vCenter of the plan (one, unnamed, in the single-vCenter form).
+    pub vcenters: Vec<VcenterConn>,
     pub dr: Arc<dyn DrService>,
     pub seed: Arc<dyn SeedBuilder>,
     pub progress: Arc<dyn RunProgress>,
@@ -197,7 +204,8 @@ pub struct Runner {
 struct Shared {
     state: Mutex<RunState>,
     dir: StateDir,
-    appliance_ds: String,
+    /// File name of the appliance ISO inside each vCenter's ISO folder.
+    appliance_file: String,
     waves: Vec<Wave>,
 }
 
@@ -222,8 +230,39 @@ impl Shared {
 }
 
 impl Runner {
-    fn label(p: &VmPlan) -> String {
-        p.target.label()
+    /// The VM's label in progress, state and results: the target's label, prefixed with its
+    /// vCenter (`east/web-01`) when the plan has several (names repeat across vCenters).
+    fn label(plan: &Plan, p: &VmPlan) -> String {
+        match plan.vcenter_of(p) {
+            Some(vc) if plan.vcenters.len() > 1 => format!("{vc}/{}", p.target.label()),
+            _ => p.target.label(),
+        }
+    }
+
+    /// The connection of a VM's vCenter (`run` checked every plan entry has one).
+    fn conn(&self, vcenter: Option<&str>) -> &VcenterConn {
+        self.vcenters
+            .iter()
+            .find(|c| c.name.as_deref() == vcenter)
+            .unwrap_or(&self.vcenters[0])
+    }
+
+    fn hv(&self, vcenter: Option<&str>) -> &dyn Hypervisor {
+        self.conn(vcenter).hv.as_ref()
+    }
+
+    /// Every plan entry's vCenter must be one this run is connected to.
+    fn check_vcenters(&self, plan: &Plan) -> Result<(), RunError> {
+        for p in &plan.vms {
+            let want = plan.vcenter_of(p);
+            if !self.vcenters.iter().any(|c| c.name.as_deref() == want) {
+                return Err(RunError::UnknownVcenter {
+                    vm: p.target.label(),
+                    vcenter: want.unwrap_or("(flags)").to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Run (or resume) `plan`. Never returns early because one VM failed.
@@ -234,6 +273,7 @@ impl Runner {
         resume: bool,
     ) -> Result<RunOutcome, RunError> {
         let started_at = now_secs();
+        self.check_vcenters(plan)?;
         let plan_sha = sha256_file(plan_path).map_err(|source| RunError::Plan {
             path: plan_path.to_path_buf(),
             source,
@@ -263,8 +303,10 @@ impl Runner {
                 .vms
                 .iter()
                 .map(|p| {
-                    let mut v = VmState::new(&Self::label(p), p.recovery_instance.clone());
+                    let mut v = VmState::new(&Self::label(plan, p), p.recovery_instance.clone());
                     v.wave = p.wave.clone();
+                    v.vcenter = plan.vcenter_of(p).map(str::to_string);
+                    v.datastore = Some(self.conn(v.vcenter.as_deref()).datastore.clone());
                     v
                 })
                 .collect();
@@ -280,8 +322,7 @@ impl Runner {
                     run_id: format!("run-{}-{}", started_at, std::process::id()),
                     plan_sha256: plan_sha,
                     plan_path: plan_path.to_path_buf(),
-                    appliance: None,
-                    appliance_deleted: false,
+                    appliances: vec![],
                     vm_count: vms.len(),
                 },
                 vms,
@@ -333,44 +374,73 @@ impl Runner {
             }
         }
 
-        // Appliance ISO: once per run, before any VM needs it.
-        let appliance_ds = format!(
-            "{}/{}",
-            self.settings.folder.trim_end_matches('/'),
-            self.settings
-                .appliance_iso
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_else(|| "failback.iso".into())
-        );
-        let needs_appliance = todo.iter().any(|&i| {
-            state.vms[i]
-                .last_completed
-                .is_none_or(|s| s < Step::AttachIsos)
-        });
-        let mut appliance_err: Option<String> = None;
-        if needs_appliance && state.header.appliance.is_none() {
-            match self.upload_appliance(&appliance_ds).await {
-                Ok(sha) => {
-                    state.header.appliance = Some((appliance_ds.clone(), sha));
-                    dir.save_header(&state.header)?;
+        // Appliance ISO: once per run and vCenter, before any of its VMs needs it.
+        let appliance_file = self
+            .settings
+            .appliance_iso
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "failback.iso".into());
+        let mut appliance_err: HashMap<Option<String>, String> = HashMap::new();
+        let mut inventory: HashMap<Option<String>, Vec<VmInfo>> = HashMap::new();
+        for conn in &self.vcenters {
+            let mine: Vec<usize> = todo
+                .iter()
+                .copied()
+                .filter(|&i| state.vms[i].vcenter == conn.name)
+                .collect();
+            let needs_appliance = mine.iter().any(|&i| {
+                state.vms[i]
+                    .last_completed
+                    .is_none_or(|s| s < Step::AttachIsos)
+            });
+            let have = state
+                .header
+                .appliances
+                .iter()
+                .any(|a| a.file.vcenter == conn.name && !a.deleted);
+            if needs_appliance && !have {
+                let path = conn.iso_path(&appliance_file);
+                match self.upload_appliance(conn, &path).await {
+                    Ok(sha256) => {
+                        state
+                            .header
+                            .appliances
+                            .retain(|a| a.file.vcenter != conn.name);
+                        state.header.appliances.push(ApplianceCopy {
+                            file: DatastoreFile {
+                                vcenter: conn.name.clone(),
+                                datastore: conn.datastore.clone(),
+                                path,
+                            },
+                            sha256,
+                            deleted: false,
+                        });
+                        dir.save_header(&state.header)?;
+                    }
+                    Err(e) => {
+                        appliance_err.insert(conn.name.clone(), e);
+                    }
                 }
-                Err(e) => appliance_err = Some(e),
             }
-        }
-
-        // VM list once; each VM re-reads its own VM when it needs fresh facts.
-        let inventory = if todo.is_empty() {
-            vec![]
-        } else {
+            if mine.is_empty() {
+                continue;
+            }
+            // VM list once per vCenter; each VM re-reads its own VM when it needs fresh facts.
             match self
-                .retry("list VMs", "vcenter", || self.hv.list_vms())
+                .retry("list VMs", conn.label(), || conn.list_vms())
                 .await
             {
-                Ok(v) => v,
+                Ok(v) => {
+                    inventory.insert(conn.name.clone(), v);
+                }
                 Err(e) => {
-                    let msg = format!("cannot list vCenter VMs: {}", e.chain());
-                    for &i in &todo {
+                    let msg = format!(
+                        "cannot list the VMs of vCenter {}: {}",
+                        conn.label(),
+                        e.chain()
+                    );
+                    for &i in &mine {
                         let v = &mut state.vms[i];
                         v.status = VmStatus::Failed;
                         v.failed_step = Some(Step::Check);
@@ -378,16 +448,15 @@ impl Runner {
                         dir.save_vm(i, v)?;
                         self.progress.finished(&v.vm, v.status, Some(&msg));
                     }
-                    todo.clear();
-                    vec![]
+                    todo.retain(|i| !mine.contains(i));
                 }
             }
-        };
+        }
 
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             dir,
-            appliance_ds,
+            appliance_file,
             waves: plan.waves.clone(),
         });
         let waves = plan.waves.len().max(1);
@@ -443,8 +512,8 @@ impl Runner {
         plan: &Plan,
         shared: &Arc<Shared>,
         todo: Vec<usize>,
-        inventory: &[VmInfo],
-        appliance_err: &Option<String>,
+        inventory: &HashMap<Option<String>, Vec<VmInfo>>,
+        appliance_err: &HashMap<Option<String>, String>,
         started_at: u64,
     ) -> Result<(), RunError> {
         let sem = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel.max(1)));
@@ -453,8 +522,16 @@ impl Runner {
             let sem = sem.clone();
             let shared = shared.clone();
             let vmplan = &plan.vms[i];
-            let resolved = resolve_vm(vmplan, inventory).cloned();
-            let appliance_err = appliance_err.clone();
+            let vcenter = plan.vcenter_of(vmplan).map(str::to_string);
+            let resolved = resolve_vm(
+                vmplan,
+                inventory
+                    .get(&vcenter)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            )
+            .cloned();
+            let appliance_err = appliance_err.get(&vcenter).cloned();
             futs.push(async move {
                 let _permit = sem.acquire().await;
                 self.run_vm(&shared, i, vmplan, resolved, appliance_err)
@@ -527,38 +604,52 @@ impl Runner {
         Ok(RunOutcome { results })
     }
 
-    /// `--cleanup`: delete the appliance ISO once no VM of the run can still need it.
+    /// `--cleanup`: delete each vCenter's appliance ISO once no VM of the run can still need
+    /// it there.
     async fn cleanup_appliance(&self, shared: &Shared) -> Result<(), StateError> {
         if !self.settings.cleanup {
             return Ok(());
         }
-        let (path, busy) = {
+        let copies: Vec<(usize, DatastoreFile)> = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            let busy = st.vms.iter().any(|v| !v.status.is_final());
-            (st.header.appliance.clone().map(|(p, _)| p), busy)
+            st.header
+                .appliances
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| !a.deleted)
+                .filter(|(_, a)| {
+                    !st.vms
+                        .iter()
+                        .any(|v| v.vcenter == a.file.vcenter && !v.status.is_final())
+                })
+                .map(|(i, a)| (i, a.file.clone()))
+                .collect()
         };
-        let Some(path) = path.filter(|_| !busy) else {
-            return Ok(());
-        };
-        match self
-            .retry("delete appliance ISO", "vcenter", || {
-                self.hv.delete_file(&path)
-            })
-            .await
-        {
-            Ok(()) => {
-                let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-                st.header.appliance_deleted = true;
-                shared.dir.save_header(&st.header)
-            }
-            Err(e) => {
-                self.progress.note(
-                    "run",
-                    &format!("cannot delete appliance ISO {path}: {}", e.chain()),
-                );
-                Ok(())
+        for (i, file) in copies {
+            let conn = self.conn(file.vcenter.as_deref());
+            match self
+                .retry("delete appliance ISO", conn.label(), || {
+                    conn.hv.delete_file(&file.path)
+                })
+                .await
+            {
+                Ok(()) => {
+                    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.header.appliances[i].deleted = true;
+                    shared.dir.save_header(&st.header)?;
+                }
+                Err(e) => self.progress.note(
+                    conn.label(),
+                    &format!(
+                        "cannot delete appliance ISO [{}] {}: {}",
+                        file.datastore,
+                        file.path,
+                        e.chain()
+                    ),
+                ),
             }
         }
+        Ok(())
     }
 
     /// Delete the VM's seed ISO (it holds a pairing token and the CA) from the datastore and
@@ -567,11 +658,10 @@ impl Runner {
         if self.settings.keep_seeds || v.seed_deleted {
             return None;
         }
+        let hv = self.hv(v.vcenter.as_deref());
         if let Some(ds) = v.seed_ds_path.clone() {
             if let Err(e) = self
-                .retry("delete seed ISO", &v.vm.clone(), || {
-                    self.hv.delete_file(&ds)
-                })
+                .retry("delete seed ISO", &v.vm.clone(), || hv.delete_file(&ds))
                 .await
             {
                 return Some(format!("delete seed ISO {ds}: {}", e.chain()));
@@ -588,7 +678,8 @@ impl Runner {
         None
     }
 
-    async fn upload_appliance(&self, ds_path: &str) -> Result<String, String> {
+    async fn upload_appliance(&self, conn: &VcenterConn, ds_path: &str) -> Result<String, String> {
+        let hv = conn.hv.as_ref();
         let path = &self.settings.appliance_iso;
         let p2 = path.clone();
         let (sha, size) = tokio::task::spawn_blocking(move || {
@@ -599,20 +690,22 @@ impl Runner {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot read appliance ISO {}: {e}", path.display()))?;
         let have = self
-            .retry("check appliance ISO", "vcenter", || {
-                self.hv.has_file(ds_path, size, &sha)
+            .retry("check appliance ISO", conn.label(), || {
+                hv.has_file(ds_path, size, &sha)
             })
             .await
             .map_err(|e| e.chain())?;
         if !have {
-            self.retry("upload appliance ISO", "vcenter", || {
-                self.hv.upload(path, ds_path, &sha)
+            self.retry("upload appliance ISO", conn.label(), || {
+                hv.upload(path, ds_path, &sha)
             })
             .await
             .map_err(|e| {
                 format!(
-                    "upload of appliance ISO {} to {ds_path} failed: {}",
+                    "upload of appliance ISO {} to [{}] {ds_path} on vCenter {} failed: {}",
                     path.display(),
+                    conn.datastore,
+                    conn.label(),
                     e.chain()
                 )
             })?;
@@ -756,10 +849,11 @@ impl Runner {
         let mut done = vec![];
         let mut problems = vec![];
         let label = v.vm.clone();
-        match self.retry("power off", &label, || self.hv.vm(&moref)).await {
+        let hv = self.hv(v.vcenter.as_deref());
+        match self.retry("power off", &label, || hv.vm(&moref)).await {
             Ok(info) if info.power == Power::On => {
                 match self
-                    .retry("power off", &label, || self.hv.power_off(&moref))
+                    .retry("power off", &label, || hv.power_off(&moref))
                     .await
                 {
                     Ok(()) => done.push("powered off"),
@@ -772,7 +866,7 @@ impl Runner {
         if !v.attached.is_empty() {
             let att = v.attached.clone();
             match self
-                .retry("detach ISOs", &label, || self.hv.detach_isos(&moref, &att))
+                .retry("detach ISOs", &label, || hv.detach_isos(&moref, &att))
                 .await
             {
                 Ok(()) => {
@@ -785,7 +879,7 @@ impl Runner {
         if let Some(saved) = v.saved_boot.clone() {
             match self
                 .retry("restore boot options", &label, || {
-                    self.hv.restore_boot(&moref, &saved)
+                    hv.restore_boot(&moref, &saved)
                 })
                 .await
             {
@@ -797,7 +891,7 @@ impl Runner {
         if let (OnFailure::Revert, Some(snap)) = (p.options.on_failure, v.snapshot.clone()) {
             match self
                 .retry("revert to snapshot", &label, || {
-                    self.hv.revert_snapshot(&moref, &snap)
+                    hv.revert_snapshot(&moref, &snap)
                 })
                 .await
             {
@@ -809,7 +903,7 @@ impl Runner {
                     } else {
                         match self
                             .retry("remove snapshot", &label, || {
-                                self.hv.remove_snapshot(&moref, &snap)
+                                hv.remove_snapshot(&moref, &snap)
                             })
                             .await
                         {
@@ -837,7 +931,7 @@ impl Runner {
         let power_back = (!paired || reverted) && problems.is_empty();
         if power_back && v.was_powered_on == Some(true) {
             if self
-                .retry("power on", &label, || self.hv.power_on(&moref))
+                .retry("power on", &label, || hv.power_on(&moref))
                 .await
                 .is_ok()
             {
@@ -892,6 +986,8 @@ impl Runner {
         let moref = v.moref.clone().unwrap_or_default();
         let label = v.vm.clone();
         let to = &p.options.timeouts;
+        let conn = self.conn(v.vcenter.as_deref());
+        let hv = conn.hv.as_ref();
         match s {
             Step::Check => {
                 let ri = self
@@ -983,22 +1079,19 @@ impl Runner {
             Step::UploadSeed => {
                 let path = v.seed_path.clone().unwrap_or_default();
                 let sha = v.seed_sha256.clone().unwrap_or_default();
-                let ds = format!(
-                    "{}/seeds/{}",
-                    self.settings.folder.trim_end_matches('/'),
+                let ds = conn.iso_path(&format!(
+                    "seeds/{}",
                     path.file_name()
                         .map(|n| n.to_string_lossy().to_string())
                         .unwrap_or_default()
-                );
-                self.retry("upload seed ISO", &label, || {
-                    self.hv.upload(&path, &ds, &sha)
-                })
-                .await?;
+                ));
+                self.retry("upload seed ISO", &label, || hv.upload(&path, &ds, &sha))
+                    .await?;
                 v.seed_ds_path = Some(ds);
                 Ok(Flow::Next)
             }
             Step::PowerOff => {
-                let info = self.retry("read VM", &label, || self.hv.vm(&moref)).await?;
+                let info = self.retry("read VM", &label, || hv.vm(&moref)).await?;
                 if v.was_powered_on.is_none() {
                     // Recorded before acting, so a resumed run knows the original state.
                     v.was_powered_on = Some(info.power == Power::On);
@@ -1013,13 +1106,13 @@ impl Runner {
                     self.progress
                         .note(&label, "guest shutdown (VMware Tools running)");
                     if self
-                        .retry("guest shutdown", &label, || self.hv.shutdown_guest(&moref))
+                        .retry("guest shutdown", &label, || hv.shutdown_guest(&moref))
                         .await
                         .is_ok()
                     {
                         let deadline = Instant::now() + Duration::from_secs(to.shutdown_secs);
                         while Instant::now() < deadline {
-                            if let Ok(i) = self.hv.vm(&moref).await {
+                            if let Ok(i) = hv.vm(&moref).await {
                                 if i.power == Power::Off {
                                     return Ok(Flow::Next);
                                 }
@@ -1035,7 +1128,7 @@ impl Runner {
                         );
                     }
                 }
-                self.power_off_if_on(&moref, &label).await?;
+                self.power_off_if_on(hv, &moref, &label).await?;
                 Ok(Flow::Next)
             }
             Step::Snapshot => {
@@ -1052,7 +1145,7 @@ impl Runner {
                         format!("Protective snapshot before failback of recovery instance {id}");
                     let snap = self
                         .retry("snapshot", &label, || {
-                            self.hv.create_snapshot(&moref, &name, &desc)
+                            hv.create_snapshot(&moref, &name, &desc)
                         })
                         .await?;
                     v.snapshot = Some(snap);
@@ -1062,13 +1155,13 @@ impl Runner {
             Step::SaveBootOptions => {
                 if v.devices_before.is_none() {
                     v.devices_before = Some(
-                        self.retry("read devices", &label, || self.hv.devices_before(&moref))
+                        self.retry("read devices", &label, || hv.devices_before(&moref))
                             .await?,
                     );
                 }
                 if v.saved_boot.is_none() {
                     v.saved_boot = Some(
-                        self.retry("save boot options", &label, || self.hv.save_boot(&moref))
+                        self.retry("save boot options", &label, || hv.save_boot(&moref))
                             .await?,
                     );
                 }
@@ -1076,13 +1169,13 @@ impl Runner {
             }
             Step::AttachIsos => {
                 let isos = vec![
-                    shared.appliance_ds.clone(),
+                    conn.iso_path(&shared.appliance_file),
                     v.seed_ds_path.clone().unwrap_or_default(),
                 ];
                 let before = v.devices_before.clone();
                 let att = self
                     .retry("attach ISOs", &label, || {
-                        self.hv.attach_isos(&moref, &isos, before.as_ref())
+                        hv.attach_isos(&moref, &isos, before.as_ref())
                     })
                     .await?;
                 v.attached = att;
@@ -1094,15 +1187,15 @@ impl Runner {
                     .clone()
                     .ok_or_else(|| BackendError::permanent("no saved boot options"))?;
                 self.retry("set boot order", &label, || {
-                    self.hv.set_cdrom_first(&moref, &saved)
+                    hv.set_cdrom_first(&moref, &saved)
                 })
                 .await?;
                 Ok(Flow::Next)
             }
             Step::PowerOnAppliance => {
-                let info = self.retry("read VM", &label, || self.hv.vm(&moref)).await?;
+                let info = self.retry("read VM", &label, || hv.vm(&moref)).await?;
                 if info.power != Power::On {
-                    self.retry("power on", &label, || self.hv.power_on(&moref))
+                    self.retry("power on", &label, || hv.power_on(&moref))
                         .await?;
                 }
                 Ok(Flow::Next)
@@ -1181,12 +1274,12 @@ impl Runner {
                 Ok(Flow::Next)
             }
             Step::PowerOffAppliance => {
-                self.power_off_if_on(&moref, &label).await?;
+                self.power_off_if_on(hv, &moref, &label).await?;
                 Ok(Flow::Next)
             }
             Step::DetachIsos => {
                 let att = v.attached.clone();
-                self.retry("detach ISOs", &label, || self.hv.detach_isos(&moref, &att))
+                self.retry("detach ISOs", &label, || hv.detach_isos(&moref, &att))
                     .await?;
                 Ok(Flow::Next)
             }
@@ -1196,15 +1289,15 @@ impl Runner {
                     .clone()
                     .ok_or_else(|| BackendError::permanent("no saved boot options"))?;
                 self.retry("restore boot options", &label, || {
-                    self.hv.restore_boot(&moref, &saved)
+                    hv.restore_boot(&moref, &saved)
                 })
                 .await?;
                 Ok(Flow::Next)
             }
             Step::PowerOnFromDisk => {
-                let info = self.retry("read VM", &label, || self.hv.vm(&moref)).await?;
+                let info = self.retry("read VM", &label, || hv.vm(&moref)).await?;
                 if info.power != Power::On {
-                    self.retry("power on", &label, || self.hv.power_on(&moref))
+                    self.retry("power on", &label, || hv.power_on(&moref))
                         .await?;
                 }
                 Ok(Flow::Next)
@@ -1216,7 +1309,7 @@ impl Runner {
                     .and_then(|w| shared.waves.iter().find(|x| x.name == *w))
                     .and_then(|w| w.readiness);
                 if let Some(r) = ready {
-                    self.wait_ready(&moref, &label, &r).await?;
+                    self.wait_ready(hv, &moref, &label, &r).await?;
                 }
                 Ok(Flow::Next)
             }
@@ -1231,12 +1324,13 @@ impl Runner {
     async fn cleanup_vm(&self, p: &VmPlan, v: &mut VmState) -> StepResult<()> {
         let moref = v.moref.clone().unwrap_or_default();
         let label = v.vm.clone();
+        let hv = self.hv(v.vcenter.as_deref());
         if let Some(snap) = v.snapshot.clone() {
             if p.options.keep_snapshot {
                 v.snapshot_outcome = Some(SnapshotOutcome::Kept);
             } else {
                 self.retry("remove snapshot", &label, || {
-                    self.hv.remove_snapshot(&moref, &snap)
+                    hv.remove_snapshot(&moref, &snap)
                 })
                 .await?;
                 v.snapshot_outcome = Some(SnapshotOutcome::Removed);
@@ -1250,10 +1344,16 @@ impl Runner {
 
     /// Poll the VM until the wave's readiness check holds (VMware Tools running, a guest IP,
     /// a TCP port answering on it) or its time-out; the error says which condition failed.
-    async fn wait_ready(&self, moref: &str, label: &str, r: &Readiness) -> StepResult<()> {
+    async fn wait_ready(
+        &self,
+        hv: &dyn Hypervisor,
+        moref: &str,
+        label: &str,
+        r: &Readiness,
+    ) -> StepResult<()> {
         let deadline = Instant::now() + Duration::from_secs(r.timeout_secs);
         loop {
-            let missing = match self.hv.vm(moref).await {
+            let missing = match hv.vm(moref).await {
                 Ok(info) => self.not_ready(&info, r).await,
                 Err(e) if e.transient => Some(format!("cannot read VM: {}", e.chain())),
                 Err(e) => return Err(e),
@@ -1296,10 +1396,15 @@ impl Runner {
         }
     }
 
-    async fn power_off_if_on(&self, moref: &str, label: &str) -> StepResult<()> {
-        let info = self.retry("read VM", label, || self.hv.vm(moref)).await?;
+    async fn power_off_if_on(
+        &self,
+        hv: &dyn Hypervisor,
+        moref: &str,
+        label: &str,
+    ) -> StepResult<()> {
+        let info = self.retry("read VM", label, || hv.vm(moref)).await?;
         if info.power != Power::Off {
-            self.retry("power off", label, || self.hv.power_off(moref))
+            self.retry("power off", label, || hv.power_off(moref))
                 .await?;
         }
         Ok(())

@@ -175,6 +175,12 @@ pub struct VmState {
     /// The runbook wave of the plan entry.
     #[serde(default)]
     pub wave: Option<String>,
+    /// The plan's `[[vcenter]]` name of the VM's vCenter (`None`: the single-vCenter form).
+    #[serde(default)]
+    pub vcenter: Option<String>,
+    /// The datastore of that vCenter the VM's seed ISO goes to.
+    #[serde(default)]
+    pub datastore: Option<String>,
     pub status: VmStatus,
     pub last_completed: Option<Step>,
     /// Step that failed and why (status `failed`), or why it was skipped.
@@ -252,6 +258,8 @@ impl VmState {
             vm: vm.to_string(),
             recovery_instance,
             wave: None,
+            vcenter: None,
+            datastore: None,
             status: VmStatus::Pending,
             last_completed: None,
             failed_step: None,
@@ -300,13 +308,32 @@ pub struct RunHeader {
     /// SHA-256 of the plan file the run started from; `--resume` refuses another plan.
     pub plan_sha256: String,
     pub plan_path: PathBuf,
-    /// Datastore path of the uploaded appliance ISO and its SHA-256, once verified.
+    /// The appliance ISO, once uploaded (or found) and verified, per vCenter + datastore.
     #[serde(default)]
-    pub appliance: Option<(String, String)>,
-    /// The appliance ISO was deleted at the end (`--cleanup`).
-    #[serde(default)]
-    pub appliance_deleted: bool,
+    pub appliances: Vec<ApplianceCopy>,
     pub vm_count: usize,
+}
+
+/// A file the run put on a datastore (results: `left_behind`, `removed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatastoreFile {
+    /// The plan's `[[vcenter]]` name (absent in the single-vCenter form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcenter: Option<String>,
+    pub datastore: String,
+    /// Inside the datastore, e.g. `failback/failback.iso`.
+    pub path: String,
+}
+
+/// The appliance ISO on one vCenter's datastore: uploaded once per run and vCenter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceCopy {
+    #[serde(flatten)]
+    pub file: DatastoreFile,
+    pub sha256: String,
+    /// Deleted at the end of the run (`--cleanup`).
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 /// The whole state in memory.
@@ -531,8 +558,7 @@ mod tests {
                 run_id: "r1".into(),
                 plan_sha256: "ab".into(),
                 plan_path: "p.toml".into(),
-                appliance: None,
-                appliance_deleted: false,
+                appliances: vec![],
                 vm_count: 2,
             },
             vms: vec![

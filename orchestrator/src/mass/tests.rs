@@ -328,6 +328,7 @@ fn world(n: usize) -> Fake {
                 moref.clone(),
                 FakeVm {
                     info: VmInfo {
+                        vcenter: None,
                         moref: moref.clone(),
                         name: format!("web-{i}"),
                         bios_uuid: Some(uuid(i)),
@@ -383,6 +384,7 @@ fn plan_for(f: &Fake, snapshot: bool) -> Plan {
             VmPlan {
                 recovery_instance: Some(ri.recovery_instance_id.clone()),
                 wave: None,
+                vcenter: None,
                 matched_by: None,
                 target: VmTarget {
                     name: Some(vm.info.name.clone()),
@@ -399,6 +401,7 @@ fn plan_for(f: &Fake, snapshot: bool) -> Plan {
         version: PLAN_VERSION,
         unmatched_instances: vec!["i-deadbeef".into()],
         waves: vec![],
+        vcenters: vec![],
         vms,
     }
 }
@@ -447,7 +450,12 @@ fn env(plan: &Plan) -> Env {
 
 fn runner(f: &Fake, settings: RunSettings) -> Runner {
     Runner {
-        hv: Arc::new(f.clone()),
+        vcenters: vec![VcenterConn {
+            name: None,
+            hv: Arc::new(f.clone()),
+            datastore: "ds".into(),
+            folder: "failback".into(),
+        }],
         dr: Arc::new(f.clone()),
         seed: Arc::new(f.clone()),
         progress: Arc::new(NoProgress),

@@ -609,3 +609,203 @@ pub fn assert_same_config(
         }
     }
 }
+
+/// `tests/vm_config.py set NAME key=value...` (`uuid=`, `guest_ip=`).
+pub fn vm_config_set(vcsim: &Vcsim, name: &str, fields: &[&str]) {
+    let mut args = vec!["set", name];
+    args.extend_from_slice(fields);
+    vm_config_cmd(vcsim, &args).expect("vm_config.py set");
+}
+
+/// Simulated clients (see [`simulate_clients`]) for one vcsim's VMs on `LocalDS_0`, running
+/// until [`Sim::finish`].
+pub struct Sim {
+    pub log: Arc<Mutex<SimLog>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sim {
+    /// VMs whose BIOS UUID is in `never_pair` boot, but their client never pairs.
+    pub fn start(vcsim: &Vcsim, never_pair: HashSet<String>) -> Sim {
+        let log = Arc::new(Mutex::new(SimLog::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dirs = HashMap::from([("LOCALDS_0".to_string(), vcsim.datastore_dir("LocalDS_0"))]);
+        let task = tokio::spawn(simulate_clients(
+            vcsim.config(),
+            dirs,
+            never_pair,
+            log.clone(),
+            stop.clone(),
+        ));
+        Sim { log, stop, task }
+    }
+
+    /// Stops the simulation and returns what it did; asserts it met no error.
+    pub async fn finish(self) -> SimLog {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.task.await;
+        let log = std::mem::take(&mut *self.log.lock().unwrap());
+        assert!(log.errors.is_empty(), "simulated clients: {:?}", log.errors);
+        log
+    }
+}
+
+/// A stand-in appliance ISO of 256 KiB in `dir` (the simulated clients never boot it).
+pub fn stub_appliance(dir: &Path) -> PathBuf {
+    let p = dir.join("failback.iso");
+    if !p.exists() {
+        std::fs::write(&p, vec![1u8; 256 << 10]).unwrap();
+    }
+    p
+}
+
+/// `failback mass run PLAN --appliance-iso (stub in dir) --parallel N --poll-ms 200
+/// --progress plain EXTRA...`
+pub fn mass_run_args(plan: &Path, dir: &Path, parallel: usize, extra: &[&str]) -> Vec<String> {
+    let appliance = stub_appliance(dir);
+    let mut a: Vec<String> = ["mass", "run", plan.to_str().unwrap(), "--parallel"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(parallel.to_string());
+    for s in [
+        "--poll-ms",
+        "200",
+        "--appliance-iso",
+        appliance.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ] {
+        a.push(s.to_string());
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// `failback mass plan --one-click -o PLAN EXTRA...`, which must succeed; the plan and the
+/// command's output.
+pub fn one_click_plan(
+    env: &[(String, String)],
+    plan: &Path,
+    extra: &[&str],
+) -> (failback_config::plan::Plan, String) {
+    let mut args = vec!["mass", "plan", "--one-click", "-o", plan.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, out, err) = failback(&args, env);
+    assert_eq!(code, 0, "mass plan: {out}\n{err}");
+    (
+        failback_config::plan::Plan::load(plan).expect("load the written plan"),
+        out,
+    )
+}
+
+/// Writes `plan` back to `path` (TOML).
+pub fn save_plan(plan: &failback_config::plan::Plan, path: &Path) {
+    let text = plan
+        .encode(failback_config::plan::PlanFormat::Toml)
+        .unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// A results (or any JSON) file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The results' VMs by `vm` label (`vcenter/name` in multi-vCenter plans), and also by
+/// `vm_name` when that is unique.
+pub fn results_by_vm(r: &serde_json::Value) -> HashMap<String, serde_json::Value> {
+    let vms = r["vms"].as_array().unwrap();
+    let mut out = HashMap::new();
+    for v in vms {
+        out.insert(v["vm"].as_str().unwrap().to_string(), v.clone());
+        if let Some(n) = v["vm_name"].as_str() {
+            if vms.iter().filter(|x| x["vm_name"] == n).count() == 1 {
+                out.insert(n.to_string(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Starts `failback ARGS` and kills it with SIGKILL as soon as the state in `state_dir`
+/// shows a VM whose last completed step is `step` or later; returns that step. Fails if the
+/// run ends first or makes no progress for 120 s.
+pub async fn kill_run_after(
+    args: &[String],
+    env: &[(String, String)],
+    state_dir: &Path,
+    step: failback_orchestrator::mass::state::Step,
+) -> failback_orchestrator::mass::state::Step {
+    let mut child = Command::new(bin("failback"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn failback mass run");
+    let t0 = Instant::now();
+    loop {
+        let st = failback_orchestrator::mass::state::load(state_dir).ok();
+        let past = st.as_ref().and_then(|s| {
+            s.vms
+                .iter()
+                .filter_map(|v| v.last_completed)
+                .find(|s| *s >= step)
+        });
+        if let Some(reached) = past {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return reached;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run finished before it could be killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "run made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A vcsim (started with `vcsim_args`), a DR service for simulated clients, a logged-in
+/// vCenter client, the VMs (not templates, by name), the CLI environment for both and a work
+/// directory.
+pub struct World {
+    pub vcsim: Vcsim,
+    pub dr: DrService,
+    pub vc: Client,
+    pub vms: Vec<failback_vcenter::Vm>,
+    pub env: Vec<(String, String)>,
+    pub work: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start(vcsim_args: &[&str]) -> World {
+        let vcsim = Vcsim::start(vcsim_args);
+        let dr = DrService::start_for_simulation();
+        let vc = vcsim.client().await;
+        let vms = non_template_vms(&vc).await;
+        let mut env = vcsim.cli_env();
+        env.extend(dr.cli_env());
+        World {
+            vcsim,
+            dr,
+            vc,
+            vms,
+            env,
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn name(&self, i: usize) -> String {
+        self.vms[i].summary.name.clone()
+    }
+
+    pub fn bios(&self, i: usize) -> String {
+        self.vms[i].summary.bios_uuid.clone().unwrap()
+    }
+}

@@ -5,9 +5,11 @@
 //! the results file).
 
 use clap::{Args, Subcommand, ValueEnum};
-use failback_config::plan::{LaunchMode, OnFailure, Plan, PlanFormat, VmOptions};
+use failback_config::plan::{
+    LaunchMode, OnFailure, Plan, PlanFormat, VcenterEntry, VcenterList, VmOptions,
+};
 use failback_orchestrator::mass::adapters::{DrHttp, IsoSeedBuilder, VcenterBackend};
-use failback_orchestrator::mass::backend::{DrService, Hypervisor};
+use failback_orchestrator::mass::backend::{list_all, DrService, VcenterConn};
 use failback_orchestrator::mass::planner;
 use failback_orchestrator::mass::progress::{self, NoProgress, PlainProgress, RunProgress};
 use failback_orchestrator::mass::runner::{now_secs, InProgress, RunSettings, Runner};
@@ -33,10 +35,84 @@ pub enum MassCommand {
     Run(RunArgs),
 }
 
-async fn vc_connect(a: &VcenterArgs) -> Result<vc::Client, (u8, String)> {
-    a.connect()
-        .await
-        .map_err(|e| (vcenter_args::exit_code(&e), format!("vCenter: {e}")))
+/// The vCenters a command works on, logged in.
+struct Vcenters {
+    conns: Vec<VcenterConn>,
+    backends: Vec<Arc<VcenterBackend>>,
+}
+
+impl Vcenters {
+    /// The plan's (or `--vcenters` file's) `[[vcenter]]` entries, each with its own
+    /// credentials; with none, the one vCenter of the flags / `VCENTER_*` environment
+    /// (`need_datastore`: `--datastore` is required then).
+    async fn connect(
+        flags: &VcenterArgs,
+        entries: &[VcenterEntry],
+        folder: &str,
+        need_datastore: bool,
+    ) -> Result<Vcenters, (u8, String)> {
+        let fail = |what: &str, e: vc::Error| (vcenter_args::exit_code(&e), format!("{what}: {e}"));
+        let mut out = Vcenters {
+            conns: vec![],
+            backends: vec![],
+        };
+        if entries.is_empty() {
+            let datastore = match flags.datastore() {
+                Ok(d) => d.to_string(),
+                Err(e) if need_datastore => return Err((EXIT_USAGE, e.to_string())),
+                Err(_) => String::new(),
+            };
+            let client = flags.connect().await.map_err(|e| fail("vCenter", e))?;
+            out.push(None, client, datastore, folder.to_string());
+            return Ok(out);
+        }
+        for e in entries {
+            let cfg = vcenter_args::entry_config(e, flags.task_timeout_secs)
+                .map_err(|err| (EXIT_USAGE, err.to_string()))?;
+            let client = vc::Client::connect(cfg)
+                .await
+                .map_err(|err| fail(&format!("vCenter {} ({})", e.name, e.host), err))?;
+            let folder = e.folder.clone().unwrap_or_else(|| folder.to_string());
+            out.push(Some(e.name.clone()), client, e.datastore.clone(), folder);
+        }
+        Ok(out)
+    }
+
+    fn push(
+        &mut self,
+        name: Option<String>,
+        client: vc::Client,
+        datastore: String,
+        folder: String,
+    ) {
+        let b = Arc::new(VcenterBackend {
+            client,
+            datastore: datastore.clone(),
+        });
+        self.backends.push(b.clone());
+        self.conns.push(VcenterConn {
+            name,
+            hv: b,
+            datastore,
+            folder,
+        });
+    }
+
+    async fn logout(&self) {
+        for b in &self.backends {
+            let _ = b.client.logout().await;
+        }
+    }
+}
+
+/// `--vcenters FILE` entries, or none.
+fn vcenter_list(path: &Option<PathBuf>) -> Result<Vec<VcenterEntry>, (u8, String)> {
+    match path {
+        None => Ok(vec![]),
+        Some(p) => VcenterList::load(p)
+            .map(|l| l.vcenters)
+            .map_err(|e| (EXIT_USAGE, e.to_string())),
+    }
 }
 
 /// DR service admin connection (same flags/env as the other admin commands).
@@ -86,6 +162,10 @@ pub struct FindArgs {
     vc: VcenterArgs,
     #[command(flatten)]
     dr: DrArgs,
+    /// Search every vCenter of this file of `[[vcenter]]` entries (the plan's format)
+    /// instead of the one given by --vcenter / VCENTER_HOST.
+    #[arg(long, env = "FAILBACK_VCENTERS")]
+    vcenters: Option<PathBuf>,
     /// Only VMs whose name contains this (case-insensitive).
     #[arg(long)]
     name: Option<String>,
@@ -103,6 +183,10 @@ pub struct PlanArgs {
     vc: VcenterArgs,
     #[command(flatten)]
     dr: DrArgs,
+    /// Search every vCenter of this file of `[[vcenter]]` entries (the plan's format) instead
+    /// of the one given by --vcenter / VCENTER_HOST; the entries are copied into the plan.
+    #[arg(long, env = "FAILBACK_VCENTERS")]
+    vcenters: Option<PathBuf>,
     /// Match every recovery instance to its VM (BIOS UUID, then instance UUID, then MAC).
     #[arg(long)]
     one_click: bool,
@@ -246,12 +330,9 @@ fn net(e: failback_orchestrator::mass::backend::BackendError) -> (u8, String) {
 
 async fn find(a: FindArgs) -> CmdResult {
     let dr = a.dr.connect()?;
-    let client = vc_connect(&a.vc).await?;
-    let hv = VcenterBackend {
-        client,
-        datastore: String::new(),
-    };
-    let (rows, m) = planner::find(&hv, &dr, a.name.as_deref())
+    let entries = vcenter_list(&a.vcenters)?;
+    let hv = Vcenters::connect(&a.vc, &entries, "", false).await?;
+    let (rows, m) = planner::find(&hv.conns, &dr, a.name.as_deref())
         .await
         .map_err(net)?;
     let json = serde_json::to_string_pretty(&serde_json::json!({
@@ -279,7 +360,7 @@ async fn find(a: FindArgs) -> CmdResult {
             .map_err(|e| (EXIT_USAGE, format!("cannot write {}: {e}", path.display())))?;
         eprintln!("exported to {}", path.display());
     }
-    let _ = hv.client.logout().await;
+    hv.logout().await;
     Ok(0)
 }
 
@@ -291,12 +372,9 @@ async fn plan(a: PlanArgs) -> CmdResult {
         ));
     }
     let dr = a.dr.connect()?;
-    let client = vc_connect(&a.vc).await?;
-    let hv = VcenterBackend {
-        client,
-        datastore: String::new(),
-    };
-    let vms = hv.list_vms().await.map_err(net)?;
+    let entries = vcenter_list(&a.vcenters)?;
+    let hv = Vcenters::connect(&a.vc, &entries, "", false).await?;
+    let vms = list_all(&hv.conns).await.map_err(net)?;
     let instances = dr.instances().await.map_err(net)?;
     let options = VmOptions {
         protective_snapshot: a.snapshot,
@@ -309,7 +387,7 @@ async fn plan(a: PlanArgs) -> CmdResult {
         launch: a.launch.into(),
         ..Default::default()
     };
-    let (plan, unmatched) = if a.one_click {
+    let (mut plan, unmatched) = if a.one_click {
         let (p, m) = planner::one_click(&instances, &vms, &options);
         (p, m.unmatched_instances)
     } else {
@@ -317,6 +395,7 @@ async fn plan(a: PlanArgs) -> CmdResult {
         let m = failback_orchestrator::mass::matching::match_instances(&instances, &vms);
         (p, m.unmatched_instances)
     };
+    plan.vcenters = entries;
     plan.validate().map_err(|e| {
         (
             EXIT_INTERNAL,
@@ -350,7 +429,7 @@ async fn plan(a: PlanArgs) -> CmdResult {
             }
         }
     }
-    let _ = hv.client.logout().await;
+    hv.logout().await;
     Ok(0)
 }
 
@@ -367,18 +446,16 @@ async fn run_plan(a: RunArgs) -> CmdResult {
     }
     let ca_pem = a.dr.ca_pem()?;
     let dr = Arc::new(a.dr.connect()?);
-    let client = vc_connect(&a.vc).await?;
-    let datastore =
-        a.vc.datastore()
-            .map_err(|e| (EXIT_USAGE, e.to_string()))?
-            .to_string();
-    let hv = Arc::new(VcenterBackend {
-        client,
-        datastore: datastore.clone(),
-    });
+    if !plan.vcenters.is_empty() && (a.vc.host.is_some() || a.vc.url.is_some()) {
+        eprintln!(
+            "note: {} has [[vcenter]] entries; --vcenter / VCENTER_HOST / GOVC_URL are not used",
+            a.plan.display()
+        );
+    }
+    let hv = Vcenters::connect(&a.vc, &plan.vcenters, &a.folder, true).await?;
     if a.dry_run {
         let rows = planner::dry_run(
-            hv.as_ref(),
+            &hv.conns,
             dr.as_ref(),
             &plan,
             a.in_progress,
@@ -393,7 +470,7 @@ async fn run_plan(a: RunArgs) -> CmdResult {
             ),
             Output::Text => print!("{}", planner::dry_run_text(&rows)),
         }
-        let _ = hv.client.logout().await;
+        hv.logout().await;
         return Ok(0);
     }
     if !a.appliance_iso.is_file() {
@@ -433,11 +510,20 @@ async fn run_plan(a: RunArgs) -> CmdResult {
         retry_failed: a.retry_failed,
         keep_seeds: a.keep_seeds,
         cleanup: a.cleanup,
-        endpoints: serde_json::json!({
-            "vcenter": a.vc.host.as_deref().or(a.vc.url.as_deref()).and_then(|h| h.split('@').next_back()),
-            "datastore": datastore,
-            "dr_service": a.dr.server,
-        }),
+        endpoints: if plan.vcenters.is_empty() {
+            serde_json::json!({
+                "vcenter": a.vc.host.as_deref().or(a.vc.url.as_deref()).and_then(|h| h.split('@').next_back()),
+                "datastore": hv.conns[0].datastore,
+                "dr_service": a.dr.server,
+            })
+        } else {
+            serde_json::json!({
+                "vcenters": hv.conns.iter().zip(&plan.vcenters).map(|(c, e)| serde_json::json!({
+                    "name": e.name, "host": e.host, "datastore": c.datastore, "folder": c.folder,
+                })).collect::<Vec<_>>(),
+                "dr_service": a.dr.server,
+            })
+        },
     };
     let progress: Arc<dyn RunProgress> = match a.progress {
         ProgressArg::Auto => Arc::from(progress::auto()),
@@ -445,7 +531,7 @@ async fn run_plan(a: RunArgs) -> CmdResult {
         ProgressArg::None => Arc::new(NoProgress),
     };
     let runner = Runner {
-        hv: hv.clone(),
+        vcenters: hv.conns.clone(),
         dr,
         seed: Arc::new(IsoSeedBuilder),
         progress,
@@ -480,8 +566,12 @@ async fn run_plan(a: RunArgs) -> CmdResult {
             for v in &out.results.vms {
                 if let Some(m) = &v.message {
                     println!(
-                        "  {} ({}): {:?}: {m}",
+                        "  {}{} ({}): {:?}: {m}",
                         v.vm,
+                        v.vcenter
+                            .as_deref()
+                            .map(|c| format!(" [vCenter {c}]"))
+                            .unwrap_or_default(),
                         v.recovery_instance.as_deref().unwrap_or("-"),
                         v.status
                     );
@@ -489,7 +579,7 @@ async fn run_plan(a: RunArgs) -> CmdResult {
             }
         }
     }
-    let _ = hv.client.logout().await;
+    hv.logout().await;
     Ok(if out.any_failed() { EXIT_VM_FAILED } else { 0 })
 }
 
