@@ -1202,10 +1202,14 @@ impl Runner {
             }
             Step::WaitPaired => {
                 let prev = v.previous_client_id.clone();
-                self.wait(&id, &label, "pair", to.pair_secs, v, |ri| {
+                let paired = |ri: &RecoveryInstance| {
                     ri.failback.client_id.is_some() && ri.failback.client_id != prev
-                })
-                .await?;
+                };
+                let wait = self.wait(&id, &label, "pair", to.pair_secs, v, paired);
+                tokio::select! {
+                    r = wait => { r?; }
+                    e = self.watch_powered_on(hv, &moref, &label) => return Err(e),
+                }
                 Ok(Flow::Next)
             }
             Step::WaitReady => {
@@ -1408,6 +1412,32 @@ impl Runner {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Returns (an error) only when the VM is found powered off: while it waits to pair, the
+    /// appliance is running, so a VM that went off means the appliance stopped (a failure it
+    /// printed on its console, or a boot that never reached it) — no use waiting `pair_secs`.
+    async fn watch_powered_on(
+        &self,
+        hv: &dyn Hypervisor,
+        moref: &str,
+        label: &str,
+    ) -> BackendError {
+        loop {
+            // Read errors are not this watch's business: the wait reports timeouts.
+            if let Ok(info) = hv.vm(moref).await {
+                if info.power == Power::Off {
+                    return BackendError::permanent(format!(
+                        "VM {label} ({moref}) powered off before its appliance paired: the \
+                         appliance stopped; see the VM's console"
+                    ));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(
+                self.settings.poll_interval_ms.max(10).saturating_mul(4),
+            ))
+            .await;
+        }
     }
 
     async fn poll_sleep(&self) {

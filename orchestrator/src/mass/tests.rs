@@ -34,6 +34,8 @@ struct World {
     boots: HashMap<String, u32>,
     /// instances whose client never pairs
     never_pairs: Vec<String>,
+    /// VMs whose appliance powers the VM off at boot, before pairing (it printed a failure)
+    appliance_dies: Vec<String>,
     /// transient failures to inject per op name
     flaky: HashMap<String, u32>,
     /// VMs whose next attach adds a drive, then fails (connection lost mid-operation)
@@ -121,6 +123,10 @@ impl Hypervisor for Fake {
         }
         vm.info.power = Power::On;
         let appliance = vm.boot.starts_with("cdrom,") && vm.cdroms.iter().any(|c| c.1.is_some());
+        if appliance && w.appliance_dies.iter().any(|m| m == moref) {
+            w.vms.get_mut(moref).unwrap().info.power = Power::Off;
+            return Ok(());
+        }
         if appliance {
             if let Some(id) = Self::instance_of_vm(&w, moref) {
                 w.boots.insert(id, 0);
@@ -548,6 +554,34 @@ async fn never_pairing_client_fails_that_vm_only_and_rolls_back() {
     assert_eq!(vm.boot, "disk:1,net:4000");
     assert_eq!(vm.cdroms, vec![(3000, None, false)]);
     assert_eq!(vm.info.power, Power::Off);
+}
+
+#[tokio::test]
+async fn an_appliance_that_powers_its_vm_off_fails_that_vm_without_waiting_pair_secs() {
+    let f = world(2);
+    f.w().never_pairs.push("i-00000001".into());
+    f.w().appliance_dies.push("vm-1".into());
+    let mut plan = plan_for(&f, false);
+    for vm in &mut plan.vms {
+        vm.options.timeouts.pair_secs = 600;
+    }
+    let e = env(&plan);
+    let started = std::time::Instant::now();
+    let out = runner(&f, e.settings.clone())
+        .run(&plan, &e.plan_path, false)
+        .await
+        .unwrap();
+    // Not the 600 s pair timeout: the watch saw the VM off (generous bound, no flake).
+    assert!(started.elapsed() < std::time::Duration::from_secs(300));
+    let r = &out.results;
+    assert_eq!((r.summary.succeeded, r.summary.failed), (1, 1));
+    let bad = r.vms.iter().find(|v| v.vm == "web-1").unwrap();
+    assert_eq!(bad.failed_step, Some(Step::WaitPaired));
+    let msg = bad.message.as_deref().unwrap();
+    assert!(
+        msg.contains("powered off before its appliance paired") && msg.contains("vm-1"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
