@@ -279,12 +279,13 @@ async fn whole_disk_refetch_does_not_buffer_the_disk() {
     let got: Vec<_> = got
         .await
         .into_iter()
-        .filter(|m| !matches!(m, Message::SyncPlan { .. }))
+        // Protocol 4: a stream's SyncDone follows its last window (its digest is final then).
+        .filter(|m| !matches!(m, Message::SyncPlan { .. } | Message::SyncDone { .. }))
         .collect();
     assert_eq!(
         got.len(),
         4,
-        "four windows compared, nothing else (besides the plans)"
+        "four windows compared, nothing else (besides the plans and SyncDone): {got:?}"
     );
     let before = rss_anon(agent.pid());
     let peak = Peak::start(agent.pid());
@@ -300,6 +301,7 @@ async fn whole_disk_refetch_does_not_buffer_the_disk() {
     while blocks < 4 * u64::from(nblocks) {
         match raw.reader.read().await {
             Ok(Some((Message::Blocks { blocks: b, .. }, _))) => blocks += b.len() as u64,
+            Ok(Some((Message::SyncDone { .. }, _))) => {}
             _ => break,
         }
     }
