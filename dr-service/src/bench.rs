@@ -1,6 +1,7 @@
 //! Load benchmark (`failback-server bench`): a real service (HTTPS, SQLite in a temp dir) and
 //! N simulated failback clients, each with its own TLS connection, sending a heartbeat with a
-//! progress report once a second. Reports request latency percentiles measured at the client
+//! progress report every `interval` seconds (a real client beats at the interval the service
+//! hands it, 10 s by default; 1 s is the stress setting). Reports request latency percentiles measured at the client
 //! (so they include TLS, HTTP, JSON and the SQLite transaction). Clients and service share this
 //! process and its cores, which makes the figure conservative.
 
@@ -17,7 +18,11 @@ pub struct BenchReport {
     /// `sqlite` or `postgres`.
     pub backend: String,
     pub clients: usize,
+    /// Seconds between two heartbeats of one client.
+    pub interval_secs: u64,
     pub seconds: u64,
+    /// Heartbeats per second offered to the service (`clients / interval_secs`).
+    pub offered_per_sec: f64,
     pub requests: u64,
     pub errors: u64,
     pub p50_ms: f64,
@@ -29,8 +34,8 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "dr-service heartbeat ({}): {} clients x 1/s for {} s: {} requests, {} errors, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            self.backend, self.clients, self.seconds, self.requests, self.errors, self.p50_ms, self.p99_ms, self.max_ms
+            "dr-service heartbeat ({}): {} clients x 1/{} s ({:.0} heartbeats/s) for {} s: {} requests, {} errors, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.backend, self.clients, self.interval_secs, self.offered_per_sec, self.seconds, self.requests, self.errors, self.p50_ms, self.p99_ms, self.max_ms
         )
     }
 }
@@ -43,29 +48,42 @@ fn e(x: impl fmt::Display) -> BenchError {
     BenchError(x.to_string())
 }
 
-/// Runs the benchmark: `clients` simulated clients for `secs` seconds after a warm-up, with
-/// the state in `database` (see `ServerConfig::database`; `None`: SQLite in a temp dir).
-pub async fn run(
-    clients: usize,
-    secs: u64,
-    database: Option<String>,
-) -> Result<BenchReport, BenchError> {
+/// What to run: `clients` simulated clients, one heartbeat each every `interval_secs`, measured
+/// for `secs` seconds after a warm-up of one interval (every client's first request, which
+/// opens its TLS connection, is not measured).
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub clients: usize,
+    pub interval_secs: u64,
+    pub secs: u64,
+}
+
+/// Runs the benchmark with the state in `database` (see `ServerConfig::database`; `None`:
+/// SQLite in a temp dir).
+pub async fn run(load: Load, database: Option<String>) -> Result<BenchReport, BenchError> {
+    if load.interval_secs == 0 || load.clients == 0 {
+        return Err(e("--clients and --interval must be at least 1"));
+    }
     let dir = std::env::temp_dir().join(format!(
         "failback-bench-{}-{}",
         std::process::id(),
         crate::util::random_hex(4)
     ));
-    let res = run_in(&dir, clients, secs, database).await;
+    let res = run_in(&dir, load, database).await;
     let _ = std::fs::remove_dir_all(&dir);
     res
 }
 
 async fn run_in(
     dir: &std::path::Path,
-    clients: usize,
-    secs: u64,
+    load: Load,
     database: Option<String>,
 ) -> Result<BenchReport, BenchError> {
+    let Load {
+        clients,
+        interval_secs,
+        secs,
+    } = load;
     let backend = match &database {
         Some(d) if crate::store::is_postgres(d) => "postgres",
         _ => "sqlite",
@@ -81,7 +99,7 @@ async fn run_in(
         sans: vec![],
         admin_token: Some("bench".into()),
         settings: Settings {
-            heartbeat_secs: 1,
+            heartbeat_secs: interval_secs,
             agent_timeout_secs: 3600,
             client_timeout_secs: 3600,
             ..Settings::default()
@@ -121,85 +139,27 @@ async fn run_in(
     })
     .await
     .map_err(e)??;
-    let ca = reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).map_err(e)?;
+    // The clients run in a child process (`failback-server bench-load`): both ends of 10,000
+    // connections do not fit one process's open-file limit, and the service's process then
+    // holds only its own work.
+    let ca_file = dir.join("bench-ca.pem");
+    let secrets_file = dir.join("bench-secrets");
+    write_private(&ca_file, server.ca_pem.as_bytes())?;
+    write_private(&secrets_file, secrets.join("\n").as_bytes())?;
     let url = format!("{}{}", server.url(), failback_api::routes::CLIENT_HEARTBEAT);
-    let warmup = Duration::from_secs(3);
-    let start_at = Instant::now() + Duration::from_millis(500);
-    let measure_from = start_at + warmup;
-    let end = measure_from + Duration::from_secs(secs);
-    let mut tasks = Vec::with_capacity(clients);
-    for (i, secret) in secrets.into_iter().enumerate() {
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca.clone())
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(e)?;
-        let url = url.clone();
-        let n = u64::try_from(clients.max(1)).unwrap_or(1);
-        let offset = Duration::from_millis(u64::try_from(i).unwrap_or(0) * 1000 / n);
-        tasks.push(tokio::spawn(async move {
-            let mut lat: Vec<f64> = Vec::new();
-            let mut errors = 0u64;
-            let mut round = 1u64;
-            let mut next = start_at + offset;
-            loop {
-                tokio::time::sleep_until(next.into()).await;
-                if Instant::now() >= end {
-                    break;
-                }
-                let report = ClientReport {
-                    phase: ClientPhase::Idle,
-                    round,
-                    disks: vec![DiskProgress {
-                        remote_id: "disk0".into(),
-                        local_path: "/dev/sda".into(),
-                        total_bytes: 8 << 30,
-                        replicated_bytes: 8 << 30,
-                        rescanned_bytes: 8 << 30,
-                        backlog_bytes: 0,
-                        ..Default::default()
-                    }],
-                    last_round_differing_bytes: Some(0),
-                    last_round_secs: Some(1.0),
-                    last_consistent_at: Some(crate::util::now_secs()),
-                    digests: vec![],
-                    error: None,
-                };
-                let t = Instant::now();
-                let ok = match http
-                    .post(&url)
-                    .bearer_auth(&secret)
-                    .json(&report)
-                    .send()
-                    .await
-                {
-                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                let ms = t.elapsed().as_secs_f64() * 1000.0;
-                if t >= measure_from {
-                    if ok {
-                        lat.push(ms);
-                    } else {
-                        errors += 1;
-                    }
-                }
-                round += 1;
-                next += Duration::from_secs(1);
-            }
-            (lat, errors)
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, er) = t.await.map_err(e)?;
-        all.extend(l);
-        errors += er;
-    }
+    let spec = LoadSpec {
+        url,
+        ca_file,
+        secrets_file,
+        interval_secs,
+        secs,
+    };
+    let res = run_child(&spec).await;
     server.shutdown().await;
+    let LoadResult {
+        latencies_ms: mut all,
+        errors,
+    } = res?;
     all.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if all.is_empty() {
@@ -217,12 +177,226 @@ async fn run_in(
     Ok(BenchReport {
         backend: backend.into(),
         clients,
+        interval_secs,
         seconds: secs,
+        #[allow(clippy::cast_precision_loss)] // a client count, far below 2^52
+        offered_per_sec: clients as f64 / interval_secs as f64,
         requests: u64::try_from(all.len()).unwrap_or(u64::MAX),
         errors,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         max_ms: all.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// What the client process runs (hidden subcommand `bench-load`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadSpec {
+    /// Heartbeat URL of the service under test.
+    #[arg(long)]
+    pub url: String,
+    /// The service CA (PEM).
+    #[arg(long)]
+    pub ca_file: std::path::PathBuf,
+    /// One client secret per line, one simulated client each.
+    #[arg(long)]
+    pub secrets_file: std::path::PathBuf,
+    #[arg(long)]
+    pub interval_secs: u64,
+    #[arg(long)]
+    pub secs: u64,
+}
+
+/// What the client process prints (JSON on stdout).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadResult {
+    /// Latency of every measured successful heartbeat.
+    pub latencies_ms: Vec<f64>,
+    /// Measured heartbeats that failed (transport error or non-2xx).
+    pub errors: u64,
+}
+
+fn write_private(path: &std::path::Path, data: &[u8]) -> Result<(), BenchError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|er| e(format!("{}: {er}", path.display())))
+}
+
+async fn run_child(spec: &LoadSpec) -> Result<LoadResult, BenchError> {
+    let exe = std::env::current_exe().map_err(e)?;
+    let out = tokio::process::Command::new(&exe)
+        .arg("bench-load")
+        .arg("--url")
+        .arg(&spec.url)
+        .arg("--ca-file")
+        .arg(&spec.ca_file)
+        .arg("--secrets-file")
+        .arg(&spec.secrets_file)
+        .arg("--interval-secs")
+        .arg(spec.interval_secs.to_string())
+        .arg("--secs")
+        .arg(spec.secs.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|er| e(format!("{}: {er}", exe.display())))?;
+    if !out.status.success() {
+        return Err(e(format!(
+            "client process {}: {}",
+            exe.display(),
+            out.status
+        )));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|er| e(format!("client process output: {er}")))
+}
+
+/// The client side: one TLS connection and one heartbeat every `interval_secs` per secret,
+/// spread evenly over the interval; the first interval (connection set-up) is not measured.
+pub async fn load(spec: LoadSpec) -> Result<LoadResult, BenchError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|er| e(format!("{}: {er}", p.display())))
+    };
+    let secrets: Vec<String> = read(&spec.secrets_file)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    open_files_for(secrets.len())?;
+    let ca = reqwest::Certificate::from_pem(read(&spec.ca_file)?.as_bytes()).map_err(e)?;
+    let interval = Duration::from_secs(spec.interval_secs.max(1));
+    let start_at = Instant::now() + Duration::from_millis(500);
+    let measure_from = start_at + Duration::from_secs(3).max(interval);
+    let end = measure_from + Duration::from_secs(spec.secs);
+    let n = u64::try_from(secrets.len().max(1)).unwrap_or(1);
+    let mut tasks = Vec::with_capacity(secrets.len());
+    for (i, secret) in secrets.into_iter().enumerate() {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(e)?;
+        let offset = Duration::from_millis(
+            u64::try_from(i).unwrap_or(0) * 1000 * spec.interval_secs.max(1) / n,
+        );
+        let beat = Beat {
+            http,
+            url: spec.url.clone(),
+            secret,
+        };
+        tasks.push(tokio::spawn(beat.run(
+            start_at + offset,
+            interval,
+            measure_from,
+            end,
+        )));
+    }
+    let mut all = LoadResult::default();
+    for t in tasks {
+        let (l, er) = t.await.map_err(e)?;
+        all.latencies_ms.extend(l);
+        all.errors += er;
+    }
+    Ok(all)
+}
+
+/// One simulated client.
+struct Beat {
+    http: reqwest::Client,
+    url: String,
+    secret: String,
+}
+
+impl Beat {
+    async fn run(
+        self,
+        mut next: Instant,
+        interval: Duration,
+        measure_from: Instant,
+        end: Instant,
+    ) -> (Vec<f64>, u64) {
+        let mut lat = Vec::new();
+        let mut errors = 0u64;
+        let mut round = 1u64;
+        loop {
+            tokio::time::sleep_until(next.into()).await;
+            if Instant::now() >= end {
+                break;
+            }
+            let t = Instant::now();
+            let ok = self.once(round).await;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            if t >= measure_from {
+                if ok {
+                    lat.push(ms);
+                } else {
+                    errors += 1;
+                }
+            }
+            round += 1;
+            next += interval;
+        }
+        (lat, errors)
+    }
+
+    async fn once(&self, round: u64) -> bool {
+        let report = ClientReport {
+            phase: ClientPhase::Idle,
+            round,
+            disks: vec![DiskProgress {
+                remote_id: "disk0".into(),
+                local_path: "/dev/sda".into(),
+                total_bytes: 8 << 30,
+                replicated_bytes: 8 << 30,
+                rescanned_bytes: 8 << 30,
+                backlog_bytes: 0,
+                ..Default::default()
+            }],
+            last_round_differing_bytes: Some(0),
+            last_round_secs: Some(1.0),
+            last_consistent_at: Some(crate::util::now_secs()),
+            digests: vec![],
+            error: None,
+        };
+        match self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.secret)
+            .json(&report)
+            .send()
+            .await
+        {
+            Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Makes sure the client process may open one connection per client, so that the figure is not
+/// an artefact of `EMFILE` back-off.
+fn open_files_for(clients: usize) -> Result<(), BenchError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let need = u64::try_from(clients)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1024);
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(e)?;
+    if soft >= need {
+        return Ok(());
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, need, need.max(hard)).map_err(|er| {
+        e(format!(
+            "{clients} clients need {need} open files \
+             the limit is {soft} (hard {hard}) and raising it failed: {er}"
+        ))
     })
 }
 

@@ -21,6 +21,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Start an in-process service and N simulated clients heartbeating; print latency.
     Bench(BenchArgs),
+    /// The simulated clients of `bench`, run by it as a child process.
+    #[command(hide = true)]
+    BenchLoad(bench::LoadSpec),
 }
 
 #[derive(clap::Args, Debug)]
@@ -131,9 +134,13 @@ struct BenchArgs {
     /// Simulated clients.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
-    /// Measurement duration in seconds (after a warm-up).
+    /// Measurement duration in seconds (after a warm-up of one interval, at least 3 s).
     #[arg(long, default_value_t = 20)]
     secs: u64,
+    /// Seconds between two heartbeats of one client (a real client uses the service's
+    /// `--heartbeat-secs`, 10 by default; 1 is the stress setting).
+    #[arg(long, default_value_t = 1)]
+    interval: u64,
     /// Output JSON instead of a table line.
     #[arg(long)]
     json: bool,
@@ -161,7 +168,26 @@ fn main() -> ExitCode {
     rt.block_on(async {
         match cli.command {
             Command::Serve(a) => serve(*a).await,
-            Command::Bench(a) => match bench::run(a.clients, a.secs, a.database).await {
+            Command::BenchLoad(spec) => match bench::load(spec).await {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Command::Bench(a) => match bench::run(
+                bench::Load {
+                    clients: a.clients,
+                    interval_secs: a.interval,
+                    secs: a.secs,
+                },
+                a.database,
+            )
+            .await
+            {
                 Ok(r) => {
                     if a.json {
                         println!("{}", serde_json::to_string(&r).unwrap_or_default());

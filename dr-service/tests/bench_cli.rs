@@ -1,0 +1,51 @@
+//! `failback-server bench` end to end (SQLite): the service in this process, the simulated
+//! clients in the `bench-load` child process, the JSON report adding up.
+
+use std::process::Command;
+
+#[test]
+fn bench_runs_its_clients_in_a_child_and_counts_every_heartbeat() {
+    let out = Command::new(env!("CARGO_BIN_EXE_failback-server"))
+        .args([
+            "bench",
+            "--clients",
+            "20",
+            "--interval",
+            "1",
+            "--secs",
+            "3",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run failback-server bench");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(r["backend"], "sqlite");
+    assert_eq!(r["clients"], 20);
+    assert_eq!(r["interval_secs"], 1);
+    assert_eq!(r["errors"], 0);
+    // 20 clients x 1/s x 3 s measured: 60 heartbeats, give or take one per client at the edges.
+    let n = r["requests"].as_u64().expect("requests");
+    assert!((40..=80).contains(&n), "requests {n}");
+    let (p50, p99) = (r["p50_ms"].as_f64().unwrap(), r["p99_ms"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p50 <= p99, "p50 {p50} p99 {p99}");
+}
+
+#[test]
+fn bench_refuses_zero_clients_or_interval() {
+    for args in [["--clients", "0"], ["--interval", "0"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_failback-server"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run failback-server bench");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("must be at least 1"), "{args:?}: {err}");
+    }
+}
