@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use failback_api::{Credential, Event, RecoveryInstance, Role, TokenKind};
 
 pub mod migrations;
+mod pg_tls;
 mod postgres;
 mod sqlite;
 
@@ -34,13 +35,17 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("database {url}: {source}")]
+    /// The driver's message and its causes (the TLS or server error).
+    #[error("database {url}: {}", pg_cause(source))]
     Postgres {
         /// The URL without its password.
         url: String,
         #[source]
         source: ::postgres::Error,
     },
+    /// A `--database` setting refused before connecting (TLS settings, CA file).
+    #[error("database {url}: {what}")]
+    Config { url: String, what: String },
     #[error("database {url}: connection pool: {message}")]
     Pool { url: String, message: String },
     #[error("database {db}: corrupt record {what}: {source}")]
@@ -82,6 +87,23 @@ pub fn is_postgres(database: &str) -> bool {
     database.starts_with("postgres://")
         || database.starts_with("postgresql://")
         || database.starts_with("host=")
+}
+
+/// A PostgreSQL error with its causes: the driver's own message says only "error performing
+/// TLS handshake" or "db error"; the cause says which (unknown issuer, host name, refused by
+/// the server's pg_hba.conf).
+fn pg_cause(e: &::postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    msg
 }
 
 impl StoreError {

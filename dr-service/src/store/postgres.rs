@@ -13,9 +13,10 @@ use postgres::error::SqlState;
 use std::collections::HashMap;
 
 use postgres::types::ToSql;
-use postgres::{GenericClient, NoTls, Row, Statement};
+use postgres::{GenericClient, Row, Statement};
 
 use super::migrations::{self, MIGRATIONS};
+use super::pg_tls::Target;
 use super::{
     active, flags, i64_of, kind_of, kind_str, u64_of, AgentRecord, Batch, ClientRecord,
     CredentialRecord, Store, StoreError, TokenRecord, CREDENTIAL_COLUMNS,
@@ -30,7 +31,7 @@ type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 /// instead of two (prepare + execute) on every heartbeat.
 #[derive(Debug)]
 struct Manager {
-    config: postgres::Config,
+    target: Target,
 }
 
 /// A pooled connection and its prepared statements (keyed by SQL text).
@@ -52,7 +53,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<PgConn, postgres::Error> {
         Ok(PgConn {
-            client: self.config.connect(NoTls)?,
+            client: self.target.connect()?,
             cache: HashMap::new(),
             checked_out: std::time::Instant::now(),
         })
@@ -154,7 +155,7 @@ pub struct PgStore {
     url: String,
     /// Always `Some` until dropped (see the `Drop` impl).
     pool: Option<Pool>,
-    config: postgres::Config,
+    target: Target,
     /// The connection holding the periodic-work lease (advisory lock), when this process
     /// holds it.
     lease: std::sync::Mutex<Option<postgres::Client>>,
@@ -191,16 +192,45 @@ pub fn redact(url: &str) -> String {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
         };
+        let tail = redact_query(tail);
         if let Some((user, host)) = auth.rsplit_once('@') {
             let user = user.split(':').next().unwrap_or("");
             return format!("{scheme}://{user}@{host}{tail}");
         }
-        return url.to_string();
+        return format!("{scheme}://{auth}{tail}");
     }
-    url.split_whitespace()
-        .filter(|kv| !kv.starts_with("password="))
-        .collect::<Vec<_>>()
-        .join(" ")
+    match super::pg_tls::key_values(url) {
+        Ok(kvs) => kvs
+            .into_iter()
+            .filter(|(_, k, _)| k != "password")
+            .map(|(raw, _, _)| raw)
+            .collect::<Vec<_>>()
+            .join(" "),
+        // Unparsable: show no value at all.
+        Err(_) => url
+            .split_whitespace()
+            .map(|kv| kv.split('=').next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// `/db?password=x&sslmode=y` -> `/db?sslmode=y`.
+fn redact_query(tail: &str) -> String {
+    match tail.split_once('?') {
+        None => tail.to_string(),
+        Some((path, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| !kv.starts_with("password="))
+                .collect();
+            if kept.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            }
+        }
+    }
 }
 
 fn row_token(r: &postgres::Row) -> TokenRecord {
@@ -228,12 +258,16 @@ impl PgStore {
     /// Connects (pool of `max_connections`) and applies the missing migrations.
     pub fn open(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
         let shown = redact(url);
-        let config: postgres::Config = url.parse().map_err(|source| StoreError::Postgres {
+        let target = Target::parse(url, &shown)?;
+        // One connection first: its error names the cause (TLS, refused, authentication)
+        // at once, where the pool would retry it for its whole timeout.
+        let probe = target.connect().map_err(|source| StoreError::Postgres {
             url: shown.clone(),
             source,
         })?;
+        drop(probe);
         let manager = Manager {
-            config: config.clone(),
+            target: target.clone(),
         };
         let pool = r2d2::Pool::builder()
             .max_size(max_connections.max(1))
@@ -246,7 +280,7 @@ impl PgStore {
         let s = PgStore {
             url: shown,
             pool: Some(pool),
-            config,
+            target,
             lease: std::sync::Mutex::new(None),
         };
         s.migrate()?;
@@ -690,7 +724,7 @@ impl Store for PgStore {
             tracing::warn!("database {}: lease connection lost", self.url);
             *held = None;
         }
-        let mut c = self.config.connect(NoTls).map_err(self.err())?;
+        let mut c = self.target.connect().map_err(self.err())?;
         let got: bool = c
             .query_one("SELECT pg_try_advisory_lock($1)", &[&LEASE_LOCK])
             .map_err(self.err())?
@@ -724,5 +758,17 @@ mod tests {
         );
         assert_eq!(redact("postgres://db/failback"), "postgres://db/failback");
         assert_eq!(redact("host=db user=fb password=s3cret"), "host=db user=fb");
+        assert_eq!(
+            redact("host=db password='s3 cret' user=fb"),
+            "host=db user=fb"
+        );
+        assert_eq!(
+            redact("postgres://fb@db/failback?password=s3cret&sslmode=verify-full"),
+            "postgres://fb@db/failback?sslmode=verify-full"
+        );
+        assert_eq!(
+            redact("postgres://fb:s3cret@db/failback?password=s3cret"),
+            "postgres://fb@db/failback"
+        );
     }
 }
