@@ -52,9 +52,35 @@ fn is_root() -> bool {
         .expect("id -u")
 }
 
+/// A server certificate and key (PEM) for [`PgCluster::start_tls`].
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// `pg_hba.conf` of a TLS-only cluster: TLS connections on loopback are trusted, every
+/// plaintext TCP connection is rejected (the Unix socket in the cluster directory stays open
+/// for the helper's own `psql`).
+const TLS_ONLY_HBA: &str = "local all all trust\n\
+hostssl all all 127.0.0.1/32 trust\n\
+hostssl all all ::1/128 trust\n\
+hostnossl all all 0.0.0.0/0 reject\n\
+hostnossl all all ::/0 reject\n";
+
 impl PgCluster {
     /// initdb + start; panics with the server log on failure.
     pub fn start() -> PgCluster {
+        PgCluster::start_with(None)
+    }
+
+    /// initdb + start with `ssl=on` (the given certificate and key) and only TLS connections
+    /// accepted over TCP (`hostssl` trust, `hostnossl` reject).
+    pub fn start_tls(tls: &ServerTls) -> PgCluster {
+        PgCluster::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ServerTls>) -> PgCluster {
         let bin = pg_bin();
         let dir = tempfile::Builder::new()
             .prefix("failback-pg-")
@@ -89,12 +115,18 @@ impl PgCluster {
                 "--locale=C",
             ],
         );
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=200",
             c.port,
             c.dir.path().display()
         );
+        if let Some(tls) = tls {
+            c.write_owned(&data.join("server.crt"), &tls.cert_pem);
+            c.write_owned(&data.join("server.key"), &tls.key_pem);
+            c.write_owned(&data.join("pg_hba.conf"), TLS_ONLY_HBA);
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let log = c.dir.path().join("server.log");
         c.run(
             "pg_ctl",
@@ -112,6 +144,18 @@ impl PgCluster {
             ],
         );
         c
+    }
+
+    /// Writes a file the server reads, mode 0600, owned by the server's user (PostgreSQL
+    /// refuses a key readable by others).
+    fn write_owned(&self, path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut perm = std::fs::metadata(path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o600);
+        std::fs::set_permissions(path, perm).unwrap();
+        if self.as_nobody {
+            std::os::unix::fs::chown(path, Some(65534), Some(65534)).expect("chown");
+        }
     }
 
     fn data(&self) -> PathBuf {
@@ -164,7 +208,7 @@ impl PgCluster {
         let out = Command::new(self.bin.join("psql"))
             .args([
                 "-h",
-                "127.0.0.1",
+                self.dir.path().to_str().unwrap(),
                 "-p",
                 &self.port.to_string(),
                 "-U",
@@ -185,6 +229,12 @@ impl PgCluster {
         );
         format!("postgres://failback@127.0.0.1:{}/{name}", self.port)
     }
+
+    /// Creates a fresh database and returns its name (for URLs a test writes itself).
+    pub fn database_name(&self, name: &str) -> String {
+        self.database(name);
+        name.to_string()
+    }
 }
 
 impl PgCluster {
@@ -195,30 +245,37 @@ impl PgCluster {
         static SHARED: std::sync::OnceLock<PgCluster> = std::sync::OnceLock::new();
         SHARED.get_or_init(|| {
             let c = PgCluster::start();
-            let stop = if c.as_nobody {
-                "setpriv --reuid=65534 --regid=65534 --clear-groups --"
-            } else {
-                ""
-            };
-            let script = format!(
-                "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
-                 {stop} {pg_ctl} -D {data} -m immediate -w stop >/dev/null 2>&1; rm -rf {dir}",
-                pid = std::process::id(),
-                pg_ctl = c.bin.join("pg_ctl").display(),
-                data = c.data().display(),
-                dir = c.dir.path().display(),
-            );
-            // Not waited for: it outlives this process on purpose (reaped by init).
-            #[allow(clippy::zombie_processes)]
-            let _reaper = Command::new("sh")
-                .args(["-c", &script])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("reaper shell");
+            c.reap_on_exit();
             c
         })
+    }
+
+    /// For a cluster kept in a static (never dropped): a reaper shell stops the cluster and
+    /// removes its directory once the test process has exited (however it exited).
+    pub fn reap_on_exit(&self) {
+        let c = self;
+        let stop = if c.as_nobody {
+            "setpriv --reuid=65534 --regid=65534 --clear-groups --"
+        } else {
+            ""
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
+                 {stop} {pg_ctl} -D {data} -m immediate -w stop >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            pg_ctl = c.bin.join("pg_ctl").display(),
+            data = c.data().display(),
+            dir = c.dir.path().display(),
+        );
+        // Not waited for: it outlives this process on purpose (reaped by init).
+        #[allow(clippy::zombie_processes)]
+        let _reaper = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("reaper shell");
     }
 
     /// A fresh database on the shared cluster, named after the test (plus a counter).
