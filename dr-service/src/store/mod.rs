@@ -101,9 +101,34 @@ fn pg_cause(e: &::postgres::Error) -> String {
     while let Some(c) = cause {
         msg.push_str(": ");
         msg.push_str(&c.to_string());
+        if let Some(hint) = tls_hint(c) {
+            msg.push_str(hint);
+        }
         cause = c.source();
     }
     msg
+}
+
+/// What to do about a refused server certificate.
+fn tls_hint(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::{CertificateError, Error};
+    let tls = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<Error>())?;
+    match tls {
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => Some(
+            " (the server's certificate is not signed by a CA in sslrootcert: give the CA \
+             that signed it)",
+        ),
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => Some(
+            " (connect with a host name the certificate names, or use sslmode=verify-ca to \
+             check the CA only)",
+        ),
+        _ => None,
+    }
 }
 
 impl StoreError {
