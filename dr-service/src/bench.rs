@@ -69,9 +69,41 @@ pub async fn run(load: Load, database: Option<String>) -> Result<BenchReport, Be
         std::process::id(),
         crate::util::random_hex(4)
     ));
+    // On PostgreSQL: a schema of its own, dropped afterwards, so that every run starts empty
+    // (a second run would otherwise meet the first one's CA, sealed with another secret) and
+    // no bench data stays in the user's database.
+    let scratch = match database.as_deref() {
+        Some(d) if crate::store::is_postgres(d) => Some(scratch_schema(d.to_string()).await?),
+        _ => None,
+    };
+    let database = scratch.as_ref().map(|s| s.url.clone()).or(database);
     let res = run_in(&dir, load, database).await;
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(s) = scratch {
+        let name = s.name.clone();
+        let why = match tokio::task::spawn_blocking(move || s.remove()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(err.to_string()),
+            Err(err) => Some(err.to_string()),
+        };
+        if let Some(why) = why {
+            tracing::warn!("bench: schema {name} not removed (DROP SCHEMA {name} CASCADE): {why}");
+        }
+    }
     res
+}
+
+/// Creates the bench's throwaway schema (`failback_bench_<pid>_<random>`) on `url`.
+async fn scratch_schema(url: String) -> Result<crate::store::ScratchSchema, BenchError> {
+    let name = format!(
+        "failback_bench_{}_{}",
+        std::process::id(),
+        crate::util::random_hex(4)
+    );
+    tokio::task::spawn_blocking(move || crate::store::ScratchSchema::create(&url, &name))
+        .await
+        .map_err(e)?
+        .map_err(e)
 }
 
 async fn run_in(

@@ -24,7 +24,7 @@ mod pg_tls;
 mod postgres;
 mod sqlite;
 
-pub use self::postgres::PgStore;
+pub use self::postgres::{PgStore, ScratchSchema};
 pub use self::sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

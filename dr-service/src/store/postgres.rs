@@ -747,6 +747,75 @@ impl Store for PgStore {
     }
 }
 
+/// A schema of its own in a PostgreSQL database, for a run that must start from empty tables
+/// and leave none behind (`failback-server bench`): created by [`ScratchSchema::create`],
+/// named in the URL it hands out (`options=-c search_path=NAME`, so every table the store
+/// creates lands there), removed with everything in it by [`ScratchSchema::remove`].
+#[derive(Debug)]
+pub struct ScratchSchema {
+    /// `url` with the schema as its search path.
+    pub url: String,
+    pub name: String,
+    target: Target,
+    shown: String,
+}
+
+impl ScratchSchema {
+    /// Creates schema `name` (letters, digits, `_`) in `url`'s database. Blocks.
+    pub fn create(url: &str, name: &str) -> Result<ScratchSchema, StoreError> {
+        let shown = redact(url);
+        let bad = |what: String| StoreError::Config {
+            url: shown.clone(),
+            what,
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(bad(format!(
+                "schema name {name:?}: letters, digits and _ only"
+            )));
+        }
+        if url.contains("options=") {
+            return Err(bad(
+                "the URL sets `options`: a throwaway schema is chosen with options; remove it"
+                    .into(),
+            ));
+        }
+        let scoped = if url.contains("://") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}options=-c%20search_path%3D{name}")
+        } else {
+            format!("{url} options='-c search_path={name}'")
+        };
+        let target = Target::parse(url, &shown)?;
+        let err = |source| StoreError::Postgres {
+            url: shown.clone(),
+            source,
+        };
+        let mut c = target.connect().map_err(err)?;
+        c.batch_execute(&format!("CREATE SCHEMA \"{name}\""))
+            .map_err(err)?;
+        Ok(ScratchSchema {
+            url: scoped,
+            name: name.to_string(),
+            target,
+            shown,
+        })
+    }
+
+    /// Drops the schema and everything in it. Blocks (at most 30 s for locks).
+    pub fn remove(self) -> Result<(), StoreError> {
+        let err = |source| StoreError::Postgres {
+            url: self.shown.clone(),
+            source,
+        };
+        let mut c = self.target.connect().map_err(err)?;
+        c.batch_execute(&format!(
+            "SET lock_timeout = '30s'; DROP SCHEMA \"{}\" CASCADE",
+            self.name
+        ))
+        .map_err(err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
