@@ -36,7 +36,9 @@ struct ServeArgs {
     )]
     data_dir: PathBuf,
     /// Where the state lives: `postgres://USER@HOST/DB` (several replicas may share it), or a
-    /// SQLite file path (default: failback.db in --data-dir).
+    /// SQLite file path (default: failback.db in --data-dir). PostgreSQL over TLS:
+    /// `?sslmode=verify-full&sslrootcert=/path/ca.pem` (libpq's settings); plaintext to a host
+    /// not on this machine needs `sslmode=disable` written out.
     #[arg(long, env = "FAILBACK_DATABASE", hide_env_values = true)]
     database: Option<String>,
     /// File holding the secret (64 hex digits) that seals the CA key in a PostgreSQL
@@ -144,7 +146,8 @@ struct BenchArgs {
     /// Output JSON instead of a table line.
     #[arg(long)]
     json: bool,
-    /// State backend: `postgres://...` or a SQLite path (default: SQLite in a temp dir).
+    /// State backend: `postgres://...` (the bench works in a schema of its own, dropped at
+    /// the end) or a SQLite path (default: SQLite in a temp dir).
     #[arg(long)]
     database: Option<String>,
 }
