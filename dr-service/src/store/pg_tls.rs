@@ -94,13 +94,13 @@ impl Target {
 
 /// `sslmode` and `sslrootcert` as written (taken out of the URL).
 #[derive(Debug, Default, PartialEq, Eq)]
-struct TlsSettings {
+pub(super) struct TlsSettings {
     mode: Option<String>,
     rootcert: Option<PathBuf>,
 }
 
 /// Removes `sslmode` and `sslrootcert` from a URL's query or a key=value string.
-fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), String> {
+pub(super) fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), String> {
     let mut s = TlsSettings::default();
     let mut take = |k: &str, v: String| match k {
         "sslmode" => {

@@ -747,6 +747,21 @@ impl Store for PgStore {
     }
 }
 
+/// `url` with `name` as its only search path (`options=-c search_path=NAME`).
+fn scoped_url(url: &str, name: &str) -> Result<String, String> {
+    if url.contains("options=") {
+        return Err(
+            "the URL sets `options`: a throwaway schema is chosen with options; remove it".into(),
+        );
+    }
+    Ok(if url.contains("://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options=-c%20search_path%3D{name}")
+    } else {
+        format!("{url} options='-c search_path={name}'")
+    })
+}
+
 /// A schema of its own in a PostgreSQL database, for a run that must start from empty tables
 /// and leave none behind (`failback-server bench`): created by [`ScratchSchema::create`],
 /// named in the URL it hands out (`options=-c search_path=NAME`, so every table the store
@@ -773,18 +788,7 @@ impl ScratchSchema {
                 "schema name {name:?}: letters, digits and _ only"
             )));
         }
-        if url.contains("options=") {
-            return Err(bad(
-                "the URL sets `options`: a throwaway schema is chosen with options; remove it"
-                    .into(),
-            ));
-        }
-        let scoped = if url.contains("://") {
-            let sep = if url.contains('?') { '&' } else { '?' };
-            format!("{url}{sep}options=-c%20search_path%3D{name}")
-        } else {
-            format!("{url} options='-c search_path={name}'")
-        };
+        let scoped = scoped_url(url, name).map_err(bad)?;
         let target = Target::parse(url, &shown)?;
         let err = |source| StoreError::Postgres {
             url: shown.clone(),
@@ -818,6 +822,25 @@ impl ScratchSchema {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scratch_schema_is_the_search_path_in_both_url_forms() {
+        for url in [
+            "postgres://fb@db/x",
+            "postgres://fb@db/x?sslmode=disable",
+            "host=db user=fb sslmode=disable",
+        ] {
+            let scoped = super::scoped_url(url, "failback_bench_1_ab").unwrap();
+            let (rest, _) = super::super::pg_tls::take_tls_settings(&scoped).unwrap();
+            let c: postgres::Config = rest.parse().unwrap();
+            assert_eq!(
+                c.get_options(),
+                Some("-c search_path=failback_bench_1_ab"),
+                "{url}"
+            );
+        }
+        assert!(super::scoped_url("postgres://db/x?options=-c%20a%3Db", "s").is_err());
+    }
+
     #[test]
     fn passwords_are_not_shown() {
         use super::redact;
