@@ -1,5 +1,6 @@
 //! `failback-server bench` end to end (SQLite): the service in this process, the simulated
-//! clients in the `bench-load` child process, the JSON report adding up.
+//! clients in the `bench-load` child process, the JSON report adding up; on PostgreSQL, twice
+//! on one database (each run in a throwaway schema).
 
 use std::process::Command;
 
@@ -48,4 +49,44 @@ fn bench_refuses_zero_clients_or_interval() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("must be at least 1"), "{args:?}: {err}");
     }
+}
+
+/// `failback-server bench` twice on one PostgreSQL database: each run works in a throwaway
+/// schema (its own sealed CA), so the second run does not meet the first one's CA (sealed with
+/// another random secret); nothing stays in the database afterwards.
+#[test]
+fn bench_runs_twice_on_one_postgres_database() {
+    let url = failback_tests::pg::PgCluster::fresh_database("bench_twice");
+    for run in 1..=2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_failback-server"))
+            .args(["bench", "--clients", "4", "--interval", "1", "--secs", "1"])
+            .args(["--json", "--database", &url])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run failback-server bench");
+        assert!(
+            out.status.success(),
+            "bench run {run} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        assert_eq!(
+            (r["backend"].as_str(), r["errors"].as_u64()),
+            (Some("postgres"), Some(0)),
+            "run {run}: {r}"
+        );
+        assert!(r["requests"].as_u64() > Some(0), "run {run}: {r}");
+    }
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let left: Vec<String> = c
+        .query(
+            "SELECT table_schema || '.' || table_name FROM information_schema.tables \
+             WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(left.is_empty(), "left in the database: {left:?}");
 }

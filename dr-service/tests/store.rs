@@ -206,33 +206,3 @@ fn postgres_migrations_apply_once() {
         .to_string();
     assert!(err.contains("127.0.0.1:1") && !err.contains("pw"), "{err}");
 }
-
-/// `failback-server bench` twice on one PostgreSQL database: each run works in a throwaway
-/// schema (its own sealed CA), so the second run does not meet the first one's CA; nothing
-/// stays in the database afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_runs_twice_on_one_postgres_database() {
-    let url = PgCluster::fresh_database("bench_twice");
-    for run in 1..=2 {
-        let r = failback_server::bench::run(4, 1, Some(url.clone()))
-            .await
-            .unwrap_or_else(|e| panic!("bench run {run}: {e}"));
-        assert_eq!((r.backend.as_str(), r.errors), ("postgres", 0), "run {run}");
-        assert!(r.requests > 0, "run {run}: {r}");
-    }
-    let left = tokio::task::spawn_blocking(move || {
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        c.query(
-            "SELECT table_schema || '.' || table_name FROM information_schema.tables \
-             WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    assert!(left.is_empty(), "left in the database: {left:?}");
-}
