@@ -84,8 +84,14 @@ pub(crate) fn spawn_sampler(c: Arc<Console>, svc: Arc<Service>, mut stop: watch:
                 _ = iv.tick() => {
                     let (c, svc) = (c.clone(), svc.clone());
                     let r = tokio::task::spawn_blocking(move || {
+                        let t = std::time::Instant::now();
                         let items = svc.list()?.items;
                         c.samples().record(now_secs(), &items);
+                        tracing::debug!(
+                            "console sample: {} instances in {} ms",
+                            items.len(),
+                            t.elapsed().as_millis()
+                        );
                         Ok::<_, ApiFailure>(())
                     })
                     .await;

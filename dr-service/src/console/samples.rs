@@ -75,8 +75,13 @@ impl Samples {
             });
             trim(q, |s| s.at, oldest);
         }
-        self.per
-            .retain(|id, _| items.iter().any(|i| &i.recovery_instance_id == id));
+        // A set, not a scan of `items` per entry: 10,000 instances made that 10^8 comparisons
+        // (seconds of CPU every sample, seen as heartbeat latency).
+        let present: std::collections::HashSet<&str> = items
+            .iter()
+            .map(|i| i.recovery_instance_id.as_str())
+            .collect();
+        self.per.retain(|id, _| present.contains(id.as_str()));
         self.fleet.push_back(FleetSample { at: now, counts });
         trim(&mut self.fleet, |s| s.at, oldest);
     }
