@@ -863,6 +863,9 @@ async fn replicate(
     let mut unreachable_reported = false;
     // Hash-compare rounds in a row that found nothing changed (they back off).
     let mut idle_compares: u32 = 0;
+    // The final round resumes only what it verified itself (after the quiesce), never a prefix
+    // of an earlier round (see failback_replication::resume).
+    let mut final_started = false;
     loop {
         let (command, addr, bw, hb_secs, unauthorized) = {
             let s = state.lock();
@@ -980,6 +983,10 @@ async fn replicate(
         if launching && state.lock().verify_full {
             console.say("verify full: re-reading and re-hashing both sides in the final round");
             cache.clear();
+        }
+        if launching && !final_started {
+            final_started = true;
+            cache.forget_partial();
         }
         let t0 = Instant::now();
         // A stop request aborts a running round; everything written so far stays verified.

@@ -20,6 +20,7 @@ pub mod pool;
 pub mod progress;
 pub mod record;
 pub mod report;
+pub mod resume;
 pub mod scan;
 pub mod server;
 pub mod tls;
