@@ -1,0 +1,113 @@
+//! A dropped connection costs only what was in flight: `failback-client sync --reconnect`
+//! through the WAN link emulator, which cuts every connection once a given share of a full
+//! sync's bytes has reached the client. The round resumes from the verified and written prefix:
+//! the bytes delivered after the cut stay within what was still unsent plus one hash window
+//! (a restart from 0 would move the whole disk again), and the target equals the source.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{random_bytes, text, Env, MIB};
+use failback_tests::wanlink::{self, Link, LinkSpec};
+
+/// Disk size: 6 hash windows of 16 MiB.
+const SIZE: usize = 96 * MIB;
+/// One hash window of disk data (the client's `WINDOW_BYTES`): at most this much of what had
+/// arrived before the cut is sent again.
+const WINDOW: u64 = 16 * MIB as u64;
+/// Frames, plans and handshakes of the new connection.
+const SLACK: u64 = MIB as u64;
+
+/// Serves `link` in front of the agent on `rt`; returns the address clients use.
+fn link_in_front(rt: &tokio::runtime::Runtime, agent: &str, link: Arc<Link>) -> String {
+    let upstream = agent.parse().unwrap();
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(wanlink::serve(l, upstream, link));
+        addr
+    })
+}
+
+#[test]
+fn a_cut_connection_resumes_from_the_verified_prefix() {
+    // Random data: nothing compresses, so wire bytes track disk bytes.
+    let mut env = Env::with_data(None, random_bytes(20, SIZE));
+    let agent = env.addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let spec = LinkSpec::new(2, 4000).unwrap();
+
+    // The whole sync, uncut: what a full sync delivers.
+    let link = Link::new(spec);
+    env.addr = link_in_front(&rt, &agent, link.clone());
+    let full_dst = env.path("full.img");
+    let o = env.sync(&[("d", &full_dst)], &["--compression", "none"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let full = link.delivered();
+    assert!(full >= SIZE as u64, "a full sync delivered only {full} bytes");
+    std::fs::remove_file(&full_dst).unwrap();
+
+    for share in [50u64, 90] {
+        let link = Link::new(spec);
+        env.addr = link_in_front(&rt, &agent, link.clone());
+        let cut = full * share / 100;
+        link.cut_at(cut);
+        let dst = env.path(&format!("dst{share}.img"));
+        let report = env.path(&format!("report{share}.json"));
+        let o = env.sync(
+            &[("d", &dst)],
+            &[
+                "--compression",
+                "none",
+                "--reconnect",
+                "2",
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(0), "cut at {share} %: {out}");
+        assert!(
+            out.contains("round interrupted") && out.contains("resuming"),
+            "cut at {share} %: the round was not interrupted and resumed: {out}"
+        );
+        assert!(
+            std::fs::read(&dst).unwrap() == env.data,
+            "cut at {share} %: target differs from the source"
+        );
+
+        let after = link.delivered() - cut;
+        let bound = (full - cut) + WINDOW + SLACK;
+        eprintln!(
+            "cut at {share} % ({cut} of {full} bytes): {after} bytes after the cut (bound {bound})"
+        );
+        assert!(
+            after <= bound,
+            "cut at {share} % ({cut} of {full} bytes): {after} bytes moved after the cut, more \
+             than the unsent {} + one window {WINDOW} + {SLACK}",
+            full - cut
+        );
+
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let d = &r["disks"][0];
+        assert_eq!(d["digest"], d["agent_digest"], "cut at {share} %");
+        let resumed_at = d["resumed_at"].as_u64().expect("resumed_at in the report");
+        // The verified prefix reaches the last window completed before the cut.
+        let cut_data = cut * SIZE as u64 / full;
+        assert!(
+            resumed_at > 0 && resumed_at + WINDOW + SLACK >= cut_data,
+            "cut at {share} % (~{cut_data} bytes of disk): resumed at byte {resumed_at}"
+        );
+        assert!(
+            d["target_read"] == true && d["blocks_total"].as_u64() == Some((SIZE / 65536) as u64),
+            "{d}"
+        );
+        std::fs::remove_file(&dst).unwrap();
+    }
+}
