@@ -1059,7 +1059,19 @@ async fn replicate(
             Err(e) => {
                 round -= 1;
                 let msg = round_error(e)?;
-                console.say(format!("round interrupted: {msg}; reconnecting"));
+                let at: Vec<String> = cache
+                    .resume_points()
+                    .iter()
+                    .map(|(p, o)| format!("{} at {}", p.display(), mib(*o)))
+                    .collect();
+                console.say(format!(
+                    "round interrupted: {msg}; reconnecting{}",
+                    if at.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (resuming {})", at.join(", "))
+                    }
+                ));
                 state.set_phase(ClientPhase::AgentUnreachable, Some(msg));
                 state.kick.notify_one();
                 session = None;

@@ -111,3 +111,105 @@ fn a_cut_connection_resumes_from_the_verified_prefix() {
         std::fs::remove_file(&dst).unwrap();
     }
 }
+
+/// On an agent that tracks changes, a resumed round runs under the interrupted round's cut:
+/// a write to the already verified prefix while the connection is down is not compared by the
+/// resumed round, and the next round (a changes round from that cut) brings it.
+#[test]
+fn a_write_to_the_prefix_while_cut_arrives_with_the_next_round() {
+    use failback_replication::cbt::DirtyMap;
+    use failback_replication::server::{ServeOptions, SourceDisk};
+    use failback_replication::tls::DevCerts;
+    use failback_replication::{HashCache, Mapping, NoProgress, Session, SyncOptions};
+    use std::os::unix::fs::FileExt;
+
+    const SIZE: usize = 48 * MIB; // three hash windows
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let dst = dir.path().join("dst.img");
+    let mut data = random_bytes(21, SIZE);
+    std::fs::write(&src, &data).unwrap();
+    let certs = DevCerts::generate("dev").unwrap();
+    let map = Arc::new(DirtyMap::new(SIZE as u64));
+    let mut disk = SourceDisk::open("d", &src).unwrap();
+    disk.set_tracking(Some(map.clone()), "on");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls = certs.server_tls(None).unwrap();
+    let agent = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(failback_replication::serve(l, vec![disk], tls, ServeOptions::default()));
+        addr
+    });
+    let link = Link::new(LinkSpec::new(2, 4000).unwrap());
+    let addr = link_in_front(&rt, &agent, link.clone());
+    let client = certs.client_tls().unwrap();
+    let maps = [Mapping {
+        remote: "d".into(),
+        local: dst.clone(),
+    }];
+    let opts = SyncOptions {
+        compression: failback_replication::wire::Compression::None,
+        ..SyncOptions::default()
+    };
+    let cache = Arc::new(HashCache::default());
+    let round = |cache: &Arc<HashCache>| {
+        rt.block_on(async {
+            // Like the client's reconnect pause: the agent's worker of the cut connection
+            // keeps its hashes of the prefix once it sees the connection gone.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let s = Session::connect(&addr, &client).await.unwrap();
+            s.sync_cached(&maps, &opts, Arc::new(NoProgress), cache).await
+        })
+    };
+
+    // Round 1, cut at ~70 %: two windows verified and written.
+    link.cut_at(SIZE as u64 * 7 / 10);
+    let e = round(&cache).expect_err("the cut must interrupt the round");
+    assert!(e.is_retryable(), "{e}");
+    let points = cache.resume_points();
+    assert_eq!(points.len(), 1, "{points:?}");
+    let prefix = points[0].1;
+    assert!(prefix >= 16 * MIB as u64, "resume point {prefix}");
+
+    // While the connection is down the source changes inside the verified prefix.
+    let at = 3 * MIB + 4096;
+    data[at..at + 8192].fill(0x5a);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&data[at..at + 8192], at as u64)
+        .unwrap();
+    map.mark(at as u64, 8192);
+
+    // The resumed round compares only from the prefix on: the change is not in it yet.
+    let r = round(&cache).expect("resumed round");
+    let d = &r.disks[0];
+    assert_eq!(d.resumed_at, prefix, "{d:?}");
+    assert!(
+        d.bytes_on_wire < (SIZE as u64 - prefix) + 17 * MIB as u64,
+        "resumed round moved {} bytes",
+        d.bytes_on_wire
+    );
+    let target = std::fs::read(&dst).unwrap();
+    assert_ne!(
+        target[at..at + 8192],
+        data[at..at + 8192],
+        "the resumed round re-compared the prefix"
+    );
+
+    // The next round asks for the changes since the interrupted round's cut: it brings it.
+    let r = round(&cache).expect("next round");
+    let d = &r.disks[0];
+    assert_eq!(d.round_kind, "changes", "{d:?}");
+    assert!(d.blocks_differing >= 1, "{d:?}");
+    assert!(
+        std::fs::read(&dst).unwrap() == data,
+        "target differs from the source after the changes round"
+    );
+}

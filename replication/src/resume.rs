@@ -8,6 +8,9 @@
 //! hashes and sends windows only from that offset, the agent compares only from there, and the
 //! `SyncDone` digest covers only the blocks from there (the prefix was compared block by block
 //! already). Blocks in flight at the cut (a partly answered window) are compared again.
+//! Written means handed to the kernel (`pwrite`, direct or buffered), not flushed: the resume
+//! happens in the same client process on the same machine, which reads its own writes; only a
+//! checkpoint that must survive a reboot would need an `fdatasync` first.
 //!
 //! Why no change is lost: a resumed round takes no new cut on the agent. It runs under the
 //! interrupted round's cut, and the agent accepts it only while that is still its last cut, so
