@@ -49,7 +49,10 @@ fn a_cut_connection_resumes_from_the_verified_prefix() {
     let o = env.sync(&[("d", &full_dst)], &["--compression", "none"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let full = link.delivered();
-    assert!(full >= SIZE as u64, "a full sync delivered only {full} bytes");
+    assert!(
+        full >= SIZE as u64,
+        "a full sync delivered only {full} bytes"
+    );
     std::fs::remove_file(&full_dst).unwrap();
 
     for share in [50u64, 90] {
@@ -142,7 +145,12 @@ fn a_write_to_the_prefix_while_cut_arrives_with_the_next_round() {
     let agent = rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(failback_replication::serve(l, vec![disk], tls, ServeOptions::default()));
+        tokio::spawn(failback_replication::serve(
+            l,
+            vec![disk],
+            tls,
+            ServeOptions::default(),
+        ));
         addr
     });
     let link = Link::new(LinkSpec::new(2, 4000).unwrap());
@@ -163,7 +171,8 @@ fn a_write_to_the_prefix_while_cut_arrives_with_the_next_round() {
             // keeps its hashes of the prefix once it sees the connection gone.
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             let s = Session::connect(&addr, &client).await.unwrap();
-            s.sync_cached(&maps, &opts, Arc::new(NoProgress), cache).await
+            s.sync_cached(&maps, &opts, Arc::new(NoProgress), cache)
+                .await
         })
     };
 

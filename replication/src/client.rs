@@ -1247,7 +1247,7 @@ impl DiskJob {
             let h = std::thread::Builder::new()
                 .name("failback-writer".into())
                 // Stopped without a commit: the held-back head goes back (for a resume).
-                .spawn(move || -> Result<(Option<u64>, Head)> {
+                .spawn(move || -> WriterEnd {
                     while let Some(msg) = wrx.blocking_recv() {
                         match msg {
                             Some(run) => w.write(run)?,
@@ -1564,8 +1564,12 @@ impl DiskJob {
 /// so no write is in flight once a sync has returned.
 struct WriterGuard {
     tx: Option<mpsc::Sender<Option<VerifiedRun>>>,
-    handle: Option<std::thread::JoinHandle<Result<(Option<u64>, Head)>>>,
+    handle: Option<std::thread::JoinHandle<WriterEnd>>,
 }
+
+/// What the writer thread returns: the bytes written on a commit, or (stopped without one)
+/// the held-back head.
+type WriterEnd = Result<(Option<u64>, Head)>;
 
 impl WriterGuard {
     fn sender(&self) -> Option<&mpsc::Sender<Option<VerifiedRun>>> {

@@ -91,7 +91,14 @@ impl LocalHashes {
         threads: usize,
         ahead: u64,
     ) -> Result<Self> {
-        Self::spawn_from(target, (size, bs), window_blocks, zeros, (threads, ahead), 0)
+        Self::spawn_from(
+            target,
+            (size, bs),
+            window_blocks,
+            zeros,
+            (threads, ahead),
+            0,
+        )
     }
 
     /// Like `spawn`, from the window starting at block `start` (a multiple of `window_blocks`:

@@ -423,11 +423,15 @@ async fn sync_resume_offsets_are_checked() {
     let bs = u64::from(BS);
     let bad = [0, 100, bs + 1, 4 * MIB as u64, u64::MAX - (bs - 1)];
     for (i, offset) in bad.into_iter().enumerate() {
-        let stream = i as u32 + 1;
+        let stream = u32::try_from(i).unwrap() + 1;
         raw.send(sync_resume(stream, offset, None)).await;
         let m = raw.next().await.expect("an answer");
         let (s, code, message) = error_of(&m).unwrap_or_else(|| panic!("offset {offset}: {m:?}"));
-        assert_eq!((s, code), (stream, ErrorCode::BadRequest), "offset {offset}: {message}");
+        assert_eq!(
+            (s, code),
+            (stream, ErrorCode::BadRequest),
+            "offset {offset}: {message}"
+        );
         assert!(message.contains(&offset.to_string()), "{message}");
     }
     // A good offset on an untracked disk: a hash-compare plan without a token.
@@ -481,17 +485,29 @@ async fn sync_resume_needs_the_last_cut_of_a_tracked_disk() {
     let bs = u64::from(BS);
     raw.send(sync_resume(2, bs, Some(cut1))).await;
     let m = raw.next().await.unwrap();
-    assert_eq!(token_of(&m), Some(cut1), "a resume runs under the interrupted cut");
+    assert_eq!(
+        token_of(&m),
+        Some(cut1),
+        "a resume runs under the interrupted cut"
+    );
     let foreign = failback_replication::cbt::Token {
         session: cut1.session ^ 1,
         cut: cut1.cut,
     };
     raw.send(sync_resume(3, bs, Some(foreign))).await;
     let m = raw.next().await.unwrap();
-    assert_eq!(error_of(&m).map(|e| e.1), Some(ErrorCode::ResumeRefused), "{m:?}");
+    assert_eq!(
+        error_of(&m).map(|e| e.1),
+        Some(ErrorCode::ResumeRefused),
+        "{m:?}"
+    );
     raw.send(sync_resume(4, bs, None)).await;
     let m = raw.next().await.unwrap();
-    assert_eq!(error_of(&m).map(|e| e.1), Some(ErrorCode::ResumeRefused), "{m:?}");
+    assert_eq!(
+        error_of(&m).map(|e| e.1),
+        Some(ErrorCode::ResumeRefused),
+        "{m:?}"
+    );
     // Another round takes a cut: the first round's cut is no longer the last.
     raw.send(start(5)).await;
     let cut2 = token_of(&raw.next().await.unwrap()).unwrap();

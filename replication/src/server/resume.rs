@@ -57,7 +57,10 @@ impl Conn<'_> {
                      round's cut {} is no longer this agent's last (the agent restarted, \
                      another round ran or the tracker lost events), so changes to the prefix \
                      could be missed; start the disk over",
-                    cut.map_or_else(|| "(none)".to_owned(), |t| format!("{}/{}", t.session, t.cut))
+                    cut.map_or_else(
+                        || "(none)".to_owned(),
+                        |t| format!("{}/{}", t.session, t.cut)
+                    )
                 );
                 tracing::info!(peer = %self.peer, "{m}");
                 send_error(self.out, stream, ErrorCode::ResumeRefused, m).await;
