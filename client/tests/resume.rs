@@ -222,3 +222,103 @@ fn a_write_to_the_prefix_while_cut_arrives_with_the_next_round() {
         "target differs from the source after the changes round"
     );
 }
+
+/// After an appliance reboot: the checkpoint taken at the cut (to be stored at the DR service)
+/// is checked against the target and the round resumes from it, fetching again only the
+/// first MiB the writer had held back (it was never on the disk); a target whose sampled
+/// blocks changed is refused, with the reason.
+#[test]
+fn a_checkpoint_resumes_after_a_restart_and_a_changed_target_is_refused() {
+    use failback_replication::checkpoint::Checkpoint;
+    use failback_replication::client::WINDOW_BYTES;
+    use failback_replication::server::{ServeOptions, SourceDisk};
+    use failback_replication::tls::DevCerts;
+    use failback_replication::{HashCache, Mapping, NoProgress, Session, SyncOptions};
+    use std::os::unix::fs::FileExt;
+
+    const SIZE: usize = 48 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let dst = dir.path().join("dst.img");
+    let data = random_bytes(22, SIZE);
+    std::fs::write(&src, &data).unwrap();
+    let certs = DevCerts::generate("dev").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls = certs.server_tls(None).unwrap();
+    let disk = SourceDisk::open("d", &src).unwrap();
+    let agent = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(failback_replication::serve(
+            l,
+            vec![disk],
+            tls,
+            ServeOptions::default(),
+        ));
+        addr
+    });
+    let link = Link::new(LinkSpec::new(2, 4000).unwrap());
+    let addr = link_in_front(&rt, &agent, link.clone());
+    let client = certs.client_tls().unwrap();
+    let maps = [Mapping {
+        remote: "d".into(),
+        local: dst.clone(),
+    }];
+    let opts = SyncOptions {
+        compression: failback_replication::wire::Compression::None,
+        ..SyncOptions::default()
+    };
+    let round = |cache: &Arc<HashCache>| {
+        rt.block_on(async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let s = Session::connect(&addr, &client).await.unwrap();
+            s.sync_cached(&maps, &opts, Arc::new(NoProgress), cache)
+                .await
+        })
+    };
+
+    link.cut_at(SIZE as u64 * 7 / 10);
+    let cache = Arc::new(HashCache::default());
+    round(&cache).expect_err("the cut must interrupt the round");
+    let cps = cache.checkpoints(WINDOW_BYTES);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    // Through JSON, as stored at the service.
+    let cp: Checkpoint = serde_json::from_str(&serde_json::to_string(&cps[0]).unwrap()).unwrap();
+    assert!(cp.offset >= 16 * MIB as u64, "{cp:?}");
+    let target = std::fs::read(&dst).unwrap();
+    assert!(
+        target[..MIB] != data[..MIB],
+        "the first MiB is held back until a round commits"
+    );
+
+    // "Reboot": a new client process holds nothing but the checkpoint.
+    let cache = Arc::new(HashCache::default());
+    cache
+        .restore(&cp)
+        .expect("the checkpoint matches the target");
+    let r = round(&cache).expect("round resumed from the checkpoint");
+    let d = &r.disks[0];
+    assert_eq!(d.resumed_at, cp.offset, "{d:?}");
+    let unsent = SIZE as u64 - cp.offset;
+    assert!(
+        d.bytes_on_wire <= unsent + MIB as u64 + WINDOW_BYTES + MIB as u64,
+        "resumed round moved {} bytes for {unsent} unsent",
+        d.bytes_on_wire
+    );
+    assert!(
+        std::fs::read(&dst).unwrap() == data,
+        "target differs from the source after the resumed round"
+    );
+
+    // A target changed under a sampled block is refused.
+    let f = std::fs::OpenOptions::new().write(true).open(&dst).unwrap();
+    f.write_all_at(b"tampered", cp.offset - 4096).unwrap();
+    let e = Arc::new(HashCache::default())
+        .restore(&cp)
+        .expect_err("a changed target must be refused");
+    assert!(e.contains("changed since the checkpoint"), "{e}");
+}

@@ -36,7 +36,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A disk sync fails if the agent sends nothing for this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes of disk covered by one hash window.
-const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
+pub const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
 /// Hash windows per disk that may be hashed ahead of the last one done, besides one per hashing
 /// thread (keeps the agent busy; hashes are small, blocks in flight are bounded by the channels).
 const MAX_OUTSTANDING: usize = 6;
@@ -1288,7 +1288,10 @@ impl DiskJob {
             mut plan,
             ..
         } = round;
-        // A resumed round holds the hashes of its prefix; windows continue at `start_block`.
+        // A resumed round holds the hashes of its prefix (none after a reboot: then its first
+        // MiB, held back and lost, is fetched again); windows continue at `start_block`.
+        let refetch_head = resumed.as_ref().is_some_and(|p| p.refetch_head);
+        let base = if refetch_head { start_block } else { 0 };
         let mut new_hashes: Vec<Hash> = resumed.map(|p| p.prefix).unwrap_or_default();
         if start_block > 0 {
             self.progress
@@ -1306,6 +1309,18 @@ impl DiskJob {
         let mut bytes_fetched = 0u64;
         let mut refetched = 0u64;
         let mut theirs_digest: Option<Hash> = None;
+        if refetch_head {
+            let n = crate::writer::HEAD_BYTES.div_ceil(bs64).min(start_block);
+            pending.extend(0..n);
+            let m = Message::Refetch {
+                stream: self.stream,
+                first_block: 0,
+                count: u32::try_from(n).unwrap_or(u32::MAX),
+            };
+            if !send(m, &mut wire_bytes).await {
+                return Err(self.inner.dead_error());
+            }
+        }
 
         // Any error leaves the loop here; a network error keeps the verified prefix.
         let looped = async {
@@ -1502,6 +1517,7 @@ impl DiskJob {
             Err(e) => {
                 if e.is_retryable() && !estimate {
                     let i = partial::Interrupted {
+                        base,
                         retired: new_hashes,
                         window_blocks,
                         cut: plan.as_ref().and_then(|p| p.token),

@@ -10,6 +10,7 @@
 pub mod allow;
 pub mod block;
 pub mod cbt;
+pub mod checkpoint;
 pub mod client;
 pub mod conn;
 pub mod device;

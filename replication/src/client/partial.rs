@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::{DiskJob, HashCache, Planned, WriterGuard};
 use crate::cbt::Token;
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::wire::{ErrorCode, Hash, Message};
 use crate::writer::Head;
@@ -16,8 +17,13 @@ pub(crate) struct Partial {
     remote: String,
     size: u64,
     block_size: u32,
-    /// Hashes of blocks `0..len`: every one compared, and written where it differed.
+    /// Blocks `0..start` are compared, and written where they differed.
+    start: u64,
+    /// Their hashes (empty after a reboot: a [`Checkpoint`] does not hold them).
     pub(crate) prefix: Vec<Hash>,
+    /// The first MiB must be fetched again: the interrupted round's held-back head was lost
+    /// (resumed from a [`Checkpoint`]).
+    pub(crate) refetch_head: bool,
     /// The interrupted round's cut (from its `SyncPlan`).
     cut: Option<Token>,
     /// The verified part of the first MiB, held back by the writer (written when a round
@@ -40,12 +46,12 @@ impl std::fmt::Debug for Partial {
 impl Partial {
     /// Byte offset the round continues at.
     pub(crate) fn offset(&self) -> u64 {
-        self.prefix.len() as u64 * u64::from(self.block_size)
+        self.start * u64::from(self.block_size)
     }
 
     /// First block the round continues at.
     pub(crate) fn start_block(&self) -> u64 {
-        self.prefix.len() as u64
+        self.start
     }
 }
 
@@ -64,6 +70,50 @@ impl HashCache {
             .collect()
     }
 
+    /// Checkpoints of the interrupted rounds, to store at the DR service for a resume after a
+    /// reboot: each target is flushed first, then its sampled blocks are read (blocking I/O;
+    /// run it off the async threads). A disk whose prefix ends inside the first MiB, or whose
+    /// target cannot be flushed or read, gets none (logged).
+    pub fn checkpoints(&self, window_bytes: u64) -> Vec<Checkpoint> {
+        let parts: Vec<_> = self
+            .partial_lock()
+            .iter()
+            .map(|(local, p)| {
+                let c = (p.remote.clone(), p.size, p.block_size, p.offset(), p.cut);
+                (local.clone(), c)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (local, (remote, size, bs, offset, cut)) in parts {
+            match checkpoint_of(&local, (remote, size, bs, offset, cut), window_bytes) {
+                Ok(Some(cp)) => out.push(cp),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("no checkpoint of {}: {e}", local.display()),
+            }
+        }
+        out
+    }
+
+    /// Resumes from `cp` (fetched from the DR service after a reboot) if it checks out
+    /// against its local target ([`Checkpoint::check_target`]); `Err` says why not (the disk
+    /// then starts over at 0).
+    pub fn restore(&self, cp: &Checkpoint) -> std::result::Result<(), String> {
+        cp.check_target()?;
+        let p = Partial {
+            remote: cp.remote.clone(),
+            size: cp.disk_size,
+            block_size: cp.block_size,
+            start: cp.start_block(),
+            prefix: Vec::new(),
+            refetch_head: true,
+            cut: cp.cut,
+            head: Head::new(),
+            rest: None,
+        };
+        self.put_partial(cp.local.clone(), p);
+        Ok(())
+    }
+
     fn partial_lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Partial>> {
         self.partial.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -77,9 +127,41 @@ impl HashCache {
     }
 }
 
+/// Flushes `local` and takes its checkpoint at `offset` (`None` inside the first MiB).
+fn checkpoint_of(
+    local: &Path,
+    (remote, disk_size, block_size, offset, cut): (String, u64, u32, u64, Option<Token>),
+    window_bytes: u64,
+) -> std::io::Result<Option<Checkpoint>> {
+    if offset <= crate::writer::HEAD_BYTES {
+        return Ok(None);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(local)?
+        .sync_data()?;
+    let info = crate::device::inspect(local)?;
+    let digest = Checkpoint::digest_of(local, offset, block_size, window_bytes)?;
+    Ok(Some(Checkpoint {
+        remote,
+        disk_size,
+        block_size,
+        local: local.to_owned(),
+        local_size: info.size,
+        local_serial: info.serial,
+        offset,
+        cut,
+        window_bytes,
+        digest,
+    }))
+}
+
 /// What the interrupted round leaves behind, from the disk job's state at the error.
 pub(crate) struct Interrupted {
-    /// Hashes of the retired windows, in disk order, from block 0.
+    /// Blocks compared before this round (resumed from a checkpoint, without their hashes;
+    /// otherwise 0).
+    pub(crate) base: u64,
+    /// Hashes of the retired windows, in disk order, from block `base`.
     pub(crate) retired: Vec<Hash>,
     /// Blocks per hash window.
     pub(crate) window_blocks: u64,
@@ -100,7 +182,7 @@ impl DiskJob {
             p.remote == self.disk.id
                 && p.size == self.disk.size
                 && p.block_size == self.opts.block_size
-                && !p.prefix.is_empty()
+                && p.start > 0
         })
     }
 
@@ -182,15 +264,17 @@ impl DiskJob {
         let nblocks = crate::block::block_count(self.disk.size, self.opts.block_size);
         let mut retired = i.retired;
         // A fully compared disk still needs its digest: continue with its last window.
-        if retired.len() as u64 >= nblocks {
+        if i.base + retired.len() as u64 >= nblocks {
             let w = i.window_blocks.max(1);
             let last = (nblocks.saturating_sub(1) / w) * w;
-            retired.truncate(usize::try_from(last).unwrap_or(usize::MAX));
+            let keep = last.saturating_sub(i.base);
+            retired.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
         }
-        if retired.is_empty() {
+        let start = i.base + retired.len() as u64;
+        if start == 0 {
             return;
         }
-        let end = retired.len() as u64 * u64::from(self.opts.block_size);
+        let end = start * u64::from(self.opts.block_size);
         let Some(head) = keep_head(head, end) else {
             return;
         };
@@ -198,7 +282,9 @@ impl DiskJob {
             remote: self.disk.id.clone(),
             size: self.disk.size,
             block_size: self.opts.block_size,
-            prefix: retired,
+            start,
+            prefix: if i.base == 0 { retired } else { Vec::new() },
+            refetch_head: i.base > 0,
             cut: i.cut,
             head,
             rest: i.rest,
