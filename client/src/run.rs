@@ -23,6 +23,8 @@ use failback_replication::report::DiskReport;
 use failback_replication::{ClientTls, Mapping, Progress, Session, SyncOptions, SyncReport};
 use tokio::sync::Notify;
 
+mod checkpoints;
+
 /// Everything `run` needs; build it from flags, a seed file or code.
 #[derive(Clone)]
 pub struct RunOptions {
@@ -845,8 +847,8 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
 #[allow(clippy::too_many_arguments)]
 async fn replicate(
     opts: &RunOptions,
-    _api: &Api,
-    _secret: &str,
+    api: &Api,
+    secret: &str,
     state: &Arc<State>,
     console: &Console,
     tls: &ClientTls,
@@ -866,6 +868,8 @@ async fn replicate(
     // The final round resumes only what it verified itself (after the quiesce), never a prefix
     // of an earlier round (see failback_replication::resume).
     let mut final_started = false;
+    // After a reboot mid-round: resume from the checkpoints stored at the DR service.
+    let mut stored = checkpoints::restore(api, secret, &cache, mappings, console).await;
     loop {
         let (command, addr, bw, hb_secs, unauthorized) = {
             let s = state.lock();
@@ -1021,6 +1025,9 @@ async fn replicate(
                     mib(report.bytes_fetched())
                 ));
                 consistent = true;
+                if stored {
+                    stored = checkpoints::store(api, secret, &cache, console).await;
+                }
                 {
                     let mut s = state.lock();
                     s.report.last_round_differing_bytes = Some(differing);
@@ -1074,6 +1081,7 @@ async fn replicate(
                 ));
                 state.set_phase(ClientPhase::AgentUnreachable, Some(msg));
                 state.kick.notify_one();
+                stored = checkpoints::store(api, secret, &cache, console).await;
                 session = None;
                 pause(state, opts.retry_interval).await;
             }

@@ -309,7 +309,11 @@ fn checkpoint(p: &str, d: &DiskCheckpoint) -> R<()> {
     if !d.block_size.is_power_of_two() || !(4096..=4 << 20).contains(&d.block_size) {
         return bad("block_size", format!("{bs}: a power of two, 4 KiB..4 MiB"));
     }
-    if d.offset == 0 || d.offset % bs != 0 || d.offset >= d.disk_size || d.offset > d.local_size {
+    if d.offset == 0
+        || !d.offset.is_multiple_of(bs)
+        || d.offset >= d.disk_size
+        || d.offset > d.local_size
+    {
         let m = format!(
             "{}: a non-zero multiple of the block size {bs} inside the disk ({} bytes) and \
              the target ({} bytes)",
@@ -317,7 +321,7 @@ fn checkpoint(p: &str, d: &DiskCheckpoint) -> R<()> {
         );
         return bad("offset", m);
     }
-    if d.window_bytes < bs || d.window_bytes % bs != 0 || d.window_bytes > 64 << 20 {
+    if d.window_bytes < bs || !d.window_bytes.is_multiple_of(bs) || d.window_bytes > 64 << 20 {
         let m = format!(
             "{}: a multiple of the block size, at most 64 MiB",
             d.window_bytes
