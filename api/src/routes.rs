@@ -9,6 +9,8 @@
 //! - `POST` [`CLIENT_HEARTBEAT`] (bearer client secret) [`ClientReport`] ->
 //!   [`ClientCommandResponse`]
 //! - `POST` [`CLIENT_LOG`] (bearer client secret, text body) -> [`LogUploadResponse`]
+//! - `POST` [`CLIENT_CHECKPOINT`] (bearer client secret) [`ClientCheckpoints`] -> the same;
+//!   `GET` -> the last stored ([`ClientCheckpoints`], empty when none)
 //! - `POST` [`CLIENT_BOOT_REPORT`] (unauthenticated) [`BootReport`] -> [`BootReportResponse`]
 //! - admin (bearer: the bootstrap admin token or a credential secret; the [`Role`] each route
 //!   needs in brackets): `GET` [`ADMIN_INSTANCES`], `GET` [`ADMIN_INSTANCE`] [viewer],
@@ -45,6 +47,7 @@ pub const AGENT_HEARTBEAT: &str = "/v1/agent/heartbeat";
 pub const PAIR: &str = "/v1/pair";
 pub const CLIENT_HEARTBEAT: &str = "/v1/client/heartbeat";
 pub const CLIENT_LOG: &str = "/v1/client/log";
+pub const CLIENT_CHECKPOINT: &str = "/v1/client/checkpoint";
 pub const CLIENT_BOOT_REPORT: &str = "/v1/client/boot-report";
 pub const ADMIN_INSTANCES: &str = "/v1/admin/instances";
 /// Prefix of every per-instance admin route (the id follows).
@@ -126,6 +129,7 @@ mod tests {
             PAIR,
             CLIENT_HEARTBEAT,
             CLIENT_LOG,
+            CLIENT_CHECKPOINT,
             CLIENT_BOOT_REPORT,
             ADMIN_INSTANCES,
             ADMIN_TOKENS,

@@ -1099,3 +1099,52 @@ mod tests {
         assert!(!valid_instance_id("0123456789"));
     }
 }
+
+/// `POST /v1/client/checkpoint` (bearer client secret): the resume points of a round a dropped
+/// connection interrupted, one per disk (an empty list clears them); `GET` answers the last
+/// one stored. After an appliance reboot the client fetches them and checks each against its
+/// local disk before it trusts it (the client's `failback_replication::checkpoint`); the
+/// service checks their form: sizes, alignment, lengths, counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCheckpoints {
+    pub disks: Vec<DiskCheckpoint>,
+}
+
+/// At most this many disks in [`ClientCheckpoints`].
+pub const MAX_CHECKPOINT_DISKS: usize = 64;
+
+/// One disk's resume point (the JSON of `failback_replication::checkpoint::Checkpoint`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCheckpoint {
+    /// The agent's disk id.
+    pub remote: String,
+    /// Source disk size in bytes.
+    pub disk_size: u64,
+    /// Block size of the round (power of two, 4 KiB..=4 MiB).
+    pub block_size: u32,
+    /// The local target.
+    pub local: String,
+    /// The local target's size when the checkpoint was taken.
+    pub local_size: u64,
+    /// The local target's serial or WWID.
+    pub local_serial: Option<String>,
+    /// Verified, written and flushed below this byte offset (a multiple of `block_size`,
+    /// inside both disks).
+    pub offset: u64,
+    /// The interrupted round's cut on the agent.
+    pub cut: Option<CheckpointCut>,
+    /// Bytes per hash window (a multiple of `block_size`, at most 64 MiB).
+    pub window_bytes: u64,
+    /// BLAKE3 of the sampled blocks of the prefix, 64 hex digits.
+    pub digest: String,
+}
+
+/// The agent's cut a checkpointed round ran under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointCut {
+    pub session: u64,
+    pub cut: u64,
+}

@@ -23,6 +23,8 @@ use failback_replication::report::DiskReport;
 use failback_replication::{ClientTls, Mapping, Progress, Session, SyncOptions, SyncReport};
 use tokio::sync::Notify;
 
+mod checkpoints;
+
 /// Everything `run` needs; build it from flags, a seed file or code.
 #[derive(Clone)]
 pub struct RunOptions {
@@ -845,8 +847,8 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
 #[allow(clippy::too_many_arguments)]
 async fn replicate(
     opts: &RunOptions,
-    _api: &Api,
-    _secret: &str,
+    api: &Api,
+    secret: &str,
     state: &Arc<State>,
     console: &Console,
     tls: &ClientTls,
@@ -863,6 +865,11 @@ async fn replicate(
     let mut unreachable_reported = false;
     // Hash-compare rounds in a row that found nothing changed (they back off).
     let mut idle_compares: u32 = 0;
+    // The final round resumes only what it verified itself (after the quiesce), never a prefix
+    // of an earlier round (see failback_replication::resume).
+    let mut final_started = false;
+    // After a reboot mid-round: resume from the checkpoints stored at the DR service.
+    let mut stored = checkpoints::restore(api, secret, &cache, mappings, console).await;
     loop {
         let (command, addr, bw, hb_secs, unauthorized) = {
             let s = state.lock();
@@ -981,6 +988,10 @@ async fn replicate(
             console.say("verify full: re-reading and re-hashing both sides in the final round");
             cache.clear();
         }
+        if launching && !final_started {
+            final_started = true;
+            cache.forget_partial();
+        }
         let t0 = Instant::now();
         // A stop request aborts a running round; everything written so far stays verified.
         let outcome = tokio::select! {
@@ -1014,6 +1025,9 @@ async fn replicate(
                     mib(report.bytes_fetched())
                 ));
                 consistent = true;
+                if stored {
+                    stored = checkpoints::store(api, secret, &cache, console).await;
+                }
                 {
                     let mut s = state.lock();
                     s.report.last_round_differing_bytes = Some(differing);
@@ -1052,9 +1066,22 @@ async fn replicate(
             Err(e) => {
                 round -= 1;
                 let msg = round_error(e)?;
-                console.say(format!("round interrupted: {msg}; reconnecting"));
+                let at: Vec<String> = cache
+                    .resume_points()
+                    .iter()
+                    .map(|(p, o)| format!("{} at {}", p.display(), mib(*o)))
+                    .collect();
+                console.say(format!(
+                    "round interrupted: {msg}; reconnecting{}",
+                    if at.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (resuming {})", at.join(", "))
+                    }
+                ));
                 state.set_phase(ClientPhase::AgentUnreachable, Some(msg));
                 state.kick.notify_one();
+                stored = checkpoints::store(api, secret, &cache, console).await;
                 session = None;
                 pause(state, opts.retry_interval).await;
             }

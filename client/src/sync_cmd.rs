@@ -61,6 +61,10 @@ pub struct SyncArgs {
     /// bottleneck, raw while the CPU is), zstd (always zstd-1 where it shrinks) or none.
     #[arg(long, default_value = "auto", value_parser = clap::builder::ValueParser::new(str::parse::<Compression>))]
     pub compression: Compression,
+    /// After a dropped connection, reconnect and continue this many times (each disk resumes
+    /// from what it verified and wrote; 0: fail at once).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub reconnect: u32,
 }
 
 /// Parses sizes like `65536`, `64K`, `64KiB`, `1M`.
@@ -270,8 +274,7 @@ pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
         ..SyncOptions::default()
     };
     let progress = progress::make(args.progress);
-    let report = session.sync(&mappings, &opts, progress).await?;
-    session.close().await;
+    let report = sync_reconnecting(&args, &tls, session, &mappings, &opts, progress, &out).await?;
 
     for d in &report.disks {
         if d.estimate_only {
@@ -324,6 +327,59 @@ pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
     }
     Ok(Outcome::Synced(report))
 }
+
+/// Runs the round, reconnecting after a dropped connection up to `--reconnect` times: the same
+/// hash cache carries each disk's verified prefix into the next attempt, which resumes there.
+async fn sync_reconnecting(
+    args: &SyncArgs,
+    tls: &ClientTls,
+    mut session: Session,
+    mappings: &[Mapping],
+    opts: &SyncOptions,
+    progress: std::sync::Arc<dyn failback_replication::Progress>,
+    out: &Out,
+) -> Result<SyncReport, SyncError> {
+    let cache = std::sync::Arc::new(failback_replication::HashCache::default());
+    let mut left = args.reconnect;
+    loop {
+        let e = match session
+            .sync_cached(mappings, opts, progress.clone(), &cache)
+            .await
+        {
+            Ok(report) => {
+                session.close().await;
+                return Ok(report);
+            }
+            Err(e) if e.is_retryable() && left > 0 => e,
+            Err(e) => return Err(e.into()),
+        };
+        session = loop {
+            left -= 1;
+            let at: Vec<String> = cache
+                .resume_points()
+                .iter()
+                .map(|(p, o)| format!("{} at byte {o}", p.display()))
+                .collect();
+            out.text(&format!(
+                "round interrupted: {e}; reconnecting ({left} more allowed){}",
+                if at.is_empty() {
+                    String::new()
+                } else {
+                    format!("; resuming {}", at.join(", "))
+                }
+            ));
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+            match Session::connect(&args.agent, tls).await {
+                Ok(s) => break s,
+                Err(e) if e.is_retryable() && left > 0 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+    }
+}
+
+/// Pause before reconnecting after a dropped connection.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -262,6 +262,22 @@ async fn client_hb(State(st): St, h: HeaderMap, body: Bytes) -> Response {
     .await
 }
 
+async fn client_checkpoint_put(State(st): St, h: HeaderMap, body: Bytes) -> Response {
+    off(move || {
+        let s = need_bearer(&h, "client secret")?;
+        st.service.put_checkpoints(&s, parse(&body)?)
+    })
+    .await
+}
+
+async fn client_checkpoint_get(State(st): St, h: HeaderMap) -> Response {
+    off(move || {
+        let s = need_bearer(&h, "client secret")?;
+        st.service.checkpoints(&s)
+    })
+    .await
+}
+
 async fn client_log(State(st): St, h: HeaderMap, body: Bytes) -> Response {
     off(move || {
         let s = need_bearer(&h, "client secret")?;
@@ -433,6 +449,10 @@ fn router(state: Arc<AppState>, body: BodyLimit) -> Router {
         .route(r::PAIR, post(pair))
         .route(r::CLIENT_HEARTBEAT, post(client_hb))
         .route(r::CLIENT_LOG, post(client_log))
+        .route(
+            r::CLIENT_CHECKPOINT,
+            post(client_checkpoint_put).get(client_checkpoint_get),
+        )
         .route(r::CLIENT_BOOT_REPORT, post(boot_report))
         .route(r::ADMIN_INSTANCES, get(list))
         .route(r::ADMIN_INSTANCE, get(describe))

@@ -1419,6 +1419,34 @@ impl Service {
         }
     }
 
+    /// Stores the client's resume points (validated by the HTTP layer; an empty list clears
+    /// them) for its instance.
+    pub fn put_checkpoints(&self, secret: &str, c: ClientCheckpoints) -> R<ClientCheckpoints> {
+        let client = self.client(secret)?;
+        let body = if c.disks.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&c).map_err(|e| ApiFailure::Internal(e.to_string()))?)
+        };
+        self.store
+            .put_checkpoint(&client.instance_id, body.as_deref(), now_secs())?;
+        Ok(c)
+    }
+
+    /// The client's last stored resume points (none: an empty list).
+    pub fn checkpoints(&self, secret: &str) -> R<ClientCheckpoints> {
+        let client = self.client(secret)?;
+        match self.store.checkpoint(&client.instance_id)? {
+            Some(b) => serde_json::from_str(&b).map_err(|e| {
+                ApiFailure::Internal(format!(
+                    "stored checkpoints of {} unreadable: {e}",
+                    client.instance_id
+                ))
+            }),
+            None => Ok(ClientCheckpoints::default()),
+        }
+    }
+
     /// Stores an uploaded client log under `log_dir/<instance>/`.
     pub fn upload_log(&self, secret: &str, body: &[u8]) -> R<LogUploadResponse> {
         let now = now_secs();

@@ -282,6 +282,58 @@ impl Validate for ClientReport {
     }
 }
 
+impl Validate for ClientCheckpoints {
+    /// The form of each resume point (the client checks its content against its disk).
+    fn validate(&self) -> R<()> {
+        if self.disks.len() > MAX_CHECKPOINT_DISKS {
+            let n = self.disks.len();
+            let m = format!("field disks: {n} entries, at most {MAX_CHECKPOINT_DISKS}");
+            return Err(ApiFailure::bad("disks", m));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            checkpoint(&format!("disks[{i}]"), d)?;
+        }
+        Ok(())
+    }
+}
+
+fn checkpoint(p: &str, d: &DiskCheckpoint) -> R<()> {
+    let bad = |f: &str, m: String| Err(ApiFailure::bad(format!("{p}.{f}"), m));
+    len(&format!("{p}.remote"), &d.remote, MAX_SHORT)?;
+    len(&format!("{p}.local"), &d.local, MAX_PATH)?;
+    opt(&format!("{p}.local_serial"), &d.local_serial, MAX_SHORT)?;
+    if d.remote.is_empty() || d.local.is_empty() {
+        return bad("remote", "remote and local must not be empty".into());
+    }
+    let bs = u64::from(d.block_size);
+    if !d.block_size.is_power_of_two() || !(4096..=4 << 20).contains(&d.block_size) {
+        return bad("block_size", format!("{bs}: a power of two, 4 KiB..4 MiB"));
+    }
+    if d.offset == 0
+        || !d.offset.is_multiple_of(bs)
+        || d.offset >= d.disk_size
+        || d.offset > d.local_size
+    {
+        let m = format!(
+            "{}: a non-zero multiple of the block size {bs} inside the disk ({} bytes) and \
+             the target ({} bytes)",
+            d.offset, d.disk_size, d.local_size
+        );
+        return bad("offset", m);
+    }
+    if d.window_bytes < bs || !d.window_bytes.is_multiple_of(bs) || d.window_bytes > 64 << 20 {
+        let m = format!(
+            "{}: a multiple of the block size, at most 64 MiB",
+            d.window_bytes
+        );
+        return bad("window_bytes", m);
+    }
+    if d.digest.len() != 64 || !hex(&d.digest) {
+        return bad("digest", "64 hex digits".into());
+    }
+    Ok(())
+}
+
 impl Validate for BootReport {
     /// `message` and `log` have their own limits, checked by the boot-report logic.
     fn validate(&self) -> R<()> {

@@ -961,6 +961,85 @@ async fn boot_reports_are_filed_by_token_or_uuid_limited_and_validated(db: Db) {
     s.shutdown().await;
 }
 
+/// Client checkpoints (resume points after an appliance reboot): stored and fetched with the
+/// client secret, cleared by an empty list; a malformed one is refused naming the field and
+/// stores nothing; an unknown secret is refused.
+async fn client_checkpoints_are_stored_fetched_and_checked(db: Db) {
+    let d = tempfile::tempdir().unwrap();
+    let s = server(d.path(), &db).await;
+    let c = C::new(&s);
+    let (a, _) = c.enroll(None, 1 << 30).await;
+    let t = c.token("pairing", Some(&a), None).await;
+    let (st, v) = c.pair(&t, None, None).await;
+    assert_eq!(st, 200, "{v}");
+    let secret = v["client_secret"].as_str().unwrap().to_string();
+    let path = "/v1/client/checkpoint";
+    let get = |bearer: String| {
+        let c = &c;
+        async move {
+            c.send(reqwest::Method::GET, path, Some(&bearer), None)
+                .await
+        }
+    };
+    let post = |bearer: String, body: Value| {
+        let c = &c;
+        async move {
+            c.send(
+                reqwest::Method::POST,
+                path,
+                Some(&bearer),
+                Some(body.to_string()),
+            )
+            .await
+        }
+    };
+    let (st, v) = get(secret.clone()).await;
+    assert_eq!((st, &v), (200, &json!({"disks": []})), "nothing stored yet");
+
+    let disk = json!({
+        "remote": "disk0", "disk_size": 1u64 << 30, "block_size": 65536,
+        "local": "/dev/sda", "local_size": 1u64 << 30, "local_serial": "S1",
+        "offset": 512u64 << 20, "cut": {"session": 7, "cut": 3},
+        "window_bytes": 16u64 << 20, "digest": "ab".repeat(32),
+    });
+    let body = json!({ "disks": [disk.clone()] });
+    let (st, v) = post(secret.clone(), body.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = get(secret.clone()).await;
+    assert_eq!((st, &v), (200, &body), "fetched as stored");
+
+    let bad = [
+        ("offset", json!(512u64 << 20 | 1)),
+        ("offset", json!(2u64 << 30)),
+        ("block_size", json!(3000)),
+        ("window_bytes", json!(1u64 << 40)),
+        ("digest", json!("xyz")),
+    ];
+    for (field, value) in bad {
+        let mut d = disk.clone();
+        d[field] = value.clone();
+        let (st, v) = post(secret.clone(), json!({ "disks": [d] })).await;
+        assert_eq!(st, 400, "{field} = {value}: {v}");
+        assert!(
+            v.to_string().contains(&format!("disks[0].{field}")),
+            "{field}: {v}"
+        );
+    }
+    let many: Vec<Value> = (0..65).map(|_| disk.clone()).collect();
+    let (st, v) = post(secret.clone(), json!({ "disks": many })).await;
+    assert_eq!(st, 400, "{v}");
+    let (_, v) = get(secret.clone()).await;
+    assert_eq!(v, body, "a refused checkpoint stores nothing");
+
+    let (st, _) = get("not-a-secret".into()).await;
+    assert_eq!(st, 401);
+    let (st, v) = post(secret.clone(), json!({"disks": []})).await;
+    assert_eq!(st, 200, "{v}");
+    let (_, v) = get(secret).await;
+    assert_eq!(v, json!({"disks": []}), "an empty list clears them");
+    s.shutdown().await;
+}
+
 /// Each test on both backends: `NAME::sqlite` and `NAME::postgres`.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
@@ -992,4 +1071,5 @@ on_both_backends!(
     missed_agent_heartbeats_raise_agent_not_seen,
     boot_reports_are_filed_by_token_or_uuid_limited_and_validated,
     used_token_of_a_completed_failback_answers_completed,
+    client_checkpoints_are_stored_fetched_and_checked,
 );

@@ -207,6 +207,13 @@ impl DirtyMap {
         }
     }
 
+    /// Whether `token` names this map's last cut: no round cut the map since, so every write
+    /// after that cut is still in `current` (a resumed round may take no cut of its own).
+    pub fn is_last_cut(&self, token: &Token) -> bool {
+        let s = self.state();
+        token.session == self.session && token.cut == s.last_cut && s.lost.is_none()
+    }
+
     /// Bytes changed and not yet delivered, and the age of the oldest such change.
     pub fn backlog(&self) -> (u64, Option<Duration>) {
         let s = self.state();

@@ -27,14 +27,16 @@ use crate::wire::{
     Compression, DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, HASH_LEN,
     PROTOCOL_VERSION,
 };
-use crate::writer::Target;
+use crate::writer::{Head, Target};
+
+mod partial;
 
 /// Timeout for TCP connect, TLS handshake and hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A disk sync fails if the agent sends nothing for this long.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes of disk covered by one hash window.
-const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
+pub const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
 /// Hash windows per disk that may be hashed ahead of the last one done, besides one per hashing
 /// thread (keeps the agent busy; hashes are small, blocks in flight are bounded by the channels).
 const MAX_OUTSTANDING: usize = 6;
@@ -52,6 +54,8 @@ pub const HASH_CACHE_BUDGET: u64 = 512 << 20;
 #[derive(Debug, Default)]
 pub struct HashCache {
     disks: Mutex<HashMap<PathBuf, DiskCache>>,
+    /// Rounds cut short by a network error, to continue (see [`crate::resume`]).
+    partial: Mutex<HashMap<PathBuf, partial::Partial>>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +72,7 @@ impl HashCache {
     /// Forgets everything (the next round re-reads and re-hashes every target: `--verify full`).
     pub fn clear(&self) {
         self.lock().clear();
+        self.forget_partial();
     }
 
     /// Bytes of hashes held.
@@ -136,6 +141,14 @@ impl HashSource {
                 *next = end;
                 Some(Ok((first, w)))
             }
+        }
+    }
+
+    /// The cached hashes a `Cache` source compares with (kept for a resume).
+    fn into_cached(self) -> Option<Vec<Hash>> {
+        match self {
+            HashSource::Cache { hashes, .. } => Some(hashes),
+            HashSource::Disk(_) => None,
         }
     }
 
@@ -549,15 +562,24 @@ impl Session {
             set.spawn(async move { (i, job.run().await) });
         }
         let mut reports: Vec<Option<DiskReport>> = vec![None; mappings.len()];
+        // After a network error the other disks end on their own (the connection is gone):
+        // each keeps what it verified and wrote for a resume, which an abort would lose.
+        let mut lost: Option<Error> = None;
         while let Some(joined) = set.join_next().await {
             let (i, res) = joined.map_err(|e| Error::Usage(format!("sync task failed: {e}")))?;
             match res {
                 Ok(r) => reports[i] = Some(r),
+                Err(e) if e.is_retryable() => {
+                    lost.get_or_insert(e);
+                }
                 Err(e) => {
                     set.abort_all();
                     return Err(e);
                 }
             }
+        }
+        if let Some(e) = lost {
+            return Err(e);
         }
         Ok(SyncReport {
             agent: self.inner.peer.clone(),
@@ -1045,6 +1067,7 @@ impl DiskJob {
             round_kind: "changes".into(),
             tracking: plan.note,
             target_read,
+            resumed_at: 0,
             backlog_bytes: plan.backlog_bytes,
             lag_secs: plan.lag_secs,
         };
@@ -1129,7 +1152,19 @@ impl DiskJob {
                 .take(&self.local)
                 .filter(|c| c.remote == id && c.size == size && c.block_size == bs)
         };
-        if !send(
+        // An interrupted round of this disk: continue it (protocol 5) or, if the agent
+        // refuses, start over (`resume` sent `SyncStart` then).
+        let mut resumed = None;
+        let partial = self.take_partial();
+        let started_already = partial.is_some();
+        if let Some(p) = partial {
+            let tried = self.resume(&p, &mut rx, &mut wire_bytes).await?;
+            resumed = tried.map(|plan| (p, plan));
+        }
+        let cached = if started_already { None } else { cached };
+        if started_already {
+            // SyncResume (or, refused, SyncStart) went out already.
+        } else if !send(
             Message::SyncStart {
                 stream: self.stream,
                 disk: id.clone(),
@@ -1148,17 +1183,21 @@ impl DiskJob {
         // Only a client holding hashes (and a token) can be offered a changes round: without
         // them the round is a hash compare whatever the plan says, so the first hash windows
         // go out at once and the plan is read with the answers (one round trip less).
-        let plan = match cached {
-            Some(_) => Some(self.read_plan(&mut rx, &mut wire_bytes).await?),
-            None => None,
+        let (plan, mut resumed) = match (resumed, &cached) {
+            (Some((p, plan)), _) => (Some(plan), Some(p)),
+            (None, Some(_)) => (Some(self.read_plan(&mut rx, &mut wire_bytes).await?), None),
+            (None, None) => (None, None),
         };
         let changes = plan.as_ref().is_some_and(|p| p.changes);
+        let start_block = resumed.as_ref().map_or(0, |p| p.start_block());
 
         // Hashing threads: local target -> windows of hashes, in disk order.
         let window_blocks = (WINDOW_BYTES / bs64).max(1);
         let threads = self.opts.hash_threads.unwrap_or_else(default_hash_threads);
         let zeros = Arc::new(ZeroHashes::new(size, bs));
-        let target_read = cached.is_none();
+        // A resumed round compares with the cached hashes the interrupted one used, if any.
+        let rest = resumed.as_mut().and_then(|p| p.rest.take());
+        let target_read = cached.is_none() && rest.is_none();
         let (mut local_hashes, changes_hashes) = match cached {
             Some(c) if changes => (None, Some(c.hashes)),
             Some(c) => (
@@ -1169,18 +1208,27 @@ impl DiskJob {
                 }),
                 None,
             ),
-            None => (
-                Some(HashSource::Disk(LocalHashes::spawn(
-                    target.clone(),
-                    size,
-                    bs,
-                    window_blocks,
-                    zeros.clone(),
-                    threads,
-                    (MAX_OUTSTANDING + threads) as u64,
-                )?)),
-                None,
-            ),
+            None => match rest {
+                Some(hashes) => (
+                    Some(HashSource::Cache {
+                        hashes,
+                        next: usize::try_from(start_block).unwrap_or(usize::MAX),
+                        window: usize::try_from(window_blocks).unwrap_or(usize::MAX),
+                    }),
+                    None,
+                ),
+                None => (
+                    Some(HashSource::Disk(LocalHashes::spawn_from(
+                        target.clone(),
+                        (size, bs),
+                        window_blocks,
+                        zeros.clone(),
+                        (threads, (MAX_OUTSTANDING + threads) as u64),
+                        start_block,
+                    )?)),
+                    None,
+                ),
+            },
         };
 
         // Writer thread: verified runs -> disk; head last.
@@ -1193,16 +1241,20 @@ impl DiskJob {
         } else {
             let mut w = target.writer()?;
             direct = w.is_direct();
+            if let Some(p) = resumed.as_mut() {
+                w.hold_head(std::mem::take(&mut p.head));
+            }
             let h = std::thread::Builder::new()
                 .name("failback-writer".into())
-                .spawn(move || -> Result<Option<u64>> {
+                // Stopped without a commit: the held-back head goes back (for a resume).
+                .spawn(move || -> WriterEnd {
                     while let Some(msg) = wrx.blocking_recv() {
                         match msg {
                             Some(run) => w.write(run)?,
-                            None => return w.finish().map(Some),
+                            None => return w.finish().map(|n| (Some(n), Head::new())),
                         }
                     }
-                    Ok(None)
+                    Ok((None, w.take_head()))
                 })
                 .map_err(|source| Error::LocalIo {
                     op: "start writer for",
@@ -1236,7 +1288,15 @@ impl DiskJob {
             mut plan,
             ..
         } = round;
-        let mut new_hashes: Vec<Hash> = Vec::new();
+        // A resumed round holds the hashes of its prefix (none after a reboot: then its first
+        // MiB, held back and lost, is fetched again); windows continue at `start_block`.
+        let refetch_head = resumed.as_ref().is_some_and(|p| p.refetch_head);
+        let base = if refetch_head { start_block } else { 0 };
+        let mut new_hashes: Vec<Hash> = resumed.map(|p| p.prefix).unwrap_or_default();
+        if start_block > 0 {
+            self.progress
+                .disk_advanced(&id, (start_block * bs64).min(size), 0);
+        }
 
         let mut windows: BTreeMap<u64, Window> = BTreeMap::new();
         let mut pending: HashSet<u64> = HashSet::new();
@@ -1249,8 +1309,22 @@ impl DiskJob {
         let mut bytes_fetched = 0u64;
         let mut refetched = 0u64;
         let mut theirs_digest: Option<Hash> = None;
-        let agent_digest: Hash;
+        if refetch_head {
+            let n = crate::writer::HEAD_BYTES.div_ceil(bs64).min(start_block);
+            pending.extend(0..n);
+            let m = Message::Refetch {
+                stream: self.stream,
+                first_block: 0,
+                count: u32::try_from(n).unwrap_or(u32::MAX),
+            };
+            if !send(m, &mut wire_bytes).await {
+                return Err(self.inner.dead_error());
+            }
+        }
 
+        // Any error leaves the loop here; a network error keeps the verified prefix.
+        let looped = async {
+        let agent_digest: Hash;
         loop {
             tokio::select! {
                 w = local_hashes.next(), if !hashing_done && local_hashes.may_take(windows.len()) => match w {
@@ -1383,7 +1457,8 @@ impl DiskJob {
                         // Sent after the last window (protocol 4), or on SyncEnd for an empty disk;
                         // the round ends once every window is also retired.
                         Message::SyncDone { blocks, digest: theirs, .. } => {
-                            if theirs_digest.is_some() || blocks != nblocks {
+                            // (A resumed round's digest covers its blocks from `start_block`.)
+                            if theirs_digest.is_some() || blocks != nblocks - start_block {
                                 return Err(self.protocol(format!("premature SyncDone for disk {id}")));
                             }
                             theirs_digest = Some(theirs);
@@ -1434,6 +1509,25 @@ impl DiskJob {
                 }
             }
         }
+        Ok::<Hash, Error>(agent_digest)
+        }
+        .await;
+        let agent_digest = match looped {
+            Ok(d) => d,
+            Err(e) => {
+                if e.is_retryable() && !estimate {
+                    let i = partial::Interrupted {
+                        base,
+                        retired: new_hashes,
+                        window_blocks,
+                        cut: plan.as_ref().and_then(|p| p.token),
+                        rest: local_hashes.into_cached(),
+                    };
+                    self.keep_partial(&mut writer, i).await;
+                }
+                return Err(e);
+            }
+        };
 
         let plan =
             plan.ok_or_else(|| self.protocol(format!("agent finished disk {id} without a plan")))?;
@@ -1472,6 +1566,7 @@ impl DiskJob {
             round_kind: if estimate { "estimate" } else { "compare" }.into(),
             tracking: plan.note,
             target_read,
+            resumed_at: start_block * bs64,
             backlog_bytes: plan.backlog_bytes,
             lag_secs: plan.lag_secs,
         };
@@ -1485,8 +1580,12 @@ impl DiskJob {
 /// so no write is in flight once a sync has returned.
 struct WriterGuard {
     tx: Option<mpsc::Sender<Option<VerifiedRun>>>,
-    handle: Option<std::thread::JoinHandle<Result<Option<u64>>>>,
+    handle: Option<std::thread::JoinHandle<WriterEnd>>,
 }
+
+/// What the writer thread returns: the bytes written on a commit, or (stopped without one)
+/// the held-back head.
+type WriterEnd = Result<(Option<u64>, Head)>;
 
 impl WriterGuard {
     fn sender(&self) -> Option<&mpsc::Sender<Option<VerifiedRun>>> {
@@ -1504,6 +1603,19 @@ impl WriterGuard {
             .map_err(|e| Error::Usage(format!("writer task: {e}")))?
             .map_err(|_| Error::Usage("writer thread panicked".into()))??;
         Ok(())
+    }
+}
+
+impl WriterGuard {
+    /// Stops without a commit: lets the queued runs drain, waits for the thread and returns
+    /// the held-back head (`None` when the writer failed or was never started).
+    async fn stop(&mut self) -> Option<Head> {
+        self.tx.take();
+        let h = self.handle.take()?;
+        match tokio::task::spawn_blocking(move || h.join()).await {
+            Ok(Ok(Ok((None, head)))) => Some(head),
+            _ => None,
+        }
     }
 }
 

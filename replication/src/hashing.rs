@@ -81,6 +81,7 @@ impl LocalHashes {
     /// Starts `threads` hashing threads over `target` (`size` bytes in `bs`-byte blocks, all-zero
     /// block hashes in `zeros`) in windows of `window_blocks`; at most `ahead` windows are claimed beyond the last one
     /// [`retired`](Self::retired).
+    #[cfg(test)]
     pub(crate) fn spawn(
         target: Arc<Target>,
         size: u64,
@@ -90,12 +91,33 @@ impl LocalHashes {
         threads: usize,
         ahead: u64,
     ) -> Result<Self> {
+        Self::spawn_from(
+            target,
+            (size, bs),
+            window_blocks,
+            zeros,
+            (threads, ahead),
+            0,
+        )
+    }
+
+    /// Like `spawn`, from the window starting at block `start` (a multiple of `window_blocks`:
+    /// a resumed round, see [`crate::resume`]).
+    pub(crate) fn spawn_from(
+        target: Arc<Target>,
+        (size, bs): (u64, u32),
+        window_blocks: u64,
+        zeros: Arc<ZeroHashes>,
+        (threads, ahead): (usize, u64),
+        start: u64,
+    ) -> Result<Self> {
         let nblocks = block::block_count(size, bs);
         let windows = nblocks.div_ceil(window_blocks.max(1));
+        let first_window = start / window_blocks.max(1);
         let gate = Arc::new(Gate {
             state: Mutex::new(GateState {
-                next: 0,
-                limit: ahead.max(1),
+                next: first_window,
+                limit: first_window + ahead.max(1),
                 closed: false,
             }),
             cv: Condvar::new(),
@@ -133,7 +155,7 @@ impl LocalHashes {
             gate,
             rx,
             ready: BTreeMap::new(),
-            next_first: 0,
+            next_first: first_window * window_blocks.max(1),
             nblocks,
             path: target.path().to_owned(),
             bs,

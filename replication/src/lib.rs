@@ -10,6 +10,7 @@
 pub mod allow;
 pub mod block;
 pub mod cbt;
+pub mod checkpoint;
 pub mod client;
 pub mod conn;
 pub mod device;
@@ -20,6 +21,7 @@ pub mod pool;
 pub mod progress;
 pub mod record;
 pub mod report;
+pub mod resume;
 pub mod scan;
 pub mod server;
 pub mod tls;

@@ -47,6 +47,10 @@ pub struct DiskReport {
     /// Whether the client read its target to hash it (only without cached hashes).
     #[serde(default)]
     pub target_read: bool,
+    /// Byte offset this round continued at after a dropped connection (0: from the start):
+    /// everything below was verified and written before the connection dropped.
+    #[serde(default)]
+    pub resumed_at: u64,
     /// Changed bytes the agent had not yet delivered at the round's start (whole disk on a
     /// hash compare).
     #[serde(default)]

@@ -30,6 +30,8 @@ use crate::wire::{
 };
 use failback_trust::Identity;
 
+mod resume;
+
 /// Largest payload of one `Blocks` frame (a run is cut here).
 const RUN_BYTES: usize = 4 * 1024 * 1024;
 
@@ -354,6 +356,7 @@ fn spawn_connection(ctx: &Arc<Ctx>, tcp: TcpStream, peer: String, refused: &mut 
 fn stream_of(m: &Message) -> Option<u32> {
     match m {
         Message::SyncStart { stream, .. }
+        | Message::SyncResume { stream, .. }
         | Message::Hashes { stream, .. }
         | Message::Refetch { stream, .. }
         | Message::SyncEnd { stream }
@@ -624,7 +627,19 @@ impl Conn<'_> {
                 compression,
             } => {
                 let opts = (estimate, changes_since, compression);
-                self.start_stream(stream, &disk, block_size, opts).await
+                self.start_stream(stream, &disk, block_size, opts, None)
+                    .await
+            }
+            Message::SyncResume {
+                stream,
+                disk,
+                block_size,
+                compression,
+                offset,
+                cut,
+            } => {
+                self.resume_stream(stream, &disk, block_size, compression, (offset, cut))
+                    .await
             }
             Message::SyncEnd { stream } => {
                 self.forward(Message::SyncEnd { stream }).await?;
@@ -659,6 +674,7 @@ impl Conn<'_> {
         disk: &str,
         block_size: u32,
         (estimate, changes_since, compression): (bool, Option<Token>, Compression),
+        resume: Option<crate::resume::ResumeAt>,
     ) -> Result<()> {
         if stream == CONNECTION_STREAM || self.streams.contains_key(&stream) {
             return Err(self.protocol(format!("stream id {stream} reused")));
@@ -689,6 +705,7 @@ impl Conn<'_> {
             estimate,
             changes_since,
             compression,
+            resume,
             auto: std::cell::RefCell::new(AutoCompression::default()),
             out: self.out.clone(),
             pacer: (src.tracking.map.is_none() && !self.quiesced)
@@ -815,6 +832,8 @@ struct StreamWorker {
     estimate: bool,
     changes_since: Option<Token>,
     compression: Compression,
+    /// Set for a round continued with `SyncResume` (see [`crate::resume`]).
+    resume: Option<crate::resume::ResumeAt>,
     /// `Compression::Auto`'s measurements and choice (see [`StreamWorker::squeeze`]).
     auto: std::cell::RefCell<AutoCompression>,
     out: FrameSender,
@@ -910,13 +929,17 @@ impl StreamWorker {
         let nblocks = block::block_count(size, self.block_size);
         let zeros = ZeroHashes::new(size, self.block_size);
         let mut digest = DiskDigest::new();
-        let mut next = 0u64;
+        let mut next = self.resume.as_ref().map_or(0, |r| r.start_block);
         let mut scanner = Scanner::new(self.block_size);
         let in_flight = Arc::new(InFlight::default());
-        let plan = self.plan(nblocks);
+        let plan = match &self.resume {
+            Some(r) => self.resumed_plan(r),
+            None => self.plan(nblocks),
+        };
         self.out.blocking_send_raw(plan.message.encode());
         // Compare rounds collect every block's hash for the cache; changes rounds update it.
-        let mut all: Vec<Hash> = Vec::new();
+        // A resumed round starts from the interrupted one's hashes of the prefix, if kept.
+        let mut all: Vec<Hash> = self.resumed_prefix();
         let mut cache = None;
         // A hash compare's digest is final once the last window is compared (refetches do not
         // change it), so `SyncDone` goes out then, not a round trip later on `SyncEnd`.
@@ -1018,6 +1041,11 @@ impl StreamWorker {
                 self.out.blocking_send_raw(error.encode());
                 return;
             }
+        }
+        // The connection dropped mid-round: keep the hashes of what was compared, for a
+        // `SyncResume` of this round.
+        if cache.is_none() && !self.estimate {
+            self.keep_prefix(all, next);
         }
     }
 

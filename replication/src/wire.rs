@@ -1,4 +1,4 @@
-//! Wire protocol v3: framing and message encoding.
+//! Wire protocol v5: framing and message encoding.
 //!
 //! Every message travels in one frame: `len: u32 BE` (bytes that follow, tag included, at most
 //! [`MAX_FRAME`]) then `tag: u8` then the body. Integers are big-endian; strings are
@@ -34,7 +34,13 @@ use crate::record::Pieces;
 /// (its digest is final then) instead of on `SyncEnd`; it still answers `Refetch` until
 /// `SyncEnd`, which the client sends without waiting for an answer (one round trip less per
 /// round over a WAN).
-pub const PROTOCOL_VERSION: u16 = 4;
+///
+/// 5: `SyncResume`: after a dropped connection the client continues a hash-compare round from
+/// the end of its verified and written prefix (and the round's cut); the agent answers with a
+/// `SyncPlan` (the stream continues at that offset, its `SyncDone` covers only the blocks from
+/// there) or refuses with [`ErrorCode::ResumeRefused`] (the client then starts over with
+/// `SyncStart`).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// How the agent encodes the differing blocks of a stream: the client's choice, sent in
 /// `SyncStart` (CLI `--compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -131,6 +137,9 @@ pub enum ErrorCode {
     /// The agent refuses the request for now: too many disk syncs on this connection or on the
     /// agent, or a quiesce/thaw command still running (the message names the limit).
     Busy,
+    /// The agent cannot continue the round a `SyncResume` names (the message says why); the
+    /// client starts the disk over with `SyncStart`.
+    ResumeRefused,
     /// A code this build does not know (from a newer peer).
     Other(u16),
 }
@@ -146,6 +155,7 @@ impl ErrorCode {
             ErrorCode::Io => 5,
             ErrorCode::CommandFailed => 6,
             ErrorCode::Busy => 7,
+            ErrorCode::ResumeRefused => 8,
             ErrorCode::Other(n) => n,
         }
     }
@@ -159,6 +169,7 @@ impl ErrorCode {
             5 => ErrorCode::Io,
             6 => ErrorCode::CommandFailed,
             7 => ErrorCode::Busy,
+            8 => ErrorCode::ResumeRefused,
             n => ErrorCode::Other(n),
         }
     }
@@ -299,6 +310,21 @@ pub enum Message {
         first_block: u64,
         count: u32,
     },
+    /// C→A (protocol 5): continue a hash-compare round of `disk` that a dropped connection
+    /// interrupted, as stream `stream`, from byte `offset` (a multiple of `block_size`, inside
+    /// the disk): the client verified and wrote everything below it. `cut`: the token of the
+    /// interrupted round's `SyncPlan` (`None` from an untracked disk); a tracked agent resumes
+    /// only while that is still its last cut, so every write since is still in its dirty map.
+    /// Answered like `SyncStart` (a `SyncPlan`, then the client's windows from `offset`) or
+    /// with [`ErrorCode::ResumeRefused`].
+    SyncResume {
+        stream: u32,
+        disk: String,
+        block_size: u32,
+        compression: Compression,
+        offset: u64,
+        cut: Option<Token>,
+    },
     /// C→A: no more windows or refetches for this stream; ends it. In a changes round the agent
     /// answers with `SyncDone`; in a hash compare it sent `SyncDone` after the last window.
     SyncEnd { stream: u32 },
@@ -375,6 +401,7 @@ const T_SYNC_START: u8 = 0x10;
 const T_HASHES: u8 = 0x11;
 const T_REFETCH: u8 = 0x12;
 const T_SYNC_END: u8 = 0x13;
+const T_SYNC_RESUME: u8 = 0x14;
 /// Tag of [`Message::Blocks`] (the frame reader parses these itself to place payloads).
 pub(crate) const T_BLOCKS: u8 = 0x20;
 const T_WINDOW_DONE: u8 = 0x21;
@@ -397,6 +424,7 @@ impl Message {
             Message::Hashes { .. } => "Hashes",
             Message::Refetch { .. } => "Refetch",
             Message::SyncEnd { .. } => "SyncEnd",
+            Message::SyncResume { .. } => "SyncResume",
             Message::Blocks { .. } => "Blocks",
             Message::WindowDone { .. } => "WindowDone",
             Message::SyncDone { .. } => "SyncDone",
@@ -515,6 +543,22 @@ impl Message {
             Message::SyncEnd { stream } => {
                 out.push(T_SYNC_END);
                 put_u32(out, *stream);
+            }
+            Message::SyncResume {
+                stream,
+                disk,
+                block_size,
+                compression,
+                offset,
+                cut,
+            } => {
+                out.push(T_SYNC_RESUME);
+                put_u32(out, *stream);
+                put_str(out, disk);
+                put_u32(out, *block_size);
+                out.push(compression.to_u8());
+                put_u64(out, *offset);
+                put_opt_token(out, cut.as_ref());
             }
             Message::Blocks {
                 stream,
@@ -693,6 +737,14 @@ impl Message {
             },
             T_SYNC_END => Message::SyncEnd {
                 stream: r.u32("stream")?,
+            },
+            T_SYNC_RESUME => Message::SyncResume {
+                stream: r.u32("stream")?,
+                disk: r.string("disk")?,
+                block_size: r.u32("block size")?,
+                compression: Compression::from_u8(r.u8("compression")?)?,
+                offset: r.u64("offset")?,
+                cut: r.opt_token("cut")?,
             },
             T_BLOCKS => {
                 let stream = r.u32("stream")?;
@@ -1027,6 +1079,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::Io => "agent I/O error",
             ErrorCode::CommandFailed => "command failed",
             ErrorCode::Busy => "agent busy",
+            ErrorCode::ResumeRefused => "resume refused",
             ErrorCode::Other(n) => return write!(f, "error code {n}"),
         };
         f.write_str(s)
@@ -1049,16 +1102,16 @@ mod tests {
         let h2 = [0x22u8; 32];
         let cases: Vec<(Message, String)> = vec![
             (
-                Message::ClientHello { version: 4 },
-                "0000000701464252500004".into(),
+                Message::ClientHello { version: 5 },
+                "0000000701464252500005".into(),
             ),
             (
                 Message::AgentHello {
-                    version: 4,
+                    version: 5,
                     software: "0.1".into(),
                     instance: Some("i-1".into()),
                 },
-                "0000001202464252500004000330 2e3101000369 2d31".replace(' ', ""),
+                "0000001202464252500005000330 2e3101000369 2d31".replace(' ', ""),
             ),
             (
                 Message::Manifest {
@@ -1144,6 +1197,21 @@ mod tests {
                 "00000011120000000100000000000000090000000 1".replace(' ', ""),
             ),
             (Message::SyncEnd { stream: 3 }, "000000051300000003".into()),
+            (
+                Message::SyncResume {
+                    stream: 3,
+                    disk: "d0".into(),
+                    block_size: 65536,
+                    compression: Compression::Zstd,
+                    offset: 0x0100_0000,
+                    cut: Some(Token {
+                        session: 0x0102,
+                        cut: 3,
+                    }),
+                },
+                "00000027 14 00000003 00026430 00010000 01 0000000001000000 01 0000000000000102 0000000000000003"
+                    .replace(' ', ""),
+            ),
             (
                 Message::Blocks {
                     stream: 1,
@@ -1282,7 +1350,8 @@ mod tests {
             (ErrorCode::Io, 5),
             (ErrorCode::CommandFailed, 6),
             (ErrorCode::Busy, 7),
-            (ErrorCode::Other(8), 8),
+            (ErrorCode::ResumeRefused, 8),
+            (ErrorCode::Other(9), 9),
         ];
         for (code, n) in codes {
             assert_eq!((code.to_u16(), ErrorCode::from_u16(n)), (n, code));

@@ -25,6 +25,8 @@ use crate::pool::{is_direct_aligned, DIRECT_ALIGN};
 
 /// Bytes at the start of the disk written last.
 pub const HEAD_BYTES: u64 = 1024 * 1024;
+/// Pieces of the first [`HEAD_BYTES`] held back in memory: `(offset, bytes)`.
+pub type Head = Vec<(u64, Vec<u8>)>;
 /// Writeback window: every this many bytes written, `sync_file_range(WRITE)` starts writeback of
 /// the new range and the range one window earlier (by then written back) is dropped from the page
 /// cache with `posix_fadvise(DONTNEED)`. Like nbdcopy: the writer never blocks on dirty-page
@@ -171,7 +173,7 @@ pub struct DiskWriter {
     file: File,
     /// The `O_DIRECT` handle, if the target takes it.
     direct: Option<File>,
-    head: Vec<(u64, Vec<u8>)>,
+    head: Head,
     written: u64,
     /// Extents written since writeback was last started (start, end), adjacent ones merged;
     /// exact extents, so a delta round never drops pages it did not write.
@@ -307,6 +309,19 @@ impl DiskWriter {
                 return;
             }
         }
+    }
+
+    /// The held-back head, taken out (a round that stops without committing keeps it for a
+    /// resume: it was verified but is not on the disk).
+    pub fn take_head(&mut self) -> Head {
+        std::mem::take(&mut self.head)
+    }
+
+    /// Holds back `head` (from an interrupted round) as if its pieces had been written first.
+    pub fn hold_head(&mut self, head: Head) {
+        let mut head = head;
+        head.append(&mut self.head);
+        self.head = head;
     }
 
     pub fn finish(mut self) -> Result<u64> {

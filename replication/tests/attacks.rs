@@ -401,3 +401,120 @@ async fn other_instance_is_refused_before_any_frame() {
         "{got:?}"
     );
 }
+
+fn sync_resume(stream: u32, offset: u64, cut: Option<failback_replication::cbt::Token>) -> Message {
+    Message::SyncResume {
+        stream,
+        disk: "d".into(),
+        block_size: BS,
+        compression: Default::default(),
+        offset,
+        cut,
+    }
+}
+
+/// `SyncResume` offsets are hostile input: zero, unaligned, at or past the disk's end, or near
+/// 2^64 each get a `BadRequest` on their stream (nothing is allocated from them) and the
+/// connection goes on; a legitimate sync follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_resume_offsets_are_checked() {
+    let (env, addr, data) = agent(ServeOptions::default()).await;
+    let (mut raw, _) = Raw::connect(&addr, &env.client_tls()).await;
+    let bs = u64::from(BS);
+    let bad = [0, 100, bs + 1, 4 * MIB as u64, u64::MAX - (bs - 1)];
+    for (i, offset) in bad.into_iter().enumerate() {
+        let stream = u32::try_from(i).unwrap() + 1;
+        raw.send(sync_resume(stream, offset, None)).await;
+        let m = raw.next().await.expect("an answer");
+        let (s, code, message) = error_of(&m).unwrap_or_else(|| panic!("offset {offset}: {m:?}"));
+        assert_eq!(
+            (s, code),
+            (stream, ErrorCode::BadRequest),
+            "offset {offset}: {message}"
+        );
+        assert!(message.contains(&offset.to_string()), "{message}");
+    }
+    // A good offset on an untracked disk: a hash-compare plan without a token.
+    raw.send(sync_resume(9, 2 * bs, None)).await;
+    let m = raw.next().await.expect("a plan");
+    assert!(
+        matches!(&m, Message::SyncPlan { stream: 9, changes: false, token: None, note, .. } if note.contains("resumed at byte 131072")),
+        "{m:?}"
+    );
+    drop(raw);
+    legit_sync(&env, &addr, &data, "dst.img").await;
+}
+
+/// On a tracked disk a resume is accepted only under the agent's last cut: after another
+/// round took a cut (writes to the prefix since the interrupted round's cut would be owed to
+/// the wrong round), or with a cut of another tracking session, it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_resume_needs_the_last_cut_of_a_tracked_disk() {
+    let env = Env::new();
+    let src = env.path("src.img");
+    make_disk(&src, 4 * MIB, 1);
+    let mut disk = SourceDisk::open("d", &src).unwrap();
+    let map = std::sync::Arc::new(failback_replication::cbt::DirtyMap::new(4 * MIB as u64));
+    disk.set_tracking(Some(map), "on");
+    let certs = failback_replication::tls::DevCerts::generate("dev").unwrap();
+    let client_tls = certs.client_tls().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let tls = certs.server_tls(None).unwrap();
+    tokio::spawn(failback_replication::serve(
+        listener,
+        vec![disk],
+        tls,
+        ServeOptions::default(),
+    ));
+    let (mut raw, _) = Raw::connect(&addr, &client_tls).await;
+    let start = |stream| Message::SyncStart {
+        stream,
+        disk: "d".into(),
+        block_size: BS,
+        estimate: false,
+        changes_since: None,
+        compression: Default::default(),
+    };
+    let token_of = |m: &Message| match m {
+        Message::SyncPlan { token, .. } => *token,
+        other => panic!("expected a plan, got {other:?}"),
+    };
+    raw.send(start(1)).await;
+    let cut1 = token_of(&raw.next().await.unwrap()).expect("a tracked round has a cut");
+    let bs = u64::from(BS);
+    raw.send(sync_resume(2, bs, Some(cut1))).await;
+    let m = raw.next().await.unwrap();
+    assert_eq!(
+        token_of(&m),
+        Some(cut1),
+        "a resume runs under the interrupted cut"
+    );
+    let foreign = failback_replication::cbt::Token {
+        session: cut1.session ^ 1,
+        cut: cut1.cut,
+    };
+    raw.send(sync_resume(3, bs, Some(foreign))).await;
+    let m = raw.next().await.unwrap();
+    assert_eq!(
+        error_of(&m).map(|e| e.1),
+        Some(ErrorCode::ResumeRefused),
+        "{m:?}"
+    );
+    raw.send(sync_resume(4, bs, None)).await;
+    let m = raw.next().await.unwrap();
+    assert_eq!(
+        error_of(&m).map(|e| e.1),
+        Some(ErrorCode::ResumeRefused),
+        "{m:?}"
+    );
+    // Another round takes a cut: the first round's cut is no longer the last.
+    raw.send(start(5)).await;
+    let cut2 = token_of(&raw.next().await.unwrap()).unwrap();
+    assert_ne!(cut1, cut2);
+    raw.send(sync_resume(6, bs, Some(cut1))).await;
+    let m = raw.next().await.unwrap();
+    let (_, code, message) = error_of(&m).unwrap_or_else(|| panic!("{m:?}"));
+    assert_eq!(code, ErrorCode::ResumeRefused, "{message}");
+    assert!(message.contains("no longer this agent's last"), "{message}");
+}

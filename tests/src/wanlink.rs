@@ -14,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +87,12 @@ pub struct Link {
     spec: LinkSpec,
     up: DefaultDirectRateLimiter,
     down: DefaultDirectRateLimiter,
+    /// Bytes delivered downstream (upstream server → client) over all connections.
+    delivered: AtomicU64,
+    /// Downstream byte count at which every connection is cut ([`Link::cut_at`]).
+    cut_at: AtomicU64,
+    /// Bumped at every cut; each connection watches it.
+    cuts: tokio::sync::watch::Sender<u64>,
 }
 
 impl Link {
@@ -97,11 +104,41 @@ impl Link {
             spec,
             up: RateLimiter::direct(quota),
             down: RateLimiter::direct(quota),
+            delivered: AtomicU64::new(0),
+            cut_at: AtomicU64::new(u64::MAX),
+            cuts: tokio::sync::watch::channel(0).0,
         })
     }
 
     pub fn spec(&self) -> LinkSpec {
         self.spec
+    }
+
+    /// Bytes delivered downstream so far, over all connections.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::SeqCst)
+    }
+
+    /// Cuts every connection through the link (both directions, no FIN of the data in flight:
+    /// what is queued is dropped) once `bytes` have been delivered downstream in total; the
+    /// bytes up to exactly that count arrive. One-shot; later connections pass.
+    pub fn cut_at(&self, bytes: u64) {
+        self.cut_at.store(bytes, Ordering::SeqCst);
+    }
+
+    /// How many of `n` downstream bytes may still be delivered before the armed cut, and
+    /// whether the cut happens after them (then it is disarmed and every connection is cut).
+    fn deliver(&self, n: u64) -> (u64, bool) {
+        let at = self.cut_at.load(Ordering::SeqCst);
+        let before = self.delivered.fetch_add(n, Ordering::SeqCst);
+        if before.saturating_add(n) < at {
+            return (n, false);
+        }
+        let allowed = at.saturating_sub(before).min(n);
+        self.delivered.fetch_sub(n - allowed, Ordering::SeqCst);
+        self.cut_at.store(u64::MAX, Ordering::SeqCst);
+        self.cuts.send_modify(|c| *c += 1);
+        (allowed, true)
     }
 }
 
@@ -129,10 +166,23 @@ async fn forward(client: TcpStream, upstream: SocketAddr, link: Arc<Link>) -> st
     server.set_nodelay(true)?;
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
+    let mut cuts = link.cuts.subscribe();
     let up = pipe(cr, sw, link.clone(), Direction::Up);
     let down = pipe(sr, cw, link, Direction::Down);
-    let (a, b) = tokio::join!(up, down);
-    a.and(b)
+    // A cut drops both pipes: every socket half closes, queued bytes are lost.
+    tokio::select! {
+        (a, b) = async { tokio::join!(up, down) } => a.and(b),
+        _ = cuts.changed() => Err(std::io::Error::other("link cut")),
+    }
+}
+
+/// Aborts the task when dropped (a cut link drops its pipes; their readers must go too).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -150,7 +200,8 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(link.spec.queue_chunks());
     let delay = link.spec.one_way();
-    let reader = tokio::spawn(async move {
+    let counter = link.clone();
+    let mut reader = AbortOnDrop(tokio::spawn(async move {
         loop {
             let mut buf = vec![0u8; CHUNK as usize];
             let n = r.read(&mut buf).await?;
@@ -174,17 +225,27 @@ where
                 return Ok(()); // the writer failed; its error is reported
             }
         }
-    });
+    }));
     let mut result = Ok(());
-    while let Some((due, buf)) = rx.recv().await {
+    while let Some((due, mut buf)) = rx.recv().await {
         tokio::time::sleep_until(due).await;
+        let mut cut = false;
+        if let Direction::Down = dir {
+            let (allowed, now) = counter.deliver(buf.len() as u64);
+            buf.truncate(usize::try_from(allowed).unwrap_or(buf.len()));
+            cut = now;
+        }
         if let Err(e) = w.write_all(&buf).await {
             result = Err(e);
             break;
         }
+        if cut {
+            // The connection is dropped by `forward` (it watches the cuts); stop here.
+            std::future::pending::<()>().await;
+        }
     }
     drop(rx);
-    let read = reader.await.map_err(std::io::Error::other)?;
+    let read = (&mut reader.0).await.map_err(std::io::Error::other)?;
     let _ = w.shutdown().await;
     result.and(read)
 }

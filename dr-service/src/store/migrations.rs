@@ -45,6 +45,14 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL, \
                    created_at BIGINT NOT NULL);",
     },
+    Migration {
+        version: 4,
+        name: "client checkpoints (resume points of interrupted rounds, JSON per instance)",
+        sqlite: "CREATE TABLE IF NOT EXISTS client_checkpoints (instance_id TEXT PRIMARY KEY, \
+                 body TEXT NOT NULL, updated_at INTEGER NOT NULL);",
+        postgres: "CREATE TABLE IF NOT EXISTS client_checkpoints (instance_id TEXT PRIMARY KEY, \
+                   body TEXT NOT NULL, updated_at BIGINT NOT NULL);",
+    },
 ];
 
 /// The latest schema version this program knows.

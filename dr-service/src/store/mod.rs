@@ -291,6 +291,11 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<Event>, StoreError>;
     /// The schema version of the database (the last migration applied).
     fn schema_version(&self) -> Result<i64, StoreError>;
+    /// The client checkpoints stored for `instance` (JSON of `ClientCheckpoints`).
+    fn checkpoint(&self, instance: &str) -> Result<Option<String>, StoreError>;
+    /// Stores (`Some`) or clears (`None`) the client checkpoints of `instance`.
+    fn put_checkpoint(&self, instance: &str, body: Option<&str>, at: u64)
+        -> Result<(), StoreError>;
     /// A shared value (e.g. the sealed CA), if stored.
     fn secret(&self, name: &str) -> Result<Option<String>, StoreError>;
     /// Stores a shared value unless one is stored already (the first replica wins); returns

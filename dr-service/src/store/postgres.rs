@@ -692,6 +692,39 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn checkpoint(&self, instance: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()?
+            .query_opt(
+                "SELECT body FROM client_checkpoints WHERE instance_id = $1",
+                &[&instance],
+            )
+            .map_err(self.err())?
+            .map(|r| r.get(0)))
+    }
+
+    fn put_checkpoint(
+        &self,
+        instance: &str,
+        body: Option<&str>,
+        at: u64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn()?;
+        match body {
+            Some(b) => c.execute(
+                "INSERT INTO client_checkpoints (instance_id, body, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (instance_id) DO UPDATE SET body = $2, updated_at = $3",
+                &[&instance, &b, &i64_of(at)],
+            ),
+            None => c.execute(
+                "DELETE FROM client_checkpoints WHERE instance_id = $1",
+                &[&instance],
+            ),
+        }
+        .map_err(self.err())?;
+        Ok(())
+    }
+
     fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()?

@@ -333,6 +333,39 @@ impl Store for SqliteStore {
         version(&self.conn()).map_err(self.err())
     }
 
+    fn checkpoint(&self, instance: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT body FROM client_checkpoints WHERE instance_id = ?1",
+                [instance],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    fn put_checkpoint(
+        &self,
+        instance: &str,
+        body: Option<&str>,
+        at: u64,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match body {
+            Some(b) => conn.execute(
+                "INSERT INTO client_checkpoints (instance_id, body, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (instance_id) DO UPDATE SET body = ?2, updated_at = ?3",
+                rusqlite::params![instance, b, i64_of(at)],
+            ),
+            None => conn.execute(
+                "DELETE FROM client_checkpoints WHERE instance_id = ?1",
+                [instance],
+            ),
+        }
+        .map_err(self.err())?;
+        Ok(())
+    }
+
     fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
         self.conn()
             .query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| {
