@@ -833,27 +833,64 @@ const BACKLOG: u64 = 2 * RUN_BYTES as u64;
 /// Shortest interval over which the writer's drain rate is measured.
 const DRAIN_SAMPLE: Duration = Duration::from_millis(50);
 
+/// `Compression::Auto`: the weight of older zstd measurements after each new one (the ratio
+/// and speed follow the data: about the last 50 blocks measured count).
+const Z_DECAY: f64 = 0.98;
+/// `Compression::Auto`: share of the stream's time that measuring zstd on sample blocks may
+/// cost while compression is off (one block in [`Z_SAMPLE`] at most).
+const Z_SAMPLE_BUDGET: f64 = 0.02;
+/// `Compression::Auto`: while compression is off, at most one block in this many is a sample.
+const Z_SAMPLE: u64 = 8;
+
 /// What `Compression::Auto` has measured on one stream: the socket's drain rate while frames
-/// queue up (the link's rate), and zstd's input rate and ratio on this disk's blocks.
-#[derive(Debug, Default)]
+/// queue up (the link's rate), and zstd's input rate and ratio on this disk's recent blocks.
+#[derive(Debug)]
 struct AutoCompression {
     on: bool,
+    /// The first call of [`Self::decide`]: when, and the writer's byte count then (the
+    /// drain rate until a sample is measured is the average since).
+    first: Option<(std::time::Instant, u64)>,
     /// Start of the current drain sample: when, and the writer's byte count then.
     sample: Option<(std::time::Instant, u64)>,
     /// Bytes per second the writer drained while backlogged (last sample).
     drain: Option<f64>,
-    /// zstd's work so far: input bytes, output bytes (raw length when it did not shrink), time.
-    zin: u64,
-    zout: u64,
-    ztime: Duration,
+    /// zstd's recent work, decayed by [`Z_DECAY`] per block: input bytes, output bytes (raw
+    /// length when it did not shrink), seconds.
+    zin: f64,
+    zout: f64,
+    zsecs: f64,
+    /// Blocks passed over since the last sample while off; time spent on samples.
+    skipped: u64,
+    sampling: Duration,
+    started: std::time::Instant,
+}
+
+impl Default for AutoCompression {
+    fn default() -> Self {
+        AutoCompression {
+            on: false,
+            first: None,
+            sample: None,
+            drain: None,
+            zin: 0.0,
+            zout: 0.0,
+            zsecs: 0.0,
+            skipped: Z_SAMPLE,
+            sampling: Duration::ZERO,
+            started: std::time::Instant::now(),
+        }
+    }
 }
 
 impl AutoCompression {
-    /// The choice for the next batch. Raw while the writer keeps up (compressing would only
-    /// cost CPU). While it lags, compress when zstd feeds the link faster than raw bytes do:
-    /// min(zstd's input rate, drain / ratio) > drain (the first backlog tries zstd to measure).
+    /// Whether the next batch may compress (the writer lags). Raw while the writer keeps up
+    /// (compressing would only cost CPU). While it lags, compression is on when zstd feeds the
+    /// link faster than raw bytes do, min(zstd's input rate, drain / ratio) > 1.05 × drain,
+    /// from zstd's recent measurements ([`Self::compress`] keeps measuring sample blocks while
+    /// it is off, so the choice follows the data run by run).
     fn decide(&mut self, queued: u64, written: u64) -> bool {
         let now = std::time::Instant::now();
+        let (t0, w0) = *self.first.get_or_insert((now, written));
         if queued < BACKLOG {
             self.sample = None;
             self.on = false;
@@ -867,25 +904,39 @@ impl AutoCompression {
             Some(_) => {}
             None => self.sample = Some((now, written)),
         }
-        self.on = match self.drain {
-            _ if self.zin == 0 || self.ztime.is_zero() => true,
-            None => self.on,
-            Some(drain) => {
-                let rate = self.zin as f64 / self.ztime.as_secs_f64();
-                let ratio = self.zout as f64 / self.zin as f64;
+        let average = (now - t0 >= Duration::from_millis(5))
+            .then(|| written.saturating_sub(w0) as f64 / (now - t0).as_secs_f64());
+        self.on = match self.drain.or(average) {
+            Some(drain) if self.zin > 0.0 && self.zsecs > 0.0 => {
+                let rate = self.zin / self.zsecs;
+                let ratio = self.zout / self.zin;
                 rate.min(drain / ratio.max(0.01)) > drain * 1.05
             }
+            _ => false,
         };
-        self.on
+        true
     }
 
-    /// zstd of one block: what it took and gave (`None`: not smaller, sent raw).
+    /// One block of a batch [`Self::decide`] let compress: zstd when on, else only a sample
+    /// block now and then (within [`Z_SAMPLE_BUDGET`]); `None`: sent raw.
     fn compress(&mut self, block: &[u8]) -> Option<Vec<u8>> {
+        if !self.on {
+            self.skipped += 1;
+            let budget = self.started.elapsed().mul_f64(Z_SAMPLE_BUDGET);
+            if self.skipped < Z_SAMPLE || self.sampling > budget {
+                return None;
+            }
+            self.skipped = 0;
+        }
         let t = std::time::Instant::now();
         let z = block::compress_if_smaller(block);
-        self.ztime += t.elapsed();
-        self.zin += block.len() as u64;
-        self.zout += z.as_ref().map_or(block.len(), Vec::len) as u64;
+        let took = t.elapsed();
+        if !self.on {
+            self.sampling += took;
+        }
+        self.zin = self.zin * Z_DECAY + block.len() as f64;
+        self.zout = self.zout * Z_DECAY + z.as_ref().map_or(block.len(), Vec::len) as f64;
+        self.zsecs = self.zsecs * Z_DECAY + took.as_secs_f64();
         z
     }
 }
