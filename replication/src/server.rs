@@ -854,6 +854,8 @@ struct AutoCompression {
     sample: Option<(std::time::Instant, u64)>,
     /// Bytes per second the writer drained while backlogged (last sample).
     drain: Option<f64>,
+    /// The drain rate the rule uses: the last sample, or the average since the first call.
+    link: Option<f64>,
     /// zstd's recent work, decayed by [`Z_DECAY`] per block: input bytes, output bytes (raw
     /// length when it did not shrink), seconds.
     zin: f64,
@@ -872,6 +874,7 @@ impl Default for AutoCompression {
             first: None,
             sample: None,
             drain: None,
+            link: None,
             zin: 0.0,
             zout: 0.0,
             zsecs: 0.0,
@@ -906,15 +909,21 @@ impl AutoCompression {
         }
         let average = (now - t0 >= Duration::from_millis(5))
             .then(|| written.saturating_sub(w0) as f64 / (now - t0).as_secs_f64());
-        self.on = match self.drain.or(average) {
+        self.link = self.drain.or(average);
+        self.on = self.rule();
+        true
+    }
+
+    /// min(zstd's input rate, drain / ratio) > 1.05 × drain, on the recent measurements.
+    fn rule(&self) -> bool {
+        match self.link {
             Some(drain) if self.zin > 0.0 && self.zsecs > 0.0 => {
                 let rate = self.zin / self.zsecs;
                 let ratio = self.zout / self.zin;
                 rate.min(drain / ratio.max(0.01)) > drain * 1.05
             }
             _ => false,
-        };
-        true
+        }
     }
 
     /// One block of a batch [`Self::decide`] let compress: zstd when on, else only a sample
@@ -937,6 +946,8 @@ impl AutoCompression {
         self.zin = self.zin * Z_DECAY + block.len() as f64;
         self.zout = self.zout * Z_DECAY + z.as_ref().map_or(block.len(), Vec::len) as f64;
         self.zsecs = self.zsecs * Z_DECAY + took.as_secs_f64();
+        // Decided again after every block measured: the next block follows the data.
+        self.on = self.rule();
         z
     }
 }
@@ -1544,5 +1555,59 @@ impl Drop for Tracked {
         let mut n = self.budget.bytes.lock().unwrap_or_else(|p| p.into_inner());
         *n = n.saturating_sub(len);
         self.budget.written.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod auto_compression_tests {
+    use super::*;
+
+    #[test]
+    fn auto_follows_the_data_and_the_link() {
+        let text: Vec<u8> = b"Dec  3 10:00:01 host sshd[811]: Accepted publickey\n"
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = || -> Vec<u8> {
+            (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        // A slow link (1 MB/s): the first text block is measured and compression turns on.
+        let mut a = AutoCompression {
+            link: Some(1e6),
+            ..AutoCompression::default()
+        };
+        assert!(a.compress(&text).is_some());
+        assert!(a.on, "text through a slow link: {a:?}");
+        // Random data follows: compression turns off within a few blocks ...
+        let off = (0..60).position(|_| {
+            a.compress(&random());
+            !a.on
+        });
+        assert!(off.is_some_and(|n| n < 20), "{off:?} {a:?}");
+        // ... and on again once sample blocks show text (samples: one block in Z_SAMPLE,
+        // within the time budget; the stream has run for a while).
+        a.started -= Duration::from_secs(10);
+        let on = (0..200).position(|_| {
+            a.compress(&text);
+            a.on
+        });
+        assert!(on.is_some_and(|n| n < 100), "{on:?} {a:?}");
+        // A link faster than zstd: off even for text (measured, then never on).
+        let mut fast = AutoCompression {
+            link: Some(1e12),
+            ..AutoCompression::default()
+        };
+        fast.compress(&text);
+        assert!(!fast.on, "{fast:?}");
     }
 }
