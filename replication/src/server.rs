@@ -886,8 +886,8 @@ impl Default for AutoCompression {
 }
 
 impl AutoCompression {
-    /// Whether the next batch may compress (the writer lags). Raw while the writer keeps up
-    /// (compressing would only cost CPU). While it lags, compression is on when zstd feeds the
+    /// Whether the next batch may compress (the writer lags or has lagged in this stream). Raw
+    /// while the writer has always kept up (compressing would only cost CPU). While it lags, compression is on when zstd feeds the
     /// link faster than raw bytes do, min(zstd's input rate, drain / ratio) > 1.05 × drain,
     /// from zstd's recent measurements ([`Self::compress`] keeps measuring sample blocks while
     /// it is off, so the choice follows the data run by run).
@@ -895,12 +895,17 @@ impl AutoCompression {
         let now = std::time::Instant::now();
         let (t0, w0) = *self.first.get_or_insert((now, written));
         if queued < BACKLOG {
+            // Once the link has been seen to lag, the rule keeps deciding while the queue is
+            // short: zstd may be what keeps it short (the agent is then the bottleneck, yet
+            // raw bytes would wait for the link again), and sample blocks must go on being
+            // measured so that the next compressible run is seen at once.
             self.sample = None;
-            self.on = false;
-            return false;
+            return self.link.is_some();
         }
         match self.sample {
-            Some((t, w)) if now - t >= DRAIN_SAMPLE => {
+            // The writer counts whole frames (up to RUN_BYTES each) once written: a sample
+            // spans at least two, or a slow link would read as 0 or several times its rate.
+            Some((t, w)) if now - t >= DRAIN_SAMPLE && written - w >= 2 * RUN_BYTES as u64 => {
                 self.drain = Some((written - w) as f64 / (now - t).as_secs_f64());
                 self.sample = Some((now, written));
             }
