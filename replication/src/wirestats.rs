@@ -54,6 +54,37 @@ pub struct WireReport {
     pub link_share: Option<f64>,
 }
 
+impl WireReport {
+    /// One line for logs and summaries, e.g. `4.2 MB received, 50 % of blocks zstd (auto),
+    /// ratio 2.00, 504 Mbit/s = 98 % of the link's measured 514 Mbit/s`.
+    pub fn summary(&self) -> String {
+        let mode = match self.compression {
+            Compression::Auto => "auto",
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        };
+        let mbit = |b: f64| b * 8.0 / 1e6;
+        let mut s = format!("{:.1} MB received", self.received_bytes as f64 / 1e6);
+        if let (Some(share), Some(ratio)) = (self.compressed_share, self.compression_ratio) {
+            s += &format!(
+                ", {:.0} % of blocks zstd ({mode}), ratio {ratio:.2}",
+                share * 100.0
+            );
+        } else {
+            s += &format!(", no payload ({mode})");
+        }
+        s += &format!(", {:.0} Mbit/s", mbit(self.rate_bytes_per_sec));
+        if let (Some(link), Some(share)) = (self.link_bytes_per_sec, self.link_share) {
+            s += &format!(
+                " = {:.0} % of the link's measured {:.0} Mbit/s",
+                share * 100.0,
+                mbit(link)
+            );
+        }
+        s
+    }
+}
+
 /// Counts one disk's frames and blocks during a round.
 #[derive(Debug, Default)]
 pub struct WireTally {
@@ -200,7 +231,12 @@ mod tests {
         let mut t = WireTally::default();
         t.blocks(0, &blocks, size, bs);
         t.frame(10_000);
-        let r = t.report(Compression::Auto, 500, Duration::from_secs(2), Some(10_000.0));
+        let r = t.report(
+            Compression::Auto,
+            500,
+            Duration::from_secs(2),
+            Some(10_000.0),
+        );
         assert_eq!((r.blocks_raw, r.blocks_zstd, r.blocks_zero), (2, 1, 1));
         assert_eq!(r.payload_bytes, 4096 + 4096 + 100);
         assert_eq!(r.payload_wire_bytes, 4096 + z.len() as u64 + 100);
