@@ -1250,6 +1250,8 @@ fn add_round_bytes(disks: &mut [DiskProgress], report: &SyncReport) {
 
 /// Adds a round's wire figures of one disk (see `DiskProgress::wire_bytes` and the next
 /// fields): counts summed over the rounds, mode and rates of the last round.
+// `as` from f64 saturates (and a rate is finite and non-negative): intended.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn add_wire(d: &mut DiskProgress, w: &failback_replication::wirestats::WireReport) {
     let sum = |v: Option<u64>, n: u64| Some(v.unwrap_or(0).saturating_add(n));
     d.wire_bytes = sum(d.wire_bytes, w.received_bytes);
@@ -1259,7 +1261,6 @@ fn add_wire(d: &mut DiskProgress, w: &failback_replication::wirestats::WireRepor
     d.compression = serde_json::to_value(w.compression)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned));
-    // `as` saturates: a rate is finite and non-negative here, and bounded by u64.
     d.wire_bytes_per_sec = Some(w.rate_bytes_per_sec as u64);
     d.link_bytes_per_sec = w.link_bytes_per_sec.map(|l| l as u64);
 }
