@@ -385,5 +385,7 @@ async fn wire_report_matches_the_socket() {
     let share = w.compressed_share.unwrap();
     assert!((0.4..=0.6).contains(&share), "compressed share {share}");
     assert!(w.rate_bytes_per_sec > 0.0);
-    assert!(w.link_share.is_some_and(|s| s > 0.0 && s <= 1.0), "{w:?}");
+    // The link's capacity needs 10 ms of receiving to be measured (a loaded machine takes
+    // longer, a quick one may not): when given, the disk's share of it is a fraction.
+    assert!(w.link_share.is_none_or(|s| s > 0.0 && s <= 1.0), "{w:?}");
 }
