@@ -154,6 +154,71 @@ pub struct DiskProgress {
     /// (changes round) or the bytes left to compare (hash compare) over bytes per second so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_secs: Option<u64>,
+    /// Protocol bytes received for this disk (blocks after compression, answers, frame
+    /// headers; TLS overhead not included), summed over the rounds of this failback so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes: Option<u64>,
+    /// Decoded size of the blocks received with a payload (before compression), summed over
+    /// the rounds; `payload_bytes / fetched_bytes` is the compression ratio achieved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_bytes: Option<u64>,
+    /// Blocks received zstd-compressed, summed over the rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed_blocks: Option<u64>,
+    /// Blocks received as they are (no compression), summed over the rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_blocks: Option<u64>,
+    /// Compression mode of the last round: `auto`, `zstd` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// Wire bytes per second of this disk in the last round (its wire bytes over its time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_per_sec: Option<u64>,
+    /// The link's measured capacity in the last round's session: the best receive rate of the
+    /// connection over any 0.5 s interval, bytes per second (a lower bound of the link's rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_bytes_per_sec: Option<u64>,
+}
+
+impl DiskProgress {
+    /// Compression ratio achieved over the rounds so far: decoded payload over payload bytes
+    /// received (`None` before any payload).
+    pub fn compression_ratio(&self) -> Option<f64> {
+        match (self.payload_bytes, self.fetched_bytes) {
+            (Some(p), Some(f)) if f > 0 => Some(p as f64 / f as f64),
+            _ => None,
+        }
+    }
+
+    /// One line of wire figures, e.g. `12.0 MiB on the wire, 40 % of blocks zstd (auto),
+    /// ratio 1.80, 180 Mbit/s of the link's measured 190`; `None` from clients that do not
+    /// report them.
+    pub fn wire_summary(&self) -> Option<String> {
+        let wire = self.wire_bytes?;
+        let mut s = format!("{:.1} MiB on the wire", wire as f64 / (1u64 << 20) as f64);
+        let (z, r) = (
+            self.compressed_blocks.unwrap_or(0),
+            self.raw_blocks.unwrap_or(0),
+        );
+        let mode = self.compression.as_deref().unwrap_or("-");
+        if z + r > 0 {
+            let share = z as f64 * 100.0 / (z + r) as f64;
+            s += &format!(", {share:.0} % of blocks zstd ({mode})");
+        } else {
+            s += &format!(", no payload ({mode})");
+        }
+        if let Some(ratio) = self.compression_ratio() {
+            s += &format!(", ratio {ratio:.2}");
+        }
+        let mbit = |b: u64| b as f64 * 8.0 / 1e6;
+        if let Some(rate) = self.wire_bytes_per_sec {
+            s += &format!(", {:.0} Mbit/s", mbit(rate));
+            if let Some(link) = self.link_bytes_per_sec {
+                s += &format!(" of the link's measured {:.0}", mbit(link));
+            }
+        }
+        Some(s)
+    }
 }
 
 /// Identification hints of the original source server (AWS `IdentificationHints`).

@@ -1024,6 +1024,9 @@ async fn replicate(
                     mib(differing),
                     mib(report.bytes_fetched())
                 ));
+                for d in &report.disks {
+                    console.say(format!("  disk {}: {}", d.remote_id, d.wire.summary()));
+                }
                 consistent = true;
                 if stored {
                     stored = checkpoints::store(api, secret, &cache, console).await;
@@ -1267,8 +1270,26 @@ fn add_round_bytes(disks: &mut [DiskProgress], report: &SyncReport) {
         if let Some(d) = disks.iter_mut().find(|d| d.remote_id == r.remote_id) {
             d.differing_bytes = Some(d.differing_bytes.unwrap_or(0) + r.bytes_differing);
             d.fetched_bytes = Some(d.fetched_bytes.unwrap_or(0) + r.bytes_fetched);
+            add_wire(d, &r.wire);
         }
     }
+}
+
+/// Adds a round's wire figures of one disk (see `DiskProgress::wire_bytes` and the next
+/// fields): counts summed over the rounds, mode and rates of the last round.
+// `as` from f64 saturates (and a rate is finite and non-negative): intended.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn add_wire(d: &mut DiskProgress, w: &failback_replication::wirestats::WireReport) {
+    let sum = |v: Option<u64>, n: u64| Some(v.unwrap_or(0).saturating_add(n));
+    d.wire_bytes = sum(d.wire_bytes, w.received_bytes);
+    d.payload_bytes = sum(d.payload_bytes, w.payload_bytes);
+    d.compressed_blocks = sum(d.compressed_blocks, w.blocks_zstd);
+    d.raw_blocks = sum(d.raw_blocks, w.blocks_raw);
+    d.compression = serde_json::to_value(w.compression)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned));
+    d.wire_bytes_per_sec = Some(w.rate_bytes_per_sec as u64);
+    d.link_bytes_per_sec = w.link_bytes_per_sec.map(|l| l as u64);
 }
 
 #[cfg(test)]

@@ -299,6 +299,7 @@ pub async fn run(args: SyncArgs) -> Result<Outcome, SyncError> {
                 human(d.bytes_on_wire),
                 d.duration_secs
             ));
+            out.text(&format!("  wire: {}", d.wire.summary()));
             out.text(&format!(
                 "  digest {} (agent {}) {}",
                 d.digest.as_deref().unwrap_or("-"),

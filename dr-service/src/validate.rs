@@ -269,6 +269,7 @@ impl Validate for ClientReport {
         for (i, d) in self.disks.iter().enumerate() {
             len(&format!("disks[{i}].remote_id"), &d.remote_id, MAX_SHORT)?;
             len(&format!("disks[{i}].local_path"), &d.local_path, MAX_PATH)?;
+            disk_wire(&format!("disks[{i}]"), d)?;
         }
         count("digests", self.digests.len())?;
         for (i, d) in self.digests.iter().enumerate() {
@@ -332,6 +333,52 @@ fn checkpoint(p: &str, d: &DiskCheckpoint) -> R<()> {
         return bad("digest", "64 hex digits".into());
     }
     Ok(())
+}
+
+/// Largest byte count accepted in a report (1 EiB: no failback moves more).
+pub const MAX_REPORT_BYTES: u64 = 1 << 60;
+/// Largest rate accepted in a report, bytes per second (1 TB/s: no link is faster).
+pub const MAX_REPORT_RATE: u64 = 1 << 40;
+
+fn at_most(field: &str, v: Option<u64>, max: u64) -> R<()> {
+    match v {
+        Some(v) if v > max => Err(ApiFailure::bad(
+            field,
+            format!("field {field}: {v}, at most {max}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The per-disk wire figures of a client report: bounded counts and rates (unsigned, so never
+/// negative), and a known compression mode.
+fn disk_wire(p: &str, d: &DiskProgress) -> R<()> {
+    let bytes = [
+        ("wire_bytes", d.wire_bytes),
+        ("payload_bytes", d.payload_bytes),
+        ("compressed_blocks", d.compressed_blocks),
+        ("raw_blocks", d.raw_blocks),
+    ];
+    for (name, v) in bytes {
+        at_most(&format!("{p}.{name}"), v, MAX_REPORT_BYTES)?;
+    }
+    let rates = [
+        ("wire_bytes_per_sec", d.wire_bytes_per_sec),
+        ("link_bytes_per_sec", d.link_bytes_per_sec),
+    ];
+    for (name, v) in rates {
+        at_most(&format!("{p}.{name}"), v, MAX_REPORT_RATE)?;
+    }
+    match d.compression.as_deref() {
+        None | Some("auto" | "zstd" | "none") => Ok(()),
+        Some(other) => {
+            let f = format!("{p}.compression");
+            Err(ApiFailure::bad(
+                &f,
+                format!("field {f}: {}, expected auto, zstd or none", shown(other)),
+            ))
+        }
+    }
 }
 
 impl Validate for BootReport {

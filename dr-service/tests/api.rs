@@ -411,6 +411,28 @@ async fn state_ca_and_admin_token_survive_restart(db: Db) {
         .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["failback_state"], "FAILBACK_READY_FOR_LAUNCH");
+    // Per-disk wire figures are checked: an unknown compression mode or a rate beyond any
+    // link is refused, naming the field.
+    let disk = json!({"remote_id": "vol-1", "local_path": "/dev/sda", "total_bytes": 10,
+        "replicated_bytes": 5, "rescanned_bytes": 5, "backlog_bytes": 0, "wire_bytes": 9});
+    for (k, bad) in [
+        ("compression", json!("gzip")),
+        ("link_bytes_per_sec", json!(1u64 << 50)),
+    ] {
+        let mut d = disk.clone();
+        d[k] = bad;
+        let r = json!({"phase": "IDLE", "round": 1, "disks": [d]});
+        let (st, v) = c
+            .send(
+                reqwest::Method::POST,
+                "/v1/client/heartbeat",
+                Some(&secret),
+                Some(r.to_string()),
+            )
+            .await;
+        assert_eq!(st, 400, "{k}: {v}");
+        assert!(v.to_string().contains(&format!("disks[0].{k}")), "{v}");
+    }
     let (ca1, adm1) = (s.ca_pem.clone(), s.admin_token.clone());
     s.shutdown().await;
 

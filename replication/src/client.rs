@@ -27,6 +27,7 @@ use crate::wire::{
     Compression, DiskInfo, ErrorCode, Hash, Message, WireBlock, CONNECTION_STREAM, HASH_LEN,
     PROTOCOL_VERSION,
 };
+use crate::wirestats::{LinkMeter, WireReport, WireTally};
 use crate::writer::{Head, Target};
 
 mod partial;
@@ -248,6 +249,8 @@ struct Inner {
     dead_err: Mutex<Option<DeadReason>>,
     next_stream: AtomicU32,
     limiter: RateLimiter,
+    /// The connection's receive rate (the link's measured capacity, see [`LinkMeter`]).
+    meter: LinkMeter,
 }
 
 #[derive(Debug, Clone)]
@@ -422,6 +425,7 @@ impl Session {
             dead_err: Mutex::new(None),
             next_stream: AtomicU32::new(1),
             limiter: RateLimiter::default(),
+            meter: LinkMeter::default(),
         });
         let reader = tokio::spawn(read_loop(reader, inner.clone(), control_tx));
         Ok(Session {
@@ -558,6 +562,7 @@ impl Session {
                 opts: opts.clone(),
                 progress: progress.clone(),
                 cache: cache.clone(),
+                tally: Mutex::default(),
             };
             set.spawn(async move { (i, job.run().await) });
         }
@@ -675,6 +680,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             Err(Error::ConnectionLost { reason, .. }) => break DeadReason::Lost(reason),
             Err(e) => break DeadReason::Lost(e.to_string()),
         };
+        inner.meter.add(len);
         if let Some(d) = inner.limiter.delay_for(len) {
             tokio::time::sleep(d).await;
         }
@@ -741,6 +747,8 @@ struct DiskJob {
     opts: SyncOptions,
     progress: Arc<dyn Progress>,
     cache: Arc<HashCache>,
+    /// What this disk's stream received (see [`WireTally`]).
+    tally: Mutex<WireTally>,
 }
 
 /// What a disk job carries into its round, whichever kind it is.
@@ -784,6 +792,18 @@ impl Drop for RouteGuard {
 }
 
 impl DiskJob {
+    fn tally(&self) -> std::sync::MutexGuard<'_, WireTally> {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The round's wire figures; `wire_bytes` counts both directions.
+    fn wire_report(&self, wire_bytes: u64, started: Instant) -> WireReport {
+        let t = self.tally();
+        let sent = wire_bytes.saturating_sub(t.received());
+        let link = self.inner.meter.best();
+        t.report(self.opts.compression, sent, started.elapsed(), link)
+    }
+
     /// Counts one more failed verification of `b`; past `max_block_retries` the block is given
     /// up with an error naming the disk, the local path and the offset. Returns the count.
     fn count_failure(&self, attempts: &mut HashMap<u64, u32>, b: &block::BadBlock) -> Result<u32> {
@@ -827,6 +847,7 @@ impl DiskJob {
             Ok(Some(x)) => x,
         };
         *wire_bytes += len as u64;
+        self.tally().frame(len);
         self.planned(msg)
     }
 
@@ -934,12 +955,14 @@ impl DiskJob {
                 Ok(Some(x)) => x,
             };
             wire_bytes += len as u64;
+            self.tally().frame(len);
             match msg {
                 Message::Blocks {
                     first_block,
                     blocks,
                     ..
                 } => {
+                    self.tally().blocks(first_block, &blocks, size, bs);
                     let n = blocks.len() as u64;
                     for idx in first_block..first_block.saturating_add(n) {
                         if idx >= nblocks || (received.contains(&idx) && !pending.contains(&idx)) {
@@ -1070,6 +1093,7 @@ impl DiskJob {
             resumed_at: 0,
             backlog_bytes: plan.backlog_bytes,
             lag_secs: plan.lag_secs,
+            wire: self.wire_report(wire_bytes, started),
         };
         self.progress.disk_finished(&id, &report);
         Ok(report)
@@ -1351,6 +1375,7 @@ impl DiskJob {
                         Ok(Some(x)) => x,
                     };
                     wire_bytes += len as u64;
+                    self.tally().frame(len);
                     match msg {
                         m @ Message::SyncPlan { .. } if plan.is_none() => {
                             let p = self.planned(m)?;
@@ -1385,6 +1410,7 @@ impl DiskJob {
                                 }
                             }
                             let payload: u64 = blocks.iter().map(|b| b.payload.len() as u64).sum();
+                            self.tally().blocks(first_block, &blocks, size, bs);
                             let count = blocks.len() as u64;
                             for i in 0..count {
                                 let idx = first_block + i;
@@ -1569,6 +1595,7 @@ impl DiskJob {
             resumed_at: start_block * bs64,
             backlog_bytes: plan.backlog_bytes,
             lag_secs: plan.lag_secs,
+            wire: self.wire_report(wire_bytes, started),
         };
         self.progress.disk_finished(&id, &report);
         Ok(report)

@@ -26,6 +26,7 @@ pub mod scan;
 pub mod server;
 pub mod tls;
 pub mod wire;
+pub mod wirestats;
 pub mod writer;
 
 pub use client::{HashCache, Mapping, Session, SyncOptions};

@@ -58,6 +58,9 @@ pub struct DiskReport {
     /// Age in seconds of the oldest change not yet delivered at the round's start.
     #[serde(default)]
     pub lag_secs: Option<f64>,
+    /// Wire bytes, compression achieved and throughput against the link's measured capacity.
+    #[serde(default)]
+    pub wire: crate::wirestats::WireReport,
 }
 
 /// One sync round.

@@ -852,59 +852,126 @@ const BACKLOG: u64 = 2 * RUN_BYTES as u64;
 /// Shortest interval over which the writer's drain rate is measured.
 const DRAIN_SAMPLE: Duration = Duration::from_millis(50);
 
+/// `Compression::Auto`: the weight of older zstd measurements after each new one (the ratio
+/// and speed follow the data: about the last 50 blocks measured count).
+const Z_DECAY: f64 = 0.98;
+/// `Compression::Auto`: share of the stream's time that measuring zstd on sample blocks may
+/// cost while compression is off (one block in [`Z_SAMPLE`] at most).
+const Z_SAMPLE_BUDGET: f64 = 0.02;
+/// `Compression::Auto`: while compression is off, at most one block in this many is a sample.
+const Z_SAMPLE: u64 = 8;
+
 /// What `Compression::Auto` has measured on one stream: the socket's drain rate while frames
-/// queue up (the link's rate), and zstd's input rate and ratio on this disk's blocks.
-#[derive(Debug, Default)]
+/// queue up (the link's rate), and zstd's input rate and ratio on this disk's recent blocks.
+#[derive(Debug)]
 struct AutoCompression {
     on: bool,
+    /// The first call of [`Self::decide`]: when, and the writer's byte count then (the
+    /// drain rate until a sample is measured is the average since).
+    first: Option<(std::time::Instant, u64)>,
     /// Start of the current drain sample: when, and the writer's byte count then.
     sample: Option<(std::time::Instant, u64)>,
     /// Bytes per second the writer drained while backlogged (last sample).
     drain: Option<f64>,
-    /// zstd's work so far: input bytes, output bytes (raw length when it did not shrink), time.
-    zin: u64,
-    zout: u64,
-    ztime: Duration,
+    /// The drain rate the rule uses: the last sample, or the average since the first call.
+    link: Option<f64>,
+    /// zstd's recent work, decayed by [`Z_DECAY`] per block: input bytes, output bytes (raw
+    /// length when it did not shrink), seconds.
+    zin: f64,
+    zout: f64,
+    zsecs: f64,
+    /// Blocks passed over since the last sample while off; time spent on samples.
+    skipped: u64,
+    sampling: Duration,
+    started: std::time::Instant,
+}
+
+impl Default for AutoCompression {
+    fn default() -> Self {
+        AutoCompression {
+            on: false,
+            first: None,
+            sample: None,
+            drain: None,
+            link: None,
+            zin: 0.0,
+            zout: 0.0,
+            zsecs: 0.0,
+            skipped: Z_SAMPLE,
+            sampling: Duration::ZERO,
+            started: std::time::Instant::now(),
+        }
+    }
 }
 
 impl AutoCompression {
-    /// The choice for the next batch. Raw while the writer keeps up (compressing would only
-    /// cost CPU). While it lags, compress when zstd feeds the link faster than raw bytes do:
-    /// min(zstd's input rate, drain / ratio) > drain (the first backlog tries zstd to measure).
+    /// Whether the next batch may compress (the writer lags or has lagged in this stream). Raw
+    /// while the writer has always kept up (compressing would only cost CPU). While it lags, compression is on when zstd feeds the
+    /// link faster than raw bytes do, min(zstd's input rate, drain / ratio) > 1.05 × drain,
+    /// from zstd's recent measurements ([`Self::compress`] keeps measuring sample blocks while
+    /// it is off, so the choice follows the data run by run).
     fn decide(&mut self, queued: u64, written: u64) -> bool {
         let now = std::time::Instant::now();
+        let (t0, w0) = *self.first.get_or_insert((now, written));
         if queued < BACKLOG {
+            // Once the link has been seen to lag, the rule keeps deciding while the queue is
+            // short: zstd may be what keeps it short (the agent is then the bottleneck, yet
+            // raw bytes would wait for the link again), and sample blocks must go on being
+            // measured so that the next compressible run is seen at once.
             self.sample = None;
-            self.on = false;
-            return false;
+            return self.link.is_some();
         }
         match self.sample {
-            Some((t, w)) if now - t >= DRAIN_SAMPLE => {
+            // The writer counts whole frames (up to RUN_BYTES each) once written: a sample
+            // spans at least two, or a slow link would read as 0 or several times its rate.
+            Some((t, w)) if now - t >= DRAIN_SAMPLE && written - w >= 2 * RUN_BYTES as u64 => {
                 self.drain = Some((written - w) as f64 / (now - t).as_secs_f64());
                 self.sample = Some((now, written));
             }
             Some(_) => {}
             None => self.sample = Some((now, written)),
         }
-        self.on = match self.drain {
-            _ if self.zin == 0 || self.ztime.is_zero() => true,
-            None => self.on,
-            Some(drain) => {
-                let rate = self.zin as f64 / self.ztime.as_secs_f64();
-                let ratio = self.zout as f64 / self.zin as f64;
-                rate.min(drain / ratio.max(0.01)) > drain * 1.05
-            }
-        };
-        self.on
+        let average = (now - t0 >= Duration::from_millis(5))
+            .then(|| written.saturating_sub(w0) as f64 / (now - t0).as_secs_f64());
+        self.link = self.drain.or(average);
+        self.on = self.rule();
+        true
     }
 
-    /// zstd of one block: what it took and gave (`None`: not smaller, sent raw).
+    /// min(zstd's input rate, drain / ratio) > 1.05 × drain, on the recent measurements.
+    fn rule(&self) -> bool {
+        match self.link {
+            Some(drain) if self.zin > 0.0 && self.zsecs > 0.0 => {
+                let rate = self.zin / self.zsecs;
+                let ratio = self.zout / self.zin;
+                rate.min(drain / ratio.max(0.01)) > drain * 1.05
+            }
+            _ => false,
+        }
+    }
+
+    /// One block of a batch [`Self::decide`] let compress: zstd when on, else only a sample
+    /// block now and then (within [`Z_SAMPLE_BUDGET`]); `None`: sent raw.
     fn compress(&mut self, block: &[u8]) -> Option<Vec<u8>> {
+        if !self.on {
+            self.skipped += 1;
+            let budget = self.started.elapsed().mul_f64(Z_SAMPLE_BUDGET);
+            if self.skipped < Z_SAMPLE || self.sampling > budget {
+                return None;
+            }
+            self.skipped = 0;
+        }
         let t = std::time::Instant::now();
         let z = block::compress_if_smaller(block);
-        self.ztime += t.elapsed();
-        self.zin += block.len() as u64;
-        self.zout += z.as_ref().map_or(block.len(), Vec::len) as u64;
+        let took = t.elapsed();
+        if !self.on {
+            self.sampling += took;
+        }
+        self.zin = self.zin * Z_DECAY + block.len() as f64;
+        self.zout = self.zout * Z_DECAY + z.as_ref().map_or(block.len(), Vec::len) as f64;
+        self.zsecs = self.zsecs * Z_DECAY + took.as_secs_f64();
+        // Decided again after every block measured: the next block follows the data.
+        self.on = self.rule();
         z
     }
 }
@@ -1521,5 +1588,59 @@ impl Drop for Tracked {
         let mut n = self.budget.bytes.lock().unwrap_or_else(|p| p.into_inner());
         *n = n.saturating_sub(len);
         self.budget.written.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod auto_compression_tests {
+    use super::*;
+
+    #[test]
+    fn auto_follows_the_data_and_the_link() {
+        let text: Vec<u8> = b"Dec  3 10:00:01 host sshd[811]: Accepted publickey\n"
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = || -> Vec<u8> {
+            (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[0]
+                })
+                .collect()
+        };
+        // A slow link (1 MB/s): the first text block is measured and compression turns on.
+        let mut a = AutoCompression {
+            link: Some(1e6),
+            ..AutoCompression::default()
+        };
+        assert!(a.compress(&text).is_some());
+        assert!(a.on, "text through a slow link: {a:?}");
+        // Random data follows: compression turns off within a few blocks ...
+        let off = (0..60).position(|_| {
+            a.compress(&random());
+            !a.on
+        });
+        assert!(off.is_some_and(|n| n < 20), "{off:?} {a:?}");
+        // ... and on again once sample blocks show text (samples: one block in Z_SAMPLE,
+        // within the time budget; the stream has run for a while).
+        a.started -= Duration::from_secs(10);
+        let on = (0..200).position(|_| {
+            a.compress(&text);
+            a.on
+        });
+        assert!(on.is_some_and(|n| n < 100), "{on:?} {a:?}");
+        // A link faster than zstd: off even for text (measured, then never on).
+        let mut fast = AutoCompression {
+            link: Some(1e12),
+            ..AutoCompression::default()
+        };
+        fast.compress(&text);
+        assert!(!fast.on, "{fast:?}");
     }
 }

@@ -290,3 +290,102 @@ async fn quiesce_and_thaw_run_agent_commands() {
         Some(r.disks[0].agent_digest.as_str())
     );
 }
+
+/// A TCP proxy that counts the bytes it forwards in each direction (agent→client, client→agent).
+async fn counting_proxy(
+    agent: String,
+) -> (
+    String,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (down, up) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counters = (down.clone(), up.clone());
+    tokio::spawn(async move {
+        let (client, _) = l.accept().await.unwrap();
+        let upstream = tokio::net::TcpStream::connect(&agent).await.unwrap();
+        let (cr, cw) = client.into_split();
+        let (ur, uw) = upstream.into_split();
+        async fn pump(
+            mut r: tokio::net::tcp::OwnedReadHalf,
+            mut w: tokio::net::tcp::OwnedWriteHalf,
+            n: Arc<AtomicU64>,
+        ) {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(k) = r.read(&mut buf).await {
+                if k == 0 || w.write_all(&buf[..k]).await.is_err() {
+                    break;
+                }
+                n.fetch_add(k as u64, Ordering::SeqCst);
+            }
+            let _ = w.shutdown().await;
+        }
+        let a = tokio::spawn(pump(ur, cw, counters.0));
+        let b = tokio::spawn(pump(cr, uw, counters.1));
+        let _ = tokio::join!(a, b);
+    });
+    (addr, down, up)
+}
+
+/// The per-disk wire figures match what crossed the socket (frames + TLS records + one
+/// handshake) and the compression ratio matches the payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_report_matches_the_socket() {
+    use failback_replication::wire::Compression;
+    use std::sync::atomic::Ordering;
+    let env = Env::new();
+    let src = env.path("src.img");
+    let dst = env.path("dst.img");
+    // Half random, half repeated text (compressible), no zero block.
+    let mut data = random_bytes(5, 4 * MIB);
+    let text = b"Dec  3 10:00:01 host sshd[811]: Accepted publickey for root from 10.0.0.7\n";
+    data.extend(text.iter().cycle().take(4 * MIB));
+    std::fs::write(&src, &data).unwrap();
+    let agent = env.agent(&[("disk0", &src)]).await;
+    let (addr, down, up) = counting_proxy(agent).await;
+    let o = SyncOptions {
+        compression: Compression::Zstd,
+        ..opts()
+    };
+    let r = sync(&addr, &env.client_tls(), &[("disk0", &dst)], &o)
+        .await
+        .unwrap();
+    assert_same(&dst, &data);
+    let d = &r.disks[0];
+    let w = &d.wire;
+    assert_eq!(w.compression, Compression::Zstd);
+    // Wait for the proxy to forward the last bytes (close_notify) before reading its counts.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (down, up) = (down.load(Ordering::SeqCst), up.load(Ordering::SeqCst));
+    assert_eq!(w.received_bytes + w.sent_bytes, d.bytes_on_wire);
+    // TLS adds ~22 bytes per 16 KiB record, the handshake and hello a few KiB.
+    let slack = |n: u64| n / 100 + 32 * 1024;
+    assert!(
+        w.received_bytes <= down && down - w.received_bytes <= slack(down),
+        "received {} frame bytes, {down} on the socket",
+        w.received_bytes
+    );
+    assert!(
+        w.sent_bytes <= up && up - w.sent_bytes <= slack(up),
+        "sent {} frame bytes, {up} on the socket",
+        w.sent_bytes
+    );
+    assert_eq!(w.blocks_zero, 0);
+    assert_eq!(w.blocks_raw + w.blocks_zstd, d.blocks_differing);
+    assert_eq!(w.payload_bytes, d.bytes_differing);
+    assert_eq!(w.payload_wire_bytes, d.bytes_fetched);
+    let ratio = w.compression_ratio.unwrap();
+    let want = d.bytes_differing as f64 / d.bytes_fetched as f64;
+    assert!((ratio - want).abs() < 1e-9 && ratio > 1.5, "ratio {ratio}");
+    // The text half compresses, the random half does not.
+    let share = w.compressed_share.unwrap();
+    assert!((0.4..=0.6).contains(&share), "compressed share {share}");
+    assert!(w.rate_bytes_per_sec > 0.0);
+    // The link's capacity needs 10 ms of receiving to be measured (a loaded machine takes
+    // longer, a quick one may not): when given, the disk's share of it is a fraction.
+    assert!(w.link_share.is_none_or(|s| s > 0.0 && s <= 1.0), "{w:?}");
+}

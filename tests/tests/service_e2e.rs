@@ -456,6 +456,20 @@ fn service_full_failback_survives_agent_and_service_restarts_then_launches() {
     );
     let (_, text) = env.cli_text(&["instances", "describe", &id]);
     assert!(text.contains("final round "), "{text}");
+    // The per-disk wire figures reached the service: wire bytes cover the payload received,
+    // the decoded payload is at least that (ratio >= 1), a rate and a mode are set.
+    let disk = &v["failback"]["disks"][0];
+    let n = |k: &str| disk[k].as_u64().unwrap_or_else(|| panic!("no {k}: {disk}"));
+    let (wire, fetched, payload) = (n("wire_bytes"), n("fetched_bytes"), n("payload_bytes"));
+    assert!(
+        fetched > 0 && wire >= fetched && payload >= fetched,
+        "{disk}"
+    );
+    assert!(
+        n("wire_bytes_per_sec") > 0 && disk["compression"] == "auto",
+        "{disk}"
+    );
+    assert!(text.contains("disk wire          disk0: "), "{text}");
 }
 
 #[test]

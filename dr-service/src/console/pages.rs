@@ -284,7 +284,7 @@ pub fn instance_live(v: &InstanceView<'_>) -> Markup {
         }
         h2 { "Disks" }
         table id="disks" {
-            thead { tr { th { "Volume" } th { "Local disk" } th { "Progress" } th { "Bytes" } th { "Rate" } th { "ETA" } th { "Backlog" } } }
+            thead { tr { th { "Volume" } th { "Local disk" } th { "Progress" } th { "Bytes" } th { "Rate" } th { "ETA" } th { "Backlog" } th { "Wire" } } }
             tbody {
                 @for (k, d) in f.disks.iter().enumerate() {
                     @let rate = v.disk_rates.get(k).copied().flatten();
@@ -298,6 +298,7 @@ pub fn instance_live(v: &InstanceView<'_>) -> Markup {
                         td { (rate.map(|r| format!("{}/s", bytes(fmt::whole(r)))).unwrap_or_else(|| "—".into())) }
                         td { @match rate { Some(r) if r > 0.0 && left > 0 => (duration(fmt::whole(left as f64 / r))), _ => "—" } }
                         td { (bytes(d.backlog_bytes)) }
+                        td.wire { (d.wire_summary().unwrap_or_else(|| "—".into())) }
                     }
                 }
             }

@@ -314,6 +314,9 @@ fn describe_text(i: &RecoveryInstance) {
             d.backlog_bytes,
             d.eta_secs.map_or_else(|| "-".into(), |s| format!("{s}s"))
         );
+        if let Some(w) = d.wire_summary() {
+            println!("disk wire          {}: {w}", d.remote_id);
+        }
     }
     for d in &f.digests {
         let ok = if d.local_digest == d.agent_digest {
