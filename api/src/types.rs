@@ -328,6 +328,21 @@ pub enum MatchReason {
     SmbiosUuid,
 }
 
+/// How the agent encodes the blocks it sends a client (the service's `--compression`, handed to
+/// clients at pairing and in every heartbeat answer; `failback-client sync --compression`
+/// chooses it for a manual sync).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionMode {
+    /// zstd-1 when the link is the bottleneck, raw when the CPU is.
+    #[default]
+    Auto,
+    /// zstd-1 for every block it shrinks.
+    Zstd,
+    /// Never compress.
+    None,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PairResponse {
@@ -355,6 +370,9 @@ pub struct PairResponse {
     /// With `command` LAUNCH: re-read and re-hash both sides in the final round.
     #[serde(default)]
     pub verify_full: bool,
+    /// Compression the client asks of the agent (absent from older services: `auto`).
+    #[serde(default)]
+    pub compression: CompressionMode,
 }
 
 /// `POST /v1/pair` answer to a pairing token that was already used for a failback that has
@@ -490,6 +508,9 @@ pub struct ClientCommandResponse {
     /// With `command` LAUNCH: re-read and re-hash both sides in the final round.
     #[serde(default)]
     pub verify_full: bool,
+    /// Compression the client asks of the agent (absent from older services: `auto`).
+    #[serde(default)]
+    pub compression: CompressionMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

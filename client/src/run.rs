@@ -312,6 +312,8 @@ struct Shared {
     command: ClientCommand,
     agent_address: String,
     bandwidth: Option<u64>,
+    /// The service's compression setting (from the pairing, then every heartbeat answer).
+    compression: CompressionMode,
     heartbeat_secs: u64,
     /// The launch asked for a full re-read and re-hash of both sides.
     verify_full: bool,
@@ -483,6 +485,7 @@ async fn heartbeat_once(api: &Api, secret: &str, state: &State) -> Result<(), Ap
                 s.agent_address = a;
             }
             s.bandwidth = resp.bandwidth_limit_mbps;
+            s.compression = resp.compression;
             s.verify_full = resp.verify_full;
             s.heartbeat_secs = resp.heartbeat_interval_secs.max(1);
             drop(s);
@@ -746,6 +749,7 @@ pub async fn run_async(opts: RunOptions) -> Result<RunOutcome, RunError> {
             command: ClientCommand::Continue,
             agent_address: paired.agent_address.clone(),
             bandwidth: paired.bandwidth_limit_mbps,
+            compression: paired.compression,
             heartbeat_secs: paired.heartbeat_interval_secs.max(1),
             unauthorized: false,
             verify_full: false,
@@ -871,12 +875,13 @@ async fn replicate(
     // After a reboot mid-round: resume from the checkpoints stored at the DR service.
     let mut stored = checkpoints::restore(api, secret, &cache, mappings, console).await;
     loop {
-        let (command, addr, bw, hb_secs, unauthorized) = {
+        let (command, addr, bw, compression, hb_secs, unauthorized) = {
             let s = state.lock();
             (
                 s.command,
                 s.agent_address.clone(),
                 s.bandwidth,
+                s.compression,
                 s.heartbeat_secs,
                 s.unauthorized,
             )
@@ -969,6 +974,7 @@ async fn replicate(
         let sync_opts = SyncOptions {
             block_size,
             bandwidth_limit_mbps: bw,
+            compression: wire_compression(compression),
             ..Default::default()
         };
         console.say(format!(
@@ -1290,6 +1296,15 @@ fn add_wire(d: &mut DiskProgress, w: &failback_replication::wirestats::WireRepor
         .and_then(|v| v.as_str().map(str::to_owned));
     d.wire_bytes_per_sec = Some(w.rate_bytes_per_sec as u64);
     d.link_bytes_per_sec = w.link_bytes_per_sec.map(|l| l as u64);
+}
+
+/// The service's setting as the wire protocol's (the API crate does not link the engine).
+fn wire_compression(c: CompressionMode) -> failback_replication::wire::Compression {
+    match c {
+        CompressionMode::Auto => failback_replication::wire::Compression::Auto,
+        CompressionMode::Zstd => failback_replication::wire::Compression::Zstd,
+        CompressionMode::None => failback_replication::wire::Compression::None,
+    }
 }
 
 #[cfg(test)]

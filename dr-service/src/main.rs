@@ -74,6 +74,11 @@ struct ServeArgs {
     /// both sides).
     #[arg(long, value_enum, default_value = "changes")]
     launch_verify: LaunchVerifyArg,
+    /// How agents encode the blocks they send clients: `auto` (zstd-1 when the link is the
+    /// bottleneck, raw when the CPU is), `zstd` (always) or `none` (never). Handed to clients
+    /// at pairing and in every heartbeat answer; applies from their next round.
+    #[arg(long, env = "FAILBACK_COMPRESSION", value_enum, default_value = "auto")]
+    compression: CompressionArg,
     /// Web console (`/console`): a login session ends this many seconds after it began.
     #[arg(long, default_value_t = 8 * 3600)]
     console_session_secs: u64,
@@ -208,6 +213,24 @@ fn main() -> ExitCode {
     })
 }
 
+/// `--compression`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum CompressionArg {
+    Auto,
+    Zstd,
+    None,
+}
+
+impl From<CompressionArg> for failback_api::CompressionMode {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Auto => Self::Auto,
+            CompressionArg::Zstd => Self::Zstd,
+            CompressionArg::None => Self::None,
+        }
+    }
+}
+
 /// `--launch-verify`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum LaunchVerifyArg {
@@ -245,6 +268,7 @@ async fn serve(a: ServeArgs) -> ExitCode {
             console_session_secs: a.console_session_secs.max(1),
             console_sample_secs: a.console_sample_secs.max(1),
             launch_verify_full: a.launch_verify == LaunchVerifyArg::Full,
+            compression: a.compression.into(),
             ..Settings::default()
         },
         limits,

@@ -48,6 +48,8 @@ pub struct Settings {
     /// Launches re-read and re-hash both sides unless the request says otherwise
     /// (`--launch-verify full`).
     pub launch_verify_full: bool,
+    /// Compression clients ask of their agents (`--compression`).
+    pub compression: CompressionMode,
 }
 
 impl Default for Settings {
@@ -62,6 +64,7 @@ impl Default for Settings {
             console_session_secs: 8 * 3600,
             console_sample_secs: 30,
             launch_verify_full: false,
+            compression: CompressionMode::Auto,
         }
     }
 }
@@ -1113,6 +1116,7 @@ impl Service {
             block_size: self.settings.block_size,
             bandwidth_limit_mbps: Self::bandwidth(&inst),
             heartbeat_interval_secs: self.settings.heartbeat_secs,
+            compression: self.settings.compression,
             verify_full: inst.failback.launch_verify_full,
         };
         b.put(Some(&old), inst);
@@ -1169,6 +1173,7 @@ impl Service {
                 agent_address: Self::agent_address_for(&inst),
                 bandwidth_limit_mbps: Self::bandwidth(&inst),
                 heartbeat_interval_secs: self.settings.heartbeat_secs,
+                compression: self.settings.compression,
                 verify_full: false,
             });
         }
@@ -1191,6 +1196,7 @@ impl Service {
             agent_address: Self::agent_address_for(&inst),
             bandwidth_limit_mbps: Self::bandwidth(&inst),
             heartbeat_interval_secs: self.settings.heartbeat_secs,
+            compression: self.settings.compression,
             verify_full: inst.failback.launch_verify_full,
         };
         b.put(Some(&old), inst);

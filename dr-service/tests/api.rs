@@ -23,6 +23,10 @@ static TEST_SECRET: std::sync::LazyLock<Option<std::sync::Arc<failback_server::s
     });
 
 async fn server(dir: &Path, db: &Db) -> RunningServer {
+    server_with(dir, db, CompressionMode::Auto).await
+}
+
+async fn server_with(dir: &Path, db: &Db, compression: CompressionMode) -> RunningServer {
     start(ServerConfig {
         data_dir: dir.to_path_buf(),
         database: db.clone(),
@@ -34,6 +38,7 @@ async fn server(dir: &Path, db: &Db) -> RunningServer {
             heartbeat_secs: 1,
             agent_timeout_secs: 600,
             client_timeout_secs: 600,
+            compression,
             ..Settings::default()
         },
         limits: Default::default(),
@@ -192,6 +197,7 @@ async fn pairing_by_scope_and_by_smbios_uuid_then_reuse_refused(db: Db) {
     );
     assert!(p.client_cert_pem.contains("BEGIN CERTIFICATE"));
     assert!(p.client_key_pem.contains("PRIVATE KEY"));
+    assert_eq!(p.compression, CompressionMode::Auto, "the default setting");
 
     // The same token again: refused, and nothing changes.
     let before = c.counts().await;
@@ -1062,6 +1068,32 @@ async fn client_checkpoints_are_stored_fetched_and_checked(db: Db) {
     s.shutdown().await;
 }
 
+/// The service's `--compression` reaches the client at pairing and in every heartbeat answer.
+async fn the_compression_setting_reaches_the_client(db: Db) {
+    let d = tempfile::tempdir().unwrap();
+    let s = server_with(d.path(), &db, CompressionMode::Zstd).await;
+    let c = C::new(&s);
+    let (a, _) = c.enroll(None, 1 << 30).await;
+    let t = c.token("pairing", Some(&a), None).await;
+    let (st, v) = c.pair(&t, None, None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["compression"], "zstd", "{v}");
+    let secret = v["client_secret"].as_str().unwrap().to_string();
+    let report = json!({"phase": "SYNCING", "round": 1});
+    let (st, v) = c
+        .send(
+            reqwest::Method::POST,
+            "/v1/client/heartbeat",
+            Some(&secret),
+            Some(report.to_string()),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let r: ClientCommandResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(r.compression, CompressionMode::Zstd);
+    s.shutdown().await;
+}
+
 /// Each test on both backends: `NAME::sqlite` and `NAME::postgres`.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
@@ -1094,4 +1126,5 @@ on_both_backends!(
     boot_reports_are_filed_by_token_or_uuid_limited_and_validated,
     used_token_of_a_completed_failback_answers_completed,
     client_checkpoints_are_stored_fetched_and_checked,
+    the_compression_setting_reaches_the_client,
 );
