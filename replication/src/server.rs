@@ -581,6 +581,27 @@ struct Conn<'a> {
     quiesced: bool,
 }
 
+/// The served disk a stream asks for, at a valid block size; otherwise answers the stream with
+/// the error and returns `None`.
+async fn stream_disk<'c>(
+    ctx: &'c Ctx,
+    out: &FrameSender,
+    stream: u32,
+    disk: &str,
+    block_size: u32,
+) -> Option<&'c SourceDisk> {
+    let Some(src) = ctx.disks.iter().find(|d| d.info.id == disk) else {
+        let m = format!("this agent serves no disk {disk:?}");
+        send_error(out, stream, ErrorCode::UnknownDisk, m).await;
+        return None;
+    };
+    if let Err(m) = block::validate_block_size(block_size) {
+        send_error(out, stream, ErrorCode::BadRequest, m).await;
+        return None;
+    }
+    Some(src)
+}
+
 async fn session(
     reader: &mut FrameReader<TlsReader>,
     out: &FrameSender,
@@ -679,15 +700,9 @@ impl Conn<'_> {
         if stream == CONNECTION_STREAM || self.streams.contains_key(&stream) {
             return Err(self.protocol(format!("stream id {stream} reused")));
         }
-        let Some(src) = self.ctx.disks.iter().find(|d| d.info.id == disk) else {
-            let m = format!("this agent serves no disk {disk:?}");
-            send_error(self.out, stream, ErrorCode::UnknownDisk, m).await;
+        let Some(src) = stream_disk(self.ctx, self.out, stream, disk, block_size).await else {
             return Ok(());
         };
-        if let Err(m) = block::validate_block_size(block_size) {
-            send_error(self.out, stream, ErrorCode::BadRequest, m).await;
-            return Ok(());
-        }
         let permit = match self.stream_permit(disk) {
             Ok(p) => p,
             Err(m) => {

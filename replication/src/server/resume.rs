@@ -13,8 +13,7 @@
 //!   compared; the resumed stream starts from them, so the agent still holds every block's
 //!   hash after the round (its next round can be a changes round).
 
-use super::{send_error, AgentCache, Conn, RoundPlan, StreamWorker};
-use crate::block;
+use super::{send_error, stream_disk, AgentCache, Conn, RoundPlan, StreamWorker};
 use crate::cbt::Token;
 use crate::error::Result;
 use crate::resume::ResumeAt;
@@ -30,15 +29,9 @@ impl Conn<'_> {
         compression: Compression,
         (offset, cut): (u64, Option<Token>),
     ) -> Result<()> {
-        let Some(src) = self.ctx.disks.iter().find(|d| d.info.id == disk) else {
-            let m = format!("this agent serves no disk {disk:?}");
-            send_error(self.out, stream, ErrorCode::UnknownDisk, m).await;
+        let Some(src) = stream_disk(self.ctx, self.out, stream, disk, block_size).await else {
             return Ok(());
         };
-        if let Err(m) = block::validate_block_size(block_size) {
-            send_error(self.out, stream, ErrorCode::BadRequest, m).await;
-            return Ok(());
-        }
         let size = src.info.size;
         let bs = u64::from(block_size);
         if offset == 0 || !offset.is_multiple_of(bs) || offset >= size {
