@@ -141,7 +141,8 @@ struct BenchArgs {
     /// Simulated clients.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
-    /// Measurement duration in seconds (after a warm-up of one interval, at least 3 s).
+    /// Measurement duration in seconds (after every client has connected and one more
+    /// interval, at least 3 s, has passed).
     #[arg(long, default_value_t = 20)]
     secs: u64,
     /// Seconds between two heartbeats of one client (a real client uses the service's

@@ -38,12 +38,27 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes of disk covered by one hash window.
 pub const WINDOW_BYTES: u64 = 16 * 1024 * 1024;
-/// Hash windows per disk that may be hashed ahead of the last one done, besides one per hashing
-/// thread (keeps the agent busy; hashes are small, blocks in flight are bounded by the channels).
-/// Over a WAN this bounds a compare round's rate to this many windows per round trip: 6 (96 MiB)
-/// made a 1 GiB delta round take 1.32 s through 100 ms where loopback took 0.33 s; 32 (512 MiB
-/// per RTT, ~5 GB/s at 100 ms) took 0.80 s (bench-wan target: loopback + 5 RTT).
-const MAX_OUTSTANDING: usize = 32;
+/// The compare rate the hash windows in flight are sized for: windows ahead of the last one
+/// done, per disk, cover this many bytes of disk per round trip. A compare round moves at most
+/// `windows ahead × WINDOW_BYTES` per round trip; a fixed 6 windows (96 MiB) made a 1 GiB
+/// delta round take 1.32 s through a 100 ms link where loopback took 0.33 s.
+const AHEAD_BYTES_PER_SEC: f64 = 8.0 * 1024.0 * 1024.0 * 1024.0;
+/// Fewest windows ahead (a short link still needs some to keep the agent busy).
+const MIN_AHEAD: usize = 8;
+/// Most windows ahead: at 4 KiB blocks a window's hashes are 128 KiB, so a disk holds at most
+/// 16 MiB of them in flight (32 MiB with cached hashes, which run twice as far ahead).
+const MAX_AHEAD: usize = 128;
+
+/// Hash windows per disk that may be hashed and sent ahead of the last one done (besides one
+/// per hashing thread), for a session whose round trip measured `rtt`: enough for
+/// [`AHEAD_BYTES_PER_SEC`] of compare over the link's bandwidth-delay product.
+pub fn windows_ahead(rtt: Duration) -> usize {
+    let per_rtt = rtt.as_secs_f64() * AHEAD_BYTES_PER_SEC / WINDOW_BYTES as f64;
+    // Bounded before the cast; a ceiling of a non-negative figure.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let n = per_rtt.ceil().min(MAX_AHEAD as f64) as usize;
+    n.clamp(MIN_AHEAD, MAX_AHEAD)
+}
 /// Wait for quiesce/thaw commands.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -162,11 +177,12 @@ impl HashSource {
         }
     }
 
-    /// Whether another window may be taken with `open` windows outstanding.
-    fn may_take(&self, open: usize) -> bool {
+    /// Whether another window may be taken with `open` windows outstanding (`ahead`: see
+    /// [`windows_ahead`]; a disk source is bounded by its hashing threads' queue instead).
+    fn may_take(&self, open: usize, ahead: usize) -> bool {
         match self {
             HashSource::Disk(_) => true,
-            HashSource::Cache { .. } => open < 2 * MAX_OUTSTANDING,
+            HashSource::Cache { .. } => open < 2 * ahead,
         }
     }
 }
@@ -254,6 +270,10 @@ struct Inner {
     limiter: RateLimiter,
     /// The connection's receive rate (the link's measured capacity, see [`LinkMeter`]).
     meter: LinkMeter,
+    /// Round trip of the protocol handshake (`ClientHello` -> `AgentHello`).
+    rtt: Duration,
+    /// Hash windows each disk runs ahead for that round trip ([`windows_ahead`]).
+    ahead: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -378,6 +398,7 @@ impl Session {
         let dead = DeadSlot::default();
         let (out, writer) = spawn_writer(w, dead.clone());
         let mut reader = FrameReader::new(r, peer.clone()).align_blocks();
+        let hello_at = Instant::now();
         out.send(&Message::ClientHello { version }).await;
 
         let (agent_software, agent_instance) = match read_handshake(&mut reader, &peer).await? {
@@ -408,6 +429,12 @@ impl Session {
                 })
             }
         };
+        let rtt = hello_at.elapsed();
+        let ahead = windows_ahead(rtt);
+        tracing::debug!(
+            "agent {peer}: round trip {:.1} ms, {ahead} hash windows ahead per disk",
+            rtt.as_secs_f64() * 1000.0
+        );
         let manifest = match read_handshake(&mut reader, &peer).await? {
             Message::Manifest { disks } => disks,
             other => {
@@ -429,6 +456,8 @@ impl Session {
             next_stream: AtomicU32::new(1),
             limiter: RateLimiter::default(),
             meter: LinkMeter::default(),
+            rtt,
+            ahead,
         });
         let reader = tokio::spawn(read_loop(reader, inner.clone(), control_tx));
         Ok(Session {
@@ -804,7 +833,10 @@ impl DiskJob {
         let t = self.tally();
         let sent = wire_bytes.saturating_sub(t.received());
         let link = self.inner.meter.best();
-        t.report(self.opts.compression, sent, started.elapsed(), link)
+        let mut r = t.report(self.opts.compression, sent, started.elapsed(), link);
+        r.rtt_ms = Some(self.inner.rtt.as_secs_f64() * 1000.0);
+        r.windows_ahead = u32::try_from(self.inner.ahead).unwrap_or(u32::MAX);
+        r
     }
 
     /// Counts one more failed verification of `b`; past `max_block_retries` the block is given
@@ -1250,7 +1282,7 @@ impl DiskJob {
                         (size, bs),
                         window_blocks,
                         zeros.clone(),
-                        (threads, (MAX_OUTSTANDING + threads) as u64),
+                        (threads, (self.inner.ahead + threads) as u64),
                         start_block,
                     )?)),
                     None,
@@ -1354,7 +1386,7 @@ impl DiskJob {
         let agent_digest: Hash;
         loop {
             tokio::select! {
-                w = local_hashes.next(), if !hashing_done && local_hashes.may_take(windows.len()) => match w {
+                w = local_hashes.next(), if !hashing_done && local_hashes.may_take(windows.len(), self.inner.ahead) => match w {
                     Some(Ok((first, hashes))) => {
                         let count = hashes.len();
                         windows.insert(first, Window {
@@ -1661,6 +1693,19 @@ impl Drop for WriterGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Windows ahead cover 8 GiB/s of compare per round trip, between the floor and the cap.
+    #[test]
+    fn windows_ahead_follow_the_round_trip() {
+        assert_eq!(windows_ahead(Duration::ZERO), MIN_AHEAD);
+        assert_eq!(windows_ahead(Duration::from_millis(1)), MIN_AHEAD);
+        // 40 ms x 8 GiB/s = 327.7 MiB = 20.5 windows of 16 MiB.
+        assert_eq!(windows_ahead(Duration::from_millis(40)), 21);
+        // 100 ms: 51.2 windows.
+        assert_eq!(windows_ahead(Duration::from_millis(100)), 52);
+        assert_eq!(windows_ahead(Duration::from_secs(10)), MAX_AHEAD);
+        assert_eq!(windows_ahead(Duration::MAX), MAX_AHEAD);
+    }
 
     /// The limiter's arithmetic without a clock: 8 Mbit/s = 1,000,000 bytes/s.
     #[test]

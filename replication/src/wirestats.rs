@@ -52,11 +52,19 @@ pub struct WireReport {
     pub link_bytes_per_sec: Option<f64>,
     /// `rate_bytes_per_sec / link_bytes_per_sec`.
     pub link_share: Option<f64>,
+    /// The session's round trip measured at its protocol handshake, in milliseconds.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    /// Hash windows this disk ran ahead for that round trip (how far a compare round may run
+    /// ahead of its answers).
+    #[serde(default)]
+    pub windows_ahead: u32,
 }
 
 impl WireReport {
     /// One line for logs and summaries, e.g. `4.2 MB received, 50 % of blocks zstd (auto),
-    /// ratio 2.00, 504 Mbit/s = 98 % of the link's measured 514 Mbit/s`.
+    /// ratio 2.00, 504 Mbit/s = 98 % of the link's measured 514 Mbit/s, RTT 40.2 ms (20 windows
+    /// ahead)`.
     pub fn summary(&self) -> String {
         let mode = match self.compression {
             Compression::Auto => "auto",
@@ -80,6 +88,9 @@ impl WireReport {
                 share * 100.0,
                 mbit(link)
             );
+        }
+        if let Some(rtt) = self.rtt_ms {
+            s += &format!(", RTT {rtt:.1} ms ({} windows ahead)", self.windows_ahead);
         }
         s
     }
@@ -154,6 +165,8 @@ impl WireTally {
             rate_bytes_per_sec: rate,
             link_bytes_per_sec: link,
             link_share: link.filter(|l| *l > 0.0).map(|l| (rate / l).min(1.0)),
+            rtt_ms: None,
+            windows_ahead: 0,
         }
     }
 }
