@@ -115,16 +115,31 @@ pub(super) async fn store(
         .iter()
         .filter_map(|cp| {
             serde_json::to_value(cp)
-                .and_then(serde_json::from_value)
+                .and_then(serde_json::from_value::<failback_api::DiskCheckpoint>)
                 .ok()
         })
         .collect::<Vec<_>>();
     let n = disks.len();
+    // Said after the service has them: from here on a reboot resumes (tests wait for it).
+    let lines: Vec<String> = disks
+        .iter()
+        .map(|d| {
+            format!(
+                "disk {} -> {}: checkpoint at byte {} stored at the DR service",
+                d.remote, d.local, d.offset
+            )
+        })
+        .collect();
     match api
         .put_checkpoints(secret, &ClientCheckpoints { disks })
         .await
     {
-        Ok(()) => n > 0,
+        Ok(()) => {
+            for l in lines {
+                console.say(l);
+            }
+            n > 0
+        }
         Err(e) => {
             console.say(format!(
                 "checkpoints not stored at the DR service: {}",

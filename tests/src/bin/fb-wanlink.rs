@@ -5,6 +5,7 @@
 //! all connections) and prints `listening on ADDR` once it accepts.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -25,6 +26,12 @@ struct Args {
     /// Rate of each direction, in Mbit/s (10^6 bits per second).
     #[arg(long)]
     mbit: u32,
+    /// Print `delivered N bytes` on stdout (bytes delivered downstream so far, over every
+    /// connection) every this many milliseconds while the count changes, and once more on
+    /// SIGTERM, then exit (which closes every connection: a real cut). Tests use it to measure
+    /// what crossed the link before a cut and after a restart. 0: never.
+    #[arg(long, default_value_t = 0)]
+    report_ms: u64,
 }
 
 #[tokio::main]
@@ -38,7 +45,36 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     println!("listening on {}", listener.local_addr()?);
-    wanlink::serve(listener, args.upstream, Link::new(spec))
-        .await
-        .with_context(|| format!("accepting on {}", args.listen))
+    let link = Link::new(spec);
+    let serve = wanlink::serve(listener, args.upstream, link.clone());
+    let serve = async {
+        serve
+            .await
+            .with_context(|| format!("accepting on {}", args.listen))
+    };
+    if args.report_ms == 0 {
+        return serve.await;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut tick = tokio::time::interval(Duration::from_millis(args.report_ms));
+    let mut last = None;
+    tokio::pin!(serve);
+    loop {
+        tokio::select! {
+            r = &mut serve => return r,
+            _ = tick.tick() => {
+                let d = link.delivered();
+                if last != Some(d) {
+                    println!("delivered {d} bytes");
+                    last = Some(d);
+                }
+            }
+            _ = term.recv() => {
+                // Exact up to a chunk still being written (counted before it is written).
+                println!("delivered {} bytes", link.delivered());
+                return Ok(());
+            }
+        }
+    }
 }
