@@ -103,7 +103,10 @@ fn a_cut_connection_resumes_from_the_verified_prefix() {
         // The round trip is measured at the handshake, through the link's 2 ms, and sizes the
         // windows in flight (2 ms needs fewer than the floor of 8).
         let rtt = d["wire"]["rtt_ms"].as_f64().expect("rtt_ms in the report");
-        assert!((2.0..1000.0).contains(&rtt), "cut at {share} %: RTT {rtt} ms");
+        assert!(
+            (2.0..1000.0).contains(&rtt),
+            "cut at {share} %: RTT {rtt} ms"
+        );
         assert_eq!(d["wire"]["windows_ahead"], 8, "cut at {share} %: {d}");
         let resumed_at = d["resumed_at"].as_u64().expect("resumed_at in the report");
         // The verified prefix reaches the last window completed before the cut.

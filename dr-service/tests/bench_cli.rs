@@ -37,15 +37,23 @@ fn bench_runs_its_clients_in_a_child_and_counts_every_heartbeat() {
     assert!(p50 > 0.0 && p50 <= p99, "p50 {p50} p99 {p99}");
     // The worst second's p99 is one of the seconds measured: at least the median, at most the
     // maximum, sent within the run.
-    let worst = r["worst_second_p99_ms"].as_f64().expect("worst_second_p99_ms");
+    let worst = r["worst_second_p99_ms"]
+        .as_f64()
+        .expect("worst_second_p99_ms");
     let max = r["max_ms"].as_f64().unwrap();
-    assert!(p50 <= worst && worst <= max, "worst second p99 {worst}, p50 {p50}, max {max}");
+    assert!(
+        p50 <= worst && worst <= max,
+        "worst second p99 {worst}, p50 {p50}, max {max}"
+    );
     let at = r["worst_second_at"].as_u64().expect("worst_second_at");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!(at <= now && at + 300 > now, "worst second at {at}, now {now}");
+    assert!(
+        at <= now && at + 300 > now,
+        "worst second at {at}, now {now}"
+    );
 }
 
 #[test]
