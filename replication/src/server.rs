@@ -1651,14 +1651,13 @@ mod auto_compression_tests {
         }
         assert!(slow.on, "random data through a slow link: {slow:?}");
         // Off on data that zstd shrinks little and slowly (ratio 1, 1.2 × the link) ...
-        let slow_zstd = |link: f64| AutoCompression {
-            link: Some(link),
+        let mut a = AutoCompression {
+            link: Some(1e6),
             zin: 50.0 * 65536.0,
             zout: 50.0 * 65536.0,
-            zsecs: 50.0 * 65536.0 / (1.2 * link),
+            zsecs: 50.0 * 65536.0 / 1.2e6,
             ..AutoCompression::default()
         };
-        let mut a = slow_zstd(1e6);
         assert!(!a.rule(), "{a:?}");
         // ... and on once sample blocks show text (samples: one block in Z_SAMPLE, within the
         // time budget; the stream has run for a while).

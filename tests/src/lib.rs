@@ -25,6 +25,14 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     p
 }
 
+/// A free TCP port on 127.0.0.1 (bound and released; whoever listens there next gets it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port on 127.0.0.1")
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), so tests need no RNG crate: the same seed
 /// gives the same bytes in every test crate.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {

@@ -37,13 +37,6 @@ fn pg_bin() -> PathBuf {
         .expect("no /usr/lib/postgresql/*/bin/initdb: install Debian's postgresql (make setup)")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port on 127.0.0.1")
-}
-
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -97,7 +90,7 @@ impl PgCluster {
         let c = PgCluster {
             dir,
             bin,
-            port: free_port(),
+            port: crate::free_port(),
             as_nobody,
         };
         let data = c.data();

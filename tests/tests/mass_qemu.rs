@@ -38,14 +38,6 @@ fn test_os(generation: u32) -> failback_tests::testos::TestOs {
     .unwrap_or_else(|e| panic!("building the test OS disk: {e:#}"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The appliance ISO: `FAILBACK_APPLIANCE_ISO` if set, else built here from the Debian
 /// inputs (`make setup`) and the static musl client.
 fn appliance_iso(dir: &Path) -> PathBuf {
@@ -96,7 +88,7 @@ async fn mass_run_three_vms_in_qemu_restores_disks_and_vm_config() {
                 .set_len(DISK)
                 .unwrap();
         }
-        let port = free_port();
+        let port = failback_tests::free_port();
         let token = dr.token(TokenKind::Agent, None).await;
         let state = work.path().join(format!("agent-{i}"));
         let child = Command::new(bin("failback-agent"))

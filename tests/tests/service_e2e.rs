@@ -881,13 +881,6 @@ fn fake_https_server(
 
 // ---------------------------------------------------------------- appliance reboot mid-round
 
-/// A free address on 127.0.0.1 (bound and released: the link listens there, and the agent
-/// registers it before the link starts).
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
 /// `fb-wanlink` on `listen` in front of `upstream`: 2 ms RTT, 48 Mbit/s (6 MB/s: a 48 MiB round
 /// takes about 8 s), printing what it delivered to the client every 50 ms.
 fn wanlink(env: &Env, listen: &str, upstream: &str) -> Proc {
@@ -988,7 +981,8 @@ fn service_client_reboot_resumes_from_its_checkpoint() {
         .unwrap();
 
     // The agent registers the link's address: that is what the service gives the client.
-    let link_addr = free_addr();
+    // A free address: the link listens there, and the agent registers it before the link starts.
+    let link_addr = format!("127.0.0.1:{}", failback_tests::free_port());
     let agent = env.agent_at(
         "agent",
         &remote,

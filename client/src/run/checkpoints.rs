@@ -119,33 +119,24 @@ pub(super) async fn store(
                 .ok()
         })
         .collect::<Vec<_>>();
-    let n = disks.len();
-    // Said after the service has them: from here on a reboot resumes (tests wait for it).
-    let lines: Vec<String> = disks
-        .iter()
-        .map(|d| {
-            format!(
-                "disk {} -> {}: checkpoint at byte {} stored at the DR service",
-                d.remote, d.local, d.offset
-            )
-        })
-        .collect();
-    match api
-        .put_checkpoints(secret, &ClientCheckpoints { disks })
-        .await
-    {
+    let body = ClientCheckpoints { disks };
+    match api.put_checkpoints(secret, &body).await {
         Ok(()) => {
-            for l in lines {
-                console.say(l);
+            // Said after the service has them: from here on a reboot resumes (tests wait for it).
+            for d in &body.disks {
+                console.say(format!(
+                    "disk {} -> {}: checkpoint at byte {} stored at the DR service",
+                    d.remote, d.local, d.offset
+                ));
             }
-            n > 0
+            !body.disks.is_empty()
         }
         Err(e) => {
             console.say(format!(
                 "checkpoints not stored at the DR service: {}",
                 err_text(&e)
             ));
-            n > 0
+            !body.disks.is_empty()
         }
     }
 }

@@ -85,16 +85,8 @@ pub fn cli(url: &str, ca: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub async fn browser(dir: &Path) -> (Proc, Client) {
-    let port = free_port();
+    let port = failback_tests::free_port();
     let driver = Proc::spawn(
         Command::new("chromedriver").arg(format!("--port={port}")),
         &dir.join("chromedriver.log"),
