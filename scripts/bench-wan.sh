@@ -11,8 +11,9 @@
 # loopback time + 5 RTTs; compression auto <= 1.05 x the better of zstd and none, every case.
 #
 # Environment: BENCH_WAN_SIZE (default 1G), BENCH_WAN_LINKS (default "40:1000 100:200":
-# RTT ms:Mbit/s pairs), BENCH_WAN_MODES (default "auto zstd none"), BENCH_WAN_REPEAT (default 3: runs
-# of each short case, best counts), BENCH_WAN_DIR (default target/bench-wan), BIN_DIR (default target/release).
+# RTT ms:Mbit/s pairs), BENCH_WAN_MODES (default "auto zstd none"), BENCH_WAN_REPEAT (default 5: runs
+# of each short case, best counts), BENCH_WAN_CASES (default "full delta1 full-text"),
+# BENCH_WAN_DIR (default target/bench-wan), BIN_DIR (default target/release).
 # Output: the table on stdout, $BENCH_WAN_DIR/results.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,8 @@ ROOT=$PWD
 SIZE_ARG=${BENCH_WAN_SIZE:-1G}
 LINKS=${BENCH_WAN_LINKS:-40:1000 100:200}
 MODES=${BENCH_WAN_MODES:-auto zstd none}
-REPEAT=${BENCH_WAN_REPEAT:-3}
+REPEAT=${BENCH_WAN_REPEAT:-5}
+CASES=${BENCH_WAN_CASES:-full delta1 full-text}
 DIR=${BENCH_WAN_DIR:-$ROOT/target/bench-wan}
 BIN=${BIN_DIR:-$ROOT/target/release}
 PIDS=()
@@ -35,6 +37,11 @@ for b in fb-gendisk fb-wanlink failback-agent failback-client; do
 done
 SIZE=$(numfmt --from=iec "$SIZE_ARG") || die "bad BENCH_WAN_SIZE $SIZE_ARG"
 [[ $REPEAT =~ ^[1-9][0-9]?$ ]] || die "bad BENCH_WAN_REPEAT $REPEAT: 1 to 99 runs"
+for c in $CASES; do
+    [[ $c =~ ^(full|delta1|full-text)$ ]] || die "bad BENCH_WAN_CASES entry $c: full, delta1 or full-text"
+done
+# case NAME: whether BENCH_WAN_CASES runs it
+case_on() { [[ " $CASES " == *" $1 "* ]]; }
 
 rm -rf "$DIR"
 mkdir -p "$DIR/data" "$DIR/work"
@@ -148,20 +155,20 @@ for profile in loopback $LINKS; do
     full_reps=1
     [ "$profile" = loopback ] && full_reps=$REPEAT
     FROM=$SRC
-    for _ in $(seq "$full_reps"); do
+    case_on full && for _ in $(seq "$full_reps"); do
         for mode in $MODES; do
             empty && measure "$profile" full "$(fbtool "$mode")" -- fb "$profile" "$mode" src
         done
         empty && measure "$profile" full rsync -- rs "$profile"
     done
-    for _ in $(seq "$REPEAT"); do
+    case_on delta1 && for _ in $(seq "$REPEAT"); do
         for mode in $MODES; do
             stale && measure "$profile" delta1 "$(fbtool "$mode")" -- fb "$profile" "$mode" src
         done
         stale && measure "$profile" delta1 rsync -- rs "$profile"
     done
     FROM=$TEXT
-    for _ in $(seq "$full_reps"); do
+    case_on full-text && for _ in $(seq "$full_reps"); do
         for mode in $MODES; do
             empty && measure "$profile" full-text "$(fbtool "$mode")" -- fb "$profile" "$mode" text
         done
@@ -188,10 +195,12 @@ jq -s --arg links "$LINKS" '
        | ($rows | row($p; "full"; "failback")) as $full
        | ($rows | row($p; "delta1"; "failback")) as $delta
        | ($rows | row("loopback"; "delta1"; "failback")) as $loop
-       | {name: "\($p) full sync fills the link (wire bytes / link rate)",
-          value: ($full.wire_bytes * 8 / $full.wall_s / ($l.mbit * 1e6)), need: 0.9, unit: "ratio"},
-         {name: "\($p) delta round <= loopback + 5 RTT",
-          value: $delta.wall_s, need: ($loop.wall_s + 5 * $l.rtt_ms / 1000), unit: "s"} ]
+       | ($full | select(. != null)
+          | {name: "\($p) full sync fills the link (wire bytes / link rate)",
+             value: (.wire_bytes * 8 / .wall_s / ($l.mbit * 1e6)), need: 0.9, unit: "ratio"}),
+         ($delta | select(. != null and $loop != null)
+          | {name: "\($p) delta round <= loopback + 5 RTT",
+             value: .wall_s, need: ($loop.wall_s + 5 * $l.rtt_ms / 1000), unit: "s"}) ]
      + [ (["loopback"] + $profiles)[] as $p | ("full", "delta1", "full-text") as $c
        | ($rows | row($p; $c; "failback")) as $auto
        | [($rows | row($p; $c; "failback-zstd")), ($rows | row($p; $c; "failback-none"))]

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::error::Error;
 use crate::record::{Pieces, TlsWriter};
+use crate::sendmeter::SendMeter;
 use crate::wire::{self, FrameError, Message};
 
 /// Bodies of frames capped below [`wire::MAX_FRAME`] (see [`FrameReader::max_frame`]) are read
@@ -322,9 +323,9 @@ pub struct FrameSender {
     tx: mpsc::Sender<Out>,
     /// Bytes queued for sending (for wire accounting).
     pub sent: Arc<AtomicU64>,
-    /// Bytes the writer task has written to the stream (its drain rate is the link's rate
-    /// while frames queue up).
-    pub written: Arc<AtomicU64>,
+    /// What the writer task has written, and how fast the link takes it
+    /// ([`crate::sendmeter`]).
+    pub meter: Arc<SendMeter>,
 }
 
 impl FrameSender {
@@ -359,25 +360,25 @@ enum Out {
 /// flushing and shutting the stream down) or on a write error (recorded in `dead`).
 pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Out>(32);
-    let written = Arc::new(AtomicU64::new(0));
-    let counter = written.clone();
+    // Pieces frames (blocks) are counted by the writer as each socket write goes out; plain
+    // frames (messages) once written.
+    let meter = w.meter();
+    let counter = meter.clone();
     let handle = tokio::spawn(async move {
         let mut w = w;
         let mut next = rx.recv().await;
         while let Some(out) = next.take() {
-            let len = match &out {
-                Out::Plain(f) => f.len(),
-                Out::Pieces(p) => p.len(),
-            };
             let res = match out {
                 Out::Plain(frame) => {
                     let res = w.write_all(&frame).await;
+                    counter
+                        .written
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
                     crate::pool::POOL.give(frame);
                     res
                 }
                 Out::Pieces(p) => w.write_pieces(p).await,
             };
-            counter.fetch_add(len as u64, Ordering::Relaxed);
             // Drain whatever is already queued before flushing: big TLS records, few syscalls.
             let res = match res {
                 Ok(()) => match rx.try_recv() {
@@ -401,7 +402,7 @@ pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::
         FrameSender {
             tx,
             sent: Arc::new(AtomicU64::new(0)),
-            written,
+            meter,
         },
         handle,
     )

@@ -23,6 +23,7 @@ pub mod record;
 pub mod report;
 pub mod resume;
 pub mod scan;
+pub mod sendmeter;
 pub mod server;
 pub mod tls;
 pub mod wire;

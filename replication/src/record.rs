@@ -17,6 +17,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
@@ -30,6 +31,8 @@ use rustls::{ClientConfig, ConnectionTrafficSecrets, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+use crate::sendmeter::{SendMeter, StallClock};
 
 /// Largest plaintext of one record (RFC 8446 §5.1).
 const MAX_PLAINTEXT: usize = 16 * 1024;
@@ -487,6 +490,11 @@ pub struct TlsWriter {
     closing: bool,
     /// Records of [`Self::write_pieces`] on their way to the socket (reused).
     batch: Vec<u8>,
+    /// Plaintext bytes of [`Self::write_pieces`] frames written to the socket (advanced at
+    /// every socket write, about 1 MiB, not once per frame), and how fast the socket takes
+    /// bytes while it makes the writer wait (see [`crate::sendmeter`]).
+    meter: Arc<SendMeter>,
+    stall: StallClock,
 }
 
 impl TlsWriter {
@@ -522,11 +530,13 @@ impl TlsWriter {
     /// Writes everything gathered to the socket.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.out.len() {
-            let n = ready!(Pin::new(&mut self.sock).poll_write(cx, &self.out[self.sent..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.sent += n;
+            self.sent += ready!(poll_send(
+                &mut self.sock,
+                &mut self.stall,
+                &self.meter,
+                cx,
+                &self.out[self.sent..]
+            ))?;
         }
         self.out.clear();
         self.sent = 0;
@@ -535,6 +545,29 @@ impl TlsWriter {
 }
 
 impl TlsWriter {
+    /// This writer's [`SendMeter`].
+    pub fn meter(&self) -> Arc<SendMeter> {
+        self.meter.clone()
+    }
+
+    /// Writes all of `buf` to the socket, timing the stalls.
+    async fn send_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut at = 0;
+        std::future::poll_fn(|cx| {
+            while at < buf.len() {
+                at += ready!(poll_send(
+                    &mut self.sock,
+                    &mut self.stall,
+                    &self.meter,
+                    cx,
+                    &buf[at..]
+                ))?;
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
     /// Sends `frame` after whatever was written before: small pieces are gathered and sealed
     /// in place, large ones sealed straight from where they lie into their records.
     pub async fn write_pieces(&mut self, frame: Pieces) -> io::Result<()> {
@@ -556,6 +589,7 @@ impl TlsWriter {
         // end comes, so the byte stream keeps its order.
         let mut at = 0;
         let mut sealed = 0u64;
+        let mut plain = 0u64;
         let mut gathered: Vec<u8> = Vec::new();
         let parts = std::iter::once(&frame.head[..]).chain(frame.pieces.iter().map(|p| &p[..]));
         for part in parts {
@@ -569,10 +603,13 @@ impl TlsWriter {
             {
                 at += self.tx.seal_into(&mut batch[at..], chunk)?;
                 sealed += 1;
+                plain += chunk.len() as u64;
                 if sealed.is_multiple_of(SEAL_BATCH as u64) {
                     std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
-                    self.sock.write_all(&batch[..at]).await?;
+                    self.send_all(&batch[..at]).await?;
+                    self.meter.written.fetch_add(plain, Ordering::Relaxed);
                     at = 0;
+                    plain = 0;
                 }
             }
             gathered.clear();
@@ -580,10 +617,35 @@ impl TlsWriter {
         for chunk in gathered.chunks(MAX_PLAINTEXT) {
             at += self.tx.seal_into(&mut batch[at..], chunk)?;
             sealed += 1;
+            plain += chunk.len() as u64;
         }
         self.records += sealed;
         std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
-        self.sock.write_all(&batch[..at]).await
+        self.send_all(&batch[..at]).await?;
+        self.meter.written.fetch_add(plain, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// One socket write of (part of) `buf`, timed by `stall` into `meter`; never `Ok(0)`.
+fn poll_send(
+    sock: &mut OwnedWriteHalf,
+    stall: &mut StallClock,
+    meter: &SendMeter,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    match Pin::new(sock).poll_write(cx, buf) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+        Poll::Ready(Ok(n)) => {
+            stall.accepted(n, buf.len(), std::time::Instant::now(), meter);
+            Poll::Ready(Ok(n))
+        }
+        Poll::Pending => {
+            stall.refused(std::time::Instant::now(), meter);
+            Poll::Pending
+        }
+        e => e,
     }
 }
 
@@ -793,6 +855,8 @@ fn halves(
         update_every: KEY_UPDATE_RECORDS,
         closing: false,
         batch: Vec::new(),
+        meter: Arc::default(),
+        stall: StallClock::default(),
     };
     Ok((reader, writer))
 }

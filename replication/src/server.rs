@@ -23,6 +23,7 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::record::TlsReader;
 use crate::scan::Scanner;
+use crate::sendmeter::SendMeter;
 use crate::tls::ServerTls;
 use crate::wire::{
     BlocksFrame, Compression, DiskInfo, Encoding, ErrorCode, Hash, Message, CONNECTION_STREAM,
@@ -859,13 +860,33 @@ struct StreamWorker {
 }
 
 /// `Compression::Auto`: bytes queued for the connection's writer from which the socket counts
-/// as the bottleneck (it drains slower than the agent reads and hashes). Counted in bytes, not
-/// frames: the writer's queue holds up to 32 runs (128 MiB), and raw runs queued before the
-/// choice would still cross the link raw (measured: a text disk through 200 Mbit/s went
-/// two-thirds raw with a threshold of 4 frames).
-const BACKLOG: u64 = 2 * RUN_BYTES as u64;
-/// Shortest interval over which the writer's drain rate is measured.
-const DRAIN_SAMPLE: Duration = Duration::from_millis(50);
+/// as the bottleneck (it drains slower than the agent reads and hashes): a whole run's bytes
+/// queued and not yet written. Counted in bytes, not frames: the writer's queue holds up to
+/// 32 runs (128 MiB), and every raw run queued before the choice still crosses the link raw
+/// (measured through 100 ms / 200 Mbit/s on a text disk: 14 MB went raw at the start of the
+/// stream with a threshold of two runs, 8 MB with one). Once the link and zstd are measured,
+/// the threshold follows them ([`AutoCompression::lag_threshold`]).
+const BACKLOG: u64 = RUN_BYTES as u64;
+/// Bytes a busy-rate sample spans (the writer counts blocks as each socket write of about
+/// 1 MiB goes out, messages once written: at most a quarter off).
+const DRAIN_LEAST: u64 = 4 << 20;
+/// `Compression::Auto`: the shortest queue that counts as the writer lagging, once the link
+/// and zstd are measured: what the link drains while zstd compresses two batches. A fixed
+/// [`BACKLOG`] is seconds of a slow link: the queue dipped under it as a frame went out and
+/// the next batch went raw (measured through 200 Mbit/s: 4 MiB raw in the middle of a text
+/// stream).
+const LAG_BATCHES: f64 = 2.0;
+/// Shortest lag threshold.
+const LAG_LEAST: u64 = 256 << 10;
+/// Stalled time (the socket full, the writer waiting) each sample of the link's rate spans.
+/// The first sample of a connection reads low (the socket takes nothing for the first round
+/// trip: nothing is acknowledged yet), which only errs towards compressing.
+const STALL_SAMPLE: Duration = Duration::from_millis(20);
+/// Bytes that may sit between the writer and the far end (socket buffers, a proxy, a link's
+/// bandwidth-delay product) and so do not count as carried by the link in the stream's
+/// average rate, [`AutoCompression::carried`]: about this host's largest TCP send buffer
+/// (4 MiB) and 1 Gbit/s × 100 ms in flight.
+const HIDDEN: u64 = 16 << 20;
 
 /// `Compression::Auto`: the weight of older zstd measurements after each new one (the ratio
 /// and speed follow the data: about the last 50 blocks measured count).
@@ -880,21 +901,29 @@ const Z_SAMPLE: u64 = 8;
 /// same time; switching off there left the start of each text run raw, 276 MB on the wire where
 /// zstd sent 247 MB).
 const Z_SPARE: f64 = 1.5;
+/// `Compression::Auto`: zstd must shrink data to at most this share for compression to pay
+/// where zstd is only a little faster than the link, or where the link's rate is not yet known.
+const Z_SHRINKS: f64 = 1.0 / 1.05;
 
-/// What `Compression::Auto` has measured on one stream: the socket's drain rate while frames
-/// queue up (the link's rate), and zstd's input rate and ratio on this disk's recent blocks.
+/// What `Compression::Auto` has measured on one stream: the link's rate (see
+/// [`AutoCompression::decide`]), and zstd's input rate and ratio on this disk's recent blocks.
 #[derive(Debug)]
 struct AutoCompression {
     on: bool,
-    /// The first call of [`Self::decide`]: when, and the writer's byte count then (the
-    /// drain rate until a sample is measured is the average since).
-    first: Option<(std::time::Instant, u64)>,
-    /// Start of the current drain sample: when, and the writer's byte count then.
-    sample: Option<(std::time::Instant, u64)>,
-    /// Bytes per second the writer drained while backlogged (last sample).
+    /// Whether the writer has lagged ([`Self::lag_threshold`] queued) in this stream.
+    lagged: bool,
+    /// Whether it lagged at the last [`Self::decide`].
+    backlogged: bool,
+    /// The link's rate, bytes per second, as the rule uses it ([`Self::decide`]), and the
+    /// latest sample of it.
     drain: Option<f64>,
-    /// The drain rate the rule uses: the last sample, or the average since the first call.
-    link: Option<f64>,
+    sampled: Option<f64>,
+    /// The writer's stalled bytes and time when the current stall sample began.
+    stall_from: Option<(u64, Duration)>,
+    /// Start of the current busy-rate sample: when, and the writer's byte count then.
+    busy_from: Option<(std::time::Instant, u64)>,
+    /// The first lag: when, and the writer's byte count then.
+    first_lag: Option<(std::time::Instant, u64)>,
     /// zstd's recent work, decayed by [`Z_DECAY`] per block: input bytes, output bytes (raw
     /// length when it did not shrink), seconds.
     zin: f64,
@@ -910,10 +939,13 @@ impl Default for AutoCompression {
     fn default() -> Self {
         AutoCompression {
             on: false,
-            first: None,
-            sample: None,
+            lagged: false,
+            backlogged: false,
             drain: None,
-            link: None,
+            sampled: None,
+            stall_from: None,
+            busy_from: None,
+            first_lag: None,
             zin: 0.0,
             zout: 0.0,
             zsecs: 0.0,
@@ -926,52 +958,117 @@ impl Default for AutoCompression {
 
 impl AutoCompression {
     /// Whether the next batch may compress (the writer lags or has lagged in this stream). Raw
-    /// while the writer has always kept up (compressing would only cost CPU). While it lags, compression is on when zstd feeds the
-    /// link faster than raw bytes do, min(zstd's input rate, drain / ratio) > 1.05 × drain,
-    /// from zstd's recent measurements ([`Self::compress`] keeps measuring sample blocks while
-    /// it is off, so the choice follows the data run by run).
-    fn decide(&mut self, queued: u64, written: u64) -> bool {
-        let now = std::time::Instant::now();
-        let (t0, w0) = *self.first.get_or_insert((now, written));
-        if queued < BACKLOG {
-            // Once the link has been seen to lag, the rule keeps deciding while the queue is
-            // short: zstd may be what keeps it short (the agent is then the bottleneck, yet
-            // raw bytes would wait for the link again), and sample blocks must go on being
-            // measured so that the next compressible run is seen at once.
-            self.sample = None;
-            return self.link.is_some();
+    /// while the writer has always kept up (compressing would only cost CPU); once it lags,
+    /// [`Self::rule`] decides from the link's rate and zstd's recent measurements
+    /// ([`Self::compress`] keeps measuring sample blocks while it is off, so the choice follows
+    /// the data run by run).
+    ///
+    /// The link's rate is the latest of two samples, but at least what the link has carried
+    /// ([`Self::carried`]): the rate a full socket takes bytes at (every [`STALL_SAMPLE`] of
+    /// stalls, see [`crate::sendmeter`]), exact while the link is the bottleneck; and the
+    /// writer's rate over spans in which something stays queued ([`Self::measure_busy`]),
+    /// exact where the writer itself is the bottleneck and never waits for the socket.
+    fn decide(&mut self, queued: u64, meter: &SendMeter) -> bool {
+        let stalled = meter.stalled();
+        let (b0, t0) = *self.stall_from.get_or_insert(stalled);
+        self.backlogged = queued >= self.lag_threshold();
+        self.lagged |= self.backlogged;
+        if !self.lagged {
+            return false;
         }
-        match self.sample {
-            // The writer counts whole frames (up to RUN_BYTES each) once written: a sample
-            // spans at least two, or a slow link would read as 0 or several times its rate.
-            Some((t, w)) if now - t >= DRAIN_SAMPLE && written - w >= 2 * RUN_BYTES as u64 => {
-                self.drain = Some((written - w) as f64 / (now - t).as_secs_f64());
-                self.sample = Some((now, written));
-            }
-            Some(_) => {}
-            None => self.sample = Some((now, written)),
+        if stalled.1 - t0 >= STALL_SAMPLE {
+            self.sampled = Some((stalled.0 - b0) as f64 / (stalled.1 - t0).as_secs_f64());
+            self.stall_from = Some(stalled);
         }
-        let average = (now - t0 >= Duration::from_millis(5))
-            .then(|| written.saturating_sub(w0) as f64 / (now - t0).as_secs_f64());
-        self.link = self.drain.or(average);
+        if let Some(busy) = self.measure_busy(queued, meter) {
+            self.sampled = Some(busy);
+        }
+        self.drain = match (self.sampled, self.carried(meter.written())) {
+            (Some(s), Some(c)) => Some(s.max(c)),
+            (s, c) => s.or(c),
+        };
         self.on = self.rule();
         true
     }
 
-    /// On the recent measurements: zstd feeds the link faster than raw bytes do,
+    /// What the link has carried since the first lag, per second, not counting [`HIDDEN`]
+    /// bytes that may still be on the way: a lower bound of its rate, so that samples read
+    /// low while the client, not the link, held the socket up (measured on loopback, where
+    /// client and agent share two cores: stall samples of 5-280 MB/s while 1.4 GB/s went
+    /// through) do not turn compression on.
+    fn carried(&mut self, written: u64) -> Option<f64> {
+        let now = std::time::Instant::now();
+        let (t, w) = *self.first_lag.get_or_insert((now, written));
+        let bytes = written.saturating_sub(w).saturating_sub(HIDDEN);
+        (bytes > 0 && now > t).then(|| bytes as f64 / (now - t).as_secs_f64())
+    }
+
+    /// The queued bytes from which the writer lags: [`BACKLOG`], or once the link and zstd are
+    /// measured, what the link drains while zstd compresses [`LAG_BATCHES`] batches.
+    fn lag_threshold(&self) -> u64 {
+        match self.drain {
+            Some(drain) if self.zin > 0.0 && self.zsecs > 0.0 => {
+                let batch_secs = block::BATCH_BYTES as f64 * self.zsecs / self.zin;
+                let bytes = drain * batch_secs * LAG_BATCHES;
+                // Bounded before the cast (NaN casts to 0, then LAG_LEAST).
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let bytes = bytes.min(BACKLOG as f64) as u64;
+                bytes.clamp(LAG_LEAST, BACKLOG)
+            }
+            _ => BACKLOG,
+        }
+    }
+
+    /// The writer's rate over spans in which something stays queued (it is busy throughout),
+    /// from the first lag on: the link's rate where the writer itself is the bottleneck and
+    /// never waits for the socket. A dry queue (zstd may be what keeps it dry) ends the span;
+    /// a stall restarts it: the bytes written before went into socket buffers with room, far
+    /// faster than the link (measured: 5 MB in 7 ms at the start of a stream through 25 MB/s,
+    /// read as 765 MB/s), while a span that starts in a stall starts with them full.
+    fn measure_busy(&mut self, queued: u64, meter: &SendMeter) -> Option<f64> {
+        let now = std::time::Instant::now();
+        let written = meter.written();
+        match self.busy_from {
+            _ if queued == 0 => {
+                self.busy_from = None;
+                None
+            }
+            Some((t, w)) if !meter.stalling() && written - w >= DRAIN_LEAST && now > t => {
+                self.busy_from = Some((now, written));
+                Some((written - w) as f64 / (now - t).as_secs_f64())
+            }
+            Some(_) if !meter.stalling() => None,
+            _ => {
+                self.busy_from = Some((now, written));
+                None
+            }
+        }
+    }
+
+    /// Only while the writer lags ([`Self::lag_threshold`]): while it keeps up, the link has
+    /// room, and raw blocks fill it for no CPU; so a link faster than zstd's output but slower
+    /// than its input gets a mix (compressed while the queue is long, raw while it is short),
+    /// the queue never runs dry and the link goes on being measured.
+    /// Then, on the recent measurements: zstd feeds the link faster than raw bytes do,
     /// min(zstd's input rate, drain / ratio) > 1.05 × drain; or zstd runs at least
     /// [`Z_SPARE`] × the drain rate, so compressing costs the link no time even where the data
     /// does not shrink (zstd keeps up; a block that does not shrink goes raw), and the next
     /// compressible block is compressed at once instead of after a few sample blocks.
+    /// Before the link's rate is measured: wherever zstd shrinks the data (or has not been
+    /// measured), since the link may be far slower than the agent, and every raw run queued
+    /// meanwhile crosses it raw.
     fn rule(&self) -> bool {
-        match self.link {
-            Some(drain) if self.zin > 0.0 && self.zsecs > 0.0 => {
-                let rate = self.zin / self.zsecs;
-                let ratio = self.zout / self.zin;
-                rate >= drain * Z_SPARE || rate.min(drain / ratio.max(0.01)) > drain * 1.05
+        let measured = self.zin > 0.0 && self.zsecs > 0.0;
+        let ratio = self.zout / self.zin.max(1.0);
+        self.backlogged
+            && match self.drain {
+                None => !measured || ratio <= Z_SHRINKS,
+                Some(drain) if measured => {
+                    let rate = self.zin / self.zsecs;
+                    rate >= drain * Z_SPARE || rate.min(drain / ratio.max(0.01)) > drain * 1.05
+                }
+                Some(_) => false,
             }
-            _ => false,
-        }
     }
 
     /// One block of a batch [`Self::decide`] let compress: zstd when on, else only a sample
@@ -1156,9 +1253,9 @@ impl StreamWorker {
             Compression::None => false,
             Compression::Auto => {
                 use std::sync::atomic::Ordering::Relaxed;
-                let written = self.out.written.load(Relaxed);
-                let queued = self.out.sent.load(Relaxed).saturating_sub(written);
-                self.auto.borrow_mut().decide(queued, written)
+                let meter = &self.out.meter;
+                let queued = self.out.sent.load(Relaxed).saturating_sub(meter.written());
+                self.auto.borrow_mut().decide(queued, meter)
             }
         }
     }
@@ -1641,7 +1738,9 @@ mod auto_compression_tests {
         // A slow link (1 MB/s): the first text block is measured and compression turns on,
         // and stays on through random data (zstd is far faster than the link).
         let mut slow = AutoCompression {
-            link: Some(1e6),
+            drain: Some(1e6),
+            lagged: true,
+            backlogged: true,
             ..AutoCompression::default()
         };
         assert!(slow.compress(&text).is_some());
@@ -1652,7 +1751,9 @@ mod auto_compression_tests {
         assert!(slow.on, "random data through a slow link: {slow:?}");
         // Off on data that zstd shrinks little and slowly (ratio 1, 1.2 × the link) ...
         let mut a = AutoCompression {
-            link: Some(1e6),
+            drain: Some(1e6),
+            lagged: true,
+            backlogged: true,
             zin: 50.0 * 65536.0,
             zout: 50.0 * 65536.0,
             zsecs: 50.0 * 65536.0 / 1.2e6,
@@ -1669,11 +1770,53 @@ mod auto_compression_tests {
         assert!(on.is_some_and(|n| n < 100), "{on:?} {a:?}");
         // A link faster than zstd: off even for text (measured, then never on).
         let mut fast = AutoCompression {
-            link: Some(1e12),
+            drain: Some(1e12),
+            lagged: true,
+            backlogged: true,
             ..AutoCompression::default()
         };
         fast.compress(&text);
         assert!(!fast.on, "{fast:?}");
+    }
+
+    /// The queue from which the writer lags: what a measured link drains while zstd
+    /// compresses two batches, between 256 KiB and one run.
+    #[test]
+    fn lag_threshold_follows_the_link() {
+        let with = |drain: Option<f64>| AutoCompression {
+            drain,
+            zin: 300e6,
+            zout: 100e6,
+            zsecs: 1.0,
+            ..AutoCompression::default()
+        };
+        // 25 MB/s while zstd takes 14 ms per 4 MiB batch: 2 x 0.35 MB.
+        let slow = with(Some(25e6)).lag_threshold();
+        assert!((690_000..710_000).contains(&slow), "{slow}");
+        assert_eq!(with(Some(1e9)).lag_threshold(), BACKLOG);
+        assert_eq!(with(Some(1e3)).lag_threshold(), LAG_LEAST);
+        assert_eq!(with(None).lag_threshold(), BACKLOG);
+        assert_eq!(AutoCompression::default().lag_threshold(), BACKLOG);
+    }
+
+    /// What the link has carried since the first lag counts, less what may still be on the
+    /// way; it is a lower bound (the time since the first lag is at least 100 ms here).
+    #[test]
+    fn carried_is_a_lower_bound_past_the_hidden_bytes() {
+        let mut a = AutoCompression::default();
+        assert_eq!(a.carried(1 << 20), None, "the first lag");
+        a.first_lag = Some((std::time::Instant::now() - Duration::from_millis(100), 0));
+        assert_eq!(a.carried(HIDDEN), None, "all of it may still be on the way");
+        let rate = a.carried(HIDDEN + 10_000_000).expect("a rate");
+        assert!(rate > 0.0 && rate <= 100e6, "{rate}");
+        // A sample that reads far lower does not make the link that slow.
+        a.sampled = Some(1e6);
+        let meter = SendMeter::default();
+        meter
+            .written
+            .store(HIDDEN + 10_000_000, std::sync::atomic::Ordering::Relaxed);
+        assert!(a.decide(BACKLOG, &meter));
+        assert!(a.drain.is_some_and(|d| d > 1e6 && d <= 100e6), "{a:?}");
     }
 
     /// The rule as a table: (drain B/s, zstd input B/s, ratio out/in) -> on.
@@ -1690,16 +1833,48 @@ mod auto_compression_tests {
             (300e6, 400e6, 0.97, false),
             (300e6, 400e6, 1.0, false),
         ] {
-            let a = AutoCompression {
-                link: Some(drain),
+            let mut a = AutoCompression {
+                drain: Some(drain),
+                backlogged: true,
                 zin: 1e6,
                 zout: 1e6 * ratio,
                 zsecs: 1e6 / rate,
                 ..AutoCompression::default()
             };
             assert_eq!(a.rule(), on, "drain {drain}, zstd {rate}, ratio {ratio}");
+            // Raw whatever the rates while the writer keeps up: the link has room.
+            a.backlogged = false;
+            assert!(
+                !a.rule(),
+                "drain {drain}, zstd {rate}, ratio {ratio}, queue short"
+            );
         }
-        // Nothing measured yet: off.
-        assert!(!AutoCompression::default().rule());
+        // The writer lags, the link's rate not measured yet: on where zstd shrinks the data
+        // (or has not been measured), off where it does not.
+        for (ratio, on) in [(0.3, true), (0.95, true), (0.96, false), (1.0, false)] {
+            let mut a = AutoCompression {
+                zin: 1e6,
+                zout: 1e6 * ratio,
+                zsecs: 1e-3,
+                backlogged: true,
+                ..AutoCompression::default()
+            };
+            assert_eq!(a.rule(), on, "link unmeasured, ratio {ratio}");
+            // ... and raw once the writer keeps up again.
+            a.backlogged = false;
+            assert!(!a.rule(), "link unmeasured, ratio {ratio}, queue short");
+        }
+        let nothing = AutoCompression {
+            backlogged: true,
+            ..AutoCompression::default()
+        };
+        assert!(nothing.rule(), "nothing measured yet");
+        // The link measured, zstd not yet: off (sample blocks measure it).
+        let a = AutoCompression {
+            drain: Some(25e6),
+            backlogged: true,
+            ..AutoCompression::default()
+        };
+        assert!(!a.rule());
     }
 }
