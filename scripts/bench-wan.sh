@@ -40,8 +40,9 @@ SIZE=$(numfmt --from=iec "$SIZE_ARG") || die "bad BENCH_WAN_SIZE $SIZE_ARG"
 for c in $CASES; do
     [[ $c =~ ^(full|delta1|full-text)$ ]] || die "bad BENCH_WAN_CASES entry $c: full, delta1 or full-text"
 done
-# case NAME: whether BENCH_WAN_CASES runs it
+# case_on NAME: whether BENCH_WAN_CASES runs it; reps NAME N: N run numbers, or none
 case_on() { [[ " $CASES " == *" $1 "* ]]; }
+reps() { if case_on "$1"; then seq "$2"; fi; }
 
 rm -rf "$DIR"
 mkdir -p "$DIR/data" "$DIR/work"
@@ -155,20 +156,20 @@ for profile in loopback $LINKS; do
     full_reps=1
     [ "$profile" = loopback ] && full_reps=$REPEAT
     FROM=$SRC
-    case_on full && for _ in $(seq "$full_reps"); do
+    for _ in $(reps full "$full_reps"); do
         for mode in $MODES; do
             empty && measure "$profile" full "$(fbtool "$mode")" -- fb "$profile" "$mode" src
         done
         empty && measure "$profile" full rsync -- rs "$profile"
     done
-    case_on delta1 && for _ in $(seq "$REPEAT"); do
+    for _ in $(reps delta1 "$REPEAT"); do
         for mode in $MODES; do
             stale && measure "$profile" delta1 "$(fbtool "$mode")" -- fb "$profile" "$mode" src
         done
         stale && measure "$profile" delta1 rsync -- rs "$profile"
     done
     FROM=$TEXT
-    case_on full-text && for _ in $(seq "$full_reps"); do
+    for _ in $(reps full-text "$full_reps"); do
         for mode in $MODES; do
             empty && measure "$profile" full-text "$(fbtool "$mode")" -- fb "$profile" "$mode" text
         done

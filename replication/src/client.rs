@@ -51,7 +51,7 @@ const MAX_AHEAD: usize = 128;
 
 /// Hash windows per disk that may be hashed and sent ahead of the last one done (besides one
 /// per hashing thread), for a session whose round trip measured `rtt`: enough for
-/// [`AHEAD_BYTES_PER_SEC`] of compare over the link's bandwidth-delay product.
+/// 8 GiB/s (`AHEAD_BYTES_PER_SEC`) of compare over the link's bandwidth-delay product.
 pub fn windows_ahead(rtt: Duration) -> usize {
     let per_rtt = rtt.as_secs_f64() * AHEAD_BYTES_PER_SEC / WINDOW_BYTES as f64;
     // Bounded before the cast; a ceiling of a non-negative figure.

@@ -884,7 +884,7 @@ const LAG_LEAST: u64 = 256 << 10;
 const STALL_SAMPLE: Duration = Duration::from_millis(20);
 /// Bytes that may sit between the writer and the far end (socket buffers, a proxy, a link's
 /// bandwidth-delay product) and so do not count as carried by the link in the stream's
-/// average rate, [`AutoCompression::carried`]: about this host's largest TCP send buffer
+/// average rate, [`carried`]: about this host's largest TCP send buffer
 /// (4 MiB) and 1 Gbit/s × 100 ms in flight.
 const HIDDEN: u64 = 16 << 20;
 
@@ -910,9 +910,8 @@ const Z_SHRINKS: f64 = 1.0 / 1.05;
 #[derive(Debug)]
 struct AutoCompression {
     on: bool,
-    /// Whether the writer has lagged ([`Self::lag_threshold`] queued) in this stream.
-    lagged: bool,
-    /// Whether it lagged at the last [`Self::decide`].
+    /// Whether the writer lagged ([`Self::lag_threshold`] queued) at the last
+    /// [`Self::decide`].
     backlogged: bool,
     /// The link's rate, bytes per second, as the rule uses it ([`Self::decide`]), and the
     /// latest sample of it.
@@ -922,7 +921,8 @@ struct AutoCompression {
     stall_from: Option<(u64, Duration)>,
     /// Start of the current busy-rate sample: when, and the writer's byte count then.
     busy_from: Option<(std::time::Instant, u64)>,
-    /// The first lag: when, and the writer's byte count then.
+    /// The stream's first lag: when, and the writer's byte count then (`None`: the writer
+    /// has always kept up).
     first_lag: Option<(std::time::Instant, u64)>,
     /// zstd's recent work, decayed by [`Z_DECAY`] per block: input bytes, output bytes (raw
     /// length when it did not shrink), seconds.
@@ -939,7 +939,6 @@ impl Default for AutoCompression {
     fn default() -> Self {
         AutoCompression {
             on: false,
-            lagged: false,
             backlogged: false,
             drain: None,
             sampled: None,
@@ -964,26 +963,29 @@ impl AutoCompression {
     /// the data run by run).
     ///
     /// The link's rate is the latest of two samples, but at least what the link has carried
-    /// ([`Self::carried`]): the rate a full socket takes bytes at (every [`STALL_SAMPLE`] of
+    /// ([`carried`]): the rate a full socket takes bytes at (every [`STALL_SAMPLE`] of
     /// stalls, see [`crate::sendmeter`]), exact while the link is the bottleneck; and the
     /// writer's rate over spans in which something stays queued ([`Self::measure_busy`]),
     /// exact where the writer itself is the bottleneck and never waits for the socket.
     fn decide(&mut self, queued: u64, meter: &SendMeter) -> bool {
-        let stalled = meter.stalled();
+        let now = std::time::Instant::now();
+        let (written, stalled) = (meter.written(), meter.stalled());
         let (b0, t0) = *self.stall_from.get_or_insert(stalled);
         self.backlogged = queued >= self.lag_threshold();
-        self.lagged |= self.backlogged;
-        if !self.lagged {
-            return false;
+        if self.backlogged {
+            self.first_lag.get_or_insert((now, written));
         }
+        let Some(first_lag) = self.first_lag else {
+            return false;
+        };
         if stalled.1 - t0 >= STALL_SAMPLE {
             self.sampled = Some((stalled.0 - b0) as f64 / (stalled.1 - t0).as_secs_f64());
             self.stall_from = Some(stalled);
         }
-        if let Some(busy) = self.measure_busy(queued, meter) {
+        if let Some(busy) = self.measure_busy(now, queued, written, meter.stalling()) {
             self.sampled = Some(busy);
         }
-        self.drain = match (self.sampled, self.carried(meter.written())) {
+        self.drain = match (self.sampled, carried(first_lag, now, written)) {
             (Some(s), Some(c)) => Some(s.max(c)),
             (s, c) => s.or(c),
         };
@@ -991,23 +993,11 @@ impl AutoCompression {
         true
     }
 
-    /// What the link has carried since the first lag, per second, not counting [`HIDDEN`]
-    /// bytes that may still be on the way: a lower bound of its rate, so that samples read
-    /// low while the client, not the link, held the socket up (measured on loopback, where
-    /// client and agent share two cores: stall samples of 5-280 MB/s while 1.4 GB/s went
-    /// through) do not turn compression on.
-    fn carried(&mut self, written: u64) -> Option<f64> {
-        let now = std::time::Instant::now();
-        let (t, w) = *self.first_lag.get_or_insert((now, written));
-        let bytes = written.saturating_sub(w).saturating_sub(HIDDEN);
-        (bytes > 0 && now > t).then(|| bytes as f64 / (now - t).as_secs_f64())
-    }
-
     /// The queued bytes from which the writer lags: [`BACKLOG`], or once the link and zstd are
     /// measured, what the link drains while zstd compresses [`LAG_BATCHES`] batches.
     fn lag_threshold(&self) -> u64 {
         match self.drain {
-            Some(drain) if self.zin > 0.0 && self.zsecs > 0.0 => {
+            Some(drain) if self.zstd_rate().is_some() => {
                 let batch_secs = block::BATCH_BYTES as f64 * self.zsecs / self.zin;
                 let bytes = drain * batch_secs * LAG_BATCHES;
                 // Bounded before the cast (NaN casts to 0, then LAG_LEAST).
@@ -1025,19 +1015,23 @@ impl AutoCompression {
     /// a stall restarts it: the bytes written before went into socket buffers with room, far
     /// faster than the link (measured: 5 MB in 7 ms at the start of a stream through 25 MB/s,
     /// read as 765 MB/s), while a span that starts in a stall starts with them full.
-    fn measure_busy(&mut self, queued: u64, meter: &SendMeter) -> Option<f64> {
-        let now = std::time::Instant::now();
-        let written = meter.written();
+    fn measure_busy(
+        &mut self,
+        now: std::time::Instant,
+        queued: u64,
+        written: u64,
+        stalling: bool,
+    ) -> Option<f64> {
         match self.busy_from {
             _ if queued == 0 => {
                 self.busy_from = None;
                 None
             }
-            Some((t, w)) if !meter.stalling() && written - w >= DRAIN_LEAST && now > t => {
+            Some((t, w)) if !stalling && written - w >= DRAIN_LEAST && now > t => {
                 self.busy_from = Some((now, written));
                 Some((written - w) as f64 / (now - t).as_secs_f64())
             }
-            Some(_) if !meter.stalling() => None,
+            Some(_) if !stalling => None,
             _ => {
                 self.busy_from = Some((now, written));
                 None
@@ -1058,17 +1052,21 @@ impl AutoCompression {
     /// measured), since the link may be far slower than the agent, and every raw run queued
     /// meanwhile crosses it raw.
     fn rule(&self) -> bool {
-        let measured = self.zin > 0.0 && self.zsecs > 0.0;
         let ratio = self.zout / self.zin.max(1.0);
         self.backlogged
-            && match self.drain {
-                None => !measured || ratio <= Z_SHRINKS,
-                Some(drain) if measured => {
-                    let rate = self.zin / self.zsecs;
+            && match (self.drain, self.zstd_rate()) {
+                (None, None) => true,
+                (None, Some(_)) => ratio <= Z_SHRINKS,
+                (Some(drain), Some(rate)) => {
                     rate >= drain * Z_SPARE || rate.min(drain / ratio.max(0.01)) > drain * 1.05
                 }
-                Some(_) => false,
+                (Some(_), None) => false,
             }
+    }
+
+    /// zstd's recent input rate, bytes per second, once measured.
+    fn zstd_rate(&self) -> Option<f64> {
+        (self.zin > 0.0 && self.zsecs > 0.0).then(|| self.zin / self.zsecs)
     }
 
     /// One block of a batch [`Self::decide`] let compress: zstd when on, else only a sample
@@ -1095,6 +1093,20 @@ impl AutoCompression {
         self.on = self.rule();
         z
     }
+}
+
+/// What the link has carried since the stream's first lag (`(when, writer's byte count)`),
+/// per second, not counting [`HIDDEN`] bytes that may still be on the way: a lower bound of its
+/// rate, so that samples read low while the client, not the link, held the socket up
+/// (measured on loopback, where client and agent share two cores: stall samples of
+/// 5-280 MB/s while 1.4 GB/s went through) do not turn compression on.
+fn carried(
+    (since, from): (std::time::Instant, u64),
+    now: std::time::Instant,
+    written: u64,
+) -> Option<f64> {
+    let bytes = written.saturating_sub(from).saturating_sub(HIDDEN);
+    (bytes > 0 && now > since).then(|| bytes as f64 / (now - since).as_secs_f64())
 }
 
 /// `(first_block, count)` runs of blocks.
@@ -1739,7 +1751,6 @@ mod auto_compression_tests {
         // and stays on through random data (zstd is far faster than the link).
         let mut slow = AutoCompression {
             drain: Some(1e6),
-            lagged: true,
             backlogged: true,
             ..AutoCompression::default()
         };
@@ -1752,7 +1763,6 @@ mod auto_compression_tests {
         // Off on data that zstd shrinks little and slowly (ratio 1, 1.2 × the link) ...
         let mut a = AutoCompression {
             drain: Some(1e6),
-            lagged: true,
             backlogged: true,
             zin: 50.0 * 65536.0,
             zout: 50.0 * 65536.0,
@@ -1771,7 +1781,6 @@ mod auto_compression_tests {
         // A link faster than zstd: off even for text (measured, then never on).
         let mut fast = AutoCompression {
             drain: Some(1e12),
-            lagged: true,
             backlogged: true,
             ..AutoCompression::default()
         };
@@ -1803,20 +1812,29 @@ mod auto_compression_tests {
     /// way; it is a lower bound (the time since the first lag is at least 100 ms here).
     #[test]
     fn carried_is_a_lower_bound_past_the_hidden_bytes() {
-        let mut a = AutoCompression::default();
-        assert_eq!(a.carried(1 << 20), None, "the first lag");
-        a.first_lag = Some((std::time::Instant::now() - Duration::from_millis(100), 0));
-        assert_eq!(a.carried(HIDDEN), None, "all of it may still be on the way");
-        let rate = a.carried(HIDDEN + 10_000_000).expect("a rate");
+        let now = std::time::Instant::now();
+        let first_lag = (now - Duration::from_millis(100), 0);
+        assert_eq!(
+            carried(first_lag, now, HIDDEN),
+            None,
+            "all of it may still be on the way"
+        );
+        let rate = carried(first_lag, now, HIDDEN + 10_000_000).expect("a rate");
         assert!(rate > 0.0 && rate <= 100e6, "{rate}");
         // A sample that reads far lower does not make the link that slow.
-        a.sampled = Some(1e6);
+        let mut a = AutoCompression {
+            first_lag: Some(first_lag),
+            sampled: Some(1e6),
+            ..AutoCompression::default()
+        };
         let meter = SendMeter::default();
         meter
             .written
             .store(HIDDEN + 10_000_000, std::sync::atomic::Ordering::Relaxed);
         assert!(a.decide(BACKLOG, &meter));
         assert!(a.drain.is_some_and(|d| d > 1e6 && d <= 100e6), "{a:?}");
+        // Before any lag nothing is decided.
+        assert!(!AutoCompression::default().decide(0, &meter));
     }
 
     /// The rule as a table: (drain B/s, zstd input B/s, ratio out/in) -> on.
