@@ -1876,11 +1876,17 @@ mod auto_compression_tests {
         assert_eq!(a.measure_busy(ms(2), 4 << 20, 4 << 20, false), None);
         // Past the hidden bytes it counts, less those: 4 MiB over 160 ms (the link's rate).
         let rate = a.measure_busy(ms(160), 4 << 20, HIDDEN + (4 << 20), false);
-        assert!(rate.is_some_and(|r| (26e6..26.3e6).contains(&r)), "{rate:?}");
+        assert!(
+            rate.is_some_and(|r| (26e6..26.3e6).contains(&r)),
+            "{rate:?}"
+        );
         // A span that begins in a stall begins with the buffers full: all of it counts.
         assert_eq!(a.measure_busy(ms(200), 4 << 20, 100 << 20, true), None);
         let rate = a.measure_busy(ms(360), 4 << 20, 104 << 20, false);
-        assert!(rate.is_some_and(|r| (26e6..26.3e6).contains(&r)), "{rate:?}");
+        assert!(
+            rate.is_some_and(|r| (26e6..26.3e6).contains(&r)),
+            "{rate:?}"
+        );
         // A dry queue ends the span; the next one may begin with the buffers empty again.
         assert_eq!(a.measure_busy(ms(400), 0, 104 << 20, false), None);
         assert_eq!(a.measure_busy(ms(401), 1 << 20, 104 << 20, false), None);
@@ -1889,10 +1895,15 @@ mod auto_compression_tests {
         let meter = SendMeter::default();
         let mut a = AutoCompression::default();
         assert!(a.decide(BACKLOG, &meter));
-        meter.written.store(4 << 20, std::sync::atomic::Ordering::Relaxed);
+        meter
+            .written
+            .store(4 << 20, std::sync::atomic::Ordering::Relaxed);
         assert!(a.decide(BACKLOG, &meter));
         assert_eq!(a.drain, None, "{a:?}");
-        assert!(a.on, "unmeasured link, lagging writer: compress what shrinks");
+        assert!(
+            a.on,
+            "unmeasured link, lagging writer: compress what shrinks"
+        );
     }
 
     /// The rule as a table: (drain B/s, zstd input B/s, ratio out/in) -> on.
