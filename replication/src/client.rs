@@ -1,7 +1,7 @@
 //! Client side: [`Session::connect`] (TLS, handshake, manifest) and [`Session::sync`] (one
 //! delta round over any number of disks in parallel).
 //!
-//! Per disk: hashing threads read the local target window by window ([`crate::hashing`]);
+//! Per disk: hashing threads read the local target window by window (`hashing.rs`);
 //! the disk task sends hash windows in disk order (a bounded number outstanding), verifies the
 //! blocks the agent returns and hands [`VerifiedRun`]s to the disk's single writer thread.
 
