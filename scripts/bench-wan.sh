@@ -11,10 +11,10 @@
 # loopback time + 5 RTTs; compression auto <= 1.05 x the better of zstd and none, every case.
 #
 # Environment: BENCH_WAN_SIZE (default 1G), BENCH_WAN_LINKS (default "40:1000 100:200":
-# RTT ms:Mbit/s pairs), BENCH_WAN_MODES (default "auto zstd none"), BENCH_WAN_REPEAT (default 9: runs
-# of each short case, the median counts; loopback full syncs 3 x), BENCH_WAN_LINK_REPEAT (default 3: runs of full-text through
-# a link), BENCH_WAN_CASES (default "full delta1 full-text"),
-# BENCH_WAN_DIR (default target/bench-wan), BIN_DIR (default target/release).
+# RTT ms:Mbit/s pairs), BENCH_WAN_MODES (default "auto zstd none"), BENCH_WAN_REPEAT (default 9:
+# runs of each short case, the median counts; loopback full syncs 3 x), BENCH_WAN_LINK_REPEAT
+# (default 3: runs of full-text through a link), BENCH_WAN_CASES (default "full delta1
+# full-text"), BENCH_WAN_DIR (default target/bench-wan), BIN_DIR (default target/release).
 # Output: the table on stdout, $BENCH_WAN_DIR/results.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -162,12 +162,12 @@ stale() { rm -f "$DST"; cp "$STALE" "$DST"; }
 # identical runs here (measured: 12 loopback full syncs per mode, 0.45-0.74 s; the medians
 # within 2 %), more than the 5 % the compression target allows: those run BENCH_WAN_REPEAT
 # times, the modes interleaved and rotated (see rotated) so that drift hits each alike, and
-# every tool's median run counts (rsync's too); loopback full syncs (under a second for failback's
-# modes but zstd's on text, nothing to copy first) run 3 x BENCH_WAN_REPEAT times, as their
-# medians of 9 still spread 5 %. Full syncs of the compressible disk through a
-# link (2.7-26 s, where the modes differ most) run BENCH_WAN_LINK_REPEAT times; full syncs of
-# the random disk through a link are link-bound (5-26 s, every mode sends the same bytes) and
-# run once.
+# every tool's median run counts (rsync's too); loopback full syncs (under a second for
+# failback's modes but zstd's on text, nothing to copy first) run 3 x BENCH_WAN_REPEAT times, as
+# their medians of 9 still spread 5 %. Full syncs of the compressible disk through a link
+# (2.7-26 s, where the modes differ most) run BENCH_WAN_LINK_REPEAT times; full syncs of the
+# random disk through a link are link-bound (5-26 s, every mode sends the same bytes) and run
+# once.
 for profile in loopback $LINKS; do
     echo "== WAN: $profile"
     full_reps=1 text_reps=$LINK_REPEAT

@@ -371,9 +371,7 @@ pub fn spawn_writer(w: TlsWriter, dead: DeadSlot) -> (FrameSender, tokio::task::
             let res = match out {
                 Out::Plain(frame) => {
                     let res = w.write_all(&frame).await;
-                    counter
-                        .written
-                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    counter.add_written(frame.len() as u64);
                     crate::pool::POOL.give(frame);
                     res
                 }

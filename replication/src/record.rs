@@ -17,7 +17,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
@@ -607,7 +606,7 @@ impl TlsWriter {
                 if sealed.is_multiple_of(SEAL_BATCH as u64) {
                     std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
                     self.send_all(&batch[..at]).await?;
-                    self.meter.written.fetch_add(plain, Ordering::Relaxed);
+                    self.meter.add_written(plain);
                     at = 0;
                     plain = 0;
                 }
@@ -622,7 +621,7 @@ impl TlsWriter {
         self.records += sealed;
         std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
         self.send_all(&batch[..at]).await?;
-        self.meter.written.fetch_add(plain, Ordering::Relaxed);
+        self.meter.add_written(plain);
         Ok(())
     }
 }

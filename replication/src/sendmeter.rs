@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 pub struct SendMeter {
     /// Frame bytes written to the socket (blocks as each socket write of about 1 MiB goes
     /// out, messages once written).
-    pub written: AtomicU64,
+    written: AtomicU64,
     /// Bytes the socket accepted after making the writer wait, and the time they took.
     stalled_bytes: AtomicU64,
     stalled_nanos: AtomicU64,
@@ -27,6 +27,11 @@ impl SendMeter {
     /// Frame bytes written so far.
     pub fn written(&self) -> u64 {
         self.written.load(Relaxed)
+    }
+
+    /// `n` more frame bytes went to the socket.
+    pub fn add_written(&self, n: u64) {
+        self.written.fetch_add(n, Relaxed);
     }
 
     /// Whether the writer is in a stall now.

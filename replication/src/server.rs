@@ -1893,9 +1893,7 @@ mod auto_compression_tests {
             ..AutoCompression::default()
         };
         let meter = SendMeter::default();
-        meter
-            .written
-            .store(HIDDEN + 10_000_000, std::sync::atomic::Ordering::Relaxed);
+        meter.add_written(HIDDEN + 10_000_000);
         assert!(a.decide(BACKLOG, &meter));
         assert!(a.drain.is_some_and(|d| d > 1e6 && d <= 100e6), "{a:?}");
         // Before any lag nothing is decided.
@@ -1936,9 +1934,7 @@ mod auto_compression_tests {
         let meter = SendMeter::default();
         let mut a = AutoCompression::default();
         assert!(a.decide(BACKLOG, &meter));
-        meter
-            .written
-            .store(4 << 20, std::sync::atomic::Ordering::Relaxed);
+        meter.add_written(4 << 20);
         assert!(a.decide(BACKLOG, &meter));
         assert_eq!(a.drain, None, "{a:?}");
         assert!(
